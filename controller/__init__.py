@@ -1,0 +1,1 @@
+"""The controller: the registry of workers and the routing table gateways watch."""

@@ -1,0 +1,106 @@
+"""The controller's HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Query, Request, Response
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from controller.metrics import RegistryCollector
+from controller.registry import Registry
+from fleetserve import constants
+from fleetserve.config import ControllerSettings
+from fleetserve.errors import OpenAIError, install_error_handlers
+from fleetserve.protocol import (
+    Heartbeat,
+    HeartbeatReply,
+    Registration,
+    RegistrationReply,
+    RouteTable,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _registry(request: Request) -> Registry:
+    registry: Registry = request.app.state.registry
+    return registry
+
+
+def build_app(settings: ControllerSettings) -> FastAPI:
+    registry = Registry(
+        expiry_after_s=settings.expiry_after_s,
+        warmup_s=1.5 * settings.heartbeat_interval_s,
+    )
+    metrics = CollectorRegistry()
+    metrics.register(RegistryCollector(registry))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async def expire_forever() -> None:
+            while True:
+                await asyncio.sleep(settings.heartbeat_interval_s / 2)
+                registry.expire()
+
+        task = asyncio.create_task(expire_forever())
+        yield
+        task.cancel()
+
+    app = FastAPI(title="fleetserve controller", lifespan=lifespan)
+    app.state.registry = registry
+    install_error_handlers(app)
+
+    def unknown(worker_id: str) -> OpenAIError:
+        return OpenAIError(404, f"worker {worker_id!r} is not registered", code="worker_unknown")
+
+    @app.post("/workers/register")
+    async def register(registration: Registration, request: Request) -> RegistrationReply:
+        _registry(request).register(registration)
+        return RegistrationReply(heartbeat_interval_s=settings.heartbeat_interval_s)
+
+    @app.post("/workers/heartbeat")
+    async def heartbeat(beat: Heartbeat, request: Request) -> HeartbeatReply:
+        return HeartbeatReply(known=_registry(request).heartbeat(beat.worker_id, beat.load))
+
+    @app.post("/workers/{worker_id}/drain")
+    async def drain(worker_id: str, request: Request) -> dict[str, str]:
+        if not _registry(request).drain(worker_id):
+            raise unknown(worker_id)
+        return {"status": "draining"}
+
+    @app.delete("/workers/{worker_id}")
+    async def deregister(worker_id: str, request: Request) -> dict[str, str]:
+        if not _registry(request).deregister(worker_id):
+            raise unknown(worker_id)
+        return {"status": "deregistered"}
+
+    @app.get("/workers")
+    async def workers(request: Request) -> RouteTable:
+        return _registry(request).table()
+
+    @app.get("/routes", response_model=RouteTable, responses={204: {"description": "No change"}})
+    async def routes(
+        request: Request,
+        epoch: str = "",
+        after: int = -1,
+        timeout_s: float = Query(constants.WATCH_TIMEOUT_S, ge=0, le=300),
+    ) -> RouteTable | Response:
+        """Long-poll the routing table: answers once it is newer than (epoch, after), else 204."""
+        table = await _registry(request).wait_for_change(epoch, after, timeout_s)
+        return table if table is not None else Response(status_code=204)
+
+    @app.get("/health")
+    async def health(request: Request) -> dict[str, object]:
+        registry = _registry(request)
+        return {"status": "ok", "warm": registry.warm, "workers": len(registry.table().workers)}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,152 @@
+"""The worker registry: soft state, rebuilt from heartbeats after a restart.
+
+Pure logic with an injectable clock, no I/O: the HTTP layer (api.py) calls it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fleetserve.protocol import Registration, RouteTable, WorkerLoad, WorkerState, WorkerView
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Entry:
+    registration: Registration
+    last_heartbeat: float
+
+
+class Registry:
+    """Workers by id, with a version that changes whenever the routing table does."""
+
+    def __init__(
+        self,
+        expiry_after_s: float,
+        warmup_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.epoch = uuid.uuid4().hex[:12]
+        self.version = 0
+        self.expiry_after_s = expiry_after_s
+        self.started_at = clock()
+        self.warm_at = self.started_at + warmup_s
+        self.registrations_total = 0
+        self.expirations_total = 0
+        self._clock = clock
+        self._workers: dict[str, _Entry] = {}
+        self._changed = asyncio.Event()
+
+    # -- changes -------------------------------------------------------------
+
+    def _bump(self) -> None:
+        self.version += 1
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def register(self, registration: Registration) -> None:
+        known = registration.worker_id in self._workers
+        self._workers[registration.worker_id] = _Entry(registration, self._clock())
+        self.registrations_total += 1
+        self._bump()
+        logger.info(
+            "worker %s %s: %s at %s",
+            registration.worker_id,
+            "re-registered" if known else "registered",
+            ",".join(registration.model_names),
+            registration.base_url,
+        )
+
+    def heartbeat(self, worker_id: str, load: WorkerLoad) -> bool:
+        """Record a heartbeat; False if the worker is unknown and must register again."""
+        entry = self._workers.get(worker_id)
+        if entry is None:
+            return False
+        entry.last_heartbeat = self._clock()
+        if entry.registration.load != load:
+            entry.registration = entry.registration.model_copy(update={"load": load})
+            self._bump()
+        return True
+
+    def drain(self, worker_id: str) -> bool:
+        entry = self._workers.get(worker_id)
+        if entry is None:
+            return False
+        if entry.registration.state is not WorkerState.DRAINING:
+            entry.registration = entry.registration.model_copy(
+                update={"state": WorkerState.DRAINING}
+            )
+            self._bump()
+            logger.info("worker %s draining", worker_id)
+        return True
+
+    def deregister(self, worker_id: str) -> bool:
+        if self._workers.pop(worker_id, None) is None:
+            return False
+        self._bump()
+        logger.info("worker %s deregistered", worker_id)
+        return True
+
+    def expire(self) -> list[str]:
+        """Drop workers whose last heartbeat is older than ``expiry_after_s``."""
+        now = self._clock()
+        dead = [
+            worker_id
+            for worker_id, entry in self._workers.items()
+            if now - entry.last_heartbeat > self.expiry_after_s
+        ]
+        for worker_id in dead:
+            del self._workers[worker_id]
+            self.expirations_total += 1
+            logger.warning(
+                "worker %s expired: no heartbeat for %.1fs", worker_id, self.expiry_after_s
+            )
+        if dead:
+            self._bump()
+        return dead
+
+    # -- views ---------------------------------------------------------------
+
+    @property
+    def warm(self) -> bool:
+        """True once every live worker has had a chance to (re-)register."""
+        return self._clock() >= self.warm_at
+
+    def table(self) -> RouteTable:
+        now = self._clock()
+        workers = [
+            WorkerView(
+                **entry.registration.model_dump(),
+                last_heartbeat_age_s=round(now - entry.last_heartbeat, 3),
+            )
+            for entry in self._workers.values()
+        ]
+        return RouteTable(epoch=self.epoch, version=self.version, workers=workers)
+
+    async def wait_for_change(
+        self, epoch: str, after_version: int, timeout_s: float
+    ) -> RouteTable | None:
+        """Long-poll: the table once it is newer than the caller's, or None after ``timeout_s``.
+
+        A controller that is still warming up answers nothing newer: its table
+        may be missing workers that have not re-registered yet.
+        """
+        deadline = self._clock() + timeout_s
+        while True:
+            if self.warm and (epoch != self.epoch or self.version > after_version):
+                return self.table()
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                return None
+            if not self.warm:
+                await asyncio.sleep(min(self.warm_at - self._clock(), remaining))
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)

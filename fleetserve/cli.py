@@ -1,0 +1,198 @@
+"""The `fleetserve` command: run a whole local cluster, or one component of a real one."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from fleetserve import __version__, constants
+from fleetserve.config import (
+    ConfigError,
+    ControllerSettings,
+    GatewaySettings,
+    WorkerSettings,
+    default_cluster,
+    describe_validation_error,
+    load_cluster_file,
+)
+
+logger = logging.getLogger("fleetserve")
+
+
+def add_settings_arguments(
+    parser: argparse.ArgumentParser, model: type[BaseModel], skip: tuple[str, ...] = ()
+) -> None:
+    """One flag per field of a settings model; the field's description is the help text."""
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
+        annotation = field.annotation
+        options: dict[str, Any] = {"dest": name, "help": field.description or ""}
+        if field.is_required():
+            options["required"] = True
+        else:
+            options["default"] = (
+                argparse.SUPPRESS
+            )  # pydantic applies (and --help shows) the default
+            if field.default_factory is None:
+                options["help"] += f" (default: {field.default})"
+        if typing.get_origin(annotation) is list:
+            # aliases -> repeatable --alias
+            flag = "--" + name.replace("_", "-").removesuffix("es")
+            options["action"] = "append"
+            options["metavar"] = flag[2:].upper()
+        else:
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            base = args[0] if isinstance(annotation, types.UnionType) and args else annotation
+            options["type"] = base if base in (int, float) else str
+            flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, **options)
+
+
+def settings_from(model: type[BaseModel], args: argparse.Namespace, **extra: Any) -> Any:
+    values = {k: v for k, v in vars(args).items() if k in model.model_fields}
+    values.update(extra)
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        sys.exit(f"fleetserve: invalid settings:\n{describe_validation_error(exc)}")
+
+
+def _serve(app: Any, host: str, port: int, graceful_s: float) -> None:
+    import uvicorn
+
+    # uvicorn picks uvloop and httptools when installed ([standard] extra).
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=int(graceful_s),
+    )
+
+
+def cmd_controller(args: argparse.Namespace) -> int:
+    from controller.api import build_app
+
+    settings: ControllerSettings = settings_from(ControllerSettings, args)
+    logger.info("controller listening on http://%s:%d", settings.host, settings.port)
+    # Its only long requests are gateways' long-polls, which retry: no need to wait for them.
+    _serve(build_app(settings), settings.host, settings.port, graceful_s=1)
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from gateway.app import build_app
+
+    settings: GatewaySettings = settings_from(GatewaySettings, args)
+    if not settings.controller_url:
+        sys.exit("fleetserve gateway: --controller-url is required")
+    logger.info("gateway listening on http://%s:%d/v1", settings.host, settings.port)
+    # Let streams in flight finish (workers drain before the gateway stops in `up`).
+    _serve(build_app(settings), settings.host, settings.port, graceful_s=constants.STOP_GRACE_S)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.agent import run_worker
+
+    settings: WorkerSettings = settings_from(WorkerSettings, args, engine_args=args.engine_args)
+    return run_worker(settings)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from fleetserve.local import run_local_cluster
+
+    try:
+        cluster = load_cluster_file(args.file) if args.file else default_cluster()
+    except ConfigError as exc:
+        sys.exit(f"fleetserve up: {exc}")
+    return run_local_cluster(cluster, log_dir=args.log_dir)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from fleetserve.local import print_status
+
+    return print_status(args.controller_url)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fleetserve",
+        description="One OpenAI-compatible endpoint in front of many model workers.",
+    )
+    parser.add_argument("--version", action="version", version=f"fleetserve {__version__}")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser(
+        "up",
+        help="Run controller, gateway and every worker of a cluster file on this machine.",
+        description="Start a whole cluster here; Ctrl-C stops it cleanly. Without -f: the "
+        "tiny demo model on vLLM (made locally on first use).",
+    )
+    up.add_argument(
+        "-f", "--file", type=Path, help="Cluster YAML file (default: the demo cluster)."
+    )
+    up.add_argument(
+        "--log-dir", type=Path, help="Where component logs go (default: under ~/.cache/fleetserve)."
+    )
+    up.set_defaults(func=cmd_up)
+
+    status = sub.add_parser("status", help="Show the workers and models a controller knows.")
+    status.add_argument(
+        "--controller-url",
+        default=f"http://{constants.DEFAULT_HOST}:{constants.DEFAULT_CONTROLLER_PORT}",
+        help="The controller's URL (default: %(default)s).",
+    )
+    status.set_defaults(func=cmd_status)
+
+    controller = sub.add_parser("controller", help="Run the controller (the worker registry).")
+    add_settings_arguments(controller, ControllerSettings)
+    controller.set_defaults(func=cmd_controller)
+
+    gateway = sub.add_parser("gateway", help="Run a gateway (the OpenAI endpoint).")
+    add_settings_arguments(gateway, GatewaySettings)
+    gateway.set_defaults(func=cmd_gateway)
+
+    worker = sub.add_parser(
+        "worker",
+        help="Run one model replica: engine + agent that registers it.",
+        description="Run one model replica. Flags after `--` go to the engine, e.g. "
+        "`fleetserve worker --served-name m --model /models/m -- --max-num-seqs 64`.",
+    )
+    add_settings_arguments(worker, WorkerSettings, skip=("engine_args",))
+    worker.set_defaults(func=cmd_worker)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    engine_args: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, engine_args = argv[:split], argv[split + 1 :]
+    args = build_parser().parse_args(argv)
+    args.engine_args = engine_args
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat is noise
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

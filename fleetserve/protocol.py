@@ -1,0 +1,65 @@
+"""Wire schemas between workers, controller and gateways.
+
+Internal messages forbid extra fields: a typo or a version skew fails loudly.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Internal(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WorkerState(StrEnum):
+    READY = "ready"
+    DRAINING = "draining"
+
+
+class WorkerLoad(Internal):
+    """What a worker's engine reports about itself (read from its own /metrics)."""
+
+    running: int = Field(0, ge=0, description="Requests being generated.")
+    waiting: int = Field(0, ge=0, description="Requests queued in the engine.")
+    kv_cache_usage: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of KV cache in use.")
+
+
+class Registration(Internal):
+    worker_id: str = Field(min_length=1, max_length=200)
+    model_names: list[str] = Field(min_length=1, description="Served name first, then aliases.")
+    base_url: str = Field(description="The engine's OpenAI base URL, ending in /v1.")
+    engine: str
+    tensor_parallel_size: int = Field(1, ge=1)
+    capacity: int = Field(ge=1, description="Requests the engine runs at once.")
+    state: WorkerState = WorkerState.READY
+    load: WorkerLoad = Field(default_factory=WorkerLoad)
+
+
+class RegistrationReply(Internal):
+    heartbeat_interval_s: float
+
+
+class Heartbeat(Internal):
+    worker_id: str
+    load: WorkerLoad
+
+
+class HeartbeatReply(Internal):
+    known: bool = Field(description="False: the controller does not know you; register again.")
+
+
+class WorkerView(Registration):
+    """A worker as the controller publishes it."""
+
+    last_heartbeat_age_s: float
+
+
+class RouteTable(Internal):
+    """The routing table gateways watch. ``epoch`` changes when the controller restarts."""
+
+    epoch: str
+    version: int
+    workers: list[WorkerView]

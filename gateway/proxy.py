@@ -1,0 +1,193 @@
+"""The hot path: pick a worker, forward the request's bytes, stream the answer back.
+
+The body is forwarded as received and the answer is passed through chunk by
+chunk without re-encoding. A worker that fails before the first byte reaches
+the client (refused connection, 5xx, connection lost) is cooled down and the
+request goes to another worker of the same model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+
+import aiohttp
+import orjson
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from fleetserve import constants
+from fleetserve.errors import OpenAIError, error_body
+from fleetserve.protocol import WorkerView
+from gateway.metrics import GatewayMetrics
+from gateway.routing import RoutingContext, RoutingPolicy
+from gateway.table import RouteTableWatcher
+
+logger = logging.getLogger(__name__)
+
+WORKER_HEADER = "x-fleetserve-worker"
+_JSON_HEADERS = {"content-type": "application/json"}
+
+
+class UpstreamFailed(Exception):
+    """The worker failed in a way that lets another worker take the request."""
+
+
+class UpstreamStream(Response):
+    """Streams an upstream response to the client; closing either side closes the other."""
+
+    def __init__(
+        self,
+        upstream: aiohttp.ClientResponse,
+        first_chunk: bytes,
+        worker_id: str,
+        on_close: Callable[[], None],
+    ) -> None:
+        self.status_code = upstream.status
+        self.background = None
+        self._upstream = upstream
+        self._first_chunk = first_chunk
+        self._worker_id = worker_id
+        self._on_close = on_close
+        self.init_headers(
+            {
+                "content-type": upstream.headers.get("content-type", "text/event-stream"),
+                "cache-control": "no-cache",
+                WORKER_HEADER: worker_id,
+            }
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        upstream = self._upstream
+
+        async def close_upstream_on_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            upstream.close()  # 499: the client went away; the engine aborts the generation
+
+        listener = asyncio.create_task(close_upstream_on_disconnect())
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
+            await send({"type": "http.response.body", "body": self._first_chunk, "more_body": True})
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                if listener.done():
+                    return  # we closed it because the client left
+                logger.warning("worker %s failed mid-stream: %s", self._worker_id, exc)
+                error = error_body(502, f"the worker failed mid-stream: {exc}", "upstream_error")
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": b"data: " + orjson.dumps(error) + b"\n\n",
+                        "more_body": True,
+                    }
+                )
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            pass  # the client went away while we were sending
+        finally:
+            listener.cancel()
+            upstream.close()
+            self._on_close()
+
+
+class Proxy:
+    def __init__(
+        self,
+        watcher: RouteTableWatcher,
+        session: aiohttp.ClientSession,
+        policy_for: Callable[[str], RoutingPolicy],
+        metrics: GatewayMetrics,
+    ) -> None:
+        self._watcher = watcher
+        self._session = session
+        self._policy_for = policy_for
+        self._metrics = metrics
+        self._ctx = RoutingContext(in_flight=defaultdict(int))
+
+    def _release(self, worker_id: str) -> None:
+        self._ctx.in_flight[worker_id] -= 1
+        self._metrics.in_flight.dec()
+
+    async def forward(self, path: str, body: bytes, model: str, stream: bool) -> Response:
+        """Send ``body`` to a worker of ``model``; ``path`` is e.g. /v1/completions."""
+        candidates = self._watcher.candidates(model)
+        if candidates is None:
+            if self._watcher.table is None:
+                raise OpenAIError(
+                    503,
+                    "the gateway has no routing table yet: is the controller up?",
+                    code="no_routing_table",
+                )
+            raise OpenAIError(
+                404, f"The model `{model}` does not exist.", code="model_not_found", param="model"
+            )
+        suffix = path.removeprefix("/v1")
+        tried: set[str] = set()
+        last_error = ""
+        for _ in range(constants.MAX_ATTEMPTS):
+            pool = [worker for worker in candidates if worker.worker_id not in tried]
+            if not pool:
+                break
+            worker = self._policy_for(model).pick(pool, self._ctx)
+            tried.add(worker.worker_id)
+            try:
+                return await self._attempt(worker, suffix, body, stream)
+            except (aiohttp.ClientError, TimeoutError, UpstreamFailed) as exc:
+                last_error = str(exc) or type(exc).__name__
+                logger.warning(
+                    "worker %s failed before the first byte (%s); trying another",
+                    worker.worker_id,
+                    last_error,
+                )
+                self._watcher.cool_down(worker.worker_id)
+                self._metrics.upstream_failures.labels(worker.worker_id).inc()
+        if not tried:
+            raise OpenAIError(
+                503,
+                f"no healthy worker for model `{model}` right now; try again shortly",
+                code="no_healthy_worker",
+            )
+        raise OpenAIError(
+            502, f"every worker tried for `{model}` failed: {last_error}", code="upstream_error"
+        )
+
+    async def _attempt(
+        self, worker: WorkerView, suffix: str, body: bytes, stream: bool
+    ) -> Response:
+        self._ctx.in_flight[worker.worker_id] += 1
+        self._metrics.in_flight.inc()
+        handed_off = False
+        upstream: aiohttp.ClientResponse | None = None
+        try:
+            upstream = await self._session.post(
+                worker.base_url + suffix, data=body, headers=_JSON_HEADERS
+            )
+            if upstream.status >= 500:
+                raise UpstreamFailed(f"HTTP {upstream.status}")
+            if stream and upstream.status == 200:
+                first = await upstream.content.readany()
+                if not first:
+                    raise UpstreamFailed("closed the stream before the first byte")
+                handed_off = True
+                return UpstreamStream(
+                    upstream, first, worker.worker_id, lambda: self._release(worker.worker_id)
+                )
+            content = await upstream.read()
+            headers = {WORKER_HEADER: worker.worker_id}
+            return Response(content, upstream.status, headers, upstream.headers.get("content-type"))
+        finally:
+            if not handed_off:
+                if upstream is not None:
+                    upstream.release()
+                self._release(worker.worker_id)

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up (scripts/setup.sh --dev), then lint, type-check and run the whole test suite.
+# Extra arguments go to pytest, e.g. scripts/test.sh -k gateway -x
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh --dev
+echo "== ruff"; .venv/bin/ruff check . && .venv/bin/ruff format --check .
+echo "== mypy"; .venv/bin/mypy
+echo "== pytest"; .venv/bin/python -m pytest "$@"

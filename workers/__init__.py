@@ -1,0 +1,1 @@
+"""Workers: an agent that runs, supervises and registers one engine replica."""

