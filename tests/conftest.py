@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fleetserve.demo_model import DEMO_MODEL_NAME, make_demo_model
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+@pytest.fixture(scope="session")
+def fleet_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A FLEETSERVE_HOME of the test session's own (no writes to the user's cache)."""
+    return tmp_path_factory.mktemp("fleetserve-home")
+
+
+@pytest.fixture(scope="session")
+def fleet_env(fleet_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["FLEETSERVE_HOME"] = str(fleet_home)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_model(fleet_home: Path) -> Path:
+    """The tiny Llama made locally, where `fleetserve up` looks for its demo model."""
+    return make_demo_model(fleet_home / "models" / DEMO_MODEL_NAME)
+
+
+@pytest.fixture
+def log_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
+    path = ARTIFACTS / request.node.name
+    path.mkdir(parents=True, exist_ok=True)
+    yield path
+
+
+def module_log_dir(module: str) -> Path:
+    path = ARTIFACTS / module
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,296 @@
+"""Real processes on loopback for the tests: start, wait for health, load, kill."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+
+from fleetserve import procs
+from fleetserve.protocol import RouteTable
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout_s: float, what: str, every_s: float = 0.1
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below ``pid``, read from /proc."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return found
+    for task in tasks:
+        try:
+            children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+        except FileNotFoundError:
+            continue
+        for child in map(int, children):
+            found += [child, *descendants(child)]
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+class Component:
+    """One `fleetserve ...` process with its log file."""
+
+    def __init__(self, name: str, args: list[str], log_dir: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("ab")
+        cmd = [sys.executable, "-m", "fleetserve.cli", *args]
+        self.proc = procs.spawn(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_http(self, url: str, timeout_s: float = 60) -> None:
+        def up() -> bool:
+            assert self.proc.poll() is None, f"{self.name} exited:\n{self.log()[-3000:]}"
+            try:
+                return httpx.get(url, timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, timeout_s, f"{self.name} at {url}")
+
+    def kill_tree(self) -> list[int]:
+        """SIGKILL this process and everything below it at once: a machine dying."""
+        pids = [self.pid, *descendants(self.pid)]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+        return pids
+
+    def stop(self, timeout_s: float = 60) -> int:
+        tree = descendants(self.pid)
+        code = procs.stop(self.proc, timeout_s)
+        for pid in tree:  # nothing may outlive a stopped component
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        self._log.close()
+        return code
+
+
+class LocalCluster:
+    """Controller and gateway on free loopback ports, and workers added on demand."""
+
+    def __init__(
+        self, log_dir: Path, env: dict[str, str], heartbeat_interval_s: float = 1.0
+    ) -> None:
+        self.log_dir = log_dir
+        self.env = env
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.controller_port = free_port()
+        self.gateway_port = free_port()
+        self.controller_url = f"http://127.0.0.1:{self.controller_port}"
+        self.gateway_url = f"http://127.0.0.1:{self.gateway_port}"
+        self.components: list[Component] = []
+        self.controller = self.start_controller()
+        self.gateway = self._start(
+            "gateway",
+            ["gateway", "--port", str(self.gateway_port), "--controller-url", self.controller_url],
+        )
+        self.gateway.wait_http(f"{self.gateway_url}/health")
+
+    def _start(self, name: str, args: list[str]) -> Component:
+        component = Component(name, args, self.log_dir, self.env)
+        self.components.append(component)
+        return component
+
+    def start_controller(self) -> Component:
+        interval = self.heartbeat_interval_s
+        controller = self._start(
+            f"controller-{len(self.components)}",
+            [
+                "controller",
+                "--port",
+                str(self.controller_port),
+                "--heartbeat-interval-s",
+                str(interval),
+                "--expiry-after-s",
+                str(3 * interval),
+            ],
+        )
+        controller.wait_http(f"{self.controller_url}/health")
+        return controller
+
+    def add_worker(
+        self, name: str, engine: str, *extra: str, engine_args: tuple[str, ...] = ()
+    ) -> Component:
+        index = sum(c.name.startswith(f"worker-{name}") for c in self.components)
+        args = [
+            "worker",
+            "--engine",
+            engine,
+            "--served-name",
+            name,
+            "--controller-url",
+            self.controller_url,
+            *extra,
+        ]
+        return self._start(f"worker-{name}-{index}", [*args, "--", *engine_args])
+
+    def table(self) -> RouteTable:
+        return RouteTable.model_validate_json(
+            httpx.get(f"{self.controller_url}/workers", timeout=5).content
+        )
+
+    def worker_ids(self, model: str, state: str = "ready") -> set[str]:
+        return {
+            w.worker_id
+            for w in self.table().workers
+            if model in w.model_names and w.state.value == state
+        }
+
+    def gateway_models(self) -> set[str]:
+        try:
+            data = httpx.get(f"{self.gateway_url}/v1/models", timeout=5).json()["data"]
+        except httpx.HTTPError:
+            return set()
+        return {m["id"] for m in data}
+
+    def wait_workers(self, model: str, count: int, timeout_s: float = 240) -> set[str]:
+        """Wait until ``count`` ready workers of ``model`` are registered and the gateway routes it."""
+        ids: set[str] = wait_until(
+            lambda: len(ids := self.worker_ids(model)) == count and ids,
+            timeout_s,
+            f"{count} ready workers of {model}",
+            0.5,
+        )
+        wait_until(lambda: model in self.gateway_models(), 10, f"the gateway to route {model}")
+        return ids
+
+    def client(self, **kwargs: Any) -> openai.OpenAI:
+        # max_retries=0: a failure must show, not be hidden by the client's own retries.
+        return openai.OpenAI(
+            base_url=f"{self.gateway_url}/v1", api_key="unused", max_retries=0, **kwargs
+        )
+
+    def close(self) -> None:
+        for component in reversed(self.components):
+            if component.proc.poll() is None:
+                component.stop()
+
+
+@dataclass
+class LoadResult:
+    ok: int = 0
+    failed_before_first_chunk: list[str] = field(default_factory=list)
+    failed_mid_stream: list[str] = field(default_factory=list)
+    workers: dict[str, int] = field(default_factory=dict)
+
+
+class Load:
+    """Closed-loop load through the gateway from a background thread, until stopped."""
+
+    def __init__(
+        self, base_url: str, model: str, concurrency: int = 4, max_tokens: int = 16
+    ) -> None:
+        self.base_url = base_url
+        self.model = model
+        self.concurrency = concurrency
+        self.max_tokens = max_tokens
+        self.result = LoadResult()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> LoadResult:
+        self._stop.set()
+        self._thread.join(timeout=120)
+        assert not self._thread.is_alive(), "load did not stop"
+        return self.result
+
+    def wait_requests(self, count: int, timeout_s: float = 60) -> None:
+        start = self.result.ok
+        wait_until(
+            lambda: self.result.ok - start >= count, timeout_s, f"{count} more successful requests"
+        )
+
+    async def _main(self) -> None:
+        client = openai.AsyncOpenAI(
+            base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, timeout=60
+        )
+        async with client:
+            await asyncio.gather(*(self._loop(client, i) for i in range(self.concurrency)))
+
+    async def _loop(self, client: openai.AsyncOpenAI, index: int) -> None:
+        messages = [{"role": "user", "content": f"client {index} says hello"}]
+        stream = index % 2 == 0  # half the clients stream
+        while not self._stop.is_set():
+            chunks = 0
+            try:
+                response = await client.chat.completions.with_raw_response.create(
+                    model=self.model,
+                    messages=messages,  # type: ignore[arg-type]
+                    max_tokens=self.max_tokens,
+                    stream=stream,
+                )
+                parsed = response.parse()
+                if inspect.isawaitable(parsed):
+                    parsed = await parsed
+                if stream:
+                    async for _ in parsed:
+                        chunks += 1
+                else:
+                    assert parsed.choices[0].message.content is not None
+                worker = response.headers.get("x-fleetserve-worker", "?")
+                self.result.workers[worker] = self.result.workers.get(worker, 0) + 1
+                self.result.ok += 1
+            except Exception as exc:  # noqa: BLE001 - every failure is recorded, then asserted on
+                target = (
+                    self.result.failed_mid_stream
+                    if chunks
+                    else self.result.failed_before_first_chunk
+                )
+                target.append(f"{type(exc).__name__}: {exc}")

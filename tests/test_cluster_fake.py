@@ -1,0 +1,210 @@
+"""The whole cluster with `fake` engines: real controller, gateway and worker processes."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from fleetserve.protocol import Registration
+from tests.conftest import module_log_dir
+from tests.helpers import Load, LocalCluster, alive, descendants, free_port, wait_until
+
+SLOW = ("--tokens-per-s", "50")  # 16 tokens take ~0.3 s: requests are in flight when we act
+
+
+@pytest.fixture(scope="module")
+def cluster(fleet_env: dict[str, str]) -> Iterator[LocalCluster]:
+    local = LocalCluster(module_log_dir("test_cluster_fake"), fleet_env)
+    for _ in range(2):
+        local.add_worker("echo", "fake", "--alias", "echo-alias", engine_args=SLOW)
+    local.add_worker("other", "fake", engine_args=SLOW)
+    local.wait_workers("echo", 2, timeout_s=60)
+    local.wait_workers("other", 1, timeout_s=60)
+    yield local
+    local.close()
+
+
+def test_models_lists_every_name_and_alias(cluster: LocalCluster) -> None:
+    names = {model.id for model in cluster.client().models.list()}
+    assert names == {"echo", "echo-alias", "other"}
+
+
+def test_chat_and_completions_stream_and_not(cluster: LocalCluster) -> None:
+    client = cluster.client()
+    chat = client.chat.completions.create(
+        model="echo-alias", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+    )
+    assert chat.choices[0].message.content == " tok0 tok1 tok2 tok3 tok4"
+    pieces = [
+        chunk.choices[0].delta.content or ""
+        for chunk in client.chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True
+        )
+    ]
+    assert "".join(pieces) == " tok0 tok1 tok2"
+    text = [
+        c.choices[0].text
+        for c in client.completions.create(model="other", prompt="x", max_tokens=2, stream=True)
+    ]
+    assert text == [" tok0", " tok1"]
+
+
+def test_requests_reach_only_their_models_workers_and_spread(cluster: LocalCluster) -> None:
+    echo_ids, other_ids = cluster.worker_ids("echo"), cluster.worker_ids("other")
+    client = cluster.client()
+    served: dict[str, list[str]] = {"echo": [], "other": []}
+    for i in range(30):
+        model = "echo" if i % 3 else "other"
+        raw = client.chat.completions.with_raw_response.create(
+            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=1
+        )
+        served[model].append(raw.headers["x-fleetserve-worker"])
+    assert set(served["echo"]) == echo_ids  # both echo workers used, nothing else
+    assert set(served["other"]) == other_ids
+
+
+def test_errors_are_openai_shaped(cluster: LocalCluster) -> None:
+    client = cluster.client()
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert missing.value.body["code"] == "model_not_found"  # type: ignore[index]
+
+    url = f"{cluster.gateway_url}/v1/chat/completions"
+    cases = {
+        b'{"model": "echo", "messages": [': (400, "invalid_json", None),
+        b'{"model": "echo"}': (400, "missing_required_parameter", "messages"),
+        b'["not", "an", "object"]': (400, "invalid_json", None),
+        b'{"messages": []}': (400, "missing_required_parameter", "model"),
+    }
+    for body, (status, code, param) in cases.items():
+        response = httpx.post(url, content=body, headers={"content-type": "application/json"})
+        assert response.status_code == status, body
+        error = response.json()["error"]
+        assert (error["code"], error["param"], error["type"]) == (
+            code,
+            param,
+            "invalid_request_error",
+        )
+        assert error["message"]
+
+    huge = b'{"model": "echo", "messages": [], "pad": "' + b"x" * (9 * 1024 * 1024) + b'"}'
+    response = httpx.post(url, content=huge)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+    assert httpx.get(f"{cluster.gateway_url}/v1/nothing").json()["error"]["code"] == "not_found"
+
+
+def test_dead_worker_is_retried_then_cooled_down(cluster: LocalCluster) -> None:
+    """A registered worker whose port refuses connections: 502 after trying it, then 503."""
+    ghost = Registration(
+        worker_id="ghost-1",
+        model_names=["ghost"],
+        base_url=f"http://127.0.0.1:{free_port()}/v1",
+        engine="fake",
+        capacity=1,
+    )
+    httpx.post(
+        f"{cluster.controller_url}/workers/register", json=ghost.model_dump(mode="json")
+    ).raise_for_status()
+    wait_until(lambda: "ghost" in cluster.gateway_models(), 10, "the gateway to see the ghost")
+    url = f"{cluster.gateway_url}/v1/chat/completions"
+    body = {"model": "ghost", "messages": [{"role": "user", "content": "hi"}]}
+    first = httpx.post(url, json=body)
+    assert first.status_code == 502
+    assert first.json()["error"]["code"] == "upstream_error"
+    second = httpx.post(url, json=body)
+    assert second.status_code == 503
+    assert second.json()["error"]["code"] == "no_healthy_worker"
+    # Without heartbeats the controller expires it.
+    wait_until(lambda: "ghost" not in cluster.gateway_models(), 15, "the ghost to expire")
+
+
+def test_engine_death_deregisters_and_restarts(cluster: LocalCluster) -> None:
+    worker = next(c for c in cluster.components if c.name == "worker-other-0")
+    (old_id,) = cluster.worker_ids("other")
+    engines = [
+        pid
+        for pid in descendants(worker.pid)
+        if "fake_engine" in open(f"/proc/{pid}/cmdline").read()
+    ]
+    assert engines, "the fake engine process was not found"
+    for pid in engines:
+        import os
+
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not cluster.worker_ids("other"), 5, "the worker to deregister at once")
+    (new_id,) = cluster.wait_workers("other", 1, timeout_s=30)
+    assert new_id == old_id  # same agent, engine restarted
+    reply = cluster.client().chat.completions.create(
+        model="other", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert reply.choices[0].message.content == " tok0 tok1"
+
+
+def test_controller_restart_fails_no_request(cluster: LocalCluster) -> None:
+    before = cluster.worker_ids("echo")
+    with Load(cluster.gateway_url, "echo", concurrency=4) as load:
+        load.wait_requests(20)
+        cluster.controller.kill_tree()
+        load.wait_requests(20)  # still served from the gateway's last table
+        cluster.controller = cluster.start_controller()
+        wait_until(lambda: cluster.worker_ids("echo") == before, 10, "workers to re-register")
+        load.wait_requests(20)
+    result = load.result
+    assert result.failed_before_first_chunk == [] and result.failed_mid_stream == []
+    assert result.ok >= 60
+
+
+def test_sigterm_drains_a_worker_without_failures(cluster: LocalCluster) -> None:
+    victim = next(c for c in cluster.components if c.name == "worker-echo-0")
+    tree = descendants(victim.pid)
+    with Load(cluster.gateway_url, "echo", concurrency=6) as load:
+        load.wait_requests(30)
+        victim.proc.send_signal(signal.SIGTERM)
+        assert victim.proc.wait(30) == 0
+        load.wait_requests(30)
+    assert load.result.failed_before_first_chunk == [] and load.result.failed_mid_stream == []
+    assert not [pid for pid in tree if alive(pid)], "the engine outlived its worker"
+    assert "drained in" in victim.log()
+    wait_until(
+        lambda: len(cluster.worker_ids("echo")) == 1, 5, "the drained worker to leave the table"
+    )
+    # put the replica back for the tests after this one
+    cluster.add_worker("echo", "fake", "--alias", "echo-alias", engine_args=SLOW)
+    cluster.wait_workers("echo", 2, timeout_s=30)
+
+
+def test_fleetserve_status_shows_workers(cluster: LocalCluster) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fleetserve.cli",
+            "status",
+            "--controller-url",
+            cluster.controller_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    for worker_id in cluster.worker_ids("echo") | cluster.worker_ids("other"):
+        assert worker_id in out
+    assert "echo (echo-alias)" in out
+
+
+def test_gateway_metrics_count_requests(cluster: LocalCluster) -> None:
+    text = httpx.get(f"{cluster.gateway_url}/metrics").text
+    assert 'fleetserve_gateway_requests_total{model="echo",status="200"}' in text
+    assert 'fleetserve_gateway_requests_total{model="nope",status="404"}' in text
+    controller = httpx.get(f"{cluster.controller_url}/metrics").text
+    assert 'fleetserve_controller_workers{model="echo",state="ready"} 2.0' in controller
