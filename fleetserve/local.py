@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import signal
 import subprocess
 import sys
@@ -20,16 +21,22 @@ from fleetserve import constants, procs
 from fleetserve.config import ClusterConfig, ModelSpec
 from fleetserve.demo_model import default_cache_dir, ensure_demo_model
 from fleetserve.protocol import RouteTable
+from workers.engines import vllm_is_cpu_build
+from workers.placement import cpu_thread_binds
 
 _COMPONENT_START_TIMEOUT_S = 60.0
 
 
 class _Component:
-    def __init__(self, name: str, cmd: list[str], log_dir: Path) -> None:
+    def __init__(
+        self, name: str, cmd: list[str], log_dir: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("ab")
-        self.proc = procs.spawn(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = procs.spawn(
+            cmd, env=procs.env_with(**(env or {})), stdout=self._log, stderr=subprocess.STDOUT
+        )
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -62,6 +69,22 @@ def _worker_command(spec: ModelSpec, controller_url: str) -> list[str]:
     if spec.source:
         cmd += ["--model", spec.source]
     return [*cmd, "--", *spec.engine_flags()]
+
+
+def _replica_environments(
+    cluster: ClusterConfig,
+) -> list[tuple[tuple[ModelSpec, int], dict[str, str]]]:
+    """Every replica to start, with the environment placing it on this machine."""
+    replicas = [(spec, i) for spec in cluster.models for i in range(spec.replicas)]
+    envs: list[dict[str, str]] = [{} for _ in replicas]
+    cpu_vllm = [k for k, (spec, _) in enumerate(replicas) if spec.engine == "vllm"]
+    if cpu_vllm and vllm_is_cpu_build() and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        tp_sizes = [replicas[k][0].tensor_parallel_size for k in cpu_vllm]
+        binds = cpu_thread_binds(tp_sizes, sorted(os.sched_getaffinity(0)))
+        for k, bind in zip(cpu_vllm, binds, strict=True):
+            if bind is not None:
+                envs[k]["VLLM_CPU_OMP_THREADS_BIND"] = bind
+    return list(zip(replicas, envs, strict=True))
 
 
 def _wait_healthy(component: _Component, url: str, console: Console) -> None:
@@ -200,14 +223,9 @@ def run_local_cluster(cluster: ClusterConfig, log_dir: Path | None = None) -> in
         )
         components.append(gateway)
         _wait_healthy(gateway, f"http://{g.host}:{g.port}/health", console)
-        for spec in cluster.models:
-            for replica in range(spec.replicas):
-                worker = _Component(
-                    f"worker-{spec.name.replace('/', '_')}-{replica}",
-                    _worker_command(spec, controller_url),
-                    log_dir,
-                )
-                workers.append(worker)
+        for (spec, replica), env in _replica_environments(cluster):
+            name = f"worker-{spec.name.replace('/', '_')}-{replica}"
+            workers.append(_Component(name, _worker_command(spec, controller_url), log_dir, env))
         components.extend(workers)
 
         endpoint = f"http://{g.host}:{g.port}/v1"

@@ -136,8 +136,8 @@ class LocalCluster:
         )
         self.gateway.wait_http(f"{self.gateway_url}/health")
 
-    def _start(self, name: str, args: list[str]) -> Component:
-        component = Component(name, args, self.log_dir, self.env)
+    def _start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Component:
+        component = Component(name, args, self.log_dir, {**self.env, **(env or {})})
         self.components.append(component)
         return component
 
@@ -159,20 +159,17 @@ class LocalCluster:
         return controller
 
     def add_worker(
-        self, name: str, engine: str, *extra: str, engine_args: tuple[str, ...] = ()
+        self,
+        name: str,
+        engine: str,
+        *extra: str,
+        engine_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> Component:
-        index = sum(c.name.startswith(f"worker-{name}") for c in self.components)
-        args = [
-            "worker",
-            "--engine",
-            engine,
-            "--served-name",
-            name,
-            "--controller-url",
-            self.controller_url,
-            *extra,
-        ]
-        return self._start(f"worker-{name}-{index}", [*args, "--", *engine_args])
+        index = sum(c.name.startswith(f"worker-{name}-") for c in self.components)
+        args = ["worker", "--engine", engine, "--served-name", name]
+        args += ["--controller-url", self.controller_url, *extra, "--", *engine_args]
+        return self._start(f"worker-{name}-{index}", args, env)
 
     def table(self) -> RouteTable:
         return RouteTable.model_validate_json(
@@ -287,7 +284,7 @@ class Load:
                 worker = response.headers.get("x-fleetserve-worker", "?")
                 self.result.workers[worker] = self.result.workers.get(worker, 0) + 1
                 self.result.ok += 1
-            except Exception as exc:  # noqa: BLE001 - every failure is recorded, then asserted on
+            except Exception as exc:
                 target = (
                     self.result.failed_mid_stream
                     if chunks
