@@ -115,6 +115,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         cluster = load_cluster_file(args.file) if args.file else default_cluster()
     except ConfigError as exc:
         sys.exit(f"fleetserve up: {exc}")
+    if args.port is not None:
+        cluster.gateway.port = args.port
+    if args.controller_port is not None:
+        cluster.controller.port = args.controller_port
     return run_local_cluster(cluster, log_dir=args.log_dir)
 
 
@@ -144,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "-f", "--file", type=Path, help="Cluster YAML file (default: the demo cluster)."
     )
+    up.add_argument("--port", type=int, help="Gateway port (overrides the file; default 8000).")
+    up.add_argument("--controller-port", type=int, help="Controller port (default 8001).")
     up.add_argument(
         "--log-dir", type=Path, help="Where component logs go (default: under ~/.cache/fleetserve)."
     )

@@ -40,3 +40,7 @@ DRAIN_MIN_S = 1.0
 DRAIN_TIMEOUT_S = 120.0
 # A child that ignores SIGTERM this long is killed.
 STOP_GRACE_S = 15.0
+# The reaper gives an engine's process group this long after SIGTERM before SIGKILL;
+# the agent waits longer than that for the reaper, so the reaper always gets to clean up.
+ENGINE_STOP_GRACE_S = 15.0
+REAPER_STOP_GRACE_S = ENGINE_STOP_GRACE_S + 10.0

@@ -25,6 +25,8 @@ from workers.engines import vllm_is_cpu_build
 from workers.placement import cpu_thread_binds
 
 _COMPONENT_START_TIMEOUT_S = 60.0
+# A worker's drain, then its engine's stop, with room to spare.
+_WORKER_STOP_GRACE_S = constants.DRAIN_TIMEOUT_S + constants.REAPER_STOP_GRACE_S + 5
 
 
 class _Component:
@@ -44,8 +46,8 @@ class _Component:
     def log_tail(self, lines: int = 15) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def stop(self, grace_s: float = constants.STOP_GRACE_S) -> None:
-        procs.stop(self.proc, grace_s)
+    def stop(self, grace_s: float = constants.STOP_GRACE_S, signalled: bool = False) -> None:
+        procs.stop(self.proc, grace_s, signalled)
         self._log.close()
 
 
@@ -232,23 +234,35 @@ def run_local_cluster(cluster: ClusterConfig, log_dir: Path | None = None) -> in
         console.print(f"fleetserve gateway: [bold]{endpoint}[/bold]   controller: {controller_url}")
         console.print(f"logs: {log_dir}")
         expected = sum(spec.replicas for spec in cluster.models)
-        _report_until_stopped(console, controller_url, expected, components, lambda: stopping)
+        _report_until_stopped(
+            console, controller_url, endpoint, expected, components, lambda: stopping
+        )
     finally:
         console.print("stopping: draining workers, then gateway and controller")
-        for worker in workers:
+        for worker in workers:  # all drain at once
             if worker.alive():
                 worker.proc.send_signal(signal.SIGTERM)
-        for component in reversed(components):
-            component.stop(
-                constants.DRAIN_TIMEOUT_S if component in workers else constants.STOP_GRACE_S
-            )
+        for worker in workers:
+            worker.stop(_WORKER_STOP_GRACE_S, signalled=True)
+        for component in reversed(components[:2]):  # then gateway, then controller
+            component.stop()
         console.print("stopped")
     return 0
+
+
+def _gateway_routes(gateway_url: str, table: RouteTable) -> bool:
+    """True once the gateway has the controller's table (it learns it by long-polling)."""
+    try:
+        served = {m["id"] for m in httpx.get(f"{gateway_url}/models", timeout=2.0).json()["data"]}
+    except (httpx.HTTPError, ValueError, KeyError):
+        return False
+    return all(set(w.model_names) <= served for w in table.workers)
 
 
 def _report_until_stopped(
     console: Console,
     controller_url: str,
+    gateway_url: str,
     expected: int,
     components: list[_Component],
     stopping: Callable[[], bool],
@@ -281,7 +295,7 @@ def _report_until_stopped(
                     f"{worker.worker_id} at {worker.base_url}  after {elapsed:.0f}s"
                 )
         ready = len(table.workers)
-        if ready >= expected and not announced_ready:
+        if ready >= expected and not announced_ready and _gateway_routes(gateway_url, table):
             announced_ready = True
             console.print(_workers_table(table))
             console.print("all workers ready; press Ctrl-C to stop")

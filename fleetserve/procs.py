@@ -63,10 +63,19 @@ def spawn_tree(
     )
 
 
-def stop(proc: subprocess.Popen[bytes], grace_s: float = constants.STOP_GRACE_S) -> int:
-    """SIGTERM, wait up to ``grace_s``, then SIGKILL. Returns the exit code."""
+def stop(
+    proc: subprocess.Popen[bytes],
+    grace_s: float = constants.STOP_GRACE_S,
+    signalled: bool = False,
+) -> int:
+    """SIGTERM (unless already ``signalled``), wait up to ``grace_s``, then SIGKILL.
+
+    Returns the exit code. A second SIGTERM would mean "hurry" to a fleetserve
+    process, so it is sent once only.
+    """
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+        if not signalled:
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(grace_s)
         except subprocess.TimeoutExpired:

@@ -1,9 +1,10 @@
 """Run a command and take its whole process group down with it.
 
 ``python -m fleetserve.reaper CMD...`` starts CMD in a process group of its
-own and then: on SIGTERM/SIGINT (or its parent's death, see procs.spawn) it
-SIGTERMs the group, waits, and SIGKILLs what is left; when CMD exits on its
-own it kills CMD's leftover children too, and exits with CMD's code.
+own and then: on SIGTERM (or its parent's death, see procs.spawn) it SIGTERMs
+the group, waits, and SIGKILLs what is left; on SIGINT it SIGKILLs the group at
+once; when CMD exits on its own it kills CMD's leftover children too, and
+exits with CMD's code.
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ def main() -> int:
             stop_requested_at = time.monotonic()
             _kill_group(child.pid, signal.SIGTERM)
 
+    def kill_now(signum: int, _frame: object) -> None:
+        _kill_group(child.pid, signal.SIGKILL)
+
     signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGINT, kill_now)
     if os.getppid() == 1:  # the parent died before the death signal was armed
         request_stop(signal.SIGTERM, None)
     while True:
@@ -47,7 +51,7 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             if (
                 stop_requested_at is not None
-                and time.monotonic() - stop_requested_at > constants.STOP_GRACE_S
+                and time.monotonic() - stop_requested_at > constants.ENGINE_STOP_GRACE_S
             ):
                 _kill_group(child.pid, signal.SIGKILL)
     _kill_group(child.pid, signal.SIGKILL)  # e.g. vLLM's EngineCore after its API server died

@@ -88,9 +88,9 @@ class Agent:
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self._stop.is_set():
-            logger.warning("second %s: stopping the engine now", sig.name)
+            logger.warning("second %s: killing the engine now", sig.name)
             if self._proc:
-                self._proc.kill()
+                self._proc.send_signal(signal.SIGINT)  # the reaper's "kill the group now"
             return
         logger.info("%s received: draining worker %s", sig.name, self.worker_id)
         self._stop.set()
@@ -142,7 +142,7 @@ class Agent:
             "engine not ready after %.0fs; restarting it", constants.ENGINE_READY_TIMEOUT_S
         )
         if self._proc is not None:
-            await asyncio.to_thread(procs.stop, self._proc)
+            await asyncio.to_thread(procs.stop, self._proc, constants.REAPER_STOP_GRACE_S)
         return False
 
     async def _read_load(self) -> WorkerLoad | None:
@@ -242,7 +242,7 @@ class Agent:
     async def _shutdown(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             logger.info("stopping the engine")
-            await asyncio.to_thread(procs.stop, self._proc)
+            await asyncio.to_thread(procs.stop, self._proc, constants.REAPER_STOP_GRACE_S)
         logger.info("worker %s stopped", self.worker_id)
 
 

@@ -1,0 +1,85 @@
+"""The registry's decisions with a hand-driven clock: no network, no sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+
+from controller.registry import Registry
+from fleetserve.protocol import Registration, WorkerLoad, WorkerState
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _worker(worker_id: str = "w1", *names: str) -> Registration:
+    return Registration(
+        worker_id=worker_id,
+        model_names=list(names or ["m"]),
+        base_url="http://h:1/v1",
+        engine="fake",
+        capacity=8,
+    )
+
+
+def test_register_heartbeat_drain_deregister_bump_the_version() -> None:
+    clock = Clock()
+    registry = Registry(expiry_after_s=6, warmup_s=3, clock=clock)
+    registry.register(_worker())
+    assert registry.version == 1
+    assert registry.heartbeat("w1", WorkerLoad()) is True
+    assert registry.version == 1  # same load: nothing for gateways to learn
+    assert registry.heartbeat("w1", WorkerLoad(running=3, waiting=1)) is True
+    assert registry.version == 2
+    assert registry.table().workers[0].load.running == 3
+    assert registry.drain("w1") and registry.table().workers[0].state is WorkerState.DRAINING
+    assert registry.deregister("w1") and registry.table().workers == []
+    assert registry.heartbeat("w1", WorkerLoad()) is False  # unknown: register again
+    assert registry.deregister("w1") is False
+
+
+def test_silent_workers_expire() -> None:
+    clock = Clock()
+    registry = Registry(expiry_after_s=6, warmup_s=3, clock=clock)
+    registry.register(_worker("a"))
+    registry.register(_worker("b"))
+    clock.now += 5
+    registry.heartbeat("b", WorkerLoad())
+    clock.now += 2
+    assert registry.expire() == ["a"]
+    assert [w.worker_id for w in registry.table().workers] == ["b"]
+    assert registry.expirations_total == 1
+
+
+def test_long_poll_waits_for_warmup_then_for_a_change() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        registry = Registry(
+            expiry_after_s=6, warmup_s=0.05, clock=lambda: asyncio.get_running_loop().time()
+        )
+        # fresh controller: nothing is answered before the warm-up
+        assert await registry.wait_for_change("", -1, timeout_s=0.01) is None
+        table = await registry.wait_for_change("", -1, timeout_s=1)
+        assert table is not None and table.version == 0
+        # same epoch and version: waits until something changes
+        waiter = asyncio.create_task(
+            registry.wait_for_change(table.epoch, table.version, timeout_s=5)
+        )
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        registry.register(_worker())
+        changed = await asyncio.wait_for(waiter, 1)
+        assert changed is not None and changed.version == 1
+        # another epoch (the controller restarted): answered at once
+        other = await registry.wait_for_change("old-epoch", 99, timeout_s=1)
+        assert other is not None and other.epoch == registry.epoch
+        assert (
+            await registry.wait_for_change(registry.epoch, registry.version, timeout_s=0.01) is None
+        )
+        del clock
+
+    asyncio.run(scenario())

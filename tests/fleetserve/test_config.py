@@ -1,0 +1,123 @@
+"""The cluster file: what is accepted, and the messages for what is not."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fleetserve.config import ConfigError, load_cluster_file, parse_cluster
+
+GOOD = """
+controller: {port: 9001, heartbeat_interval_s: 1, expiry_after_s: 4}
+gateway: {port: 9000}
+models:
+  - name: llama-70b
+    aliases: [llama]
+    engine: vllm
+    source: meta-llama/Llama-3.1-70B-Instruct
+    tensor_parallel_size: 4
+    replicas: 2
+    engine_args: {max_num_seqs: 64, enforce_eager: true, enable_prefix_caching: false}
+  - name: echo
+    engine: fake
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_full_cluster_file_loads(tmp_path: Path) -> None:
+    cluster = load_cluster_file(_write(tmp_path, GOOD))
+    llama = cluster.models[0]
+    assert (llama.tensor_parallel_size, llama.replicas, llama.aliases) == (4, 2, ["llama"])
+    assert llama.engine_flags() == ["--max-num-seqs", "64", "--enforce-eager"]
+    assert cluster.controller.port == 9001 and cluster.gateway.port == 9000
+    assert cluster.models[1].replicas == 1
+
+
+@pytest.mark.parametrize(
+    ("models", "message"),
+    [
+        ("[{name: a, engine: fake, replica: 2}]", "models[0].replica: unknown key"),
+        (
+            "[{name: a, engine: fake, replicas: two}]",
+            "models[0].replicas: Input should be a valid integer",
+        ),
+        (
+            "[{name: a, engine: fake, replicas: 0}]",
+            "models[0].replicas: Input should be greater than or equal to 1",
+        ),
+        (
+            "[{name: a, engine: nope}]",
+            "models[0].engine: unknown engine 'nope'; choose one of ['fake', 'vllm']",
+        ),
+        (
+            "[{name: a, engine: fake}, {name: b, engine: fake, aliases: [a]}]",
+            "alias 'a' of model 'b' is already used by model 'a'",
+        ),
+        (
+            "[{name: a, engine: fake}, {name: a, engine: fake}]",
+            "model name 'a' of model 'a' is already used",
+        ),
+        ("[]", "models: List should have at least 1 item"),
+        ("[{name: 'bad name', engine: fake}]", "models[0].name: String should match pattern"),
+    ],
+)
+def test_invalid_files_say_what_is_wrong(tmp_path: Path, models: str, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_cluster_file(_write(tmp_path, f"models: {models}\n"))
+    assert message in str(error.value)
+
+
+def test_unknown_top_level_key_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="gatway: unknown key"):
+        parse_cluster({"models": [{"name": "a", "engine": "fake"}], "gatway": {}})
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_cluster_file(_write(tmp_path, "models: [\n"))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_cluster_file(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="expiry_after_s .* must be longer"):
+        parse_cluster(
+            {
+                "models": [{"name": "a"}],
+                "controller": {"expiry_after_s": 1, "heartbeat_interval_s": 2},
+            }
+        )
+
+
+def test_up_refuses_an_invalid_file_before_starting_anything(tmp_path: Path) -> None:
+    path = _write(tmp_path, "models: [{name: a, engine: fake, replicas: 0}]\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "fleetserve.cli", "up", "-f", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "models[0].replicas" in result.stderr
+    assert "gateway" not in result.stdout  # nothing was started
+
+
+def test_worker_flags_come_from_the_settings_model() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "fleetserve.cli", "worker", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    for flag in (
+        "--served-name",
+        "--alias",
+        "--tensor-parallel-size",
+        "--controller-url",
+        "--engine",
+    ):
+        assert flag in result.stdout
+    assert "The model name clients ask for." in result.stdout

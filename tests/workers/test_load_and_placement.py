@@ -1,0 +1,37 @@
+"""Reading an engine's load, and placing CPU replicas on cores."""
+
+from __future__ import annotations
+
+from workers.load import parse_load
+from workers.placement import cpu_thread_binds
+
+VLLM_METRICS = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+vllm:num_requests_running{engine="1",model_name="m"} 1.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 2.0
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
+vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.5
+# TYPE vllm:request_success_total counter
+vllm:request_success_total{engine="0",finished_reason="stop",model_name="m"} 7.0
+"""
+
+
+def test_load_sums_engines_and_takes_the_fullest_kv_cache() -> None:
+    load = parse_load(VLLM_METRICS)
+    assert (load.running, load.waiting, load.kv_cache_usage) == (4, 2, 0.5)
+
+
+def test_no_metrics_means_no_load() -> None:
+    assert parse_load("") == parse_load("# nothing here\n")
+
+
+def test_cpu_replicas_get_disjoint_cores() -> None:
+    assert cpu_thread_binds([1, 1], [0, 1]) == ["0", "1"]
+    assert cpu_thread_binds([1, 1], [0, 1, 2, 3, 4]) == ["0,1", "2,3"]
+    assert cpu_thread_binds([2], [0, 1, 2, 3]) == ["0,1|2,3"]  # one range per TP rank
+    assert cpu_thread_binds([1], [0, 1]) == [None]  # one engine: vLLM's own choice
+    assert cpu_thread_binds([2, 1], [0, 1]) == [None, None]  # does not fit: leave it to vLLM
