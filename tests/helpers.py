@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import signal
@@ -98,10 +99,8 @@ class Component:
         """SIGKILL this process and everything below it at once: a machine dying."""
         pids = [self.pid, *descendants(self.pid)]
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self.proc.wait()
         return pids
 
@@ -191,7 +190,7 @@ class LocalCluster:
         return {m["id"] for m in data}
 
     def wait_workers(self, model: str, count: int, timeout_s: float = 240) -> set[str]:
-        """Wait until ``count`` ready workers of ``model`` are registered and the gateway routes it."""
+        """Wait for ``count`` ready workers of ``model``, and for the gateway to route it."""
         ids: set[str] = wait_until(
             lambda: len(ids := self.worker_ids(model)) == count and ids,
             timeout_s,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -129,12 +131,10 @@ def test_engine_death_deregisters_and_restarts(cluster: LocalCluster) -> None:
     engines = [
         pid
         for pid in descendants(worker.pid)
-        if "fake_engine" in open(f"/proc/{pid}/cmdline").read()
+        if b"fake_engine" in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
     assert engines, "the fake engine process was not found"
     for pid in engines:
-        import os
-
         os.kill(pid, signal.SIGKILL)
     wait_until(lambda: not cluster.worker_ids("other"), 5, "the worker to deregister at once")
     (new_id,) = cluster.wait_workers("other", 1, timeout_s=30)

@@ -82,7 +82,7 @@ def test_unknown_top_level_key_and_bad_yaml(tmp_path: Path) -> None:
         load_cluster_file(_write(tmp_path, "models: [\n"))
     with pytest.raises(ConfigError, match="cannot read"):
         load_cluster_file(tmp_path / "missing.yaml")
-    with pytest.raises(ConfigError, match="expiry_after_s .* must be longer"):
+    with pytest.raises(ConfigError, match=r"expiry_after_s .* must be longer"):
         parse_cluster(
             {
                 "models": [{"name": "a"}],
