@@ -35,7 +35,7 @@ def _registry(request: Request) -> Registry:
 def build_app(settings: ControllerSettings) -> FastAPI:
     registry = Registry(
         expiry_after_s=settings.expiry_after_s,
-        warmup_s=1.5 * settings.heartbeat_interval_s,
+        warmup_s=settings.expiry_after_s,  # see constants.EXPIRY_AFTER_S
     )
     metrics = CollectorRegistry()
     metrics.register(RegistryCollector(registry))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import types
 import typing
@@ -65,7 +66,7 @@ def settings_from(model: type[BaseModel], args: argparse.Namespace, **extra: Any
         sys.exit(f"fleetserve: invalid settings:\n{describe_validation_error(exc)}")
 
 
-def _serve(app: Any, host: str, port: int, graceful_s: float) -> None:
+def _serve(app: Any, host: str, port: int, graceful_s: float, **options: Any) -> None:
     import uvicorn
 
     # uvicorn picks uvloop and httptools when installed ([standard] extra).
@@ -76,6 +77,7 @@ def _serve(app: Any, host: str, port: int, graceful_s: float) -> None:
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=int(graceful_s),
+        **options,
     )
 
 
@@ -90,14 +92,32 @@ def cmd_controller(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from gateway.app import build_app
+    from gateway.app import SETTINGS_ENV, build_app
 
     settings: GatewaySettings = settings_from(GatewaySettings, args)
     if not settings.controller_url:
         sys.exit("fleetserve gateway: --controller-url is required")
-    logger.info("gateway listening on http://%s:%d/v1", settings.host, settings.port)
+    logger.info(
+        "gateway listening on http://%s:%d/v1 (%d processes)",
+        settings.host,
+        settings.port,
+        settings.processes,
+    )
     # Let streams in flight finish (workers drain before the gateway stops in `up`).
-    _serve(build_app(settings), settings.host, settings.port, graceful_s=constants.STOP_GRACE_S)
+    graceful_s = constants.STOP_GRACE_S
+    if settings.processes == 1:
+        _serve(build_app(settings), settings.host, settings.port, graceful_s)
+        return 0
+    # uvicorn's worker processes import the app by name and rebuild it from these settings.
+    os.environ[SETTINGS_ENV] = settings.model_dump_json()
+    _serve(
+        "gateway.app:build_app_from_environment",
+        settings.host,
+        settings.port,
+        graceful_s,
+        factory=True,
+        workers=settings.processes,
+    )
     return 0
 
 

@@ -60,6 +60,9 @@ class GatewaySettings(Strict):
     max_body_bytes: int = Field(
         constants.MAX_BODY_BYTES, gt=0, description="Larger request bodies get 413."
     )
+    processes: int = Field(
+        1, ge=1, description="Gateway processes sharing the port, each watching the controller."
+    )
 
 
 class WorkerSettings(Strict):

@@ -8,11 +8,11 @@ DEFAULT_CONTROLLER_PORT = 8001
 # a burst within a couple of seconds, rare enough to cost nothing.
 HEARTBEAT_INTERVAL_S = 2.0
 # Three missed heartbeats: one lost packet or a GC pause must not expire a worker.
+# Also a restarted controller's warm-up: it knows nobody, every live worker
+# re-registers at its next heartbeat, and a worker not heard from within this
+# long would count as dead anyway. Until then it publishes no routing table,
+# so gateways never see a falsely empty cluster.
 EXPIRY_AFTER_S = 3 * HEARTBEAT_INTERVAL_S
-# A restarted controller knows nobody; every live worker re-registers at its
-# next heartbeat. It publishes no routing table until that has had time to
-# happen, so gateways never see a falsely empty cluster.
-WARMUP_AFTER_START_S = 1.5 * HEARTBEAT_INTERVAL_S
 
 # Gateways long-poll the controller's routing table; the poll returns at once
 # on a change, otherwise after this long (keeps idle connections fresh).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -71,6 +72,14 @@ def parse_request(body: bytes, required: str) -> tuple[str, bool]:
             param=required,
         )
     return model, payload.get("stream") is True
+
+
+SETTINGS_ENV = "FLEETSERVE_GATEWAY_SETTINGS"
+
+
+def build_app_from_environment() -> FastAPI:
+    """For ``--processes N``: each uvicorn worker process builds its app from the CLI's settings."""
+    return build_app(GatewaySettings.model_validate_json(os.environ[SETTINGS_ENV]))
 
 
 def build_app(settings: GatewaySettings) -> FastAPI:
