@@ -242,7 +242,9 @@ def _row(mode: str, concurrency: int, path: str, r: Result, direct: Result | Non
 
 
 def run_overhead(args: argparse.Namespace, stack: Stack, console: Console) -> None:
-    title = f"gateway vs direct: {args.engine} engine, {args.max_tokens} tokens, {args.duration:.0f}s"
+    title = (
+        f"gateway vs direct: {args.engine} engine, {args.max_tokens} tokens, {args.duration:.0f}s"
+    )
     table = Table(title=title)
     columns = ("mode", "conc", "path", "req/s", "p50 ms", "p99 ms", "TTFB p50 ms", "errors")
     for column in (*columns, "gw CPU s/1k req", "gw/direct req/s", "p50 added ms"):

@@ -44,7 +44,11 @@ def add_settings_arguments(
             )  # pydantic applies (and --help shows) the default
             if field.default_factory is None:
                 options["help"] += f" (default: {field.default})"
-        if typing.get_origin(annotation) is list:
+        if annotation is bool:
+            options["action"] = "store_true"
+            options["help"] = field.description or ""
+            flag = "--" + name.replace("_", "-")
+        elif typing.get_origin(annotation) is list:
             # aliases -> repeatable --alias
             flag = "--" + name.replace("_", "-").removesuffix("es")
             options["action"] = "append"

@@ -63,6 +63,7 @@ class GatewaySettings(Strict):
     processes: int = Field(
         1, ge=1, description="Gateway processes sharing the port, each watching the controller."
     )
+    access_log: bool = Field(False, description="Log one JSON line per request.")
 
 
 class WorkerSettings(Strict):

@@ -1,4 +1,10 @@
-"""The gateway's HTTP layer: OpenAI routes, health and metrics."""
+"""The gateway's ASGI app.
+
+The two OpenAI POST routes are the hot path: they are served straight from
+ASGI (no framework routing, middleware or validation layers) and read only
+what routing needs from the body. Everything else (/v1/models, /health,
+/metrics, the OpenAPI docs) is a plain FastAPI app behind it.
+"""
 
 from __future__ import annotations
 
@@ -12,38 +18,46 @@ from typing import Any
 
 import aiohttp
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.responses import JSONResponse, Response
+from starlette.types import Message, Receive, Scope, Send
 
 from fleetserve.config import GatewaySettings
-from fleetserve.errors import OpenAIError, install_error_handlers
+from fleetserve.errors import OpenAIError, error_response, install_error_handlers
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
 from gateway.routing import RoutingPolicy
 from gateway.table import RouteTableWatcher
 
 logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("fleetserve.access")
+
+SETTINGS_ENV = "FLEETSERVE_GATEWAY_SETTINGS"
+# path -> the field a request to it must have
+_PROXIED_ROUTES = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refused with 413 past ``max_bytes`` (checked before reading all of it)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise OpenAIError(
-            413, f"request body is larger than {max_bytes} bytes", code="request_too_large"
-        )
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise OpenAIError(
-                413, f"request body is larger than {max_bytes} bytes", code="request_too_large"
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)
+def _too_large(max_bytes: int) -> OpenAIError:
+    return OpenAIError(
+        413, f"request body is larger than {max_bytes} bytes", code="request_too_large"
+    )
+
+
+async def read_body(scope: Scope, receive: Receive, max_bytes: int) -> bytes:
+    """The request body, refused with 413 past ``max_bytes`` (before reading all of it)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > max_bytes:
+            raise _too_large(max_bytes)
+    body = b""
+    while True:
+        message: Message = await receive()
+        body += message.get("body", b"")
+        if len(body) > max_bytes:
+            raise _too_large(max_bytes)
+        if not message.get("more_body", False):
+            return body
 
 
 def parse_request(body: bytes, required: str) -> tuple[str, bool]:
@@ -74,98 +88,116 @@ def parse_request(body: bytes, required: str) -> tuple[str, bool]:
     return model, payload.get("stream") is True
 
 
-SETTINGS_ENV = "FLEETSERVE_GATEWAY_SETTINGS"
+class Gateway:
+    """ASGI entry point: the hot OpenAI routes, then the FastAPI app for the rest."""
 
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.metrics = GatewayMetrics()
+        self.api = _build_api(self)
+        self.proxy: Proxy | None = None
+        self.watcher: RouteTableWatcher | None = None
+        self._policies: dict[str, RoutingPolicy] = {}
 
-def build_app_from_environment() -> FastAPI:
-    """For ``--processes N``: each uvicorn worker process builds its app from the CLI's settings."""
-    return build_app(GatewaySettings.model_validate_json(os.environ[SETTINGS_ENV]))
+    def policy_for(self, model: str) -> RoutingPolicy:
+        policy = self._policies.get(model)
+        if policy is None:
+            default = RoutingPolicy.registry[RoutingPolicy.default_name]
+            policy = self._policies[model] = default()
+        return policy
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            required = _PROXIED_ROUTES.get(scope["path"])
+            if required is not None:
+                response = await self._proxied(scope, receive, required)
+                await response(scope, receive, send)
+                return
+        await self.api(scope, receive, send)
 
-def build_app(settings: GatewaySettings) -> FastAPI:
-    if not settings.controller_url:
-        raise ValueError("the gateway needs a controller_url")
-    metrics = GatewayMetrics()
-    policies: dict[str, RoutingPolicy] = {}
-    default_policy = RoutingPolicy.registry[RoutingPolicy.default_name]
-
-    def policy_for(model: str) -> RoutingPolicy:
-        if model not in policies:
-            policies[model] = default_policy()
-        return policies[model]
+    async def _proxied(self, scope: Scope, receive: Receive, required: str) -> Response:
+        started = time.perf_counter()
+        model = "-"
+        try:
+            body = await read_body(scope, receive, self.settings.max_body_bytes)
+            model, stream = parse_request(body, required)
+            assert self.proxy is not None, "the lifespan did not run"
+            response = await self.proxy.forward(scope["path"], body, model, stream)
+        except OpenAIError as exc:
+            response = error_response(exc)
+        except Exception:
+            logger.exception("unexpected error on %s", scope["path"])
+            response = error_response(OpenAIError(500, "internal error", code="internal_error"))
+        self.metrics.requests.labels(model, str(response.status_code)).inc()
+        if self.settings.access_log:
+            access_logger.info(
+                "%s",
+                orjson.dumps(
+                    {
+                        "path": scope["path"],
+                        "model": model,
+                        "status": response.status_code,
+                        "worker": response.headers.get("x-fleetserve-worker"),
+                        "ms_to_headers": round(1000 * (time.perf_counter() - started), 2),
+                    }
+                ).decode(),
+            )
+        return response
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
         # One pooled client per process; no total timeout: generations can be long.
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         timeout = aiohttp.ClientTimeout(total=None, connect=5, sock_connect=5)
         async with aiohttp.ClientSession(
             connector=connector, timeout=timeout, auto_decompress=False
         ) as session:
-            watcher = RouteTableWatcher(settings.controller_url or "", session)
-            app.state.watcher = watcher
-            app.state.proxy = Proxy(watcher, session, policy_for, metrics)
-            task = asyncio.create_task(watcher.run())
+            assert self.settings.controller_url
+            self.watcher = RouteTableWatcher(self.settings.controller_url, session)
+            self.proxy = Proxy(self.watcher, session, self.policy_for, self.metrics)
+            task = asyncio.create_task(self.watcher.run())
             yield
             task.cancel()
 
-    app = FastAPI(title="fleetserve gateway", lifespan=lifespan)
-    install_error_handlers(app)
 
-    async def proxied(request: Request, required: str) -> Response:
-        started = time.perf_counter()
-        body = await read_body(request, settings.max_body_bytes)
-        model, stream = parse_request(body, required)
-        status = 500
-        try:
-            response: Response = await request.app.state.proxy.forward(
-                request.url.path, body, model, stream
-            )
-            status = response.status_code
-            return response
-        except OpenAIError as exc:
-            status = exc.status
-            raise
-        finally:
-            metrics.requests.labels(model, str(status)).inc()
-            logger.debug(
-                "%s %s model=%s status=%d %.1fms",
-                request.method,
-                request.url.path,
-                model,
-                status,
-                1000 * (time.perf_counter() - started),
-            )
+def _build_api(gateway: Gateway) -> FastAPI:
+    api = FastAPI(title="fleetserve gateway", lifespan=gateway.lifespan)
+    install_error_handlers(api)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await proxied(request, "messages")
+    def watcher() -> RouteTableWatcher:
+        assert gateway.watcher is not None, "the lifespan did not run"
+        return gateway.watcher
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await proxied(request, "prompt")
-
-    @app.get("/v1/models")
-    async def models(request: Request) -> JSONResponse:
-        names = sorted(request.app.state.watcher.ready_by_model)
+    @api.get("/v1/models")
+    async def models() -> JSONResponse:
         data = [
             {"id": name, "object": "model", "created": 0, "owned_by": "fleetserve"}
-            for name in names
+            for name in sorted(watcher().ready_by_model)
         ]
         return JSONResponse({"object": "list", "data": data})
 
-    @app.get("/health")
-    async def health(request: Request) -> dict[str, Any]:
-        watcher: RouteTableWatcher = request.app.state.watcher
-        table = watcher.table
+    @api.get("/health")
+    async def health() -> dict[str, Any]:
+        table = watcher().table
         return {
             "status": "ok",
             "routing_table_version": table.version if table else None,
-            "models": sorted(watcher.ready_by_model),
+            "models": sorted(watcher().ready_by_model),
         }
 
-    @app.get("/metrics")
+    @api.get("/metrics")
     async def prometheus_metrics() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+    return api
+
+
+def build_app(settings: GatewaySettings) -> Gateway:
+    if not settings.controller_url:
+        raise ValueError("the gateway needs a controller_url")
+    return Gateway(settings)
+
+
+def build_app_from_environment() -> Gateway:
+    """For ``--processes N``: each uvicorn worker process builds its app from the CLI's settings."""
+    return build_app(GatewaySettings.model_validate_json(os.environ[SETTINGS_ENV]))

@@ -17,6 +17,7 @@ import aiohttp
 import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
+from yarl import URL
 
 from fleetserve import constants
 from fleetserve.errors import OpenAIError, error_body
@@ -114,6 +115,16 @@ class Proxy:
         self._policy_for = policy_for
         self._metrics = metrics
         self._ctx = RoutingContext(in_flight=defaultdict(int))
+        self._urls: dict[str, URL] = {}  # parsed once: yarl parsing is a hot-path cost
+
+    def _url(self, worker: WorkerView, suffix: str) -> URL:
+        key = worker.base_url + suffix
+        url = self._urls.get(key)
+        if url is None:
+            if len(self._urls) > 10_000:  # workers come and go; never grow without bound
+                self._urls.clear()
+            url = self._urls[key] = URL(key)
+        return url
 
     def _release(self, worker_id: str) -> None:
         self._ctx.in_flight[worker_id] -= 1
@@ -171,7 +182,7 @@ class Proxy:
         upstream: aiohttp.ClientResponse | None = None
         try:
             upstream = await self._session.post(
-                worker.base_url + suffix, data=body, headers=_JSON_HEADERS
+                self._url(worker, suffix), data=body, headers=_JSON_HEADERS
             )
             if upstream.status >= 500:
                 raise UpstreamFailed(f"HTTP {upstream.status}")
