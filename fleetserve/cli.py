@@ -80,6 +80,8 @@ def _serve(app: Any, host: str, port: int, graceful_s: float, **options: Any) ->
         port=port,
         log_level="warning",
         access_log=False,
+        proxy_headers=False,  # fleetserve reads no X-Forwarded-*: skip that middleware
+        server_header=False,
         timeout_graceful_shutdown=int(graceful_s),
         **options,
     )
