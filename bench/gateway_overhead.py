@@ -151,6 +151,13 @@ class Result:
     elapsed_s: float = 0.0
     gateway_cpu_s: float = 0.0
 
+    def merge(self, other: Result, gateway_cpu_s: float) -> None:
+        self.latencies_s += other.latencies_s
+        self.ttfb_s += other.ttfb_s
+        self.errors += other.errors
+        self.elapsed_s += other.elapsed_s
+        self.gateway_cpu_s += gateway_cpu_s
+
     @property
     def requests_per_s(self) -> float:
         return len(self.latencies_s) / self.elapsed_s if self.elapsed_s else 0.0
@@ -242,6 +249,8 @@ def _row(mode: str, concurrency: int, path: str, r: Result, direct: Result | Non
 
 
 def run_overhead(args: argparse.Namespace, stack: Stack, console: Console) -> None:
+    # Engines compile and cache on their first requests: keep that out of the figures.
+    asyncio.run(closed_loop(stack.gateway_url, 8, args.warmup, True, args.max_tokens, warmup_s=0))
     title = (
         f"gateway vs direct: {args.engine} engine, {args.max_tokens} tokens, {args.duration:.0f}s"
     )
@@ -252,13 +261,16 @@ def run_overhead(args: argparse.Namespace, stack: Stack, console: Console) -> No
     for concurrency in args.concurrency:
         for mode in args.modes:
             stream = mode == "stream"
-            results = {}
-            for path, url in (("direct", stack.direct_url), ("gateway", stack.gateway_url)):
-                cpu_before = cpu_seconds(stack.gateway.pid)
-                results[path] = asyncio.run(
-                    closed_loop(url, concurrency, args.duration, stream, args.max_tokens)
-                )
-                results[path].gateway_cpu_s = cpu_seconds(stack.gateway.pid) - cpu_before
+            results = {"direct": Result(), "gateway": Result()}
+            for _ in range(args.rounds):  # alternate, so drift hits both paths alike
+                for path, url in (("direct", stack.direct_url), ("gateway", stack.gateway_url)):
+                    cpu_before = cpu_seconds(stack.gateway.pid)
+                    run = asyncio.run(
+                        closed_loop(
+                            url, concurrency, args.duration / args.rounds, stream, args.max_tokens
+                        )
+                    )
+                    results[path].merge(run, cpu_seconds(stack.gateway.pid) - cpu_before)
             table.add_row(*_row(mode, concurrency, "direct", results["direct"], None))
             table.add_row(
                 *_row(mode, concurrency, "gateway", results["gateway"], results["direct"])
@@ -303,6 +315,12 @@ def main() -> None:
         "--modes", nargs="+", choices=["stream", "nonstream"], default=["stream", "nonstream"]
     )
     parser.add_argument("--duration", type=float, default=10.0, help="Seconds per measurement.")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="Direct/gateway alternations per measurement."
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=3.0, help="Seconds of load before measuring."
+    )
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument(
         "--tokens-per-s", type=float, default=0.0, help="Fake engine speed; 0: unlimited."
