@@ -207,3 +207,37 @@ def test_gateway_metrics_count_requests(cluster: LocalCluster) -> None:
     assert 'fleetserve_gateway_requests_total{model="nope",status="404"}' in text
     controller = httpx.get(f"{cluster.controller_url}/metrics").text
     assert 'fleetserve_controller_workers{model="echo",state="ready"} 2.0' in controller
+
+
+def test_gateway_with_several_processes_serves_on_one_port(cluster: LocalCluster) -> None:
+    port = free_port()
+    gateway = cluster._start(
+        "gateway-multi",
+        [
+            "gateway",
+            "--port",
+            str(port),
+            "--controller-url",
+            cluster.controller_url,
+            "--processes",
+            "2",
+        ],
+    )
+    try:
+        gateway.wait_http(f"http://127.0.0.1:{port}/health")
+        wait_until(lambda: len(descendants(gateway.pid)) >= 2, 30, "two gateway processes")
+        url = f"http://127.0.0.1:{port}/v1"
+        # each process learns the table by itself; ask enough times to reach both
+        wait_until(
+            lambda: all("echo" in httpx.get(f"{url}/models").text for _ in range(10)),
+            30,
+            "every process to route echo",
+        )
+        client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+        for _ in range(20):
+            reply = client.chat.completions.create(
+                model="echo", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            )
+            assert reply.choices[0].message.content == " tok0 tok1"
+    finally:
+        gateway.stop()
