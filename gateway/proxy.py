@@ -69,6 +69,7 @@ class UpstreamStream(Response):
             upstream.close()  # 499: the client went away; the engine aborts the generation
 
         listener = asyncio.create_task(close_upstream_on_disconnect())
+        finished = False
         try:
             await send(
                 {
@@ -94,11 +95,15 @@ class UpstreamStream(Response):
                     }
                 )
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+            finished = True
         except OSError:
             pass  # the client went away while we were sending
         finally:
             listener.cancel()
-            upstream.close()
+            if finished:
+                upstream.release()  # keep the connection for the next request
+            else:
+                upstream.close()  # the engine sees the disconnect and aborts the generation
             self._on_close()
 
 
