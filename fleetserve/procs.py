@@ -46,21 +46,13 @@ def spawn(
     )
 
 
-def spawn_tree(
-    cmd: Sequence[str],
-    *,
-    env: Mapping[str, str] | None = None,
-    stdout: IO[Any] | int | None = None,
-    stderr: IO[Any] | int | None = None,
-) -> subprocess.Popen[bytes]:
-    """Start ``cmd`` under ``fleetserve.reaper``, which takes its whole process tree down.
+def spawn_tree(cmd: Sequence[str], **options: Any) -> subprocess.Popen[bytes]:
+    """``spawn`` under ``fleetserve.reaper``, which takes the whole process tree down.
 
     For engines: vLLM's API server leaves its EngineCore process running if it
     is killed with SIGKILL; the reaper kills the engine's process group.
     """
-    return spawn(
-        [sys.executable, "-m", "fleetserve.reaper", *cmd], env=env, stdout=stdout, stderr=stderr
-    )
+    return spawn([sys.executable, "-m", "fleetserve.reaper", *cmd], **options)
 
 
 def stop(
