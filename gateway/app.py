@@ -30,6 +30,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
 from gateway.routing import RoutingPolicy
 from gateway.table import RouteTableWatcher
+from gateway.upstream import UpstreamPool
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("fleetserve.access")
@@ -146,7 +147,7 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
-        # One pooled client per process; no total timeout: generations can be long.
+        # aiohttp for the controller watch; the hot path has its own lean pool (upstream.py).
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         timeout = aiohttp.ClientTimeout(total=None, connect=5, sock_connect=5)
         async with aiohttp.ClientSession(
@@ -154,10 +155,12 @@ class Gateway:
         ) as session:
             assert self.settings.controller_url
             self.watcher = RouteTableWatcher(self.settings.controller_url, session)
-            self.proxy = Proxy(self.watcher, session, self.policy_for, self.metrics)
+            upstreams = UpstreamPool()
+            self.proxy = Proxy(self.watcher, upstreams, self.policy_for, self.metrics)
             task = asyncio.create_task(self.watcher.run())
             yield
             task.cancel()
+            upstreams.close()
 
 
 def _build_api(gateway: Gateway) -> FastAPI:

@@ -12,12 +12,11 @@ import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
-from yarl import URL
 
 from fleetserve import constants
 from fleetserve.errors import OpenAIError, error_body
@@ -25,11 +24,11 @@ from fleetserve.protocol import WorkerView
 from gateway.metrics import GatewayMetrics
 from gateway.routing import RoutingContext, RoutingPolicy
 from gateway.table import RouteTableWatcher
+from gateway.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 logger = logging.getLogger(__name__)
 
 WORKER_HEADER = "x-fleetserve-worker"
-_JSON_HEADERS = {"content-type": "application/json"}
 
 
 class UpstreamFailed(Exception):
@@ -41,7 +40,7 @@ class UpstreamStream(Response):
 
     def __init__(
         self,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         first_chunk: bytes,
         worker_id: str,
         on_close: Callable[[], None],
@@ -54,7 +53,7 @@ class UpstreamStream(Response):
         self._on_close = on_close
         self.init_headers(
             {
-                "content-type": upstream.headers.get("content-type", "text/event-stream"),
+                "content-type": upstream.content_type or "text/event-stream",
                 "cache-control": "no-cache",
                 WORKER_HEADER: worker_id,
             }
@@ -80,9 +79,9 @@ class UpstreamStream(Response):
             )
             await send({"type": "http.response.body", "body": self._first_chunk, "more_body": True})
             try:
-                async for chunk in upstream.content.iter_any():
+                async for chunk in upstream.iter_chunks():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except UpstreamError as exc:
                 if listener.done():
                     return  # we closed it because the client left
                 logger.warning("worker %s failed mid-stream: %s", self._worker_id, exc)
@@ -111,25 +110,28 @@ class Proxy:
     def __init__(
         self,
         watcher: RouteTableWatcher,
-        session: aiohttp.ClientSession,
+        upstreams: UpstreamPool,
         policy_for: Callable[[str], RoutingPolicy],
         metrics: GatewayMetrics,
     ) -> None:
         self._watcher = watcher
-        self._session = session
+        self._upstreams = upstreams
         self._policy_for = policy_for
         self._metrics = metrics
         self._ctx = RoutingContext(in_flight=defaultdict(int))
-        self._urls: dict[str, URL] = {}  # parsed once: yarl parsing is a hot-path cost
+        self._targets: dict[str, tuple[str, int, str]] = {}  # base_url -> (host, port, path prefix)
 
-    def _url(self, worker: WorkerView, suffix: str) -> URL:
-        key = worker.base_url + suffix
-        url = self._urls.get(key)
-        if url is None:
-            if len(self._urls) > 10_000:  # workers come and go; never grow without bound
-                self._urls.clear()
-            url = self._urls[key] = URL(key)
-        return url
+    def _target(self, base_url: str) -> tuple[str, int, str]:
+        target = self._targets.get(base_url)
+        if target is None:
+            if len(self._targets) > 10_000:  # workers come and go; never grow without bound
+                self._targets.clear()
+            url = urlsplit(base_url)
+            if url.scheme != "http" or not url.hostname:
+                raise UpstreamError(f"unsupported worker URL {base_url!r} (http://host:port/v1)")
+            target = (url.hostname, url.port or 80, url.path.rstrip("/"))
+            self._targets[base_url] = target
+        return target
 
     def _release(self, worker_id: str) -> None:
         self._ctx.in_flight[worker_id] -= 1
@@ -159,7 +161,7 @@ class Proxy:
             tried.add(worker.worker_id)
             try:
                 return await self._attempt(worker, suffix, body, stream)
-            except (aiohttp.ClientError, TimeoutError, UpstreamFailed) as exc:
+            except (UpstreamError, UpstreamFailed) as exc:
                 last_error = str(exc) or type(exc).__name__
                 logger.warning(
                     "worker %s failed before the first byte (%s); trying another",
@@ -184,15 +186,14 @@ class Proxy:
         self._ctx.in_flight[worker.worker_id] += 1
         self._metrics.in_flight.inc()
         handed_off = False
-        upstream: aiohttp.ClientResponse | None = None
+        upstream: UpstreamResponse | None = None
         try:
-            upstream = await self._session.post(
-                self._url(worker, suffix), data=body, headers=_JSON_HEADERS
-            )
+            host, port, prefix = self._target(worker.base_url)
+            upstream = await self._upstreams.post(host, port, prefix + suffix, body)
             if upstream.status >= 500:
                 raise UpstreamFailed(f"HTTP {upstream.status}")
             if stream and upstream.status == 200:
-                first = await upstream.content.readany()
+                first = await upstream.next_chunk()
                 if not first:
                     raise UpstreamFailed("closed the stream before the first byte")
                 handed_off = True
@@ -201,7 +202,7 @@ class Proxy:
                 )
             content = await upstream.read()
             headers = {WORKER_HEADER: worker.worker_id}
-            return Response(content, upstream.status, headers, upstream.headers.get("content-type"))
+            return Response(content, upstream.status, headers, upstream.content_type or None)
         finally:
             if not handed_off:
                 if upstream is not None:
