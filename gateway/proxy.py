@@ -31,10 +31,6 @@ logger = logging.getLogger(__name__)
 WORKER_HEADER = "x-fleetserve-worker"
 
 
-class UpstreamFailed(Exception):
-    """The worker failed in a way that lets another worker take the request."""
-
-
 class UpstreamStream(Response):
     """Streams an upstream response to the client; closing either side closes the other."""
 
@@ -161,7 +157,7 @@ class Proxy:
             tried.add(worker.worker_id)
             try:
                 return await self._attempt(worker, suffix, body, stream)
-            except (UpstreamError, UpstreamFailed) as exc:
+            except UpstreamError as exc:  # before the first byte: another worker may take it
                 last_error = str(exc) or type(exc).__name__
                 logger.warning(
                     "worker %s failed before the first byte (%s); trying another",
@@ -191,11 +187,11 @@ class Proxy:
             host, port, prefix = self._target(worker.base_url)
             upstream = await self._upstreams.post(host, port, prefix + suffix, body)
             if upstream.status >= 500:
-                raise UpstreamFailed(f"HTTP {upstream.status}")
+                raise UpstreamError(f"HTTP {upstream.status}")
             if stream and upstream.status == 200:
                 first = await upstream.next_chunk()
                 if not first:
-                    raise UpstreamFailed("closed the stream before the first byte")
+                    raise UpstreamError("closed the stream before the first byte")
                 handed_off = True
                 return UpstreamStream(
                     upstream, first, worker.worker_id, lambda: self._release(worker.worker_id)

@@ -25,7 +25,7 @@ _HIGH_WATER_BYTES = 1 << 20
 
 
 class UpstreamError(ConnectionError):
-    """The connection failed or closed before the answer was complete."""
+    """The engine failed: refused or lost connection, invalid HTTP, or (from the proxy) a 5xx."""
 
 
 class UpstreamResponse:

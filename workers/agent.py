@@ -73,7 +73,8 @@ class Agent:
             self._http = http
             while not self._stop.is_set():
                 started = time.monotonic()
-                if await self._start_engine() and await self._wait_ready():
+                self._start_engine()
+                if await self._wait_ready():
                     await self._serve()
                 if self._stop.is_set():
                     break
@@ -105,7 +106,7 @@ class Agent:
 
     # -- engine --------------------------------------------------------------
 
-    async def _start_engine(self) -> bool:
+    def _start_engine(self) -> None:
         s = self.settings
         port = s.port or free_port(s.host)
         advertise = s.advertise_host or (socket.gethostname() if s.host == "0.0.0.0" else s.host)
@@ -114,7 +115,6 @@ class Agent:
         cmd = self.engine.command(port)
         logger.info("starting %s engine: %s", self.engine.name, " ".join(cmd))
         self._proc = procs.spawn_tree(cmd, env=self.engine.environment())
-        return True
 
     async def _wait_ready(self) -> bool:
         started = last_progress = time.monotonic()
