@@ -130,6 +130,40 @@ def test_errors_have_the_right_status_and_openai_body(cluster: LocalCluster) -> 
     assert missing.json()["error"]["code"] == "missing_required_parameter"
 
 
+def _engine_metric(base_url: str, name: str, label: str = "") -> float:
+    text = httpx.get(base_url.removesuffix("/v1") + "/metrics", timeout=5).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") and label in line
+    )
+
+
+def test_client_disconnect_aborts_the_generation_in_the_engine(cluster: LocalCluster) -> None:
+    workers = {w.worker_id: w.base_url for w in cluster.table().workers if MODEL in w.model_names}
+    generated = "vllm:generation_tokens_total"
+    before = {wid: _engine_metric(url, generated) for wid, url in workers.items()}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "write a long story"}],
+        "max_tokens": 1500,
+        "stream": True,
+        "ignore_eos": True,  # vLLM's sampling option: without a disconnect, all 1500 come
+    }
+    with httpx.stream("POST", f"{cluster.gateway_url}/v1/chat/completions", json=body) as response:
+        worker = response.headers["x-fleetserve-worker"]
+        chunks = response.iter_bytes()
+        for _ in range(3):
+            assert next(chunks)
+    # The client hung up after a few tokens: the engine must stop generating. (vLLM does not
+    # count such aborts in request_success_total; the tokens it generated tell.)
+    url = workers[worker]
+    wait_until(
+        lambda: _engine_metric(url, "vllm:num_requests_running") == 0, 30, "the request to end"
+    )
+    assert _engine_metric(url, generated) - before[worker] < 500
+
+
 def test_controller_restart_fails_no_request(cluster: LocalCluster) -> None:
     before = cluster.worker_ids(MODEL) | cluster.worker_ids(FAKE)
     with Load(cluster.gateway_url, MODEL, concurrency=4) as load:
