@@ -51,6 +51,42 @@ class ControllerSettings(Strict):
         return self
 
 
+class ApiKey(Strict):
+    """One API key. Only its SHA-256 is kept; `fleetserve key new` makes a key and its entry."""
+
+    name: str = Field(min_length=1, max_length=100, description="Who holds the key (for logs).")
+    key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key, hex.")
+    models: list[str] | None = Field(None, description="Models it may use; none: every model.")
+    rpm: int | None = Field(None, ge=1, description="Requests per minute; none: no limit.")
+
+
+class KeysFile(Strict):
+    keys: list[ApiKey] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> KeysFile:
+        seen: set[str] = set()
+        for key in self.keys:
+            if key.name in seen:
+                raise ValueError(f"key name {key.name!r} is used twice")
+            seen.add(key.name)
+        return self
+
+
+def load_keys_file(path: Path) -> list[ApiKey]:
+    """Read a keys file (``keys: [{name, key_sha256, models, rpm}]``); ConfigError if invalid."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    try:
+        return KeysFile.model_validate(data).keys
+    except ValidationError as exc:
+        raise ConfigError(f"{path} is invalid:\n{describe_validation_error(exc)}") from None
+
+
 class GatewaySettings(Strict):
     host: str = Field(constants.DEFAULT_HOST, description="Address to listen on.")
     port: int = Field(constants.DEFAULT_GATEWAY_PORT, ge=0, le=65535, description="Port.")
@@ -64,6 +100,20 @@ class GatewaySettings(Strict):
         1, ge=1, description="Gateway processes sharing the port, each watching the controller."
     )
     access_log: bool = Field(False, description="Log one JSON line per request.")
+    keys_file: str | None = Field(
+        None,
+        description="YAML file of API keys, re-read when it changes and on SIGHUP. "
+        "With no keys at all the gateway is open to anyone who reaches it.",
+    )
+    keys: list[ApiKey] = Field(
+        default_factory=list, description="API keys written in the cluster file."
+    )
+
+    @model_validator(mode="after")
+    def _one_source_of_keys(self) -> GatewaySettings:
+        if self.keys and self.keys_file:
+            raise ValueError("give API keys either inline (keys) or in a keys_file, not both")
+        return self
 
 
 class WorkerSettings(Strict):

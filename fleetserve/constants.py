@@ -44,3 +44,7 @@ STOP_GRACE_S = 15.0
 # the agent waits longer than that for the reaper, so the reaper always gets to clean up.
 ENGINE_STOP_GRACE_S = 15.0
 REAPER_STOP_GRACE_S = ENGINE_STOP_GRACE_S + 10.0
+
+# How often a gateway looks at its keys file's modification time: a revoked key
+# stops working within this long, without a restart (SIGHUP: at once).
+KEYS_FILE_POLL_S = 2.0

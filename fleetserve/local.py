@@ -14,11 +14,12 @@ from pathlib import Path
 from types import FrameType
 
 import httpx
+import yaml
 from rich.console import Console
 from rich.table import Table
 
 from fleetserve import constants, procs
-from fleetserve.config import ClusterConfig, ModelSpec
+from fleetserve.config import ClusterConfig, GatewaySettings, KeysFile, ModelSpec
 from fleetserve.demo_model import default_cache_dir, ensure_demo_model
 from fleetserve.protocol import RouteTable
 from workers.engines import vllm_is_cpu_build
@@ -87,6 +88,24 @@ def _replica_environments(
             if bind is not None:
                 envs[k]["VLLM_CPU_OMP_THREADS_BIND"] = bind
     return list(zip(replicas, envs, strict=True))
+
+
+def _gateway_command(g: GatewaySettings, controller_url: str, log_dir: Path) -> list[str]:
+    cmd = _cli(
+        "gateway", "--host", g.host, "--port", str(g.port), "--controller-url", controller_url
+    )
+    cmd += ["--max-body-bytes", str(g.max_body_bytes), "--processes", str(g.processes)]
+    if g.access_log:
+        cmd.append("--access-log")
+    keys_file = g.keys_file
+    if g.keys:  # keys written in the cluster file reach the gateway as a keys file
+        keys_path = log_dir / "keys.yaml"
+        keys_path.write_text(yaml.safe_dump(KeysFile(keys=g.keys).model_dump(mode="json")))
+        keys_path.chmod(0o600)
+        keys_file = str(keys_path)
+    if keys_file:
+        cmd += ["--keys-file", keys_file]
+    return cmd
 
 
 def _wait_healthy(component: _Component, url: str, console: Console) -> None:
@@ -208,21 +227,7 @@ def run_local_cluster(cluster: ClusterConfig, log_dir: Path | None = None) -> in
         )
         components.append(controller)
         _wait_healthy(controller, f"{controller_url}/health", console)
-        gateway = _Component(
-            "gateway",
-            _cli(
-                "gateway",
-                "--host",
-                g.host,
-                "--port",
-                str(g.port),
-                "--controller-url",
-                controller_url,
-                "--max-body-bytes",
-                str(g.max_body_bytes),
-            ),
-            log_dir,
-        )
+        gateway = _Component("gateway", _gateway_command(g, controller_url, log_dir), log_dir)
         components.append(gateway)
         _wait_healthy(gateway, f"http://{g.host}:{g.port}/health", console)
         for (spec, replica), env in _replica_environments(cluster):

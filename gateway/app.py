@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -24,8 +26,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.responses import JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
+from fleetserve import constants
 from fleetserve.config import GatewaySettings
 from fleetserve.errors import OpenAIError, error_response, install_error_handlers
+from gateway.auth import KeyStore
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
 from gateway.routing import RoutingPolicy
@@ -89,12 +93,28 @@ def parse_request(body: bytes, required: str) -> tuple[str, bool]:
     return model, payload.get("stream") is True
 
 
+def _authorization(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            return str(value.decode("latin-1"))
+    return None
+
+
 class Gateway:
     """ASGI entry point: the hot OpenAI routes, then the FastAPI app for the rest."""
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.metrics = GatewayMetrics()
+        self.keys = KeyStore(
+            settings.keys, Path(settings.keys_file) if settings.keys_file else None
+        )
+        if not self.keys.enabled:
+            logger.warning(
+                "NO API KEYS CONFIGURED: the gateway is open to anyone who can reach port %d "
+                "(give it keys with --keys-file or gateway.keys in the cluster file)",
+                settings.port,
+            )
         self.api = _build_api(self)
         self.proxy: Proxy | None = None
         self.watcher: RouteTableWatcher | None = None
@@ -120,10 +140,14 @@ class Gateway:
         started = time.perf_counter()
         model = "-"
         try:
+            key = self.keys.authenticate(_authorization(scope)) if self.keys.enabled else None
             body = await read_body(scope, receive, self.settings.max_body_bytes)
             model, stream = parse_request(body, required)
+            limits = self.keys.admit(key, model) if key is not None else {}
             assert self.proxy is not None, "the lifespan did not run"
             response = await self.proxy.forward(scope["path"], body, model, stream)
+            for name, value in limits.items():
+                response.headers[name] = value
         except OpenAIError as exc:
             response = error_response(exc)
         except Exception:
@@ -157,10 +181,22 @@ class Gateway:
             self.watcher = RouteTableWatcher(self.settings.controller_url, session)
             upstreams = UpstreamPool()
             self.proxy = Proxy(self.watcher, upstreams, self.policy_for, self.metrics)
-            task = asyncio.create_task(self.watcher.run())
+            tasks = [
+                asyncio.create_task(self.watcher.run()),
+                asyncio.create_task(self._watch_keys_file()),
+            ]
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                # the main thread's loop only; with --processes, uvicorn restarts workers on SIGHUP
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.keys.reload)
             yield
-            task.cancel()
+            for task in tasks:
+                task.cancel()
             upstreams.close()
+
+    async def _watch_keys_file(self) -> None:
+        while True:
+            await asyncio.sleep(constants.KEYS_FILE_POLL_S)
+            self.keys.reload_if_changed()
 
 
 def _build_api(gateway: Gateway) -> FastAPI:

@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from fleetserve.protocol import Registration
+from gateway.auth import hash_key
 from tests.conftest import module_log_dir
 from tests.helpers import Load, LocalCluster, alive, descendants, free_port, wait_until
 
@@ -241,3 +242,82 @@ def test_gateway_with_several_processes_serves_on_one_port(cluster: LocalCluster
             assert reply.choices[0].message.content == " tok0 tok1"
     finally:
         gateway.stop()
+
+
+def test_api_keys_refuse_limit_and_revoke_without_restart(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    keys_file = tmp_path / "keys.yaml"
+
+    def write_keys(*entries: str) -> None:
+        keys_file.write_text("keys:\n" + "".join(entries))
+
+    team = f"- {{name: team, key_sha256: {hash_key('sk-team')}, models: [echo], rpm: 3}}\n"
+    other = f"- {{name: other, key_sha256: {hash_key('sk-other')}}}\n"
+    write_keys(team, other)
+    port = free_port()
+    gateway = cluster._start(
+        "gateway-keys",
+        [
+            "gateway",
+            "--port",
+            str(port),
+            "--controller-url",
+            cluster.controller_url,
+            "--keys-file",
+            str(keys_file),
+        ],
+    )
+    try:
+        gateway.wait_http(f"http://127.0.0.1:{port}/health")
+        url = f"http://127.0.0.1:{port}/v1"
+        wait_until(lambda: "echo" in httpx.get(f"{url}/models").text, 30, "the gateway to route")
+
+        def client(key: str) -> openai.OpenAI:
+            return openai.OpenAI(base_url=url, api_key=key, max_retries=0)
+
+        def chat(key: str, model: str = "echo") -> object:
+            return client(key).chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=1
+            )
+
+        assert chat("sk-other")
+        with pytest.raises(openai.AuthenticationError):
+            chat("sk-wrong")
+        with pytest.raises(openai.PermissionDeniedError):
+            chat("sk-team", model="other")  # the key allows echo only
+        for _ in range(3):  # 3 per minute (the 403 above used none of them)
+            chat("sk-team")
+        with pytest.raises(openai.RateLimitError) as limited:
+            chat("sk-team")
+        assert int(limited.value.response.headers["retry-after"]) >= 1
+        assert limited.value.response.headers["x-ratelimit-limit-requests"] == "3"
+
+        write_keys(team)  # revoke "other", no restart
+        wait_until(
+            lambda: (
+                httpx.post(
+                    f"{url}/chat/completions",
+                    headers={"authorization": "Bearer sk-other"},
+                    json={"model": "echo", "messages": []},
+                ).status_code
+                == 401
+            ),
+            10,
+            "the revoked key to be refused",
+        )
+        write_keys(team, other)
+        gateway.proc.send_signal(signal.SIGHUP)  # reload at once
+        wait_until(lambda: _ok(lambda: chat("sk-other")), 5, "the key to work again after SIGHUP")
+    finally:
+        gateway.stop()
+    assert "NO API KEYS" not in gateway.log()
+    assert "NO API KEYS CONFIGURED" in cluster.gateway.log()  # the open gateway says so
+
+
+def _ok(call: object) -> bool:
+    try:
+        call()  # type: ignore[operator]
+    except openai.APIError:
+        return False
+    return True

@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from fleetserve import procs
+from gateway.auth import hash_key
 from tests.helpers import alive, descendants, free_port, wait_until
 
 
@@ -25,7 +26,12 @@ def _up(args: list[str], env: dict[str, str], out: Path) -> subprocess.Popen[byt
 
 
 def _run_until_ready_then_interrupt(
-    args: list[str], env: dict[str, str], log_dir: Path, model: str, timeout_s: float
+    args: list[str],
+    env: dict[str, str],
+    log_dir: Path,
+    model: str,
+    timeout_s: float,
+    api_key: str = "x",
 ) -> str:
     port = free_port()
     out = log_dir / "up.out"
@@ -50,11 +56,19 @@ def _run_until_ready_then_interrupt(
         )
         assert up.poll() is None, out.read_text()
         tree = descendants(up.pid)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key=api_key, max_retries=0
+        )
         reply = client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=8
         )
         assert reply.choices[0].message.content
+        if api_key != "x":  # the cluster file's keys are in force
+            wrong = openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0)
+            with pytest.raises(openai.AuthenticationError):
+                wrong.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": "hi"}]
+                )
         chunks = list(
             client.chat.completions.create(
                 model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True
@@ -74,11 +88,14 @@ def _run_until_ready_then_interrupt(
 def test_up_with_a_cluster_file(fleet_env: dict[str, str], log_dir: Path) -> None:
     cluster = log_dir / "cluster.yaml"
     cluster.write_text(
+        f"gateway: {{keys: [{{name: me, key_sha256: {hash_key('sk-me')}}}]}}\n"
         "models:\n"
         "  - {name: echo, aliases: [e], engine: fake, replicas: 2}\n"
         "  - {name: other, engine: fake}\n"
     )
-    text = _run_until_ready_then_interrupt(["-f", str(cluster)], fleet_env, log_dir, "e", 60)
+    text = _run_until_ready_then_interrupt(
+        ["-f", str(cluster)], fleet_env, log_dir, "e", 60, api_key="sk-me"
+    )
     assert text.count("ready echo") == 2 and "ready other" in text
 
 
