@@ -136,6 +136,14 @@ class WorkerSettings(Strict):
     engine_args: list[str] = Field(
         default_factory=list, description="Extra engine flags (after `--` on the command line)."
     )
+    routing_policy: str = Field(
+        "least_load", description="How gateways pick among this model's workers."
+    )
+
+    @field_validator("routing_policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        return check_policy_name(value)
 
     @field_validator("engine")
     @classmethod
@@ -155,6 +163,15 @@ def check_engine_name(value: str) -> str:
     return value
 
 
+def check_policy_name(value: str) -> str:
+    from gateway.routing import RoutingPolicy  # the registry is filled where policies are defined
+
+    if value not in RoutingPolicy.registry:
+        choices = sorted(RoutingPolicy.registry)
+        raise ValueError(f"unknown routing policy {value!r}; choose one of {choices}")
+    return value
+
+
 class ModelSpec(Strict):
     """One model of the cluster file and how to serve it."""
 
@@ -165,11 +182,17 @@ class ModelSpec(Strict):
     tensor_parallel_size: int = Field(1, ge=1)
     replicas: int = Field(1, ge=1)
     engine_args: dict[str, EngineArgValue] = Field(default_factory=dict)
+    routing_policy: str = "least_load"
 
     @field_validator("engine")
     @classmethod
     def _known_engine(cls, value: str) -> str:
         return check_engine_name(value)
+
+    @field_validator("routing_policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        return check_policy_name(value)
 
     def engine_flags(self) -> list[str]:
         """``{max_num_seqs: 8, enforce_eager: true}`` -> ``--max-num-seqs 8 --enforce-eager``."""

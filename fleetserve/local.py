@@ -67,6 +67,7 @@ def _worker_command(spec: ModelSpec, controller_url: str) -> list[str]:
         controller_url,
     )
     cmd += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
+    cmd += ["--routing-policy", spec.routing_policy]
     for alias in spec.aliases:
         cmd += ["--alias", alias]
     if spec.source:

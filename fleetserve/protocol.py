@@ -34,6 +34,9 @@ class Registration(Internal):
     engine: str
     tensor_parallel_size: int = Field(1, ge=1)
     capacity: int = Field(ge=1, description="Requests the engine runs at once.")
+    routing_policy: str = Field(
+        "least_load", description="How gateways pick among the model's workers."
+    )
     state: WorkerState = WorkerState.READY
     load: WorkerLoad = Field(default_factory=WorkerLoad)
 

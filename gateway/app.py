@@ -65,7 +65,7 @@ async def read_body(scope: Scope, receive: Receive, max_bytes: int) -> bytes:
             return body
 
 
-def parse_request(body: bytes, required: str) -> tuple[str, bool]:
+def parse_request(body: bytes, required: str) -> tuple[str, bool, dict[str, Any]]:
     """Read only what routing needs: the model name and whether to stream."""
     try:
         payload: Any = orjson.loads(body)
@@ -90,12 +90,12 @@ def parse_request(body: bytes, required: str) -> tuple[str, bool]:
             code="missing_required_parameter",
             param=required,
         )
-    return model, payload.get("stream") is True
+    return model, payload.get("stream") is True, payload
 
 
-def _authorization(scope: Scope) -> str | None:
+def _header(scope: Scope, wanted: bytes) -> str | None:
     for name, value in scope["headers"]:
-        if name == b"authorization":
+        if name == wanted:
             return str(value.decode("latin-1"))
     return None
 
@@ -118,13 +118,20 @@ class Gateway:
         self.api = _build_api(self)
         self.proxy: Proxy | None = None
         self.watcher: RouteTableWatcher | None = None
-        self._policies: dict[str, RoutingPolicy] = {}
+        self._policies: dict[tuple[str, str], RoutingPolicy] = {}
 
     def policy_for(self, model: str) -> RoutingPolicy:
-        policy = self._policies.get(model)
+        """The policy the model's workers registered with (from the cluster file)."""
+        assert self.watcher is not None
+        workers = self.watcher.ready_by_model.get(model)
+        name = workers[0].routing_policy if workers else RoutingPolicy.default_name
+        policy = self._policies.get((model, name))
         if policy is None:
-            default = RoutingPolicy.registry[RoutingPolicy.default_name]
-            policy = self._policies[model] = default()
+            cls = RoutingPolicy.registry.get(name)
+            if cls is None:
+                logger.warning("unknown routing policy %r for %s: using least_load", name, model)
+                cls = RoutingPolicy.registry[RoutingPolicy.default_name]
+            policy = self._policies[(model, name)] = cls()
         return policy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -140,12 +147,24 @@ class Gateway:
         started = time.perf_counter()
         model = "-"
         try:
-            key = self.keys.authenticate(_authorization(scope)) if self.keys.enabled else None
+            key = (
+                self.keys.authenticate(_header(scope, b"authorization"))
+                if self.keys.enabled
+                else None
+            )
             body = await read_body(scope, receive, self.settings.max_body_bytes)
-            model, stream = parse_request(body, required)
+            model, stream, payload = parse_request(body, required)
             limits = self.keys.admit(key, model) if key is not None else {}
             assert self.proxy is not None, "the lifespan did not run"
-            response = await self.proxy.forward(scope["path"], body, model, stream)
+            session = _header(scope, b"x-session-id") or payload.get("user")
+            response = await self.proxy.forward(
+                scope["path"],
+                body,
+                model,
+                stream,
+                payload,
+                session if isinstance(session, str) else None,
+            )
             for name, value in limits.items():
                 response.headers[name] = value
         except OpenAIError as exc:

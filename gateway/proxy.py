@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
@@ -114,7 +115,7 @@ class Proxy:
         self._upstreams = upstreams
         self._policy_for = policy_for
         self._metrics = metrics
-        self._ctx = RoutingContext(in_flight=defaultdict(int))
+        self._in_flight: dict[str, int] = defaultdict(int)
         self._targets: dict[str, tuple[str, int, str]] = {}  # base_url -> (host, port, path prefix)
 
     def _target(self, base_url: str) -> tuple[str, int, str]:
@@ -130,11 +131,19 @@ class Proxy:
         return target
 
     def _release(self, worker_id: str) -> None:
-        self._ctx.in_flight[worker_id] -= 1
+        self._in_flight[worker_id] -= 1
         self._metrics.in_flight.dec()
 
-    async def forward(self, path: str, body: bytes, model: str, stream: bool) -> Response:
-        """Send ``body`` to a worker of ``model``; ``path`` is e.g. /v1/completions."""
+    async def forward(
+        self,
+        path: str,
+        body: bytes,
+        model: str,
+        stream: bool,
+        payload: dict[str, Any],
+        session: str | None,
+    ) -> Response:
+        """Send ``body`` (parsed: ``payload``) to a worker of ``model``; ``path``: /v1/...."""
         candidates = self._watcher.candidates(model)
         if candidates is None:
             if self._watcher.table is None:
@@ -147,13 +156,14 @@ class Proxy:
                 404, f"The model `{model}` does not exist.", code="model_not_found", param="model"
             )
         suffix = path.removeprefix("/v1")
+        ctx = RoutingContext(in_flight=self._in_flight, payload=payload, session=session)
         tried: set[str] = set()
         last_error = ""
         for _ in range(constants.MAX_ATTEMPTS):
             pool = [worker for worker in candidates if worker.worker_id not in tried]
             if not pool:
                 break
-            worker = self._policy_for(model).pick(pool, self._ctx)
+            worker = self._policy_for(model).pick(pool, ctx)
             tried.add(worker.worker_id)
             try:
                 return await self._attempt(worker, suffix, body, stream)
@@ -179,7 +189,7 @@ class Proxy:
     async def _attempt(
         self, worker: WorkerView, suffix: str, body: bytes, stream: bool
     ) -> Response:
-        self._ctx.in_flight[worker.worker_id] += 1
+        self._in_flight[worker.worker_id] += 1
         self._metrics.in_flight.inc()
         handed_off = False
         upstream: UpstreamResponse | None = None

@@ -6,22 +6,64 @@ Every policy has one signature, ``pick(candidates, ctx) -> worker``, with
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from fleetserve.protocol import WorkerView
+
+PREFIX_CHARS = 256  # about a system prompt's worth of leading text decides prefix affinity
 
 
 @dataclass
 class RoutingContext:
-    """What a policy may look at besides the candidates."""
+    """What a policy may look at besides the candidates, for one request."""
 
-    in_flight: dict[str, int] = field(
-        default_factory=dict
-    )  # worker_id -> requests from this gateway
+    #: worker_id -> requests in flight from this gateway (shared by all requests)
+    in_flight: dict[str, int] = field(default_factory=dict)
+    #: the request body, parsed
+    payload: dict[str, Any] = field(default_factory=dict)
+    #: who is talking: the x-session-id header or the request's `user` field
+    session: str | None = None
+
+    @functools.cached_property
+    def prefix(self) -> str:
+        """The prompt's first PREFIX_CHARS characters (messages in order), computed on demand."""
+        prompt = self.payload.get("prompt")
+        if prompt is not None:
+            text = prompt if isinstance(prompt, str) else str(prompt[:1])
+            return text[:PREFIX_CHARS]
+        parts: list[str] = []
+        size = 0
+        for message in self.payload.get("messages") or []:
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            if isinstance(content, str):
+                parts.append(content)
+                size += len(content)
+            if size >= PREFIX_CHARS:
+                break
+        return "\x1e".join(parts)[:PREFIX_CHARS]
+
+
+def load(worker: WorkerView, ctx: RoutingContext) -> float:
+    """Requests in flight from this gateway plus queued in the engine, per unit of capacity."""
+    return (ctx.in_flight.get(worker.worker_id, 0) + worker.load.waiting) / worker.capacity
+
+
+def rendezvous_order(key: str, candidates: Sequence[WorkerView]) -> list[WorkerView]:
+    """Candidates by highest-random-weight hashing of ``key``: stable as workers come and go."""
+
+    def weight(worker: WorkerView) -> bytes:
+        return hashlib.blake2b(f"{key}|{worker.worker_id}".encode(), digest_size=8).digest()
+
+    return sorted(candidates, key=weight, reverse=True)
 
 
 class RoutingPolicy:
@@ -50,11 +92,8 @@ class LeastLoadPolicy(RoutingPolicy, name="least_load", default=True):
         self._rng = rng or random.Random()
 
     def pick(self, candidates: Sequence[WorkerView], ctx: RoutingContext) -> WorkerView:
-        def load(worker: WorkerView) -> float:
-            return (ctx.in_flight.get(worker.worker_id, 0) + worker.load.waiting) / worker.capacity
-
-        lowest = min(load(worker) for worker in candidates)
-        return self._rng.choice([worker for worker in candidates if load(worker) == lowest])
+        lowest = min(load(worker, ctx) for worker in candidates)
+        return self._rng.choice([w for w in candidates if load(w, ctx) == lowest])
 
 
 class RoundRobinPolicy(RoutingPolicy, name="round_robin"):
@@ -66,3 +105,55 @@ class RoundRobinPolicy(RoutingPolicy, name="round_robin"):
     def pick(self, candidates: Sequence[WorkerView], ctx: RoutingContext) -> WorkerView:
         ordered = sorted(candidates, key=lambda worker: worker.worker_id)
         return ordered[next(self._counter) % len(ordered)]
+
+
+class PowerOfTwoPolicy(RoutingPolicy, name="power_of_two"):
+    """The less loaded of two workers drawn at random: near least-load, without a full scan."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
+
+    def pick(self, candidates: Sequence[WorkerView], ctx: RoutingContext) -> WorkerView:
+        if len(candidates) == 1:
+            return candidates[0]
+        a, b = self._rng.sample(list(candidates), 2)
+        return a if load(a, ctx) <= load(b, ctx) else b
+
+
+class PrefixAffinityPolicy(RoutingPolicy, name="prefix_affinity"):
+    """Requests sharing a prompt prefix go to the same worker, so its prefix cache hits.
+
+    Consistent hashing with bounded loads: the prefix ranks the workers, and the
+    request goes to the first one whose in-flight requests stay within
+    ``(1 + slack)`` times the average, but never below ``min_bound`` (an engine
+    batches several requests at no cost, and a prefix should stay home while
+    the cluster is quiet): one hot prefix spills to the next worker in its
+    ranking instead of swamping its favourite.
+    """
+
+    slack = 0.25
+    min_bound = 4
+
+    def pick(self, candidates: Sequence[WorkerView], ctx: RoutingContext) -> WorkerView:
+        total = sum(ctx.in_flight.get(w.worker_id, 0) for w in candidates) + 1
+        bound = max(math.ceil((1 + self.slack) * total / len(candidates)), self.min_bound)
+        ranked = rendezvous_order(ctx.prefix, candidates)
+        for worker in ranked:
+            if ctx.in_flight.get(worker.worker_id, 0) + 1 <= bound:
+                return worker
+        return ranked[0]
+
+
+class SessionPolicy(RoutingPolicy, name="session"):
+    """The same session (x-session-id header or `user` field) always meets the same worker.
+
+    Requests without a session are routed by least load.
+    """
+
+    def __init__(self) -> None:
+        self._fallback = LeastLoadPolicy()
+
+    def pick(self, candidates: Sequence[WorkerView], ctx: RoutingContext) -> WorkerView:
+        if ctx.session is None:
+            return self._fallback.pick(candidates, ctx)
+        return rendezvous_order(ctx.session, candidates)[0]

@@ -321,3 +321,20 @@ def _ok(call: object) -> bool:
     except openai.APIError:
         return False
     return True
+
+
+def test_routing_policy_is_chosen_per_model(cluster: LocalCluster) -> None:
+    """Workers of `sticky` registered with the session policy: a user keeps to one worker."""
+    for _ in range(2):
+        cluster.add_worker("sticky", "fake", "--routing-policy", "session")
+    ids = cluster.wait_workers("sticky", 2, timeout_s=30)
+    client = cluster.client()
+    homes: dict[str, set[str]] = {}
+    for i in range(40):
+        user = f"user-{i % 8}"
+        raw = client.chat.completions.with_raw_response.create(
+            model="sticky", messages=[{"role": "user", "content": "hi"}], max_tokens=1, user=user
+        )
+        homes.setdefault(user, set()).add(raw.headers["x-fleetserve-worker"])
+    assert all(len(workers) == 1 for workers in homes.values()), homes
+    assert set().union(*homes.values()) == ids  # 8 users spread over both workers

@@ -165,6 +165,7 @@ class Agent:
             engine=self.engine.name,
             tensor_parallel_size=s.tensor_parallel_size,
             capacity=self.engine.capacity(),
+            routing_policy=s.routing_policy,
             state=state,
             load=load,
         )

@@ -6,7 +6,15 @@ import random
 from collections import Counter
 
 from fleetserve.protocol import WorkerLoad, WorkerView
-from gateway.routing import LeastLoadPolicy, RoundRobinPolicy, RoutingContext, RoutingPolicy
+from gateway.routing import (
+    LeastLoadPolicy,
+    PowerOfTwoPolicy,
+    PrefixAffinityPolicy,
+    RoundRobinPolicy,
+    RoutingContext,
+    RoutingPolicy,
+    SessionPolicy,
+)
 
 
 def _view(worker_id: str, waiting: int = 0, capacity: int = 8) -> WorkerView:
@@ -22,7 +30,13 @@ def _view(worker_id: str, waiting: int = 0, capacity: int = 8) -> WorkerView:
 
 
 def test_policies_register_by_name_with_one_default() -> None:
-    assert {"least_load", "round_robin"} <= set(RoutingPolicy.registry)
+    assert set(RoutingPolicy.registry) == {
+        "least_load",
+        "round_robin",
+        "power_of_two",
+        "prefix_affinity",
+        "session",
+    }
     assert RoutingPolicy.default_name == "least_load"
 
 
@@ -52,3 +66,56 @@ def test_round_robin_takes_turns() -> None:
         "a",
         "b",
     ]
+
+
+def test_power_of_two_takes_the_less_loaded_of_two() -> None:
+    policy = PowerOfTwoPolicy(random.Random(2))
+    a, b = _view("a"), _view("b")
+    ctx = RoutingContext(in_flight={"a": 5})
+    assert all(policy.pick([a, b], ctx) is b for _ in range(20))  # with two, both are drawn
+    assert policy.pick([a], ctx) is a
+
+
+def _chat(system: str, user: str = "hi") -> dict[str, object]:
+    return {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}
+
+
+def test_prefix_affinity_keeps_a_prefix_on_one_worker_and_spreads_prefixes() -> None:
+    policy = PrefixAffinityPolicy()
+    workers = [_view(name) for name in "abcd"]
+    homes = {}
+    for i in range(40):
+        system = f"You are assistant number {i}. " * 20
+        picks = {
+            policy.pick(workers, RoutingContext(payload=_chat(system, f"q{j}"))).worker_id
+            for j in range(5)
+        }
+        assert len(picks) == 1  # same prefix, different questions: one worker
+        homes[i] = picks.pop()
+    assert len(set(homes.values())) == 4  # 40 prefixes use every worker
+    completion = RoutingContext(payload={"prompt": "You are assistant number 1. " * 20})
+    assert completion.prefix.startswith("You are assistant number 1.")
+
+
+def test_a_hot_prefix_spills_once_its_worker_is_loaded() -> None:
+    policy = PrefixAffinityPolicy()
+    workers = [_view(name) for name in "abcd"]
+    payload = _chat("the same long system prompt " * 20)
+    home = policy.pick(workers, RoutingContext(payload=payload)).worker_id
+    in_flight = {home: 4}  # bound: max(ceil(1.25 * 5 / 4), 4) = 4, and this would be the 5th
+    spilled = policy.pick(workers, RoutingContext(in_flight=in_flight, payload=payload))
+    assert spilled.worker_id != home
+    assert (
+        policy.pick(workers, RoutingContext(in_flight={home: 3}, payload=payload)).worker_id == home
+    )
+
+
+def test_session_affinity_by_session_and_least_load_without() -> None:
+    policy = SessionPolicy()
+    workers = [_view(name) for name in "abc"]
+    for user in ("alice", "bob", "carol"):
+        first = policy.pick(workers, RoutingContext(session=user))
+        loaded = {first.worker_id: 10}
+        assert policy.pick(workers, RoutingContext(in_flight=loaded, session=user)) is first
+    ctx = RoutingContext(in_flight={"a": 1, "b": 1})
+    assert policy.pick(workers, ctx).worker_id == "c"
