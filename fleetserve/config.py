@@ -100,6 +100,15 @@ class GatewaySettings(Strict):
         1, ge=1, description="Gateway processes sharing the port, each watching the controller."
     )
     access_log: bool = Field(False, description="Log one JSON line per request.")
+    max_tokens_limit: int | None = Field(
+        None, ge=1, description="Refuse requests asking for more output tokens (400)."
+    )
+    request_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="Give up (504) when a worker has not answered (streams: sent a first "
+        "byte) within this long; the generation is aborted.",
+    )
     keys_file: str | None = Field(
         None,
         description="YAML file of API keys, re-read when it changes and on SIGHUP. "

@@ -98,6 +98,10 @@ def _gateway_command(g: GatewaySettings, controller_url: str, log_dir: Path) -> 
     cmd += ["--max-body-bytes", str(g.max_body_bytes), "--processes", str(g.processes)]
     if g.access_log:
         cmd.append("--access-log")
+    if g.max_tokens_limit is not None:
+        cmd += ["--max-tokens-limit", str(g.max_tokens_limit)]
+    if g.request_timeout_s is not None:
+        cmd += ["--request-timeout-s", str(g.request_timeout_s)]
     keys_file = g.keys_file
     if g.keys:  # keys written in the cluster file reach the gateway as a keys file
         keys_path = log_dir / "keys.yaml"

@@ -65,6 +65,24 @@ async def read_body(scope: Scope, receive: Receive, max_bytes: int) -> bytes:
             return body
 
 
+def check_max_tokens(payload: dict[str, Any], limit: int | None) -> None:
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = payload.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise OpenAIError(
+                400, f"'{field}' must be a positive integer", code="invalid_value", param=field
+            )
+        if limit is not None and value > limit:
+            raise OpenAIError(
+                400,
+                f"'{field}' is {value}; this gateway allows at most {limit}",
+                code="max_tokens_too_large",
+                param=field,
+            )
+
+
 def parse_request(body: bytes, required: str) -> tuple[str, bool, dict[str, Any]]:
     """Read only what routing needs: the model name and whether to stream."""
     try:
@@ -154,21 +172,27 @@ class Gateway:
             )
             body = await read_body(scope, receive, self.settings.max_body_bytes)
             model, stream, payload = parse_request(body, required)
+            check_max_tokens(payload, self.settings.max_tokens_limit)
             limits = self.keys.admit(key, model) if key is not None else {}
             assert self.proxy is not None, "the lifespan did not run"
             session = _header(scope, b"x-session-id") or payload.get("user")
-            response = await self.proxy.forward(
-                scope["path"],
-                body,
-                model,
-                stream,
-                payload,
-                session if isinstance(session, str) else None,
-            )
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                response = await self.proxy.forward(
+                    scope["path"],
+                    body,
+                    model,
+                    stream,
+                    payload,
+                    session if isinstance(session, str) else None,
+                )
             for name, value in limits.items():
                 response.headers[name] = value
         except OpenAIError as exc:
             response = error_response(exc)
+        except TimeoutError:
+            timeout_s = self.settings.request_timeout_s
+            message = f"no answer from a worker of `{model}` within {timeout_s}s"
+            response = error_response(OpenAIError(504, message, code="timeout"))
         except Exception:
             logger.exception("unexpected error on %s", scope["path"])
             response = error_response(OpenAIError(500, "internal error", code="internal_error"))

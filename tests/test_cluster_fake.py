@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -338,3 +339,34 @@ def test_routing_policy_is_chosen_per_model(cluster: LocalCluster) -> None:
         homes.setdefault(user, set()).add(raw.headers["x-fleetserve-worker"])
     assert all(len(workers) == 1 for workers in homes.values()), homes
     assert set().union(*homes.values()) == ids  # 8 users spread over both workers
+
+
+def test_input_limits_and_request_timeout(cluster: LocalCluster) -> None:
+    port = free_port()
+    args = ["gateway", "--port", str(port), "--controller-url", cluster.controller_url]
+    gateway = cluster._start(
+        "gateway-limits", [*args, "--max-tokens-limit", "100", "--request-timeout-s", "0.5"]
+    )
+    try:
+        gateway.wait_http(f"http://127.0.0.1:{port}/health")
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        wait_until(
+            lambda: "echo" in httpx.get(f"http://127.0.0.1:{port}/v1/models").text, 30, "routes"
+        )
+
+        def post(**fields: object) -> httpx.Response:
+            body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}], **fields}
+            return httpx.post(url, json=body, timeout=30)
+
+        too_many = post(max_tokens=101)
+        assert too_many.status_code == 400
+        assert too_many.json()["error"]["code"] == "max_tokens_too_large"
+        assert post(max_completion_tokens="ten").json()["error"]["param"] == "max_completion_tokens"
+        assert post(max_tokens=4).status_code == 200
+        started = time.monotonic()
+        slow = post(max_tokens=60)  # 60 tokens at 50/s: 1.2 s > 0.5 s
+        assert slow.status_code == 504 and slow.json()["error"]["code"] == "timeout"
+        assert time.monotonic() - started < 1.0
+        assert post(max_tokens=60, stream=True).status_code == 200  # first byte in time
+    finally:
+        gateway.stop()
