@@ -174,7 +174,8 @@ class Proxy:
                     worker.worker_id,
                     last_error,
                 )
-                self._watcher.cool_down(worker.worker_id)
+                if exc.worker_down:
+                    self._watcher.cool_down(worker.worker_id)
                 self._metrics.upstream_failures.labels(worker.worker_id).inc()
         if not tried:
             raise OpenAIError(
@@ -197,7 +198,7 @@ class Proxy:
             host, port, prefix = self._target(worker.base_url)
             upstream = await self._upstreams.post(host, port, prefix + suffix, body)
             if upstream.status >= 500:
-                raise UpstreamError(f"HTTP {upstream.status}")
+                raise UpstreamError(f"HTTP {upstream.status}", worker_down=upstream.status != 500)
             if stream and upstream.status == 200:
                 first = await upstream.next_chunk()
                 if not first:

@@ -25,7 +25,16 @@ _HIGH_WATER_BYTES = 1 << 20
 
 
 class UpstreamError(ConnectionError):
-    """The engine failed: refused or lost connection, invalid HTTP, or (from the proxy) a 5xx."""
+    """The engine failed: refused or lost connection, invalid HTTP, or (from the proxy) a 5xx.
+
+    ``worker_down`` False: the engine is up but failed this request (an HTTP 500);
+    try another worker, but do not take this one out of rotation for it, or one
+    poisonous request could cool down a whole model.
+    """
+
+    def __init__(self, message: str, worker_down: bool = True) -> None:
+        super().__init__(message)
+        self.worker_down = worker_down
 
 
 class UpstreamResponse:

@@ -69,7 +69,7 @@ class FakeEngine:
         max_tokens = (
             body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS
         )
-        if not isinstance(max_tokens, int) or max_tokens < 1:
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             return _error(400, "max_tokens must be a positive integer")
         prompt_tokens = max(1, len(orjson.dumps(body.get("messages" if chat else "prompt"))) // 4)
         meta = {
@@ -82,8 +82,11 @@ class FakeEngine:
             "completion_tokens": max_tokens,
             "total_tokens": prompt_tokens + max_tokens,
         }
+        stream_options = body.get("stream_options") or {}
+        if not isinstance(stream_options, dict):
+            return _error(400, "stream_options must be an object")
         if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            include_usage = bool(stream_options.get("include_usage"))
             return StreamingResponse(
                 self._stream(chat, meta, max_tokens, usage if include_usage else None),
                 media_type="text/event-stream",

@@ -1,0 +1,115 @@
+"""Faults under a steady load, with `fake` workers (real processes, real signals).
+
+Bounded in time: each scenario runs a few seconds of load around its faults.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import module_log_dir
+from tests.helpers import Component, Load, LocalCluster, wait_until
+
+SLOW = ("--tokens-per-s", "50")  # 16 tokens: ~0.3 s per request, so faults hit live streams
+
+
+@pytest.fixture(scope="module")
+def cluster(fleet_env: dict[str, str]) -> Iterator[LocalCluster]:
+    local = LocalCluster(module_log_dir("test_chaos"), fleet_env)
+    for _ in range(3):
+        local.add_worker("echo", "fake", engine_args=SLOW)
+    local.wait_workers("echo", 3, timeout_s=60)
+    yield local
+    local.close()
+
+
+def _echo_workers(cluster: LocalCluster) -> list[Component]:
+    return [
+        c for c in cluster.components if c.name.startswith("worker-echo-") and c.proc.poll() is None
+    ]
+
+
+def test_kill_restart_drain_under_load(cluster: LocalCluster) -> None:
+    """SIGKILL a worker, restart the controller, drain another: only streams already
+    running on the killed worker may fail, and each of those ends with an error event."""
+    victim, drained = _echo_workers(cluster)[:2]
+    with Load(cluster.gateway_url, "echo", concurrency=6) as load:
+        load.wait_requests(20)
+        victim.kill_tree()
+        load.wait_requests(20)
+        cluster.controller.kill_tree()
+        cluster.controller = cluster.start_controller()
+        load.wait_requests(20)
+        drained.proc.send_signal(signal.SIGTERM)
+        assert drained.proc.wait(30) == 0
+        load.wait_requests(20)
+    result = load.result
+    assert result.failed_before_first_chunk == []
+    for failure in result.failed_mid_stream:  # a clean error event, not a hung or cut connection
+        assert "failed mid-stream" in failure, failure
+    # put the cluster back to three workers for the next test
+    for _ in range(2):
+        cluster.add_worker("echo", "fake", engine_args=SLOW)
+    cluster.wait_workers("echo", 3, timeout_s=60)
+
+
+def test_rolling_restart_fails_no_request(cluster: LocalCluster) -> None:
+    """Replace every worker of the model, one at a time: start the new one, drain the old."""
+    old = _echo_workers(cluster)
+    with Load(cluster.gateway_url, "echo", concurrency=6) as load:
+        for worker in old:
+            cluster.add_worker("echo", "fake", engine_args=SLOW)
+            cluster.wait_workers("echo", len(old) + 1, timeout_s=60)
+            worker.proc.send_signal(signal.SIGTERM)
+            assert worker.proc.wait(30) == 0
+            wait_until(
+                lambda: len(cluster.worker_ids("echo")) == len(old), 10, "the drained one to go"
+            )
+            load.wait_requests(10)
+    assert load.result.failed_before_first_chunk == [] and load.result.failed_mid_stream == []
+    assert load.result.ok > 10 * len(old)
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=10,
+)
+bodies = st.one_of(
+    st.binary(max_size=200),
+    json_values.map(lambda v: httpx.Request("POST", "/", json=v).content),
+    st.fixed_dictionaries(
+        {"model": st.sampled_from(["echo", "nope", ""]) | json_values},
+        optional={
+            "messages": json_values,
+            "prompt": json_values,
+            "stream": json_values,
+            "max_tokens": st.integers(-5, 50) | json_values,
+            "stream_options": json_values,
+        },
+    ).map(lambda v: httpx.Request("POST", "/", json=v).content),
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(body=bodies, path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
+def test_fuzzed_bodies_never_get_a_500(cluster: LocalCluster, body: bytes, path: str) -> None:
+    response = httpx.post(cluster.gateway_url + path, content=body, timeout=30)
+    assert response.status_code < 500, response.text  # healthy workers: no error is ours
+    if response.status_code >= 400:
+        error = response.json()["error"]
+        assert error["message"] and error["type"]
