@@ -28,9 +28,15 @@ logger = logging.getLogger("fleetserve")
 
 
 def add_settings_arguments(
-    parser: argparse.ArgumentParser, model: type[BaseModel], skip: tuple[str, ...] = ()
+    parser: argparse.ArgumentParser,
+    model: type[BaseModel],
+    skip: tuple[str, ...] = (),
+    choices: dict[str, list[str]] | None = None,
 ) -> None:
-    """One flag per field of a settings model; the field's description is the help text."""
+    """One flag per field of a settings model; the field's description is the help text.
+
+    ``choices`` gives the allowed values of fields that take a registered name.
+    """
     for name, field in model.model_fields.items():
         if name in skip:
             continue
@@ -58,6 +64,8 @@ def add_settings_arguments(
             base = args[0] if isinstance(annotation, types.UnionType) and args else annotation
             options["type"] = base if base in (int, float) else str
             flag = "--" + name.replace("_", "-")
+        if choices and name in choices:
+            options["choices"] = choices[name]
         parser.add_argument(flag, **options)
 
 
@@ -233,7 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run one model replica. Flags after `--` go to the engine, e.g. "
         "`fleetserve worker --served-name m --model /models/m -- --max-num-seqs 64`.",
     )
-    add_settings_arguments(worker, WorkerSettings, skip=("engine_args",))
+    from gateway.routing import RoutingPolicy
+    from workers.engines import Engine
+
+    registered = {
+        "engine": sorted(Engine.registry),
+        "routing_policy": sorted(RoutingPolicy.registry),
+    }
+    add_settings_arguments(worker, WorkerSettings, skip=("engine_args",), choices=registered)
     worker.set_defaults(func=cmd_worker)
     return parser
 

@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from fleetserve import constants
 
@@ -21,6 +28,27 @@ EngineArgValue = str | int | float | bool
 
 class ConfigError(ValueError):
     """A configuration that cannot work; the message says what to change."""
+
+
+def check_engine_name(value: str) -> str:
+    from workers.engines import Engine  # the registry is filled where engines are defined
+
+    if value not in Engine.registry:
+        raise ValueError(f"unknown engine {value!r}; choose one of {sorted(Engine.registry)}")
+    return value
+
+
+def check_policy_name(value: str) -> str:
+    from gateway.routing import RoutingPolicy  # the registry is filled where policies are defined
+
+    if value not in RoutingPolicy.registry:
+        choices = sorted(RoutingPolicy.registry)
+        raise ValueError(f"unknown routing policy {value!r}; choose one of {choices}")
+    return value
+
+
+EngineName = Annotated[str, AfterValidator(check_engine_name)]
+PolicyName = Annotated[str, AfterValidator(check_policy_name)]
 
 
 class Strict(BaseModel):
@@ -126,7 +154,7 @@ class GatewaySettings(Strict):
 
 
 class WorkerSettings(Strict):
-    engine: str = Field("vllm", description="Engine to run the model with.")
+    engine: EngineName = Field("vllm", description="Engine to run the model with.")
     model: str = Field("", description="Model source: a local path or a hub id.")
     served_name: ModelName = Field(description="The model name clients ask for.")
     aliases: list[ModelName] = Field(
@@ -145,40 +173,13 @@ class WorkerSettings(Strict):
     engine_args: list[str] = Field(
         default_factory=list, description="Extra engine flags (after `--` on the command line)."
     )
-    routing_policy: str = Field(
+    routing_policy: PolicyName = Field(
         "least_load", description="How gateways pick among this model's workers."
     )
-
-    @field_validator("routing_policy")
-    @classmethod
-    def _known_policy(cls, value: str) -> str:
-        return check_policy_name(value)
-
-    @field_validator("engine")
-    @classmethod
-    def _known_engine(cls, value: str) -> str:
-        return check_engine_name(value)
 
     @property
     def model_names(self) -> list[str]:
         return [self.served_name, *self.aliases]
-
-
-def check_engine_name(value: str) -> str:
-    from workers.engines import Engine  # the registry is filled where engines are defined
-
-    if value not in Engine.registry:
-        raise ValueError(f"unknown engine {value!r}; choose one of {sorted(Engine.registry)}")
-    return value
-
-
-def check_policy_name(value: str) -> str:
-    from gateway.routing import RoutingPolicy  # the registry is filled where policies are defined
-
-    if value not in RoutingPolicy.registry:
-        choices = sorted(RoutingPolicy.registry)
-        raise ValueError(f"unknown routing policy {value!r}; choose one of {choices}")
-    return value
 
 
 class ModelSpec(Strict):
@@ -186,22 +187,12 @@ class ModelSpec(Strict):
 
     name: ModelName
     aliases: list[ModelName] = Field(default_factory=list)
-    engine: str = "vllm"
+    engine: EngineName = "vllm"
     source: str = Field("", description="Local path or hub id; the demo model if empty (vllm).")
     tensor_parallel_size: int = Field(1, ge=1)
     replicas: int = Field(1, ge=1)
     engine_args: dict[str, EngineArgValue] = Field(default_factory=dict)
-    routing_policy: str = "least_load"
-
-    @field_validator("engine")
-    @classmethod
-    def _known_engine(cls, value: str) -> str:
-        return check_engine_name(value)
-
-    @field_validator("routing_policy")
-    @classmethod
-    def _known_policy(cls, value: str) -> str:
-        return check_policy_name(value)
+    routing_policy: PolicyName = "least_load"
 
     def engine_flags(self) -> list[str]:
         """``{max_num_seqs: 8, enforce_eager: true}`` -> ``--max-num-seqs 8 --enforce-eager``."""

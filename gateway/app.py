@@ -196,7 +196,9 @@ class Gateway:
         except Exception:
             logger.exception("unexpected error on %s", scope["path"])
             response = error_response(OpenAIError(500, "internal error", code="internal_error"))
-        self.metrics.requests.labels(model, str(response.status_code)).inc()
+        # Model names come from clients: only known ones become label values (bounded series).
+        known = self.watcher is not None and model in self.watcher.ready_by_model
+        self.metrics.requests.labels(model if known else "unknown", str(response.status_code)).inc()
         if self.settings.access_log:
             access_logger.info(
                 "%s",
