@@ -171,7 +171,9 @@ def cmd_key_new(args: argparse.Namespace) -> int:
     from gateway.auth import hash_key
 
     key = "sk-fs-" + secrets.token_urlsafe(32)
-    entry = ApiKey(name=args.name, key_sha256=hash_key(key), models=args.models, rpm=args.rpm)
+    entry = ApiKey(
+        name=args.name, key_sha256=hash_key(key), models=args.models, rpm=args.rpm, tpm=args.tpm
+    )
     print(f"API key (shown once, store it now): {key}\n")
     print("Add this entry to the gateway's keys file (or gateway.keys in the cluster file):")
     entries = {"keys": [entry.model_dump(mode="json", exclude_none=True)]}
@@ -233,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", dest="models", action="append", help="A model it may use (repeat; default: all)."
     )
     key_new.add_argument("--rpm", type=int, help="Requests per minute (default: no limit).")
+    key_new.add_argument("--tpm", type=int, help="Tokens per minute (default: no limit).")
     key_new.set_defaults(func=cmd_key_new)
 
     worker = sub.add_parser(

@@ -86,6 +86,9 @@ class ApiKey(Strict):
     key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key, hex.")
     models: list[str] | None = Field(None, description="Models it may use; none: every model.")
     rpm: int | None = Field(None, ge=1, description="Requests per minute; none: no limit.")
+    tpm: int | None = Field(
+        None, ge=1, description="Tokens (prompt + completion) per minute; none: no limit."
+    )
 
 
 class KeysFile(Strict):

@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
 from fleetserve import constants
-from fleetserve.config import GatewaySettings
+from fleetserve.config import ApiKey, GatewaySettings
 from fleetserve.errors import OpenAIError, error_response, install_error_handlers
 from gateway.auth import KeyStore
 from gateway.metrics import GatewayMetrics
@@ -35,6 +35,7 @@ from gateway.proxy import Proxy
 from gateway.routing import RoutingPolicy
 from gateway.table import RouteTableWatcher
 from gateway.upstream import UpstreamPool
+from gateway.usage import UsageMeter
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("fleetserve.access")
@@ -176,6 +177,9 @@ class Gateway:
             limits = self.keys.admit(key, model) if key is not None else {}
             assert self.proxy is not None, "the lifespan did not run"
             session = _header(scope, b"x-session-id") or payload.get("user")
+            meter = None
+            if key is not None and key.tpm is not None:
+                body, meter = self._metered(key, body, payload, stream)
             async with asyncio.timeout(self.settings.request_timeout_s):
                 response = await self.proxy.forward(
                     scope["path"],
@@ -184,6 +188,7 @@ class Gateway:
                     stream,
                     payload,
                     session if isinstance(session, str) else None,
+                    meter,
                 )
             for name, value in limits.items():
                 response.headers[name] = value
@@ -213,6 +218,29 @@ class Gateway:
                 ).decode(),
             )
         return response
+
+    def _metered(
+        self, key: ApiKey, body: bytes, payload: dict[str, Any], stream: bool
+    ) -> tuple[bytes, UsageMeter]:
+        """Count the answer's tokens against ``key``: streams must then carry their usage.
+
+        If the client did not ask for it, ask the engine for
+        ``stream_options.include_usage`` and take the usage event out again.
+        """
+        options = payload.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise OpenAIError(
+                400,
+                "'stream_options' must be an object",
+                code="invalid_type",
+                param="stream_options",
+            )
+        asked = options is not None and options.get("include_usage") is True
+        meter = UsageMeter(lambda tokens: self.keys.charge(key, tokens), strip=stream and not asked)
+        if stream and not asked:
+            payload["stream_options"] = {**(options or {}), "include_usage": True}
+            body = orjson.dumps(payload)
+        return body, meter
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:

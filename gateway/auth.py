@@ -29,7 +29,7 @@ def hash_key(key: str) -> str:
 
 @dataclass
 class _Bucket:
-    """Requests-per-minute token bucket: ``rpm`` at once, refilled at rpm/60 per second."""
+    """A per-minute budget: full at the limit, refilled at limit/60 per second."""
 
     tokens: float
     updated: float
@@ -46,7 +46,7 @@ class KeyStore:
         self._path = path
         self._clock = clock
         self._by_hash: dict[str, ApiKey] = {}
-        self._buckets: dict[str, _Bucket] = {}
+        self._buckets: dict[tuple[str, str], _Bucket] = {}  # (key name, requests|tokens)
         self._file_stamp: tuple[float, int] | None = None
         self.reload()
 
@@ -94,7 +94,7 @@ class KeyStore:
         return key
 
     def admit(self, key: ApiKey, model: str) -> dict[str, str]:
-        """403 if ``model`` is not allowed, 429 past the rate; else the x-ratelimit headers."""
+        """403 if ``model`` is not allowed, 429 past a rate; else the x-ratelimit headers."""
         if key.models is not None and model not in key.models:
             raise OpenAIError(
                 403,
@@ -102,32 +102,48 @@ class KeyStore:
                 code="model_not_allowed",
                 param="model",
             )
-        if key.rpm is None:
-            return {}
+        headers: dict[str, str] = {}
+        if key.rpm is not None:
+            headers |= self._take(key, "requests", key.rpm, cost=1)
+        if key.tpm is not None:  # tokens are charged when the answer's usage is known
+            headers |= self._take(key, "tokens", key.tpm, cost=0)
+        return headers
+
+    def charge(self, key: ApiKey, tokens: int) -> None:
+        """Count an answer's tokens against the key's tokens-per-minute budget."""
+        if key.tpm is not None:
+            self._bucket(key, "tokens", key.tpm).tokens -= tokens
+
+    def _bucket(self, key: ApiKey, kind: str, per_minute: int) -> _Bucket:
+        """The key's bucket of ``kind``, refilled for the time since it was last used."""
         now = self._clock()
-        bucket = self._buckets.get(key.name)
+        bucket = self._buckets.get((key.name, kind))
         if bucket is None:
-            bucket = self._buckets[key.name] = _Bucket(tokens=key.rpm, updated=now)
-        rate_per_s = key.rpm / 60
-        bucket.tokens = min(key.rpm, bucket.tokens + (now - bucket.updated) * rate_per_s)
+            bucket = self._buckets[(key.name, kind)] = _Bucket(tokens=per_minute, updated=now)
+        bucket.tokens = min(per_minute, bucket.tokens + (now - bucket.updated) * per_minute / 60)
         bucket.updated = now
+        return bucket
+
+    def _take(self, key: ApiKey, kind: str, per_minute: int, cost: int) -> dict[str, str]:
+        bucket = self._bucket(key, kind, per_minute)
+        rate_per_s = per_minute / 60
         if bucket.tokens < 1:
             wait_s = (1 - bucket.tokens) / rate_per_s
             raise OpenAIError(
                 429,
-                f"Rate limit reached for key '{key.name}': {key.rpm} requests per minute. "
+                f"Rate limit reached for key '{key.name}': {per_minute} {kind} per minute. "
                 f"Try again in {wait_s:.1f}s.",
                 code="rate_limit_exceeded",
                 headers={
                     "retry-after": str(math.ceil(wait_s)),
-                    "x-ratelimit-limit-requests": str(key.rpm),
-                    "x-ratelimit-remaining-requests": "0",
-                    "x-ratelimit-reset-requests": f"{wait_s:.3f}s",
+                    f"x-ratelimit-limit-{kind}": str(per_minute),
+                    f"x-ratelimit-remaining-{kind}": "0",
+                    f"x-ratelimit-reset-{kind}": f"{wait_s:.3f}s",
                 },
             )
-        bucket.tokens -= 1
+        bucket.tokens -= cost
         return {
-            "x-ratelimit-limit-requests": str(key.rpm),
-            "x-ratelimit-remaining-requests": str(int(bucket.tokens)),
-            "x-ratelimit-reset-requests": f"{(key.rpm - bucket.tokens) / rate_per_s:.3f}s",
+            f"x-ratelimit-limit-{kind}": str(per_minute),
+            f"x-ratelimit-remaining-{kind}": str(max(int(bucket.tokens), 0)),
+            f"x-ratelimit-reset-{kind}": f"{(per_minute - bucket.tokens) / rate_per_s:.3f}s",
         }

@@ -26,6 +26,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.routing import RoutingContext, RoutingPolicy
 from gateway.table import RouteTableWatcher
 from gateway.upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from gateway.usage import UsageMeter
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,10 @@ class UpstreamStream(Response):
         first_chunk: bytes,
         worker_id: str,
         on_close: Callable[[], None],
+        meter: UsageMeter | None,
     ) -> None:
         self.status_code = upstream.status
+        self._meter = meter
         self.background = None
         self._upstream = upstream
         self._first_chunk = first_chunk
@@ -74,9 +77,13 @@ class UpstreamStream(Response):
                     "headers": self.raw_headers,
                 }
             )
-            await send({"type": "http.response.body", "body": self._first_chunk, "more_body": True})
+            meter = self._meter
+            first = meter.feed(self._first_chunk) if meter else self._first_chunk
+            await send({"type": "http.response.body", "body": first, "more_body": True})
             try:
                 async for chunk in upstream.iter_chunks():
+                    if meter is not None:
+                        chunk = meter.feed(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except UpstreamError as exc:
                 if listener.done():
@@ -90,7 +97,8 @@ class UpstreamStream(Response):
                         "more_body": True,
                     }
                 )
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            rest = meter.finish() if meter else b""
+            await send({"type": "http.response.body", "body": rest, "more_body": False})
             finished = True
         except OSError:
             pass  # the client went away while we were sending
@@ -142,6 +150,7 @@ class Proxy:
         stream: bool,
         payload: dict[str, Any],
         session: str | None,
+        meter: UsageMeter | None = None,
     ) -> Response:
         """Send ``body`` (parsed: ``payload``) to a worker of ``model``; ``path``: /v1/...."""
         candidates = self._watcher.candidates(model)
@@ -166,7 +175,7 @@ class Proxy:
             worker = self._policy_for(model).pick(pool, ctx)
             tried.add(worker.worker_id)
             try:
-                return await self._attempt(worker, suffix, body, stream)
+                return await self._attempt(worker, suffix, body, stream, meter)
             except UpstreamError as exc:  # before the first byte: another worker may take it
                 last_error = str(exc) or type(exc).__name__
                 logger.warning(
@@ -188,7 +197,7 @@ class Proxy:
         )
 
     async def _attempt(
-        self, worker: WorkerView, suffix: str, body: bytes, stream: bool
+        self, worker: WorkerView, suffix: str, body: bytes, stream: bool, meter: UsageMeter | None
     ) -> Response:
         self._in_flight[worker.worker_id] += 1
         self._metrics.in_flight.inc()
@@ -205,9 +214,15 @@ class Proxy:
                     raise UpstreamError("closed the stream before the first byte")
                 handed_off = True
                 return UpstreamStream(
-                    upstream, first, worker.worker_id, lambda: self._release(worker.worker_id)
+                    upstream,
+                    first,
+                    worker.worker_id,
+                    lambda: self._release(worker.worker_id),
+                    meter,
                 )
             content = await upstream.read()
+            if meter is not None and upstream.status == 200:
+                meter.read_body(content)
             headers = {WORKER_HEADER: worker.worker_id}
             return Response(content, upstream.status, headers, upstream.content_type or None)
         finally:

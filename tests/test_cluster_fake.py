@@ -371,3 +371,48 @@ def test_input_limits_and_request_timeout(cluster: LocalCluster) -> None:
         assert post(max_tokens=60, stream=True).status_code == 200  # first byte in time
     finally:
         gateway.stop()
+
+
+def test_tokens_per_minute_limit_counts_usage_even_on_streams(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(f"keys:\n- {{name: t, key_sha256: {hash_key('sk-t')}, tpm: 60}}\n")
+    port = free_port()
+    gateway = cluster._start(
+        "gateway-tpm",
+        [
+            "gateway",
+            "--port",
+            str(port),
+            "--controller-url",
+            cluster.controller_url,
+            "--keys-file",
+            str(keys_file),
+        ],
+    )
+    try:
+        gateway.wait_http(f"http://127.0.0.1:{port}/health")
+        url = f"http://127.0.0.1:{port}/v1"
+        wait_until(lambda: "echo" in httpx.get(f"{url}/models").text, 30, "the gateway to route")
+        client = openai.OpenAI(base_url=url, api_key="sk-t", max_retries=0)
+        messages = [{"role": "user", "content": "hi"}]
+        # a stream whose client did not ask for usage: charged, and no usage event shows
+        chunks = list(
+            client.chat.completions.create(
+                model="echo", messages=messages, max_tokens=30, stream=True
+            )
+        )
+        assert chunks and all(chunk.choices and chunk.usage is None for chunk in chunks)
+        reply = client.chat.completions.with_raw_response.create(
+            model="echo", messages=messages, max_tokens=30
+        )
+        assert (
+            int(reply.headers["x-ratelimit-remaining-tokens"]) < 60 - 30
+        )  # the stream was counted
+        with pytest.raises(openai.RateLimitError) as limited:  # 2 x (30 + prompt) > 60
+            client.chat.completions.create(model="echo", messages=messages, max_tokens=1)
+        assert limited.value.response.headers["x-ratelimit-limit-tokens"] == "60"
+        assert int(limited.value.response.headers["retry-after"]) >= 1
+    finally:
+        gateway.stop()

@@ -77,3 +77,42 @@ def test_keys_file_reload_adds_and_revokes(tmp_path: Path) -> None:
     store.reload()
     assert store.enabled  # a keys file with no keys admits nobody, it does not open the gateway
     assert _status(lambda: store.authenticate("Bearer sb"))[0] == 401
+
+
+def test_tokens_per_minute_are_charged_after_the_answer() -> None:
+    clock = Clock()
+    key = _key("a", "s", tpm=100)
+    store = KeyStore([key], None, clock=clock)
+    assert store.admit(key, "m")["x-ratelimit-remaining-tokens"] == "100"
+    store.charge(key, 150)  # an answer may overdraw the budget...
+    with pytest.raises(OpenAIError) as error:
+        store.admit(key, "m")  # ...then the key waits until it is positive again
+    assert error.value.status == 429
+    assert error.value.headers["x-ratelimit-limit-tokens"] == "100"
+    assert error.value.headers["retry-after"] == "31"  # from -50 to 1 at 100/min
+    clock.now += 31
+    assert store.admit(key, "m")["x-ratelimit-remaining-tokens"] == "1"
+
+
+def test_usage_meter_reads_split_events_and_strips_the_usage_event() -> None:
+    from gateway.usage import UsageMeter
+
+    seen: list[int] = []
+    stream = (
+        b'data: {"choices": [{"delta": {"content": "a"}}]}\n\n'
+        b'data: {"choices": [], "usage": {"prompt_tokens": 3, "total_tokens": 4}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    for strip, expected in (
+        (False, stream),
+        (True, stream.replace(stream.split(b"\n\n")[1] + b"\n\n", b"")),
+    ):
+        meter = UsageMeter(seen.append, strip=strip)
+        out = b"".join(meter.feed(stream[i : i + 7]) for i in range(0, len(stream), 7))
+        out += meter.finish()
+        assert out == expected
+    assert seen == [4, 4]
+    meter = UsageMeter(seen.append)
+    meter.read_body(b'{"usage": {"total_tokens": 9}}')
+    meter.finish()
+    assert seen[-1] == 9
