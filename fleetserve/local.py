@@ -262,9 +262,10 @@ def run_local_cluster(cluster: ClusterConfig, log_dir: Path | None = None) -> in
 
 def _gateway_routes(gateway_url: str, table: RouteTable) -> bool:
     """True once the gateway has the controller's table (it learns it by long-polling)."""
+    health_url = gateway_url.removesuffix("/v1") + "/health"  # no API key needed there
     try:
-        served = {m["id"] for m in httpx.get(f"{gateway_url}/models", timeout=2.0).json()["data"]}
-    except (httpx.HTTPError, ValueError, KeyError):
+        served = set(httpx.get(health_url, timeout=2.0).json()["models"])
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
         return False
     return all(set(w.model_names) <= served for w in table.workers)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 import orjson
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.responses import JSONResponse, Response
@@ -281,10 +281,15 @@ def _build_api(gateway: Gateway) -> FastAPI:
         return gateway.watcher
 
     @api.get("/v1/models")
-    async def models() -> JSONResponse:
+    async def models(request: Request) -> JSONResponse:
+        """Every served name and alias (those the caller's key may use, when keys are on)."""
+        names = sorted(watcher().ready_by_model)
+        if gateway.keys.enabled:
+            key = gateway.keys.authenticate(request.headers.get("authorization"))
+            names = [name for name in names if key.models is None or name in key.models]
         data = [
             {"id": name, "object": "model", "created": 0, "owned_by": "fleetserve"}
-            for name in sorted(watcher().ready_by_model)
+            for name in names
         ]
         return JSONResponse({"object": "list", "data": data})
 

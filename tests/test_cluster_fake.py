@@ -273,7 +273,14 @@ def test_api_keys_refuse_limit_and_revoke_without_restart(
     try:
         gateway.wait_http(f"http://127.0.0.1:{port}/health")
         url = f"http://127.0.0.1:{port}/v1"
-        wait_until(lambda: "echo" in httpx.get(f"{url}/models").text, 30, "the gateway to route")
+        wait_until(
+            lambda: (
+                "echo"
+                in httpx.get(f"{url}/models", headers={"authorization": "Bearer sk-team"}).text
+            ),
+            30,
+            "the gateway to route",
+        )
 
         def client(key: str) -> openai.OpenAI:
             return openai.OpenAI(base_url=url, api_key=key, max_retries=0)
@@ -286,6 +293,9 @@ def test_api_keys_refuse_limit_and_revoke_without_restart(
         assert chat("sk-other")
         with pytest.raises(openai.AuthenticationError):
             chat("sk-wrong")
+        with pytest.raises(openai.AuthenticationError):
+            client("sk-wrong").models.list()
+        assert {m.id for m in client("sk-team").models.list()} == {"echo"}  # what the key may use
         with pytest.raises(openai.PermissionDeniedError):
             chat("sk-team", model="other")  # the key allows echo only
         for _ in range(3):  # 3 per minute (the 403 above used none of them)
@@ -394,7 +404,13 @@ def test_tokens_per_minute_limit_counts_usage_even_on_streams(
     try:
         gateway.wait_http(f"http://127.0.0.1:{port}/health")
         url = f"http://127.0.0.1:{port}/v1"
-        wait_until(lambda: "echo" in httpx.get(f"{url}/models").text, 30, "the gateway to route")
+        wait_until(
+            lambda: (
+                "echo" in httpx.get(f"{url}/models", headers={"authorization": "Bearer sk-t"}).text
+            ),
+            30,
+            "the gateway to route",
+        )
         client = openai.OpenAI(base_url=url, api_key="sk-t", max_retries=0)
         messages = [{"role": "user", "content": "hi"}]
         # a stream whose client did not ask for usage: charged, and no usage event shows
