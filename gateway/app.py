@@ -33,6 +33,7 @@ from gateway.auth import KeyStore
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
 from gateway.routing import RoutingPolicy
+from gateway.schema import install_openapi
 from gateway.table import RouteTableWatcher
 from gateway.upstream import UpstreamPool
 from gateway.usage import UsageMeter
@@ -275,6 +276,7 @@ class Gateway:
 def _build_api(gateway: Gateway) -> FastAPI:
     api = FastAPI(title="fleetserve gateway", lifespan=gateway.lifespan)
     install_error_handlers(api)
+    install_openapi(api)
 
     def watcher() -> RouteTableWatcher:
         assert gateway.watcher is not None, "the lifespan did not run"

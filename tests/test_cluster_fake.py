@@ -432,3 +432,16 @@ def test_tokens_per_minute_limit_counts_usage_even_on_streams(
         assert int(limited.value.response.headers["retry-after"]) >= 1
     finally:
         gateway.stop()
+
+
+def test_openapi_schema_describes_the_openai_routes(cluster: LocalCluster) -> None:
+    schema = httpx.get(f"{cluster.gateway_url}/openapi.json").json()
+    chat = schema["paths"]["/v1/chat/completions"]["post"]
+    assert {"200", "400", "401", "404", "429", "502", "503"} <= set(chat["responses"])
+    body = schema["components"]["schemas"]["ChatCompletionRequest"]
+    assert set(body["required"]) == {"model", "messages"}
+    assert "prompt" in schema["components"]["schemas"]["CompletionRequest"]["required"]
+    assert "/v1/models" in schema["paths"] and "/health" in schema["paths"]
+    error = schema["components"]["schemas"]["ErrorDetail"]
+    assert set(error["properties"]) == {"message", "type", "param", "code"}
+    assert httpx.get(f"{cluster.gateway_url}/docs").status_code == 200
