@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(description="A served model name or alias (see /v1/models).")
+    model: str = Field(min_length=1, description="A served model name or alias (see /v1/models).")
     stream: bool = Field(False, description="Answer as server-sent events.")
     max_tokens: int | None = Field(None, ge=1, description="At most the gateway's limit.")
 
