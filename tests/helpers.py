@@ -224,12 +224,18 @@ class Load:
     """Closed-loop load through the gateway from a background thread, until stopped."""
 
     def __init__(
-        self, base_url: str, model: str, concurrency: int = 4, max_tokens: int = 16
+        self,
+        base_url: str,
+        model: str,
+        concurrency: int = 4,
+        max_tokens: int = 16,
+        messages: list[dict[str, str]] | None = None,
     ) -> None:
         self.base_url = base_url
         self.model = model
         self.concurrency = concurrency
         self.max_tokens = max_tokens
+        self.messages = messages
         self.result = LoadResult()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
@@ -261,7 +267,7 @@ class Load:
             await asyncio.gather(*(self._loop(client, i) for i in range(self.concurrency)))
 
     async def _loop(self, client: openai.AsyncOpenAI, index: int) -> None:
-        messages = [{"role": "user", "content": f"client {index} says hello"}]
+        messages = self.messages or [{"role": "user", "content": f"client {index} says hello"}]
         stream = index % 2 == 0  # half the clients stream
         while not self._stop.is_set():
             chunks = 0

@@ -445,3 +445,35 @@ def test_openapi_schema_describes_the_openai_routes(cluster: LocalCluster) -> No
     error = schema["components"]["schemas"]["ErrorDetail"]
     assert set(error["properties"]) == {"message", "type", "param", "code"}
     assert httpx.get(f"{cluster.gateway_url}/docs").status_code == 200
+
+
+def test_prefix_affinity_keeps_a_prefix_home_and_spills_a_hot_one(cluster: LocalCluster) -> None:
+    for _ in range(3):
+        cluster.add_worker(
+            "cached", "fake", "--routing-policy", "prefix_affinity", engine_args=SLOW
+        )
+    ids = cluster.wait_workers("cached", 3, timeout_s=30)
+    client = cluster.client()
+
+    def worker_for(system: str, question: str) -> str:
+        raw = client.chat.completions.with_raw_response.create(
+            model="cached",
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+            max_tokens=1,
+        )
+        return raw.headers["x-fleetserve-worker"]
+
+    prompts = [f"You are assistant {i}, an expert in topic {i}. " * 10 for i in range(30)]
+    homes = {}
+    for system in prompts:
+        seen = {worker_for(system, f"question {q}") for q in range(3)}
+        assert len(seen) == 1, "one prefix, one worker while the cluster is quiet"
+        homes[system] = seen.pop()
+    assert set(homes.values()) == ids  # 30 prefixes use all 3 workers
+
+    # One hot prefix, 12 at once (more than a worker's share): it spills to other workers.
+    hot = [{"role": "system", "content": prompts[0]}, {"role": "user", "content": "go"}]
+    with Load(cluster.gateway_url, "cached", concurrency=12, max_tokens=16, messages=hot) as load:
+        load.wait_requests(36)
+    assert len(load.result.workers) > 1, load.result.workers
+    assert max(load.result.workers.values()) < load.result.ok  # not all on the hot prefix's home
