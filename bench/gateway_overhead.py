@@ -87,9 +87,18 @@ def rss_mb(pid: int, key: str = "VmRSS") -> float:
 
 
 class Stack:
-    """Controller, gateway and one worker, started with the fleetserve CLI."""
+    """Controller, gateway and ``workers`` workers of one model, started with the fleetserve CLI."""
 
-    def __init__(self, engine: str, processes: int, tokens_per_s: float, log_dir: Path) -> None:
+    def __init__(
+        self,
+        engine: str,
+        processes: int,
+        tokens_per_s: float,
+        log_dir: Path,
+        workers: int = 1,
+        routing_policy: str = "least_load",
+        engine_args: tuple[str, ...] = (),
+    ) -> None:
         self.log_dir = log_dir
         controller_port, gateway_port = _free_port(), _free_port()
         self.controller_url = f"http://127.0.0.1:{controller_port}"
@@ -105,38 +114,39 @@ class Stack:
             "--processes",
             str(processes),
         )
-        worker = [
-            "worker",
-            "--engine",
-            engine,
-            "--served-name",
-            MODEL,
-            "--controller-url",
-            self.controller_url,
-        ]
+        worker = ["worker", "--engine", engine, "--served-name", MODEL]
+        worker += ["--controller-url", self.controller_url, "--routing-policy", routing_policy]
         if engine == "vllm":
-            worker += ["--model", str(ensure_demo_model())]
+            worker += ["--model", str(ensure_demo_model()), "--", *engine_args]
         else:
-            worker += ["--", "--tokens-per-s", str(tokens_per_s)]
-        self._start(*worker)
-        _wait(lambda: self._worker_url(), 600, "the worker to register")
-        self.direct_url = self._worker_url()
+            worker += ["--", "--tokens-per-s", str(tokens_per_s), *engine_args]
+        cores = sorted(os.sched_getaffinity(0))
+        for i in range(workers):
+            # one core each, as `fleetserve up` places CPU engines (see workers/placement.py)
+            env = {"VLLM_CPU_OMP_THREADS_BIND": str(cores[i % len(cores)])} if workers > 1 else {}
+            self._start(*worker, env=env, log_name=f"worker-{i}")
+        _wait(lambda: len(self.worker_urls()) == workers, 600, "the workers to register")
+        self.direct_url = self.worker_urls()[0]
         _wait(
             lambda: MODEL in httpx.get(f"{self.gateway_url}/models").text,
             30,
             "the gateway to route",
         )
 
-    def _start(self, *args: str) -> subprocess.Popen[bytes]:
-        log = (self.log_dir / f"{args[0]}.log").open("wb")
+    def _start(
+        self, *args: str, env: dict[str, str] | None = None, log_name: str = ""
+    ) -> subprocess.Popen[bytes]:
+        log = (self.log_dir / f"{log_name or args[0]}.log").open("wb")
         cmd = [sys.executable, "-m", "fleetserve.cli", "--log-level", "WARNING", *args]
-        proc = procs.spawn(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = procs.spawn(
+            cmd, env=procs.env_with(**(env or {})), stdout=log, stderr=subprocess.STDOUT
+        )
         self.procs.append(proc)
         return proc
 
-    def _worker_url(self) -> str:
+    def worker_urls(self) -> list[str]:
         workers = httpx.get(f"{self.controller_url}/workers").json()["workers"]
-        return str(workers[0]["base_url"]) if workers else ""
+        return sorted(str(w["base_url"]) for w in workers)
 
     def close(self) -> None:
         for proc in reversed(self.procs):
