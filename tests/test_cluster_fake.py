@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -477,3 +478,21 @@ def test_prefix_affinity_keeps_a_prefix_home_and_spills_a_hot_one(cluster: Local
         load.wait_requests(36)
     assert len(load.result.workers) > 1, load.result.workers
     assert max(load.result.workers.values()) < load.result.ok  # not all on the hot prefix's home
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "power_of_two"])
+def test_round_robin_and_power_of_two_use_every_worker(cluster: LocalCluster, policy: str) -> None:
+    name = policy.replace("_", "-")
+    for _ in range(2):
+        cluster.add_worker(name, "fake", "--routing-policy", policy)
+    ids = cluster.wait_workers(name, 2, timeout_s=30)
+    client = cluster.client()
+    picks = [
+        client.chat.completions.with_raw_response.create(
+            model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=1
+        ).headers["x-fleetserve-worker"]
+        for _ in range(12)
+    ]
+    assert set(picks) == ids
+    if policy == "round_robin":  # strictly in turn
+        assert all(a != b for a, b in itertools.pairwise(picks))
