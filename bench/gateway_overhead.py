@@ -33,17 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fleetserve import procs
 from fleetserve.demo_model import ensure_demo_model
+from workers.agent import free_port
 
 MODEL = "bench-model"
+HOST = "127.0.0.1"
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -100,7 +94,7 @@ class Stack:
         engine_args: tuple[str, ...] = (),
     ) -> None:
         self.log_dir = log_dir
-        controller_port, gateway_port = _free_port(), _free_port()
+        controller_port, gateway_port = free_port(HOST), free_port(HOST)
         self.controller_url = f"http://127.0.0.1:{controller_port}"
         self.gateway_url = f"http://127.0.0.1:{gateway_port}/v1"
         self.procs: list[subprocess.Popen[bytes]] = []

@@ -7,12 +7,11 @@ import contextlib
 import inspect
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,11 @@ import openai
 
 from fleetserve import procs
 from fleetserve.protocol import RouteTable
+from workers.agent import free_port as agent_free_port
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return agent_free_port("127.0.0.1")
 
 
 def wait_until(
@@ -199,6 +197,23 @@ class LocalCluster:
         )
         wait_until(lambda: model in self.gateway_models(), 10, f"the gateway to route {model}")
         return ids
+
+    @contextlib.contextmanager
+    def extra_gateway(self, name: str, *flags: str) -> Iterator[tuple[Component, str]]:
+        """Another gateway of this cluster with ``flags``, once it routes echo: (it, /v1 URL)."""
+        port = free_port()
+        args = ["gateway", "--port", str(port), "--controller-url", self.controller_url, *flags]
+        gateway = self._start(name, args)
+        try:
+            gateway.wait_http(f"http://127.0.0.1:{port}/health")
+            wait_until(
+                lambda: "echo" in httpx.get(f"http://127.0.0.1:{port}/health").json()["models"],
+                30,
+                f"{name} to route echo",
+            )
+            yield gateway, f"http://127.0.0.1:{port}/v1"
+        finally:
+            gateway.stop()
 
     def client(self, **kwargs: Any) -> openai.OpenAI:
         # max_retries=0: a failure must show, not be hidden by the client's own retries.

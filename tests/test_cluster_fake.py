@@ -214,23 +214,8 @@ def test_gateway_metrics_count_requests(cluster: LocalCluster) -> None:
 
 
 def test_gateway_with_several_processes_serves_on_one_port(cluster: LocalCluster) -> None:
-    port = free_port()
-    gateway = cluster._start(
-        "gateway-multi",
-        [
-            "gateway",
-            "--port",
-            str(port),
-            "--controller-url",
-            cluster.controller_url,
-            "--processes",
-            "2",
-        ],
-    )
-    try:
-        gateway.wait_http(f"http://127.0.0.1:{port}/health")
+    with cluster.extra_gateway("gateway-multi", "--processes", "2") as (gateway, url):
         wait_until(lambda: len(descendants(gateway.pid)) >= 2, 30, "two gateway processes")
-        url = f"http://127.0.0.1:{port}/v1"
         # each process learns the table by itself; ask enough times to reach both
         wait_until(
             lambda: all("echo" in httpx.get(f"{url}/models").text for _ in range(10)),
@@ -243,8 +228,6 @@ def test_gateway_with_several_processes_serves_on_one_port(cluster: LocalCluster
                 model="echo", messages=[{"role": "user", "content": "hi"}], max_tokens=2
             )
             assert reply.choices[0].message.content == " tok0 tok1"
-    finally:
-        gateway.stop()
 
 
 def test_api_keys_refuse_limit_and_revoke_without_restart(
@@ -258,30 +241,7 @@ def test_api_keys_refuse_limit_and_revoke_without_restart(
     team = f"- {{name: team, key_sha256: {hash_key('sk-team')}, models: [echo], rpm: 3}}\n"
     other = f"- {{name: other, key_sha256: {hash_key('sk-other')}}}\n"
     write_keys(team, other)
-    port = free_port()
-    gateway = cluster._start(
-        "gateway-keys",
-        [
-            "gateway",
-            "--port",
-            str(port),
-            "--controller-url",
-            cluster.controller_url,
-            "--keys-file",
-            str(keys_file),
-        ],
-    )
-    try:
-        gateway.wait_http(f"http://127.0.0.1:{port}/health")
-        url = f"http://127.0.0.1:{port}/v1"
-        wait_until(
-            lambda: (
-                "echo"
-                in httpx.get(f"{url}/models", headers={"authorization": "Bearer sk-team"}).text
-            ),
-            30,
-            "the gateway to route",
-        )
+    with cluster.extra_gateway("gateway-keys", "--keys-file", str(keys_file)) as (gateway, url):
 
         def client(key: str) -> openai.OpenAI:
             return openai.OpenAI(base_url=url, api_key=key, max_retries=0)
@@ -322,8 +282,6 @@ def test_api_keys_refuse_limit_and_revoke_without_restart(
         write_keys(team, other)
         gateway.proc.send_signal(signal.SIGHUP)  # reload at once
         wait_until(lambda: _ok(lambda: chat("sk-other")), 5, "the key to work again after SIGHUP")
-    finally:
-        gateway.stop()
     assert "NO API KEYS" not in gateway.log()
     assert "NO API KEYS CONFIGURED" in cluster.gateway.log()  # the open gateway says so
 
@@ -354,17 +312,9 @@ def test_routing_policy_is_chosen_per_model(cluster: LocalCluster) -> None:
 
 
 def test_input_limits_and_request_timeout(cluster: LocalCluster) -> None:
-    port = free_port()
-    args = ["gateway", "--port", str(port), "--controller-url", cluster.controller_url]
-    gateway = cluster._start(
-        "gateway-limits", [*args, "--max-tokens-limit", "100", "--request-timeout-s", "0.5"]
-    )
-    try:
-        gateway.wait_http(f"http://127.0.0.1:{port}/health")
-        url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        wait_until(
-            lambda: "echo" in httpx.get(f"http://127.0.0.1:{port}/v1/models").text, 30, "routes"
-        )
+    limits = ("--max-tokens-limit", "100", "--request-timeout-s", "0.5")
+    with cluster.extra_gateway("gateway-limits", *limits) as (_, base_url):
+        url = f"{base_url}/chat/completions"
 
         def post(**fields: object) -> httpx.Response:
             body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}], **fields}
@@ -380,8 +330,6 @@ def test_input_limits_and_request_timeout(cluster: LocalCluster) -> None:
         assert slow.status_code == 504 and slow.json()["error"]["code"] == "timeout"
         assert time.monotonic() - started < 1.0
         assert post(max_tokens=60, stream=True).status_code == 200  # first byte in time
-    finally:
-        gateway.stop()
 
 
 def test_tokens_per_minute_limit_counts_usage_even_on_streams(
@@ -389,29 +337,7 @@ def test_tokens_per_minute_limit_counts_usage_even_on_streams(
 ) -> None:
     keys_file = tmp_path / "keys.yaml"
     keys_file.write_text(f"keys:\n- {{name: t, key_sha256: {hash_key('sk-t')}, tpm: 60}}\n")
-    port = free_port()
-    gateway = cluster._start(
-        "gateway-tpm",
-        [
-            "gateway",
-            "--port",
-            str(port),
-            "--controller-url",
-            cluster.controller_url,
-            "--keys-file",
-            str(keys_file),
-        ],
-    )
-    try:
-        gateway.wait_http(f"http://127.0.0.1:{port}/health")
-        url = f"http://127.0.0.1:{port}/v1"
-        wait_until(
-            lambda: (
-                "echo" in httpx.get(f"{url}/models", headers={"authorization": "Bearer sk-t"}).text
-            ),
-            30,
-            "the gateway to route",
-        )
+    with cluster.extra_gateway("gateway-tpm", "--keys-file", str(keys_file)) as (_, url):
         client = openai.OpenAI(base_url=url, api_key="sk-t", max_retries=0)
         messages = [{"role": "user", "content": "hi"}]
         # a stream whose client did not ask for usage: charged, and no usage event shows
@@ -431,8 +357,6 @@ def test_tokens_per_minute_limit_counts_usage_even_on_streams(
             client.chat.completions.create(model="echo", messages=messages, max_tokens=1)
         assert limited.value.response.headers["x-ratelimit-limit-tokens"] == "60"
         assert int(limited.value.response.headers["retry-after"]) >= 1
-    finally:
-        gateway.stop()
 
 
 def test_openapi_schema_describes_the_openai_routes(cluster: LocalCluster) -> None:
