@@ -103,10 +103,12 @@ class KeyStore:
                 param="model",
             )
         headers: dict[str, str] = {}
+        # tokens first: they cost nothing here (charged when the answer's usage is known), so a
+        # request refused for tokens does not also spend one of the key's requests
+        if key.tpm is not None:
+            headers |= self._take(key, "tokens", key.tpm, cost=0)
         if key.rpm is not None:
             headers |= self._take(key, "requests", key.rpm, cost=1)
-        if key.tpm is not None:  # tokens are charged when the answer's usage is known
-            headers |= self._take(key, "tokens", key.tpm, cost=0)
         return headers
 
     def charge(self, key: ApiKey, tokens: int) -> None:
