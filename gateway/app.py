@@ -54,17 +54,20 @@ def _too_large(max_bytes: int) -> OpenAIError:
 
 async def read_body(scope: Scope, receive: Receive, max_bytes: int) -> bytes:
     """The request body, refused with 413 past ``max_bytes`` (before reading all of it)."""
-    for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > max_bytes:
-            raise _too_large(max_bytes)
-    body = b""
+    declared = _header(scope, b"content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+    chunks: list[bytes] = []  # joined once: repeated += would copy a large body many times
+    size = 0
     while True:
         message: Message = await receive()
-        body += message.get("body", b"")
-        if len(body) > max_bytes:
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_bytes:
             raise _too_large(max_bytes)
+        chunks.append(chunk)
         if not message.get("more_body", False):
-            return body
+            return b"".join(chunks)
 
 
 def check_max_tokens(payload: dict[str, Any], limit: int | None) -> None:
