@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import enum
 import logging
 import os
 import sys
@@ -42,6 +43,7 @@ def add_settings_arguments(
             continue
         annotation = field.annotation
         options: dict[str, Any] = {"dest": name, "help": field.description or ""}
+        flags = ["--" + name.replace("_", "-")]
         if field.is_required():
             options["required"] = True
         else:
@@ -53,20 +55,22 @@ def add_settings_arguments(
         if annotation is bool:
             options["action"] = "store_true"
             options["help"] = field.description or ""
-            flag = "--" + name.replace("_", "-")
         elif typing.get_origin(annotation) is list:
-            # aliases -> repeatable --alias
-            flag = "--" + name.replace("_", "-").removesuffix("es")
+            # aliases -> repeatable --alias (or --aliases), nodes -> --node (or --nodes)
+            plural = "--" + name.replace("_", "-")
+            singular = plural[:-2] if plural.endswith("ses") else plural[:-1]
+            flags = [singular, plural]
             options["action"] = "append"
-            options["metavar"] = flag[2:].upper()
+            options["metavar"] = singular[2:].upper()
         else:
             args = [a for a in typing.get_args(annotation) if a is not type(None)]
             base = args[0] if isinstance(annotation, types.UnionType) and args else annotation
             options["type"] = base if base in (int, float) else str
-            flag = "--" + name.replace("_", "-")
+            if isinstance(base, type) and issubclass(base, enum.Enum):
+                options["choices"] = [member.value for member in base]
         if choices and name in choices:
             options["choices"] = choices[name]
-        parser.add_argument(flag, **options)
+        parser.add_argument(*flags, **options)
 
 
 def settings_from(model: type[BaseModel], args: argparse.Namespace, **extra: Any) -> Any:
