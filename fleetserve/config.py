@@ -190,6 +190,12 @@ class WorkerSettings(Strict):
         "comma/newline separated list); it runs on a Ray cluster that rank 0 starts.",
     )
     node_rank: int = Field(0, ge=0, description="This node's position in --nodes (0: the head).")
+    ray_port: int = Field(
+        constants.RAY_PORT,
+        ge=1,
+        le=65534,
+        description="Port of the Ray head of a multi-node replica (its dashboard: port + 1).",
+    )
     controller_url: str = Field(
         f"http://{constants.DEFAULT_HOST}:{constants.DEFAULT_CONTROLLER_PORT}",
         description="The controller to register with.",
@@ -222,7 +228,16 @@ class WorkerSettings(Strict):
             raise ValueError(f"node_rank {self.node_rank} is not a position in nodes {self.nodes}")
         if len(self.nodes) > 1 and "pipeline_parallel_size" not in self.model_fields_set:
             self.pipeline_parallel_size = len(self.nodes)
+        if self.nodes and self.pipeline_parallel_size % len(self.nodes):
+            raise ValueError(
+                f"pipeline_parallel_size {self.pipeline_parallel_size} does not split evenly "
+                f"over {len(self.nodes)} nodes"
+            )
         return self
+
+    @property
+    def stages_per_node(self) -> int:
+        return self.pipeline_parallel_size // max(len(self.nodes), 1)
 
     @property
     def model_names(self) -> list[str]:

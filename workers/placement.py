@@ -122,7 +122,7 @@ def resolve_device(requested: Device, machine: Machine, needs: list[ReplicaNeed]
             for n in multi
         )
         raise PlacementError(
-            f"this machine has no GPU, and {asked}. To run it anyway on vLLM's CPU build "
+            f"this machine has no GPU, and {asked}. To run on vLLM's CPU build anyway "
             "(one core per rank; slow, for trying things out), add --device cpu."
         )
     return Device.CPU
@@ -199,7 +199,8 @@ def _best_group(
         pairs = [distance[a][b] for a, b in itertools.combinations(group, 2)]
         return (max(pairs, default=0), sum(pairs), group)
 
-    return list(min(itertools.combinations(free, size), key=spread))
+    best = min(itertools.combinations(free, size), key=spread)
+    return list(best)
 
 
 def _plan_gpus(needs: list[ReplicaNeed], machine: Machine) -> list[ReplicaPlan]:
