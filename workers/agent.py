@@ -139,7 +139,10 @@ class Agent:
     async def _start_ray_head(self) -> bool:
         """Rank 0: start the Ray head and wait until every node of the replica has joined."""
         s = self.settings
-        self._ray = procs.spawn_tree(multinode.ray_start_command(s), env=self._environment())
+        self._ray = procs.spawn_tree(
+            multinode.ray_start_command(s),
+            env=self._environment() | multinode.RAY_NODE_ENVIRONMENT,
+        )
         started = last_progress = time.monotonic()
         while time.monotonic() - started < constants.RAY_NODES_TIMEOUT_S:
             if self._stop.is_set() or self._ray.poll() is not None:
@@ -167,7 +170,8 @@ class Agent:
         while not self._stop.is_set():
             logger.info("joining the Ray cluster at %s", multinode.head_address(self.settings))
             self._proc = procs.spawn_tree(
-                multinode.ray_start_command(self.settings), env=self._environment()
+                multinode.ray_start_command(self.settings),
+                env=self._environment() | multinode.RAY_NODE_ENVIRONMENT,
             )
             while self._engine_alive() and not self._stop.is_set():
                 await self._sleep(_TICK_S)

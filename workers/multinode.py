@@ -19,6 +19,11 @@ from fleetserve.config import WorkerSettings
 logger = logging.getLogger(__name__)
 
 
+# The agent has drained the engine before it stops its Ray node: Ray's own drain
+# on SIGTERM (meant for Ray Serve replicas) would only delay the stop by 30 s.
+RAY_NODE_ENVIRONMENT = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+
+
 def head_address(settings: WorkerSettings) -> str:
     return f"{settings.nodes[0]}:{settings.ray_port}"
 
