@@ -237,6 +237,11 @@ def _plan_gpus(needs: list[ReplicaNeed], machine: Machine) -> list[ReplicaPlan]:
 
 def _plan_cpu(needs: list[ReplicaNeed], machine: Machine) -> list[ReplicaPlan]:
     cpu_needs = [n for n in needs if n.uses_accelerator]
+    for need in cpu_needs:
+        problem = _heads_problem(need.facts, need.tensor_parallel_size)
+        if problem:
+            sizes = _either(valid_tensor_parallel_sizes(need.facts, len(machine.cpu_cores)))
+            raise PlacementError(f"model {need.model}: {problem}; use {sizes}")
     ranks = [n.ranks for n in cpu_needs for _ in range(n.replicas)]
     if sum(ranks) > len(machine.cpu_cores) and any(r > 1 for r in ranks):
         raise PlacementError(

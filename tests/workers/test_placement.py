@@ -201,3 +201,10 @@ def test_cpu_replicas_get_disjoint_cores() -> None:
     assert cpu_thread_binds([2], [0, 1, 2, 3]) == ["0,1|2,3"]  # one range per TP rank
     assert cpu_thread_binds([1], [0, 1]) == [None]  # one engine: vLLM's own choice
     assert cpu_thread_binds([2, 1], [0, 1]) == [None, None]  # does not fit: leave it to vLLM
+
+
+def test_cpu_tensor_parallel_must_divide_the_heads_too() -> None:
+    tiny = ModelFacts(num_attention_heads=4, num_key_value_heads=2, weight_bytes=3_000_000)
+    need = ReplicaNeed("tiny", tensor_parallel_size=3, facts=tiny)
+    with pytest.raises(PlacementError, match="3 does not divide its 4 attention heads; use 1 or 2"):
+        plan_placement([need], Machine(cpu_cores=(0, 1, 2)), Device.CPU)
