@@ -190,9 +190,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from fleetserve.local import print_status
+    from fleetserve.status import make_console, print_status
 
-    return print_status(args.controller_url)
+    return print_status(make_console(), args.controller_url, args.watch)
 
 
 def cmd_key_new(args: argparse.Namespace) -> int:
@@ -282,6 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--controller-url",
         default=f"http://{constants.DEFAULT_HOST}:{constants.DEFAULT_CONTROLLER_PORT}",
         help="The controller's URL (default: %(default)s).",
+    )
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        metavar="SECONDS",
+        help="Redraw every SECONDS (default 2) with tokens/s, until Ctrl-C.",
     )
     status.set_defaults(func=cmd_status)
 
