@@ -208,3 +208,12 @@ def test_cpu_tensor_parallel_must_divide_the_heads_too() -> None:
     need = ReplicaNeed("tiny", tensor_parallel_size=3, facts=tiny)
     with pytest.raises(PlacementError, match="3 does not divide its 4 attention heads; use 1 or 2"):
         plan_placement([need], Machine(cpu_cores=(0, 1, 2)), Device.CPU)
+
+
+def test_gpus_busy_with_other_processes_are_left_alone() -> None:
+    gpus = tuple(Gpu(i, 80 * GIB, "H100", busy=i in (0, 2)) for i in range(4))
+    m = Machine(gpus=gpus)
+    (plan,) = plan_placement([ReplicaNeed("m", tensor_parallel_size=2)], m, Device.AUTO)
+    assert plan.gpu_ids == (1, 3)
+    with pytest.raises(PlacementError, match="4 GPUs \\(H100 80 GiB\\), 2 of them busy"):
+        plan_placement([ReplicaNeed("m", tensor_parallel_size=4)], m, Device.AUTO)
