@@ -56,32 +56,27 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "fleetserve.cli", *args]
 
 
-def _worker_command(
-    spec: ModelSpec, plan: ReplicaPlan, controller_url: str, host: str, advertise_host: str
+def worker_command(
+    spec: ModelSpec,
+    controller_url: str,
+    host: str,
+    advertise_host: str,
+    device: Device | None = None,
+    *extra: str,
 ) -> list[str]:
-    cmd = _cli(
-        "worker",
-        "--engine",
-        spec.engine,
-        "--served-name",
-        spec.name,
-        "--controller-url",
-        controller_url,
-        "--host",
-        host,
-        "--advertise-host",
-        advertise_host,
-    )
+    """`fleetserve worker ...` for one replica of ``spec``; ``extra`` flags go before ``--``."""
+    cmd = _cli("worker", "--engine", spec.engine, "--served-name", spec.name)
+    cmd += ["--controller-url", controller_url, "--host", host, "--advertise-host", advertise_host]
     cmd += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
     cmd += ["--pipeline-parallel-size", str(spec.pipeline_parallel_size)]
-    if plan.device is not None:
-        cmd += ["--device", plan.device.value]
+    if device is not None:
+        cmd += ["--device", device.value]
     cmd += ["--routing-policy", spec.routing_policy]
     for alias in spec.aliases:
         cmd += ["--alias", alias]
     if spec.source:
         cmd += ["--model", spec.source]
-    return [*cmd, "--", *spec.engine_flags()]
+    return [*cmd, *extra, "--", *spec.engine_flags()]
 
 
 def place_cluster(cluster: ClusterConfig, device: Device) -> list[tuple[ModelSpec, ReplicaPlan]]:
@@ -219,7 +214,7 @@ def run_local_cluster(
         _wait_healthy(gateway, f"http://{_reachable(g.host)}:{g.port}/health", console)
         for spec, plan in placed:
             name = f"worker-{slug(spec.name)}-{plan.replica}"
-            cmd = _worker_command(spec, plan, controller_url, g.host, advertise_host)
+            cmd = worker_command(spec, controller_url, g.host, advertise_host, plan.device)
             workers.append(_Component(name, cmd, log_dir, plan.environment()))
             where = ",".join(map(str, plan.gpu_ids)) or plan.cpu_bind
             if where:
