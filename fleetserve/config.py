@@ -211,6 +211,12 @@ class WorkerSettings(Strict):
     routing_policy: PolicyName = Field(
         "least_load", description="How gateways pick among this model's workers."
     )
+    ray_address: str | None = Field(
+        None,
+        description="Place the engine's ranks on this running Ray cluster (vLLM's Ray "
+        "executor) instead of on this machine's GPUs: `fleetserve ray deploy` does this "
+        "for models with pipeline stages.",
+    )
     exit_when_engine_dies: bool = Field(
         False,
         description="Deregister and exit when the engine dies, instead of restarting it: "

@@ -37,10 +37,11 @@ def app_name(spec: ModelSpec) -> str:
 
 def deployment_options(spec: ModelSpec, cluster_has_gpus: bool) -> dict[str, Any]:
     """Serve deployment options for one model: resources, health checks, replicas."""
-    from workers.ray_replica import SHUTDOWN_GRACE_S
+    from workers.ray_replica import SHUTDOWN_GRACE_S, spans_nodes
 
     ranks = spec.tensor_parallel_size * spec.pipeline_parallel_size
-    accelerated = Engine.registry[spec.engine].uses_accelerator
+    # A replica spanning nodes holds no GPU itself: vLLM reserves one per rank from Ray.
+    accelerated = Engine.registry[spec.engine].uses_accelerator and not spans_nodes(spec)
     actor: dict[str, Any] = {
         # vLLM on the CPU build: one core per rank, so Ray does not stack replicas on a core.
         "num_cpus": ranks if accelerated and not cluster_has_gpus else 0,

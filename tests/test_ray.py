@@ -1,5 +1,7 @@
 """`fleetserve ray`: replicas as Ray Serve deployments on a real local Ray head (2 CPUs).
 
+Two fake-engine models (one fixed, one autoscaled) and one vLLM-CPU model.
+
 The test starts its own Ray head and stops it by PID (its process group);
 controller and gateway are the usual processes, talking to the engines
 directly.
@@ -20,6 +22,7 @@ from fleetserve import procs
 from tests.conftest import module_log_dir
 from tests.helpers import Load, LocalCluster, alive, descendants, free_port, wait_until
 
+pytestmark = pytest.mark.vllm
 LOG_DIR = module_log_dir("test_ray")
 
 
@@ -72,13 +75,16 @@ def fleet_ray(cluster: LocalCluster, address: str, *args: str) -> subprocess.Com
 
 
 def engine_pid(port: int) -> int:
-    """The fake engine process serving on ``port`` (found by its exact command line)."""
+    """The engine process serving on ``port`` (found by its exact command line)."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"workers.fake_engine" in cmdline and str(port).encode() in cmdline:
+        engine = (
+            b"workers.fake_engine" in cmdline or b"vllm.entrypoints.openai.api_server" in cmdline
+        )
+        if engine and str(port).encode() in cmdline:
             return int(pid)
     raise AssertionError(f"no engine on port {port}")
 
@@ -102,10 +108,17 @@ models:
 """
 
 
+TINY = """
+  - name: tiny
+    engine: vllm
+    source: {source}
+"""
+
+
 @pytest.fixture(scope="module")
-def deployed(cluster: LocalCluster, ray_address: str) -> Iterator[str]:
+def deployed(cluster: LocalCluster, ray_address: str, tiny_model: Path) -> Iterator[str]:
     path = LOG_DIR / "cluster.yaml"
-    path.write_text(CLUSTER_FILE)
+    path.write_text(CLUSTER_FILE + TINY.format(source=tiny_model))
     done = fleet_ray(cluster, ray_address, "deploy", "-f", str(path))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "every model is running on Ray" in done.stdout
@@ -117,8 +130,9 @@ def deployed(cluster: LocalCluster, ray_address: str) -> Iterator[str]:
 def test_deployed_models_answer_through_the_gateway(cluster: LocalCluster, deployed: str) -> None:
     cluster.wait_workers("echo", 2, timeout_s=60)
     cluster.wait_workers("elastic", 1, timeout_s=60)
+    cluster.wait_workers("tiny", 1, timeout_s=60)
     client = cluster.client()
-    for model in ("echo", "elastic"):
+    for model in ("echo", "elastic", "tiny"):
         reply = client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4
         )
@@ -160,6 +174,28 @@ def test_a_model_scales_up_under_load_and_back_down(cluster: LocalCluster, deplo
     with Load(cluster.gateway_url, "elastic", concurrency=8):
         wait_until(lambda: len(cluster.worker_ids("elastic")) == 2, 90, "a second replica")
     wait_until(lambda: len(cluster.worker_ids("elastic")) == 1, 90, "back to one replica")
+
+
+def test_a_changed_model_rolls_its_replicas_without_failing_requests(
+    cluster: LocalCluster, ray_address: str, deployed: str
+) -> None:
+    before = cluster.wait_workers("echo", 2, timeout_s=60)
+    tiny_before = cluster.worker_ids("tiny")
+    path = LOG_DIR / "cluster-v2.yaml"
+    changed = (LOG_DIR / "cluster.yaml").read_text().replace("tokens_per_s: 50", "tokens_per_s: 60")
+    path.write_text(changed)
+    with Load(cluster.gateway_url, "echo", concurrency=4) as load:
+        load.wait_requests(10)
+        done = fleet_ray(cluster, ray_address, "deploy", "-f", str(path))
+        assert done.returncode == 0, done.stdout + done.stderr
+        wait_until(
+            lambda: len(ids := cluster.worker_ids("echo")) == 2 and not ids & before,
+            120,
+            "both echo replicas replaced",
+        )
+        load.wait_requests(10)
+    assert load.result.failed_before_first_chunk == [] and load.result.failed_mid_stream == []
+    assert cluster.worker_ids("tiny") == tiny_before  # an unchanged model is left alone
 
 
 def test_ray_down_drains_every_replica_away(

@@ -114,6 +114,8 @@ class Agent:
     def _place(self) -> ReplicaPlan:
         """This replica's GPUs (or cores), checked against the model before anything starts."""
         s = self.settings
+        if s.ray_address:  # vLLM asks Ray for its ranks' GPUs, on whichever nodes have them
+            return ReplicaPlan(s.served_name, 0, None)
         machine = discover_machine()
         facts = ModelFacts()
         if self.engine.uses_accelerator and s.model and (machine.gpus or Path(s.model).is_dir()):
@@ -137,6 +139,8 @@ class Agent:
             env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ["VLLM_CPU_OMP_THREADS_BIND"]
         if len(self.settings.nodes) > 1:
             env["RAY_ADDRESS"] = multinode.head_address(self.settings)
+        elif self.settings.ray_address:
+            env["RAY_ADDRESS"] = self.settings.ray_address
         return env
 
     # -- a replica spanning nodes ---------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import threading
+import time
 
 import httpx
 
@@ -25,6 +26,11 @@ from workers.load import parse_load
 SHUTDOWN_GRACE_S = constants.DRAIN_TIMEOUT_S + constants.REAPER_STOP_GRACE_S + 10
 
 
+def spans_nodes(spec: ModelSpec) -> bool:
+    """Pipeline stages go to other nodes: vLLM's Ray executor places every rank itself."""
+    return spec.pipeline_parallel_size > 1
+
+
 class FleetReplica:
     """The Serve deployment class; ``fleetserve ray deploy`` makes one deployment per model."""
 
@@ -35,21 +41,34 @@ class FleetReplica:
         node_ip = ray.util.get_node_ip_address()
         port = free_port(node_ip)
         self._engine_url = f"http://{node_ip}:{port}"
-        cmd = worker_command(
-            spec,
-            controller_url,
-            node_ip,
-            node_ip,
-            None,
-            "--port",
-            str(port),
-            "--exit-when-engine-dies",  # Ray replaces the replica; the agent must not hide it
-        )
+        # Ray replaces the replica when the engine dies: the agent must not hide that.
+        extra = ["--port", str(port), "--exit-when-engine-dies"]
+        if spans_nodes(spec):
+            extra += ["--ray-address", ray.get_runtime_context().gcs_address]
+        cmd = worker_command(spec, controller_url, node_ip, node_ip, None, *extra)
         self._proc: subprocess.Popen[bytes] | None = None
         started = threading.Event()
         threading.Thread(target=self._run_worker, args=(cmd, started), daemon=True).start()
         started.wait()
+        self._wait_engine_ready()
         self._http = httpx.AsyncClient(timeout=2.0)
+
+    def _wait_engine_ready(self) -> None:
+        """Return once the engine answers: to Serve the replica starts only now, so a
+        deploy reports RUNNING when models answer, and a rolling update stops the next
+        old replica only when its successor can take its requests."""
+        deadline = time.monotonic() + constants.ENGINE_READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the worker exited with code {self.proc.returncode}")
+            try:
+                if httpx.get(f"{self._engine_url}/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        procs.stop(self.proc)
+        raise RuntimeError(f"engine not ready after {constants.ENGINE_READY_TIMEOUT_S:.0f}s")
 
     def _run_worker(self, cmd: list[str], started: threading.Event) -> None:
         # The parent-death signal fires when the *thread* that started the child ends,
