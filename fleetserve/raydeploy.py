@@ -11,6 +11,7 @@ gateway is the way in and talks to the engines directly.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from typing import Any
@@ -19,7 +20,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from fleetserve import constants
+from fleetserve import __version__, constants
 from fleetserve.config import ClusterConfig, ModelSpec, slug
 from fleetserve.status import fetch_table
 from workers.engines import Engine
@@ -99,6 +100,7 @@ def deploy(
     """Deploy (or update) every model of ``cluster``; remove models no longer in it."""
     import ray
     from ray import serve
+    from ray.experimental import internal_kv
 
     from workers.ray_replica import FleetReplica
 
@@ -106,23 +108,52 @@ def deploy(
     serve.start(proxy_location="Disabled")  # the fleetserve gateway is the ingress
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     replica: Any = serve.deployment(FleetReplica)  # Serve's overloads confuse mypy here
-    targets = [
-        serve.RunTarget(
-            replica.options(**deployment_options(spec, has_gpus)).bind(
-                spec.model_dump_json(), controller_url
-            ),
-            name=app_name(spec),
-            route_prefix=None,
+    running = _our_apps()
+    targets = []
+    for spec in cluster.models:
+        name, digest = app_name(spec), _digest(spec, controller_url, has_gpus)
+        if name in running and _deployed_digest(name) == digest:
+            console.print(f"{name}: unchanged")
+            continue
+        # Serve restarts every replica of an application it is given again (it versions
+        # deployments itself): only changed models are given, and roll.
+        targets.append(
+            serve.RunTarget(
+                replica.options(**deployment_options(spec, has_gpus)).bind(
+                    spec.model_dump_json(), controller_url
+                ),
+                name=name,
+                route_prefix=None,
+            )
         )
-        for spec in cluster.models
-    ]
-    serve.run_many(targets, wait_for_applications_running=False)
+        internal_kv._internal_kv_put(_digest_key(name), digest, namespace=NAMESPACE)
+    if targets:
+        serve.run_many(targets, wait_for_applications_running=False)
     wanted = {app_name(spec) for spec in cluster.models}
     for name in _our_apps():
         if name not in wanted:
             console.print(f"removing {name} (not in the cluster file any more)")
             serve.delete(name, _blocking=False)
+            internal_kv._internal_kv_del(_digest_key(name), namespace=NAMESPACE)
     return _wait_running(wanted, console)
+
+
+def _digest(spec: ModelSpec, controller_url: str, has_gpus: bool) -> str:
+    """What a model was deployed from: the same digest means nothing to roll."""
+    what = f"{__version__} {spec.model_dump_json()} {controller_url} {has_gpus}"
+    return hashlib.sha256(what.encode()).hexdigest()[:16]
+
+
+def _digest_key(name: str) -> str:
+    # Kept in Ray's own key-value store: it lives with the cluster, not on this machine.
+    return f"deployed/{name}"
+
+
+def _deployed_digest(name: str) -> str | None:
+    from ray.experimental import internal_kv
+
+    value = internal_kv._internal_kv_get(_digest_key(name), namespace=NAMESPACE)
+    return value.decode() if isinstance(value, bytes) else None
 
 
 def _our_apps() -> dict[str, Any]:
@@ -188,11 +219,13 @@ def status(controller_url: str, address: str | None, console: Console) -> int:
 def down(address: str | None, console: Console) -> int:
     """Remove every fleetserve application; each replica drains before it stops."""
     from ray import serve
+    from ray.experimental import internal_kv
 
     _connect(address)
     for name in _our_apps():
         console.print(f"removing {name} (replicas drain first)")
         serve.delete(name)
+        internal_kv._internal_kv_del(_digest_key(name), namespace=NAMESPACE)
     if not serve.status().applications:
         serve.shutdown()
     console.print("done")
