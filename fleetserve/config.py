@@ -316,6 +316,24 @@ class ModelSpec(Strict):
         return flags
 
 
+def engine_args_from_flags(flags: list[str]) -> dict[str, EngineArgValue]:
+    """``--max-num-seqs 8 --enforce-eager`` -> ``{max_num_seqs: "8", enforce_eager: true}``."""
+    args: dict[str, EngineArgValue] = {}
+    i = 0
+    while i < len(flags):
+        flag = flags[i]
+        if not flag.startswith("--"):
+            raise ConfigError(f"engine flag expected, got {flag!r} (flags look like --name value)")
+        key, equals, value = flag[2:].partition("=")
+        if not equals:
+            has_value = i + 1 < len(flags) and not flags[i + 1].startswith("--")
+            value = flags[i + 1] if has_value else ""
+            i += has_value
+        args[key.replace("-", "_")] = value if (equals or value) else True
+        i += 1
+    return args
+
+
 class ClusterConfig(Strict):
     """The cluster file: every model, the controller and the gateway."""
 

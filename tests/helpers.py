@@ -340,8 +340,8 @@ def running_up(
     """
     port = free_port()
     out = log_dir / "up.out"
-    cmd = [sys.executable, "-m", "fleetserve.cli", "up", *args, "--port", str(port)]
-    cmd += ["--controller-port", str(free_port()), "--log-dir", str(log_dir)]
+    cmd = [sys.executable, "-m", "fleetserve.cli", "up", "--port", str(port)]
+    cmd += ["--controller-port", str(free_port()), "--log-dir", str(log_dir), *args]  # `--` last
     with out.open("wb") as sink:
         up = procs.spawn(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
     running = RunningUp(up, port, out)
