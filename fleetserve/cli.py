@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import enum
 import logging
 import os
 import sys
@@ -15,13 +16,16 @@ from pydantic import BaseModel, ValidationError
 
 from fleetserve import __version__, constants
 from fleetserve.config import (
+    ClusterConfig,
     ConfigError,
     ControllerSettings,
+    Device,
     GatewaySettings,
     WorkerSettings,
     default_cluster,
     describe_validation_error,
     load_cluster_file,
+    parse_cluster,
 )
 
 logger = logging.getLogger("fleetserve")
@@ -42,6 +46,7 @@ def add_settings_arguments(
             continue
         annotation = field.annotation
         options: dict[str, Any] = {"dest": name, "help": field.description or ""}
+        flags = ["--" + name.replace("_", "-")]
         if field.is_required():
             options["required"] = True
         else:
@@ -53,20 +58,22 @@ def add_settings_arguments(
         if annotation is bool:
             options["action"] = "store_true"
             options["help"] = field.description or ""
-            flag = "--" + name.replace("_", "-")
         elif typing.get_origin(annotation) is list:
-            # aliases -> repeatable --alias
-            flag = "--" + name.replace("_", "-").removesuffix("es")
+            # aliases -> repeatable --alias (or --aliases), nodes -> --node (or --nodes)
+            plural = "--" + name.replace("_", "-")
+            singular = plural[:-2] if plural.endswith("ses") else plural[:-1]
+            flags = [singular, plural]
             options["action"] = "append"
-            options["metavar"] = flag[2:].upper()
+            options["metavar"] = singular[2:].upper()
         else:
             args = [a for a in typing.get_args(annotation) if a is not type(None)]
             base = args[0] if isinstance(annotation, types.UnionType) and args else annotation
             options["type"] = base if base in (int, float) else str
-            flag = "--" + name.replace("_", "-")
+            if isinstance(base, type) and issubclass(base, enum.Enum):
+                options["choices"] = [member.value for member in base]
         if choices and name in choices:
             options["choices"] = choices[name]
-        parser.add_argument(flag, **options)
+        parser.add_argument(*flags, **options)
 
 
 def settings_from(model: type[BaseModel], args: argparse.Namespace, **extra: Any) -> Any:
@@ -142,18 +149,44 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return run_worker(settings)
 
 
+def _one_model_cluster(args: argparse.Namespace) -> ClusterConfig:
+    """`up --model SOURCE ...`: the cluster file one would write for a single model."""
+    from workers.inventory import discover_machine
+
+    ranks = args.tensor_parallel_size * args.pipeline_parallel_size
+    replicas = args.replicas or max(1, len(discover_machine().gpus) // ranks)  # fill the GPUs
+    source = Path(args.model).expanduser()
+    name = args.name or (source.name if source.is_dir() else args.model)
+    spec = {
+        "name": name,
+        "engine": args.engine,
+        "source": str(source) if source.is_dir() else args.model,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "pipeline_parallel_size": args.pipeline_parallel_size,
+        "replicas": replicas,
+    }
+    return parse_cluster({"models": [spec]}, origin="--model")
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from fleetserve.local import run_local_cluster
 
     try:
-        cluster = load_cluster_file(args.file) if args.file else default_cluster()
+        if args.file:
+            cluster = load_cluster_file(args.file)
+        elif args.model:
+            cluster = _one_model_cluster(args)
+        else:
+            cluster = default_cluster()
+        if args.port is not None:
+            cluster.gateway.port = args.port
+        if args.controller_port is not None:
+            cluster.controller.port = args.controller_port
+        if args.host is not None:
+            cluster.gateway.host = cluster.controller.host = args.host
+        return run_local_cluster(cluster, args.device, args.advertise_host, args.log_dir)
     except ConfigError as exc:
         sys.exit(f"fleetserve up: {exc}")
-    if args.port is not None:
-        cluster.gateway.port = args.port
-    if args.controller_port is not None:
-        cluster.controller.port = args.controller_port
-    return run_local_cluster(cluster, log_dir=args.log_dir)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -191,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from gateway.routing import RoutingPolicy
+    from workers.engines import Engine
 
     up = sub.add_parser(
         "up",
@@ -198,11 +233,45 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a whole cluster here; Ctrl-C stops it cleanly. Without -f: the "
         "tiny demo model on vLLM (made locally on first use).",
     )
-    up.add_argument(
+    source = up.add_mutually_exclusive_group()
+    source.add_argument(
         "-f", "--file", type=Path, help="Cluster YAML file (default: the demo cluster)."
+    )
+    source.add_argument(
+        "--model", help="Serve this one model (hub id or local directory) instead of a file."
+    )
+    one = up.add_argument_group("with --model")
+    one.add_argument("--name", help="The name clients ask for (default: the model id).")
+    one.add_argument(
+        "--engine", default="vllm", choices=sorted(Engine.registry), help="Default: vllm."
+    )
+    one.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per replica.")
+    one.add_argument(
+        "--pipeline-parallel-size", type=int, default=1, help="Pipeline stages per replica."
+    )
+    one.add_argument(
+        "--replicas", type=int, help="Replicas (default: as many as the GPUs hold, at least 1)."
+    )
+    up.add_argument(
+        "--device",
+        type=Device,
+        choices=list(Device),
+        default=Device.AUTO,
+        help="auto: the GPUs when there are any, else vLLM's CPU build for single-rank models; "
+        "cpu: vLLM's CPU build even for TP/PP > 1 (one core per rank). Default: auto.",
     )
     up.add_argument("--port", type=int, help="Gateway port (overrides the file; default 8000).")
     up.add_argument("--controller-port", type=int, help="Controller port (default 8001).")
+    up.add_argument(
+        "--host",
+        help="Address gateway, controller and engines listen on (default 127.0.0.1; "
+        "0.0.0.0 to be reached from other machines).",
+    )
+    up.add_argument(
+        "--advertise-host",
+        help="Address other machines reach this one at; workers register with it "
+        "(default: --host, or 127.0.0.1 for 0.0.0.0).",
+    )
     up.add_argument(
         "--log-dir", type=Path, help="Where component logs go (default: under ~/.cache/fleetserve)."
     )
@@ -244,9 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run one model replica. Flags after `--` go to the engine, e.g. "
         "`fleetserve worker --served-name m --model /models/m -- --max-num-seqs 64`.",
     )
-    from gateway.routing import RoutingPolicy
-    from workers.engines import Engine
-
     registered = {
         "engine": sorted(Engine.registry),
         "routing_policy": sorted(RoutingPolicy.registry),

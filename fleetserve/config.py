@@ -7,6 +7,7 @@ setting is documented once. Everything is validated before any process starts.
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -49,6 +51,14 @@ def check_policy_name(value: str) -> str:
 
 EngineName = Annotated[str, AfterValidator(check_engine_name)]
 PolicyName = Annotated[str, AfterValidator(check_policy_name)]
+
+
+class Device(StrEnum):
+    """What vLLM runs on. ``auto``: the GPUs when there are any, else vLLM's CPU build."""
+
+    AUTO = "auto"
+    CUDA = "cuda"
+    CPU = "cpu"
 
 
 class Strict(BaseModel):
@@ -163,7 +173,29 @@ class WorkerSettings(Strict):
     aliases: list[ModelName] = Field(
         default_factory=list, description="More names for the same model."
     )
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs to shard the model over.")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs to shard the model over (tensor parallel, NCCL)."
+    )
+    pipeline_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="Pipeline stages (GPUs = TP x PP); with --nodes, one stage per node.",
+    )
+    device: Device = Field(
+        Device.AUTO, description="Where vLLM runs; auto: the GPUs if any, else the CPU build."
+    )
+    nodes: list[str] = Field(
+        default_factory=list,
+        description="Node addresses of a replica spanning nodes, head first (repeat, or one "
+        "comma/newline separated list); it runs on a Ray cluster that rank 0 starts.",
+    )
+    node_rank: int = Field(0, ge=0, description="This node's position in --nodes (0: the head).")
+    ray_port: int = Field(
+        constants.RAY_PORT,
+        ge=1,
+        le=65534,
+        description="Port of the Ray head of a multi-node replica (its dashboard: port + 1).",
+    )
     controller_url: str = Field(
         f"http://{constants.DEFAULT_HOST}:{constants.DEFAULT_CONTROLLER_PORT}",
         description="The controller to register with.",
@@ -180,6 +212,33 @@ class WorkerSettings(Strict):
         "least_load", description="How gateways pick among this model's workers."
     )
 
+    @field_validator("nodes", mode="before")
+    @classmethod
+    def _split_nodes(cls, value: Any) -> Any:
+        # SKYPILOT_NODE_IPS is newline separated; accept that and commas as given.
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            value = [n for item in value for n in re.split(r"[\s,]+", str(item)) if n]
+        return value
+
+    @model_validator(mode="after")
+    def _nodes_consistent(self) -> WorkerSettings:
+        if self.nodes and self.node_rank >= len(self.nodes):
+            raise ValueError(f"node_rank {self.node_rank} is not a position in nodes {self.nodes}")
+        if len(self.nodes) > 1 and "pipeline_parallel_size" not in self.model_fields_set:
+            self.pipeline_parallel_size = len(self.nodes)
+        if self.nodes and self.pipeline_parallel_size % len(self.nodes):
+            raise ValueError(
+                f"pipeline_parallel_size {self.pipeline_parallel_size} does not split evenly "
+                f"over {len(self.nodes)} nodes"
+            )
+        return self
+
+    @property
+    def stages_per_node(self) -> int:
+        return self.pipeline_parallel_size // max(len(self.nodes), 1)
+
     @property
     def model_names(self) -> list[str]:
         return [self.served_name, *self.aliases]
@@ -193,6 +252,7 @@ class ModelSpec(Strict):
     engine: EngineName = "vllm"
     source: str = Field("", description="Local path or hub id; the demo model if empty (vllm).")
     tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
     replicas: int = Field(1, ge=1)
     engine_args: dict[str, EngineArgValue] = Field(default_factory=dict)
     routing_policy: PolicyName = "least_load"

@@ -48,3 +48,17 @@ REAPER_STOP_GRACE_S = ENGINE_STOP_GRACE_S + 10.0
 # How often a gateway looks at its keys file's modification time: a revoked key
 # stops working within this long, without a restart (SIGHUP: at once).
 KEYS_FILE_POLL_S = 2.0
+
+# Placement: vLLM's default --gpu-memory-utilization; of that, weights may take
+# at most all but this fraction, or the KV cache is too small to be useful.
+GPU_MEMORY_FRACTION = 0.9
+KV_CACHE_MIN_FRACTION = 0.1
+# Above this many candidate GPU groups, placement takes GPUs in order instead of
+# searching for the closest group (8 GPUs at TP=4 is 70 groups).
+PLACEMENT_MAX_GROUPS = 20_000
+
+# A replica spanning nodes runs on a Ray cluster its head node starts (Ray's own
+# default port); the head's dashboard (port + 1) tells the head when every node joined.
+RAY_PORT = 6379
+# Nodes of a multi-node replica come up at different speeds (cloud provisioning).
+RAY_NODES_TIMEOUT_S = 900.0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import signal
 import subprocess
 import sys
@@ -19,11 +18,12 @@ from rich.console import Console
 from rich.table import Table
 
 from fleetserve import constants, procs
-from fleetserve.config import ClusterConfig, GatewaySettings, KeysFile, ModelSpec
+from fleetserve.config import ClusterConfig, Device, GatewaySettings, KeysFile, ModelSpec, slug
 from fleetserve.demo_model import default_cache_dir, ensure_demo_model
-from fleetserve.protocol import RouteTable
-from workers.engines import vllm_is_cpu_build
-from workers.placement import cpu_thread_binds
+from fleetserve.protocol import RouteTable, WorkerView
+from workers.engines import Engine
+from workers.inventory import discover_machine, read_model_facts
+from workers.placement import ModelFacts, ReplicaNeed, ReplicaPlan, plan_placement
 
 _COMPONENT_START_TIMEOUT_S = 60.0
 # A worker's drain, then its engine's stop, with room to spare.
@@ -56,7 +56,9 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "fleetserve.cli", *args]
 
 
-def _worker_command(spec: ModelSpec, controller_url: str) -> list[str]:
+def _worker_command(
+    spec: ModelSpec, plan: ReplicaPlan, controller_url: str, host: str, advertise_host: str
+) -> list[str]:
     cmd = _cli(
         "worker",
         "--engine",
@@ -65,8 +67,15 @@ def _worker_command(spec: ModelSpec, controller_url: str) -> list[str]:
         spec.name,
         "--controller-url",
         controller_url,
+        "--host",
+        host,
+        "--advertise-host",
+        advertise_host,
     )
     cmd += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
+    cmd += ["--pipeline-parallel-size", str(spec.pipeline_parallel_size)]
+    if plan.device is not None:
+        cmd += ["--device", plan.device.value]
     cmd += ["--routing-policy", spec.routing_policy]
     for alias in spec.aliases:
         cmd += ["--alias", alias]
@@ -75,20 +84,28 @@ def _worker_command(spec: ModelSpec, controller_url: str) -> list[str]:
     return [*cmd, "--", *spec.engine_flags()]
 
 
-def _replica_environments(
-    cluster: ClusterConfig,
-) -> list[tuple[tuple[ModelSpec, int], dict[str, str]]]:
-    """Every replica to start, with the environment placing it on this machine."""
-    replicas = [(spec, i) for spec in cluster.models for i in range(spec.replicas)]
-    envs: list[dict[str, str]] = [{} for _ in replicas]
-    cpu_vllm = [k for k, (spec, _) in enumerate(replicas) if spec.engine == "vllm"]
-    if cpu_vllm and vllm_is_cpu_build() and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-        tp_sizes = [replicas[k][0].tensor_parallel_size for k in cpu_vllm]
-        binds = cpu_thread_binds(tp_sizes, sorted(os.sched_getaffinity(0)))
-        for k, bind in zip(cpu_vllm, binds, strict=True):
-            if bind is not None:
-                envs[k]["VLLM_CPU_OMP_THREADS_BIND"] = bind
-    return list(zip(replicas, envs, strict=True))
+def place_cluster(cluster: ClusterConfig, device: Device) -> list[tuple[ModelSpec, ReplicaPlan]]:
+    """Every replica to start, with where it runs; PlacementError if the machine is too small."""
+    machine = discover_machine()
+    needs = []
+    for spec in cluster.models:
+        uses_accelerator = Engine.registry[spec.engine].uses_accelerator
+        read = uses_accelerator and (machine.gpus or Path(spec.source).is_dir())
+        needs.append(
+            ReplicaNeed(
+                spec.name,
+                replicas=spec.replicas,
+                tensor_parallel_size=spec.tensor_parallel_size,
+                pipeline_parallel_size=spec.pipeline_parallel_size,
+                uses_accelerator=uses_accelerator,
+                facts=read_model_facts(spec.source) if read else ModelFacts(),
+            )
+        )
+    plans = plan_placement(needs, machine, device)
+    specs = {spec.name: spec for spec in cluster.models}
+    for plan in plans:
+        Engine.registry[specs[plan.model].engine].check_device(plan.device)
+    return [(specs[plan.model], plan) for plan in plans]
 
 
 def _gateway_command(g: GatewaySettings, controller_url: str, log_dir: Path) -> list[str]:
@@ -148,6 +165,12 @@ def _console() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=160)
 
 
+def _devices(worker: WorkerView) -> str:
+    """``GPU 0,1``, ``cpu``, ``GPU 0-3 x 2 nodes``; ``-`` for engines without a device."""
+    what = f"GPU {','.join(map(str, worker.gpu_ids))}" if worker.gpu_ids else worker.device or "-"
+    return f"{what} x {worker.nodes} nodes" if worker.nodes > 1 else what
+
+
 def _workers_table(table: RouteTable) -> Table:
     view = Table(title=f"workers (routing table v{table.version})")
     for column in (
@@ -155,7 +178,8 @@ def _workers_table(table: RouteTable) -> Table:
         "worker",
         "state",
         "engine",
-        "TP",
+        "TP x PP",
+        "devices",
         "endpoint",
         "run/wait",
         "KV",
@@ -168,7 +192,8 @@ def _workers_table(table: RouteTable) -> Table:
             w.worker_id,
             w.state.value,
             w.engine,
-            str(w.tensor_parallel_size),
+            f"{w.tensor_parallel_size} x {w.pipeline_parallel_size}",
+            _devices(w),
             w.base_url,
             f"{w.load.running}/{w.load.waiting}",
             f"{100 * w.load.kv_cache_usage:.0f}%",
@@ -187,22 +212,37 @@ def print_status(controller_url: str) -> int:
     return 0
 
 
-def run_local_cluster(cluster: ClusterConfig, log_dir: Path | None = None) -> int:
-    """Start everything, report workers as they become ready, stop it all on Ctrl-C."""
+def _reachable(host: str) -> str:
+    """The address to connect to a server bound to ``host`` from this machine."""
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host
+
+
+def run_local_cluster(
+    cluster: ClusterConfig,
+    device: Device = Device.AUTO,
+    advertise_host: str | None = None,
+    log_dir: Path | None = None,
+) -> int:
+    """Start everything, report workers as they become ready, stop it all on Ctrl-C.
+
+    Raises ConfigError (before starting anything) when the cluster cannot run here.
+    """
     console = _console()
     _check_engines_installed(cluster)
+    for spec in cluster.models:
+        if spec.engine == "vllm" and not spec.source:
+            with console.status("making the tiny demo model (first run only)"):
+                spec.source = str(ensure_demo_model())
+    placed = place_cluster(cluster, device)
     log_dir = log_dir or default_cache_dir().parent / "logs" / datetime.now().strftime(
         "%Y%m%d-%H%M%S"
     )
     log_dir.mkdir(parents=True, exist_ok=True)
 
-    for spec in cluster.models:
-        if spec.engine == "vllm" and not spec.source:
-            with console.status("making the tiny demo model (first run only)"):
-                spec.source = str(ensure_demo_model())
-
     c, g = cluster.controller, cluster.gateway
-    controller_url = f"http://{c.host}:{c.port}"
+    controller_url = f"http://{_reachable(c.host)}:{c.port}"
+    # Workers listen where the gateway does; they register the address others reach them at.
+    advertise_host = advertise_host or _reachable(g.host)
     stopping = False
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -234,13 +274,17 @@ def run_local_cluster(cluster: ClusterConfig, log_dir: Path | None = None) -> in
         _wait_healthy(controller, f"{controller_url}/health", console)
         gateway = _Component("gateway", _gateway_command(g, controller_url, log_dir), log_dir)
         components.append(gateway)
-        _wait_healthy(gateway, f"http://{g.host}:{g.port}/health", console)
-        for (spec, replica), env in _replica_environments(cluster):
-            name = f"worker-{spec.name.replace('/', '_')}-{replica}"
-            workers.append(_Component(name, _worker_command(spec, controller_url), log_dir, env))
+        _wait_healthy(gateway, f"http://{_reachable(g.host)}:{g.port}/health", console)
+        for spec, plan in placed:
+            name = f"worker-{slug(spec.name)}-{plan.replica}"
+            cmd = _worker_command(spec, plan, controller_url, g.host, advertise_host)
+            workers.append(_Component(name, cmd, log_dir, plan.environment()))
+            where = ",".join(map(str, plan.gpu_ids)) or plan.cpu_bind
+            if where:
+                console.print(f"{name}: {plan.device} {where}")
         components.extend(workers)
 
-        endpoint = f"http://{g.host}:{g.port}/v1"
+        endpoint = f"http://{advertise_host}:{g.port}/v1"
         console.print(f"fleetserve gateway: [bold]{endpoint}[/bold]   controller: {controller_url}")
         console.print(f"logs: {log_dir}")
         expected = sum(spec.replicas for spec in cluster.models)

@@ -33,6 +33,10 @@ class Registration(Internal):
     base_url: str = Field(description="The engine's OpenAI base URL, ending in /v1.")
     engine: str
     tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    device: str = Field("", description="cuda, cpu, or empty for an engine without one.")
+    gpu_ids: list[int] = Field(default_factory=list, description="Physical GPU indices used.")
+    nodes: int = Field(1, ge=1, description="Nodes the replica spans.")
     capacity: int = Field(ge=1, description="Requests the engine runs at once.")
     routing_policy: str = Field(
         "least_load", description="How gateways pick among the model's workers."

@@ -42,3 +42,15 @@ def module_log_dir(module: str) -> Path:
     path = ARTIFACTS / module
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests run where NVML sees the GPUs they ask for (``gpu(count)``), else skip."""
+    from workers.inventory import discover_machine
+
+    gpus = len(discover_machine().gpus)
+    for item in items:
+        marker = item.get_closest_marker("gpu")
+        needed = marker.args[0] if marker and marker.args else 1
+        if marker and gpus < needed:
+            item.add_marker(pytest.mark.skip(reason=f"needs {needed} GPU(s); NVML sees {gpus}"))

@@ -311,3 +311,52 @@ class Load:
                     else self.result.failed_before_first_chunk
                 )
                 target.append(f"{type(exc).__name__}: {exc}")
+
+
+@dataclass
+class RunningUp:
+    """A `fleetserve up` started by `running_up`, all of its workers ready."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    out: Path
+
+    def client(self, api_key: str = "x") -> openai.OpenAI:
+        base_url = f"http://127.0.0.1:{self.port}/v1"
+        return openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+
+    def text(self) -> str:
+        return self.out.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def running_up(
+    args: list[str], env: dict[str, str], log_dir: Path, timeout_s: float
+) -> Iterator[RunningUp]:
+    """`fleetserve up ARGS` on free ports until all workers are ready; then Ctrl-C on exit.
+
+    On a clean exit it checks what a user would: exit code 0, "stopped", and no
+    process of the cluster left behind.
+    """
+    port = free_port()
+    out = log_dir / "up.out"
+    cmd = [sys.executable, "-m", "fleetserve.cli", "up", *args, "--port", str(port)]
+    cmd += ["--controller-port", str(free_port()), "--log-dir", str(log_dir)]
+    with out.open("wb") as sink:
+        up = procs.spawn(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    running = RunningUp(up, port, out)
+    try:
+        wait_until(
+            lambda: "all workers ready" in running.text() or up.poll() is not None,
+            timeout_s,
+            "all workers ready",
+        )
+        assert up.poll() is None, running.text()
+        tree = descendants(up.pid)
+        yield running
+        up.send_signal(signal.SIGINT)  # Ctrl-C
+        assert up.wait(120) == 0, running.text()
+        assert not [pid for pid in tree if alive(pid)], "processes outlived `fleetserve up`"
+        assert "stopped" in running.text()
+    finally:
+        procs.stop(up, 5)

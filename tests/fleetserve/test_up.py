@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,19 +9,11 @@ from pathlib import Path
 import openai
 import pytest
 
-from fleetserve import procs
 from gateway.auth import hash_key
-from tests.helpers import alive, descendants, free_port, wait_until
+from tests.helpers import running_up
+from workers.inventory import discover_machine
 
-
-def _up(args: list[str], env: dict[str, str], out: Path) -> subprocess.Popen[bytes]:
-    with out.open("wb") as sink:
-        return procs.spawn(
-            [sys.executable, "-m", "fleetserve.cli", "up", *args],
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _run_until_ready_then_interrupt(
@@ -33,38 +24,14 @@ def _run_until_ready_then_interrupt(
     timeout_s: float,
     api_key: str = "x",
 ) -> str:
-    port = free_port()
-    out = log_dir / "up.out"
-    up = _up(
-        [
-            *args,
-            "--port",
-            str(port),
-            "--controller-port",
-            str(free_port()),
-            "--log-dir",
-            str(log_dir),
-        ],
-        env,
-        out,
-    )
-    try:
-        wait_until(
-            lambda: "all workers ready" in out.read_text() or up.poll() is not None,
-            timeout_s,
-            "all workers ready",
-        )
-        assert up.poll() is None, out.read_text()
-        tree = descendants(up.pid)
-        client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1", api_key=api_key, max_retries=0
-        )
+    with running_up(args, env, log_dir, timeout_s) as up:
+        client = up.client(api_key)
         reply = client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=8
         )
         assert reply.choices[0].message.content
         if api_key != "x":  # the cluster file's keys are in force
-            wrong = openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0)
+            wrong = up.client("wrong")
             with pytest.raises(openai.AuthenticationError):
                 wrong.chat.completions.create(
                     model=model, messages=[{"role": "user", "content": "hi"}]
@@ -75,13 +42,8 @@ def _run_until_ready_then_interrupt(
             )
         )
         assert len(chunks) > 1
-        up.send_signal(signal.SIGINT)  # Ctrl-C
-        assert up.wait(120) == 0
-        assert not [pid for pid in tree if alive(pid)], "processes outlived `fleetserve up`"
-    finally:
-        procs.stop(up, 5)
-    text = out.read_text()
-    assert f"http://127.0.0.1:{port}/v1" in text and "stopped" in text
+    text = up.text()
+    assert f"http://127.0.0.1:{up.port}/v1" in text
     return text
 
 
@@ -105,3 +67,61 @@ def test_up_with_no_file_serves_the_demo_model_on_vllm(
 ) -> None:
     text = _run_until_ready_then_interrupt([], fleet_env, log_dir, "tiny-llama", 300)
     assert "ready tiny-llama (vllm)" in text
+
+
+def test_up_with_one_model_on_the_command_line(fleet_env: dict[str, str], log_dir: Path) -> None:
+    text = _run_until_ready_then_interrupt(
+        ["--model", "any-source", "--name", "echo", "--engine", "fake", "--replicas", "2"],
+        fleet_env,
+        log_dir,
+        "echo",
+        60,
+    )
+    assert text.count("ready echo (fake)") == 2
+
+
+@pytest.mark.skipif(bool(discover_machine().gpus), reason="this machine has GPUs")
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["-f", str(EXAMPLES / "tensor-parallel.yaml")],
+            "this machine has no GPU, and tiny-llama-tp2 asks for tensor_parallel_size 2. "
+            "To run on vLLM's CPU build anyway (one core per rank; slow, for trying things "
+            "out), add --device cpu.",
+        ),
+        (
+            ["-f", str(EXAMPLES / "gpu-node.yaml")],
+            "llama-3.1-8b asks for tensor_parallel_size 2; qwen2.5-32b asks for "
+            "tensor_parallel_size 4",
+        ),
+        (["--device", "cuda"], "--device cuda: no GPU found on this machine"),
+        (
+            ["--model", "m", "--engine", "fake", "-f", "x.yaml"],
+            "argument -f/--file: not allowed with argument --model",
+        ),
+    ],
+)
+def test_up_without_gpus_refuses_what_needs_them(
+    args: list[str], message: str, fleet_env: dict[str, str], tiny_model: Path
+) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fleetserve.cli",
+            "up",
+            *args,
+            "--port",
+            "1",
+            "--log-dir",
+            "/nonexistent",
+        ],
+        env=fleet_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert message in " ".join(done.stderr.split()), done.stderr
+    assert "fleetserve gateway" not in done.stdout  # refused before anything started

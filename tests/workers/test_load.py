@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from workers.load import parse_load
-from workers.placement import cpu_thread_binds
 
 VLLM_METRICS = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.
@@ -27,11 +26,3 @@ def test_load_sums_engines_and_takes_the_fullest_kv_cache() -> None:
 
 def test_no_metrics_means_no_load() -> None:
     assert parse_load("") == parse_load("# nothing here\n")
-
-
-def test_cpu_replicas_get_disjoint_cores() -> None:
-    assert cpu_thread_binds([1, 1], [0, 1]) == ["0", "1"]
-    assert cpu_thread_binds([1, 1], [0, 1, 2, 3, 4]) == ["0,1", "2,3"]
-    assert cpu_thread_binds([2], [0, 1, 2, 3]) == ["0,1|2,3"]  # one range per TP rank
-    assert cpu_thread_binds([1], [0, 1]) == [None]  # one engine: vLLM's own choice
-    assert cpu_thread_binds([2, 1], [0, 1]) == [None, None]  # does not fit: leave it to vLLM

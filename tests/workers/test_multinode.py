@@ -1,0 +1,62 @@
+"""A replica spanning two nodes: rank 0 starts a Ray head, rank 1 joins, then rank 0 serves.
+
+Two "nodes" on loopback (127.0.0.1 and 127.0.0.2) form a real Ray cluster.
+The engine is the fake one: vLLM's CPU build refuses the Ray executor
+("current platform cpu does not support ray"), so the vLLM side of a
+multi-node replica (pipeline stages as Ray actors over NCCL) needs GPUs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from fleetserve import procs
+from tests.conftest import module_log_dir
+from tests.helpers import LocalCluster, alive, descendants, free_port, wait_until
+
+NODES = "127.0.0.1,127.0.0.2"
+
+
+@pytest.fixture(scope="module")
+def cluster(fleet_env: dict[str, str]) -> Iterator[LocalCluster]:
+    c = LocalCluster(module_log_dir("test_multinode"), fleet_env)
+    yield c
+    c.close()
+
+
+def ray_nodes_alive(dashboard: str) -> int:
+    try:
+        nodes = httpx.get(f"{dashboard}/api/v0/nodes", timeout=5).json()["data"]["result"]["result"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return 0
+    return sum(n["state"] == "ALIVE" for n in nodes)
+
+
+def test_a_replica_on_two_nodes_serves_once_both_joined(cluster: LocalCluster) -> None:
+    ray_port = free_port()
+    flags = ["--nodes", NODES, "--ray-port", str(ray_port)]
+    head = cluster.add_worker("spanning", "fake", *flags, "--node-rank", "0")
+    wait_until(
+        lambda: "waiting for nodes to join the Ray cluster: 1/2" in head.log(), 90, "Ray head up"
+    )
+    assert not cluster.worker_ids("spanning")  # not served before every stage has its node
+
+    follower = cluster.add_worker("spanning", "fake", *flags, "--node-rank", "1")
+    (worker_id,) = cluster.wait_workers("spanning", 1, timeout_s=120)
+    assert ray_nodes_alive(f"http://127.0.0.1:{ray_port + 1}") == 2
+    view = next(w for w in cluster.table().workers if w.worker_id == worker_id)
+    assert (view.nodes, view.pipeline_parallel_size) == (2, 2)
+
+    reply = cluster.client().chat.completions.create(
+        model="spanning", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+    )
+    assert reply.choices[0].message.content
+
+    tree = [pid for c in (head, follower) for pid in (c.pid, *descendants(c.pid))]
+    for component in (head, follower):  # SIGTERM: drain, deregister, then Ray goes down too
+        assert procs.stop(component.proc, 60) == 0
+    wait_until(lambda: not [pid for pid in tree if alive(pid)], 30, "no Ray process left")
+    assert not cluster.worker_ids("spanning")
