@@ -246,3 +246,45 @@ def test_cluster_yaml_two_nodes_form_one_cluster(
     finally:
         for node in reversed(nodes):
             node.stop()
+
+
+def test_cluster_yaml_one_replica_spans_two_nodes(
+    tasks: dict[str, dict[str, Any]], fleet_env: dict[str, str], log_dir: Path
+) -> None:
+    """PP_SIZE=2: the head's controller and gateway serve one replica staged over both nodes.
+
+    The fake engine: vLLM's CPU build refuses the Ray executor, so only the stack
+    around a spanning replica (Ray cluster, registration, routing) runs here.
+    """
+    task = tasks["cluster.yaml"]
+    ips = ("127.0.0.1", "127.0.0.2")
+    gateway_port, controller_port = free_port(), free_port()
+    common = {
+        "ENGINE": "fake",
+        "PP_SIZE": "2",
+        "GATEWAY_PORT": str(gateway_port),
+        "CONTROLLER_PORT": str(controller_port),
+        "RAY_PORT": str(free_port()),
+    }
+    base = {**fleet_env, "FLEETSERVE_HOME": str(log_dir / "fleetserve-home")}
+    nodes = [
+        NodeJob(
+            f"rank{rank}",
+            task["run"],
+            skypilot_env(task, base, rank=rank, ips=ips, **common),
+            log_dir,
+        )
+        for rank in (0, 1)
+    ]
+    gateway_url = f"http://127.0.0.1:{gateway_port}"
+    model = task["envs"]["SERVED_NAME"]
+    try:
+        wait_routed(nodes[0], gateway_url, model, 120)
+        (replica,) = _table(f"http://127.0.0.1:{controller_port}").workers
+        assert (replica.nodes, replica.pipeline_parallel_size) == (2, 2)
+        assert _ask(gateway_url, model).parse().choices[0].message.content
+        for node in nodes:  # head first: the replica drains, then the follower's Ray node goes
+            assert node.stop() == 0, node.output()[-3000:]
+    finally:
+        for node in nodes:
+            node.stop()

@@ -208,6 +208,7 @@ def test_cluster_replicas_span_nodes_with_pipeline_parallel(
         flags = _flags(call["argv"])
         assert flags["nodes"] == ",".join(group) and flags["node-rank"] == node_rank
         assert flags["pipeline-parallel-size"] == "2"
+        assert flags["ray-port"] == task["envs"]["RAY_PORT"]
         assert flags["tensor-parallel-size"] == "8"  # TP over each node's GPUs
     assert _flags(head[1]["argv"])["port"] == task["envs"]["GATEWAY_PORT"]
     odd = _calls(task, tmp_path / "odd", rank=1, ips=_IPS, gpus=8, env={"PP_SIZE": 3}, expect_rc=2)
