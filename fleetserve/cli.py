@@ -190,9 +190,25 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from fleetserve.local import print_status
+    from fleetserve.status import make_console, print_status
 
-    return print_status(args.controller_url)
+    return print_status(make_console(), args.controller_url, args.watch)
+
+
+def cmd_ray(args: argparse.Namespace) -> int:
+    from fleetserve import raydeploy
+    from fleetserve.status import make_console
+
+    console = make_console()
+    if args.ray_command == "deploy":
+        try:
+            cluster = load_cluster_file(args.file)
+        except ConfigError as exc:
+            sys.exit(f"fleetserve ray deploy: {exc}")
+        return raydeploy.deploy(cluster, args.controller_url, args.address, console)
+    if args.ray_command == "status":
+        return raydeploy.status(args.controller_url, args.address, console)
+    return raydeploy.down(args.address, console)
 
 
 def cmd_key_new(args: argparse.Namespace) -> int:
@@ -283,7 +299,44 @@ def build_parser() -> argparse.ArgumentParser:
         default=f"http://{constants.DEFAULT_HOST}:{constants.DEFAULT_CONTROLLER_PORT}",
         help="The controller's URL (default: %(default)s).",
     )
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        metavar="SECONDS",
+        help="Redraw every SECONDS (default 2) with tokens/s, until Ctrl-C.",
+    )
     status.set_defaults(func=cmd_status)
+
+    ray = sub.add_parser(
+        "ray",
+        help="Run the workers of a cluster file on a Ray cluster (Ray Serve deployments).",
+        description="Every model's replicas as Ray Serve deployments: Ray places them on "
+        "nodes with the GPUs they need, replaces dead ones and autoscales them. Controller "
+        "and gateway run as usual (`fleetserve controller`, `fleetserve gateway`).",
+    )
+    ray_sub = ray.add_subparsers(dest="ray_command", required=True, metavar="RAY_COMMAND")
+    ray_deploy = ray_sub.add_parser(
+        "deploy",
+        help="Deploy or update the models of a cluster file; rolls changed models "
+        "a replica at a time, each draining first.",
+    )
+    ray_deploy.add_argument("-f", "--file", type=Path, required=True, help="Cluster YAML file.")
+    ray_sub.add_parser("status", help="Ray's replicas next to the workers the controller knows.")
+    ray_sub.add_parser("down", help="Remove every model from Ray; replicas drain first.")
+    for command in ray_sub.choices.values():
+        command.add_argument(
+            "--address",
+            help="The Ray cluster (host:port or ray://host:10001; default: the local one, "
+            "or RAY_ADDRESS).",
+        )
+        command.add_argument(
+            "--controller-url",
+            default=f"http://{constants.DEFAULT_HOST}:{constants.DEFAULT_CONTROLLER_PORT}",
+            help="The fleetserve controller, as the Ray nodes reach it (default: %(default)s).",
+        )
+    ray.set_defaults(func=cmd_ray)
 
     controller = sub.add_parser("controller", help="Run the controller (the worker registry).")
     add_settings_arguments(controller, ControllerSettings)

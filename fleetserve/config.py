@@ -211,6 +211,17 @@ class WorkerSettings(Strict):
     routing_policy: PolicyName = Field(
         "least_load", description="How gateways pick among this model's workers."
     )
+    ray_address: str | None = Field(
+        None,
+        description="Place the engine's ranks on this running Ray cluster (vLLM's Ray "
+        "executor) instead of on this machine's GPUs: `fleetserve ray deploy` does this "
+        "for models with pipeline stages.",
+    )
+    exit_when_engine_dies: bool = Field(
+        False,
+        description="Deregister and exit when the engine dies, instead of restarting it: "
+        "for supervisors that replace replicas themselves (Ray Serve, Kubernetes).",
+    )
 
     @field_validator("nodes", mode="before")
     @classmethod
@@ -244,6 +255,39 @@ class WorkerSettings(Strict):
         return [self.served_name, *self.aliases]
 
 
+class Autoscaling(Strict):
+    """Replicas between bounds, following the load (`fleetserve ray deploy`, SkyServe)."""
+
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(ge=1)
+    target_ongoing_requests: float = Field(
+        constants.TARGET_ONGOING_REQUESTS,
+        gt=0,
+        description="Running + waiting requests per replica to aim for.",
+    )
+    upscale_delay_s: float = Field(
+        constants.UPSCALE_DELAY_S, ge=0, description="Load must stay high this long."
+    )
+    downscale_delay_s: float = Field(
+        constants.DOWNSCALE_DELAY_S, ge=0, description="Load must stay low this long."
+    )
+    look_back_period_s: float = Field(
+        constants.LOOK_BACK_PERIOD_S,
+        gt=constants.RAY_METRICS_PUSH_INTERVAL_S,
+        description="The load is averaged over this window (longer than the "
+        f"{constants.RAY_METRICS_PUSH_INTERVAL_S:.0f} s between load reports).",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) is more than max_replicas "
+                f"({self.max_replicas})"
+            )
+        return self
+
+
 class ModelSpec(Strict):
     """One model of the cluster file and how to serve it."""
 
@@ -256,6 +300,9 @@ class ModelSpec(Strict):
     replicas: int = Field(1, ge=1)
     engine_args: dict[str, EngineArgValue] = Field(default_factory=dict)
     routing_policy: PolicyName = "least_load"
+    autoscaling: Autoscaling | None = Field(
+        None, description="Where replicas are managed by Ray (`fleetserve ray deploy`)."
+    )
 
     def engine_flags(self) -> list[str]:
         """``{max_num_seqs: 8, enforce_eager: true}`` -> ``--max-num-seqs 8 --enforce-eager``."""

@@ -62,3 +62,18 @@ PLACEMENT_MAX_GROUPS = 20_000
 RAY_PORT = 6379
 # Nodes of a multi-node replica come up at different speeds (cloud provisioning).
 RAY_NODES_TIMEOUT_S = 900.0
+
+# Autoscaling defaults (Ray): running + waiting requests per replica to aim for (a
+# vLLM engine batches dozens at once; queueing starts well above that), and delays
+# long enough to ride out a burst without starting a model that takes minutes to load.
+TARGET_ONGOING_REQUESTS = 16.0
+UPSCALE_DELAY_S = 30.0
+DOWNSCALE_DELAY_S = 300.0
+LOOK_BACK_PERIOD_S = 10.0
+# Replicas under Ray Serve report their load this often (Ray's default, 10 s, makes
+# scaling lag the load by that much).
+RAY_METRICS_PUSH_INTERVAL_S = 2.0
+# Ray Serve asks each replica this often whether its worker still runs; a dead
+# one is replaced (the check is a process poll: cheap).
+RAY_HEALTH_CHECK_PERIOD_S = 2.0
+RAY_HEALTH_CHECK_TIMEOUT_S = 10.0

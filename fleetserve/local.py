@@ -15,12 +15,12 @@ from types import FrameType
 import httpx
 import yaml
 from rich.console import Console
-from rich.table import Table
 
 from fleetserve import constants, procs
 from fleetserve.config import ClusterConfig, Device, GatewaySettings, KeysFile, ModelSpec, slug
 from fleetserve.demo_model import default_cache_dir, ensure_demo_model
-from fleetserve.protocol import RouteTable, WorkerView
+from fleetserve.protocol import RouteTable
+from fleetserve.status import fetch_table, make_console, workers_table
 from workers.engines import Engine
 from workers.inventory import discover_machine, read_model_facts
 from workers.placement import ModelFacts, ReplicaNeed, ReplicaPlan, plan_placement
@@ -56,32 +56,27 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "fleetserve.cli", *args]
 
 
-def _worker_command(
-    spec: ModelSpec, plan: ReplicaPlan, controller_url: str, host: str, advertise_host: str
+def worker_command(
+    spec: ModelSpec,
+    controller_url: str,
+    host: str,
+    advertise_host: str,
+    device: Device | None = None,
+    *extra: str,
 ) -> list[str]:
-    cmd = _cli(
-        "worker",
-        "--engine",
-        spec.engine,
-        "--served-name",
-        spec.name,
-        "--controller-url",
-        controller_url,
-        "--host",
-        host,
-        "--advertise-host",
-        advertise_host,
-    )
+    """`fleetserve worker ...` for one replica of ``spec``; ``extra`` flags go before ``--``."""
+    cmd = _cli("worker", "--engine", spec.engine, "--served-name", spec.name)
+    cmd += ["--controller-url", controller_url, "--host", host, "--advertise-host", advertise_host]
     cmd += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
     cmd += ["--pipeline-parallel-size", str(spec.pipeline_parallel_size)]
-    if plan.device is not None:
-        cmd += ["--device", plan.device.value]
+    if device is not None:
+        cmd += ["--device", device.value]
     cmd += ["--routing-policy", spec.routing_policy]
     for alias in spec.aliases:
         cmd += ["--alias", alias]
     if spec.source:
         cmd += ["--model", spec.source]
-    return [*cmd, "--", *spec.engine_flags()]
+    return [*cmd, *extra, "--", *spec.engine_flags()]
 
 
 def place_cluster(cluster: ClusterConfig, device: Device) -> list[tuple[ModelSpec, ReplicaPlan]]:
@@ -154,64 +149,6 @@ def _check_engines_installed(cluster: ClusterConfig) -> None:
         )
 
 
-def _fetch_table(controller_url: str) -> RouteTable:
-    return RouteTable.model_validate_json(
-        httpx.get(f"{controller_url}/workers", timeout=5.0).content
-    )
-
-
-def _console() -> Console:
-    # Not a terminal (a log, CI): wide enough that worker ids and URLs are not cut.
-    return Console() if sys.stdout.isatty() else Console(width=160)
-
-
-def _devices(worker: WorkerView) -> str:
-    """``GPU 0,1``, ``cpu``, ``GPU 0-3 x 2 nodes``; ``-`` for engines without a device."""
-    what = f"GPU {','.join(map(str, worker.gpu_ids))}" if worker.gpu_ids else worker.device or "-"
-    return f"{what} x {worker.nodes} nodes" if worker.nodes > 1 else what
-
-
-def _workers_table(table: RouteTable) -> Table:
-    view = Table(title=f"workers (routing table v{table.version})")
-    for column in (
-        "model (aliases)",
-        "worker",
-        "state",
-        "engine",
-        "TP x PP",
-        "devices",
-        "endpoint",
-        "run/wait",
-        "KV",
-    ):
-        view.add_column(column, no_wrap=True)
-    for w in sorted(table.workers, key=lambda w: (w.model_names[0], w.worker_id)):
-        aliases = f" ({', '.join(w.model_names[1:])})" if len(w.model_names) > 1 else ""
-        view.add_row(
-            w.model_names[0] + aliases,
-            w.worker_id,
-            w.state.value,
-            w.engine,
-            f"{w.tensor_parallel_size} x {w.pipeline_parallel_size}",
-            _devices(w),
-            w.base_url,
-            f"{w.load.running}/{w.load.waiting}",
-            f"{100 * w.load.kv_cache_usage:.0f}%",
-        )
-    return view
-
-
-def print_status(controller_url: str) -> int:
-    console = _console()
-    try:
-        table = _fetch_table(controller_url.rstrip("/"))
-    except httpx.HTTPError as exc:
-        console.print(f"[red]cannot reach the controller at {controller_url}: {exc}[/red]")
-        return 1
-    console.print(_workers_table(table))
-    return 0
-
-
 def _reachable(host: str) -> str:
     """The address to connect to a server bound to ``host`` from this machine."""
     return "127.0.0.1" if host in ("0.0.0.0", "") else host
@@ -227,7 +164,7 @@ def run_local_cluster(
 
     Raises ConfigError (before starting anything) when the cluster cannot run here.
     """
-    console = _console()
+    console = make_console()
     _check_engines_installed(cluster)
     for spec in cluster.models:
         if spec.engine == "vllm" and not spec.source:
@@ -277,7 +214,7 @@ def run_local_cluster(
         _wait_healthy(gateway, f"http://{_reachable(g.host)}:{g.port}/health", console)
         for spec, plan in placed:
             name = f"worker-{slug(spec.name)}-{plan.replica}"
-            cmd = _worker_command(spec, plan, controller_url, g.host, advertise_host)
+            cmd = worker_command(spec, controller_url, g.host, advertise_host, plan.device)
             workers.append(_Component(name, cmd, log_dir, plan.environment()))
             where = ",".join(map(str, plan.gpu_ids)) or plan.cpu_bind
             if where:
@@ -337,7 +274,7 @@ def _report_until_stopped(
             if not component.name.startswith("worker"):
                 return
         try:
-            table = _fetch_table(controller_url)
+            table = fetch_table(controller_url)
         except httpx.HTTPError:
             time.sleep(0.5)
             continue
@@ -352,7 +289,7 @@ def _report_until_stopped(
         ready = len(table.workers)
         if ready >= expected and not announced_ready and _gateway_routes(gateway_url, table):
             announced_ready = True
-            console.print(_workers_table(table))
+            console.print(workers_table(table))
             console.print("all workers ready; press Ctrl-C to stop")
         elif ready < expected and time.monotonic() - last_progress > 10:
             last_progress = time.monotonic()

@@ -25,6 +25,9 @@ class WorkerLoad(Internal):
     running: int = Field(0, ge=0, description="Requests being generated.")
     waiting: int = Field(0, ge=0, description="Requests queued in the engine.")
     kv_cache_usage: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of KV cache in use.")
+    generated_tokens: int = Field(
+        0, ge=0, description="Output tokens generated since the engine started (a counter)."
+    )
 
 
 class Registration(Internal):

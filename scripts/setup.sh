@@ -4,6 +4,7 @@
 #   scripts/setup.sh          the package and vLLM (the CPU build here; the CUDA build where
 #                             nvidia-smi finds a GPU)
 #   scripts/setup.sh --dev    ...plus the test and lint tools, and SkyPilot in .venv-sky
+#   scripts/setup.sh --ray    ...plus Ray, for replicas spanning nodes (`worker --nodes`)
 #   scripts/setup.sh --fake   no vLLM: only the `fake` engine (gateway/routing work, benchmarks)
 #
 # Safe to run again: it does nothing when pyproject.toml and the options did not change.
@@ -18,8 +19,9 @@ fi
 for arg in "$@"; do
     case "$arg" in
         --dev) extras+=(dev) ;;
+        --ray) extras+=(ray) ;;
         --fake) engine="" ;;
-        -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
         *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
     esac
 done

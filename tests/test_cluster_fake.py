@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import select
 import signal
 import time
 from collections.abc import Iterator
@@ -202,6 +203,45 @@ def test_fleetserve_status_shows_workers(cluster: LocalCluster) -> None:
     for worker_id in cluster.worker_ids("echo") | cluster.worker_ids("other"):
         assert worker_id in out
     assert "echo (echo-alias)" in out
+
+
+def test_fleetserve_status_watch_shows_tokens_per_second_under_load(
+    cluster: LocalCluster,
+) -> None:
+    """`status --watch` in a terminal (a pseudo-terminal here) redraws with live tokens/s."""
+    import pty
+    import re
+    import subprocess
+    import sys
+
+    leader, follower = pty.openpty()
+    status = ["status", "--watch", "0.5", "--controller-url", cluster.controller_url]
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "fleetserve.cli", *status],
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        env={**cluster.env, "COLUMNS": "200", "LINES": "50"},
+    )
+    os.close(follower)
+    screen = bytearray()
+    # the echo row of the models table: 2 ready, 0 draining, running, waiting, KV, tok/s
+    echo_row = re.compile(r"│ echo\s+│ 2\s+│ 0\s+│ \d+\s+│ \d+\s+│ \d+%\s+│ (\d+)\s+│")
+
+    def tokens_per_s_shown() -> bool:
+        if select.select([leader], [], [], 0.2)[0]:
+            screen.extend(os.read(leader, 65536))
+        text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
+        return any(int(rate) > 0 for rate in echo_row.findall(text))
+
+    try:
+        with Load(cluster.gateway_url, "echo", concurrency=8):
+            wait_until(tokens_per_s_shown, 20, "a tokens/s figure for echo", every_s=0)
+        watch.send_signal(signal.SIGINT)  # Ctrl-C leaves cleanly
+        assert watch.wait(10) == 0
+    finally:
+        watch.kill()
+        os.close(leader)
 
 
 def test_gateway_metrics_count_requests(cluster: LocalCluster) -> None:

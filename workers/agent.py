@@ -64,6 +64,7 @@ class Agent:
         self._proc: subprocess.Popen[bytes] | None = None  # the engine (rank > 0: the Ray node)
         self._ray: subprocess.Popen[bytes] | None = None  # rank 0 of a multi-node replica
         self.plan = ReplicaPlan(settings.served_name, 0, None)
+        self.exit_code = 0
         self._engine_url = ""
         self._base_url = ""
         self._controller = settings.controller_url.rstrip("/")
@@ -87,7 +88,7 @@ class Agent:
             elif len(self.settings.nodes) <= 1 or await self._start_ray_head():
                 await self._serve_engine()
             await self._shutdown()
-        return 0
+        return self.exit_code
 
     async def _serve_engine(self) -> None:
         """Start, register and supervise the engine, restarting it with backoff, until stopped."""
@@ -99,9 +100,13 @@ class Agent:
                 await self._serve()
             if self._stop.is_set():
                 break
+            code = self._proc.poll() if self._proc else None
+            if self.settings.exit_when_engine_dies:
+                logger.error("engine exited (code %s); exiting (the supervisor replaces us)", code)
+                self.exit_code = 1
+                break
             if time.monotonic() - started > 60:
                 backoff_s = 1.0
-            code = self._proc.poll() if self._proc else None
             logger.error("engine exited (code %s); restarting in %.0fs", code, backoff_s)
             await self._sleep(backoff_s)
             backoff_s = min(backoff_s * 2, constants.ENGINE_RESTART_BACKOFF_MAX_S)
@@ -109,6 +114,8 @@ class Agent:
     def _place(self) -> ReplicaPlan:
         """This replica's GPUs (or cores), checked against the model before anything starts."""
         s = self.settings
+        if s.ray_address:  # vLLM asks Ray for its ranks' GPUs, on whichever nodes have them
+            return ReplicaPlan(s.served_name, 0, None)
         machine = discover_machine()
         facts = ModelFacts()
         if self.engine.uses_accelerator and s.model and (machine.gpus or Path(s.model).is_dir()):
@@ -132,6 +139,8 @@ class Agent:
             env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ["VLLM_CPU_OMP_THREADS_BIND"]
         if len(self.settings.nodes) > 1:
             env["RAY_ADDRESS"] = multinode.head_address(self.settings)
+        elif self.settings.ray_address:
+            env["RAY_ADDRESS"] = self.settings.ray_address
         return env
 
     # -- a replica spanning nodes ---------------------------------------------

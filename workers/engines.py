@@ -98,7 +98,7 @@ class VllmEngine(Engine, name="vllm"):
         cmd += ["--tensor-parallel-size", str(s.tensor_parallel_size)]
         if s.pipeline_parallel_size > 1:
             cmd += ["--pipeline-parallel-size", str(s.pipeline_parallel_size)]
-        if len(s.nodes) > 1:  # ranks on other nodes are Ray actors (workers/multinode.py)
+        if len(s.nodes) > 1 or s.ray_address:  # ranks elsewhere are Ray actors
             cmd += ["--distributed-executor-backend", "ray"]
         if vllm_is_cpu_build():
             if self._flag("--dtype") is None:

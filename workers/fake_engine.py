@@ -45,6 +45,7 @@ class FakeEngine:
         self.ttft_s = ttft_s
         self.running = 0
         self.finished = 0
+        self.generated = 0  # output tokens, as vllm:generation_tokens_total counts them
 
     async def _tokens(self, count: int) -> AsyncIterator[str]:
         if self.ttft_s:
@@ -52,6 +53,7 @@ class FakeEngine:
         for i in range(count):
             if i and self.token_interval_s:
                 await asyncio.sleep(self.token_interval_s)
+            self.generated += 1
             yield f" tok{i}"
 
     async def handle(self, request: Request) -> Response:
@@ -149,6 +151,7 @@ class FakeEngine:
             f'vllm:num_requests_waiting{{model_name="{name}"}} 0\n'
             f'vllm:kv_cache_usage_perc{{model_name="{name}"}} 0.0\n'
             f'vllm:request_success_total{{model_name="{name}"}} {self.finished}\n'
+            f'vllm:generation_tokens_total{{model_name="{name}"}} {self.generated}\n'
         )
         return Response(text, media_type="text/plain; version=0.0.4")
 

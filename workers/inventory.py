@@ -53,12 +53,20 @@ def discover_machine() -> Machine:
                 index=p,
                 memory_bytes=int(pynvml.nvmlDeviceGetMemoryInfo(h).total),
                 name=str(pynvml.nvmlDeviceGetName(h)),
+                busy=_busy(pynvml, h),
             )
             for p, h in zip(positions, handles, strict=True)
         )
         return Machine(gpus=gpus, cpu_cores=cores, distance=_distances(pynvml, handles))
     finally:
         pynvml.nvmlShutdown()
+
+
+def _busy(pynvml: Any, handle: Any) -> bool:
+    try:
+        return bool(pynvml.nvmlDeviceGetComputeRunningProcesses(handle))
+    except pynvml.NVMLError:  # not supported (some vGPUs): assume free
+        return False
 
 
 def _distances(pynvml: Any, handles: list[Any]) -> tuple[tuple[int, ...], ...] | None:

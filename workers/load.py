@@ -10,10 +10,11 @@ from fleetserve.protocol import WorkerLoad
 _RUNNING = "vllm:num_requests_running"
 _WAITING = "vllm:num_requests_waiting"
 _KV_CACHE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+_GENERATED = "vllm:generation_tokens_total"
 
 
 def parse_load(metrics_text: str) -> WorkerLoad:
-    running = waiting = 0.0
+    running = waiting = generated = 0.0
     kv_cache = 0.0
     for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
@@ -23,4 +24,11 @@ def parse_load(metrics_text: str) -> WorkerLoad:
                 waiting += sample.value
             elif sample.name in _KV_CACHE:
                 kv_cache = max(kv_cache, sample.value)
-    return WorkerLoad(running=int(running), waiting=int(waiting), kv_cache_usage=min(kv_cache, 1.0))
+            elif sample.name == _GENERATED:
+                generated += sample.value
+    return WorkerLoad(
+        running=int(running),
+        waiting=int(waiting),
+        kv_cache_usage=min(kv_cache, 1.0),
+        generated_tokens=int(generated),
+    )

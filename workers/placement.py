@@ -25,6 +25,7 @@ class Gpu:
     index: int  # the physical index, as CUDA_VISIBLE_DEVICES and nvidia-smi count
     memory_bytes: int
     name: str = "GPU"
+    busy: bool = False  # another process computes on it already: placement leaves it alone
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,9 @@ class Machine:
         if not self.gpus:
             return "no GPU"
         names = sorted({f"{g.name} {_gib(g.memory_bytes)}" for g in self.gpus})
-        return f"{len(self.gpus)} GPU{'s' if len(self.gpus) > 1 else ''} ({', '.join(names)})"
+        busy = sum(g.busy for g in self.gpus)
+        also = f", {busy} of them busy with other processes" if busy else ""
+        return f"{len(self.gpus)} GPU{'s' if len(self.gpus) > 1 else ''} ({', '.join(names)}){also}"
 
 
 @dataclass(frozen=True)
@@ -207,20 +210,20 @@ def _plan_gpus(needs: list[ReplicaNeed], machine: Machine) -> list[ReplicaPlan]:
     gpu_needs = [n for n in needs if n.uses_accelerator]
     for need in gpu_needs:
         _check_model(need, machine)
+    free = [p for p, gpu in enumerate(machine.gpus) if not gpu.busy]
     total = sum(n.replicas * n.ranks for n in gpu_needs)
-    if total > len(machine.gpus):
+    if total > len(free):
         asked = ", ".join(
             f"{n.model}: {n.replicas} x {n.ranks} = {n.replicas * n.ranks}" for n in gpu_needs
         )
         raise PlacementError(
             f"the cluster needs {total} GPUs ({asked}) but this machine has "
-            f"{machine.describe()}; {_suggest_replicas(gpu_needs, len(machine.gpus))}"
+            f"{machine.describe()}; {_suggest_replicas(gpu_needs, len(free))}"
         )
     # Widest replicas first, so a TP=4 group is not broken up by TP=1 replicas.
     order = sorted(
         ((n, r) for n in gpu_needs for r in range(n.replicas)), key=lambda nr: -nr[0].ranks
     )
-    free = list(range(len(machine.gpus)))
     chosen: dict[tuple[str, int], tuple[int, ...]] = {}
     for need, replica in order:
         group = _best_group(free, need.ranks, machine.distance)
@@ -237,6 +240,11 @@ def _plan_gpus(needs: list[ReplicaNeed], machine: Machine) -> list[ReplicaPlan]:
 
 def _plan_cpu(needs: list[ReplicaNeed], machine: Machine) -> list[ReplicaPlan]:
     cpu_needs = [n for n in needs if n.uses_accelerator]
+    for need in cpu_needs:
+        problem = _heads_problem(need.facts, need.tensor_parallel_size)
+        if problem:
+            sizes = _either(valid_tensor_parallel_sizes(need.facts, len(machine.cpu_cores)))
+            raise PlacementError(f"model {need.model}: {problem}; use {sizes}")
     ranks = [n.ranks for n in cpu_needs for _ in range(n.replicas)]
     if sum(ranks) > len(machine.cpu_cores) and any(r > 1 for r in ranks):
         raise PlacementError(

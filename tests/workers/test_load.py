@@ -1,4 +1,4 @@
-"""Reading an engine's load, and placing CPU replicas on cores."""
+"""Reading an engine's load from its own metrics."""
 
 from __future__ import annotations
 
@@ -16,12 +16,16 @@ vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
 vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.5
 # TYPE vllm:request_success_total counter
 vllm:request_success_total{engine="0",finished_reason="stop",model_name="m"} 7.0
+# TYPE vllm:generation_tokens counter
+vllm:generation_tokens_total{engine="0",model_name="m"} 1200.0
+vllm:generation_tokens_total{engine="1",model_name="m"} 34.0
 """
 
 
 def test_load_sums_engines_and_takes_the_fullest_kv_cache() -> None:
     load = parse_load(VLLM_METRICS)
     assert (load.running, load.waiting, load.kv_cache_usage) == (4, 2, 0.5)
+    assert load.generated_tokens == 1234
 
 
 def test_no_metrics_means_no_load() -> None:

@@ -9,6 +9,7 @@ multi-node replica (pipeline stages as Ray actors over NCCL) needs GPUs.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -60,3 +61,30 @@ def test_a_replica_on_two_nodes_serves_once_both_joined(cluster: LocalCluster) -
         assert procs.stop(component.proc, 60) == 0
     wait_until(lambda: not [pid for pid in tree if alive(pid)], 30, "no Ray process left")
     assert not cluster.worker_ids("spanning")
+
+
+@pytest.mark.gpu(2)
+def test_vllm_pipeline_stages_on_two_ray_nodes_answer_like_one_gpu(
+    cluster: LocalCluster, tiny_model: Path
+) -> None:
+    """Two "nodes" of one GPU each on this machine: vLLM's Ray executor, PP=2, over NCCL."""
+    ray_port = free_port()
+    flags = ["--model", str(tiny_model), "--nodes", NODES, "--ray-port", str(ray_port)]
+    share = ("--gpu-memory-utilization", "0.4")  # pp1 and rank 0 of pp2 share GPU 0
+    for rank in (0, 1):
+        env = {"CUDA_VISIBLE_DEVICES": str(rank)}
+        rank_flags = (*flags, "--node-rank", str(rank))
+        cluster.add_worker("pp2", "vllm", *rank_flags, engine_args=share, env=env)
+    env = {"CUDA_VISIBLE_DEVICES": "0"}
+    cluster.add_worker("pp1", "vllm", "--model", str(tiny_model), engine_args=share, env=env)
+    cluster.wait_workers("pp2", 1, timeout_s=600)
+    cluster.wait_workers("pp1", 1, timeout_s=600)
+    client = cluster.client()
+
+    def answer(model: str) -> str:
+        reply = client.completions.create(
+            model=model, prompt="The capital of France is", max_tokens=16, temperature=0
+        )
+        return reply.choices[0].text
+
+    assert answer("pp2") == answer("pp1")

@@ -201,3 +201,19 @@ def test_cpu_replicas_get_disjoint_cores() -> None:
     assert cpu_thread_binds([2], [0, 1, 2, 3]) == ["0,1|2,3"]  # one range per TP rank
     assert cpu_thread_binds([1], [0, 1]) == [None]  # one engine: vLLM's own choice
     assert cpu_thread_binds([2, 1], [0, 1]) == [None, None]  # does not fit: leave it to vLLM
+
+
+def test_cpu_tensor_parallel_must_divide_the_heads_too() -> None:
+    tiny = ModelFacts(num_attention_heads=4, num_key_value_heads=2, weight_bytes=3_000_000)
+    need = ReplicaNeed("tiny", tensor_parallel_size=3, facts=tiny)
+    with pytest.raises(PlacementError, match="3 does not divide its 4 attention heads; use 1 or 2"):
+        plan_placement([need], Machine(cpu_cores=(0, 1, 2)), Device.CPU)
+
+
+def test_gpus_busy_with_other_processes_are_left_alone() -> None:
+    gpus = tuple(Gpu(i, 80 * GIB, "H100", busy=i in (0, 2)) for i in range(4))
+    m = Machine(gpus=gpus)
+    (plan,) = plan_placement([ReplicaNeed("m", tensor_parallel_size=2)], m, Device.AUTO)
+    assert plan.gpu_ids == (1, 3)
+    with pytest.raises(PlacementError, match="4 GPUs \\(H100 80 GiB\\), 2 of them busy"):
+        plan_placement([ReplicaNeed("m", tensor_parallel_size=4)], m, Device.AUTO)
