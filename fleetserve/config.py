@@ -179,6 +179,14 @@ class WorkerSettings(Strict):
     routing_policy: PolicyName = Field(
         "least_load", description="How gateways pick among this model's workers."
     )
+    status_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of the agent's own HTTP server on --host: /health (200 only while "
+        "the engine is ready and registered: a readiness probe), /live, and /metrics (the "
+        "agent's and the engine's); none: no server.",
+    )
 
     @property
     def model_names(self) -> list[str]:

@@ -36,6 +36,7 @@ from fleetserve.protocol import (
 )
 from workers.engines import Engine
 from workers.load import parse_load
+from workers.status_server import StatusServer
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class Agent:
         self._engine_url = ""
         self._base_url = ""
         self._controller = settings.controller_url.rstrip("/")
+        self.registered = False
+        self.engine_restarts = 0
 
     # -- the main loop -------------------------------------------------------
 
@@ -67,6 +70,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        status = await StatusServer.start(self)  # readiness probe and /metrics, if asked for
         await asyncio.to_thread(self.engine.prepare)
         backoff_s = 1.0
         async with httpx.AsyncClient(timeout=5.0) as http:
@@ -82,9 +86,11 @@ class Agent:
                     backoff_s = 1.0
                 code = self._proc.poll() if self._proc else None
                 logger.error("engine exited (code %s); restarting in %.0fs", code, backoff_s)
+                self.engine_restarts += 1
                 await self._sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, constants.ENGINE_RESTART_BACKOFF_MAX_S)
             await self._shutdown()
+        await status.stop()
         return 0
 
     def _on_signal(self, sig: signal.Signals) -> None:
@@ -103,6 +109,11 @@ class Agent:
 
     def _engine_alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def ready(self) -> bool:
+        """Serving: engine up, registered, not draining (the readiness probe's answer)."""
+        return self.registered and self._engine_alive() and not self._stop.is_set()
 
     # -- engine --------------------------------------------------------------
 
@@ -180,6 +191,7 @@ class Agent:
             return False
         reply = RegistrationReply.model_validate(response.json())
         self.heartbeat_interval_s = reply.heartbeat_interval_s
+        self.registered = True
         logger.info(
             "registered as %s serving %s", self.worker_id, ", ".join(self.settings.model_names)
         )
@@ -197,6 +209,7 @@ class Agent:
         return HeartbeatReply.model_validate(response.json()).known
 
     async def _deregister(self) -> None:
+        self.registered = False
         try:
             await self._http.delete(f"{self._controller}/workers/{self.worker_id}")
         except httpx.HTTPError as exc:
