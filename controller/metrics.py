@@ -12,10 +12,13 @@ from controller.registry import Registry
 from fleetserve.protocol import WorkerState
 
 
-def _by_model(name: str, documentation: str, counts: Counter[str]) -> CounterMetricFamily:
+def _by_model(
+    name: str, documentation: str, counts: Counter[str], models: set[str]
+) -> CounterMetricFamily:
+    """A counter by model, 0 for every model seen: rate() and increase() need the 0 to start."""
     family = CounterMetricFamily(name, documentation, labels=["model"])
-    for model, count in sorted(counts.items()):
-        family.add_metric([model], count)
+    for model in sorted(models | set(counts)):
+        family.add_metric([model], counts.get(model, 0))
     return family
 
 
@@ -53,21 +56,25 @@ class RegistryCollector(Collector):
             "fleetserve_controller_registrations",
             "Worker registrations, re-registrations included.",
             registry.registrations_by_model,
+            models,
         )
         yield _by_model(
             "fleetserve_controller_expirations",
             "Workers dropped for missing heartbeats.",
             registry.expirations_by_model,
+            models,
         )
         yield _by_model(
             "fleetserve_controller_heartbeats",
             "Heartbeats received from known workers.",
             registry.heartbeats_by_model,
+            models,
         )
         yield _by_model(
             "fleetserve_controller_heartbeats_missed",
             "Heartbeat intervals that passed without one from a registered worker.",
             registry.missed_heartbeats_by_model,
+            models,
         )
         # The load each worker reported in its last heartbeat: queue and KV cache per worker.
         gauges = {
