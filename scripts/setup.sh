@@ -33,6 +33,21 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
 fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 
+# tests/deploy run Prometheus and promtool: Debian's `prometheus` package has both.
+if [[ " ${extras[*]:-} " == *" dev "* ]] && ! { command -v prometheus && command -v promtool; } >/dev/null 2>&1; then
+    as_root=(env DEBIAN_FRONTEND=noninteractive)
+    if [ "$(id -u)" != 0 ]; then as_root=(sudo -n "${as_root[@]}"); fi
+    if command -v apt-get >/dev/null 2>&1 && "${as_root[@]}" true 2>/dev/null; then
+        echo "setup.sh: installing Debian's prometheus package (prometheus, promtool)"
+        "${as_root[@]}" apt-get install -y -q prometheus >/dev/null \
+            || { "${as_root[@]}" apt-get update -q >/dev/null \
+                && "${as_root[@]}" apt-get install -y -q prometheus >/dev/null; }
+    else
+        echo "setup.sh: prometheus/promtool missing and not installable here (needs apt-get and" \
+            "root or sudo without a password); the tests that need them will be skipped" >&2
+    fi
+fi
+
 stamp="$(sha256sum pyproject.toml | cut -c1-16) $spec"
 if [ "$(cat .venv/.setup-stamp 2>/dev/null)" = "$stamp" ]; then
     echo "setup.sh: .venv is up to date ($spec)"

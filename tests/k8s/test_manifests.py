@@ -17,6 +17,7 @@ import functools
 import json
 import re
 import subprocess
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,6 @@ import kubernetes_validate.utils
 import pytest
 import referencing
 import yaml
-from importlib_resources import files
 
 from fleetserve import constants
 from fleetserve.cli import build_parser, settings_from
