@@ -109,6 +109,22 @@ def _send_traffic(url: str, cluster: LocalCluster, traffic: Traffic) -> None:
 
     for i in range(20):
         one(stream=i % 2 == 0, max_tokens=8 + i)
+    # Streams that do not ask for usage get none, as without a gateway, yet are counted:
+    # the gateway asked the engine for it and took it out again.
+    prompt_tokens = traffic.prompt_tokens // traffic.ok  # the same messages every time
+    for max_tokens in (5, 9):
+        chunks = list(
+            client.chat.completions.create(
+                model="echo", messages=messages, max_tokens=max_tokens, stream=True
+            )
+        )
+        assert not any(chunk.usage for chunk in chunks)
+        tokens = sum(1 for c in chunks if c.choices and c.choices[0].delta.content)
+        assert tokens == max_tokens  # the fake engine sends one token per chunk
+        traffic.completion_tokens += tokens
+        traffic.prompt_tokens += prompt_tokens
+        traffic.streams += 1
+        traffic.ok += 1
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=messages)
 
