@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,18 +20,16 @@ import openai
 import pytest
 import yaml
 
-from fleetserve import procs
 from fleetserve.protocol import Registration
 from gateway.auth import hash_key
 from tests.conftest import module_log_dir
+from tests.deploy.prometheus import Prometheus
 from tests.deploy.test_prometheus_rules import (
-    PROMETHEUS,
     dashboard_queries,
     metric_names,
     rule_queries,
 )
 from tests.helpers import LocalCluster, descendants, free_port, wait_until
-from tests.tools import require_tool
 
 TOKENS_PER_S = 200.0  # the fake engine's pace: sets what time per output token must read
 KEY = "sk-test-prometheus"
@@ -57,28 +52,9 @@ class Traffic:
 @dataclass
 class Setup:
     cluster: LocalCluster
-    prometheus_url: str
+    prometheus: Prometheus
     traffic: Traffic
     worker_status: dict[str, str]
-
-
-def _write_prometheus_config(
-    directory: Path, cluster: LocalCluster, gateways: list[str], workers: list[str]
-) -> Path:
-    """The shipped config and rules, scraping every second, with this cluster's targets."""
-    shutil.copytree(PROMETHEUS, directory, dirs_exist_ok=True)
-    config_path = directory / "prometheus.yml"
-    config = yaml.safe_load(config_path.read_text())
-    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
-    config_path.write_text(yaml.safe_dump(config))
-    targets = {
-        "gateways.json": gateways,
-        "controller.json": [cluster.controller_url.removeprefix("http://")],
-        "workers.json": workers,
-    }
-    for name, hosts in targets.items():
-        (directory / "targets" / name).write_text(json.dumps([{"targets": hosts}]))
-    return config_path
 
 
 def _send_traffic(url: str, cluster: LocalCluster, traffic: Traffic) -> None:
@@ -171,11 +147,10 @@ def _send_traffic(url: str, cluster: LocalCluster, traffic: Traffic) -> None:
 
 @pytest.fixture(scope="module")
 def setup(fleet_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    prometheus = require_tool("prometheus")
     log_dir = module_log_dir("test_prometheus_scrape")
     tmp = tmp_path_factory.mktemp("prometheus")
     cluster = LocalCluster(log_dir, fleet_env)
-    prometheus_proc: subprocess.Popen[bytes] | None = None
+    prometheus: Prometheus | None = None
     try:
         status_ports = [free_port(), free_port()]
         for port in status_ports:
@@ -195,22 +170,14 @@ def setup(fleet_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -
                 url.removeprefix("http://").removesuffix("/v1"),
             ]
             worker_hosts = [f"127.0.0.1:{port}" for port in status_ports]
-            config = _write_prometheus_config(tmp / "config", cluster, gateway_hosts, worker_hosts)
-            prometheus_port = free_port()
-            log = (log_dir / "prometheus.log").open("ab")
-            prometheus_proc = procs.spawn(
-                [
-                    prometheus,
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={tmp / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{prometheus_port}",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-            prometheus_url = f"http://127.0.0.1:{prometheus_port}"
-            wait_until(
-                lambda: _get(f"{prometheus_url}/-/ready") == 200, 30, "prometheus to be ready"
+            prometheus = Prometheus(
+                tmp,
+                log_dir,
+                {
+                    "gateways.json": gateway_hosts,
+                    "controller.json": [cluster.controller_url.removeprefix("http://")],
+                    "workers.json": worker_hosts,
+                },
             )
             traffic = Traffic()
             _send_traffic(url, cluster, traffic)
@@ -224,10 +191,10 @@ def setup(fleet_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -
                 host: json.loads(httpx.get(f"http://{host}/health").text)["worker_id"]
                 for host in worker_hosts
             }
-            yield Setup(cluster, prometheus_url, traffic, ids)
+            yield Setup(cluster, prometheus, traffic, ids)
     finally:
-        if prometheus_proc is not None:
-            procs.stop(prometheus_proc, 10)
+        if prometheus is not None:
+            prometheus.close()
         cluster.close()
 
 
@@ -239,31 +206,15 @@ def _get(url: str) -> int:
 
 
 def query(setup: Setup, expr: str) -> list[dict[str, Any]]:
-    response = httpx.get(f"{setup.prometheus_url}/api/v1/query", params={"query": expr}, timeout=5)
-    body = response.json()
-    assert body["status"] == "success", body
-    result: list[dict[str, Any]] = body["data"]["result"]
-    return result
+    return setup.prometheus.query(expr)
 
 
 def value(setup: Setup, expr: str) -> float | None:
-    result = query(setup, expr)
-    assert len(result) <= 1, f"{expr} has several series: {result}"
-    return float(result[0]["value"][1]) if result else None
+    return setup.prometheus.value(expr)
 
 
 def eventually(setup: Setup, expr: str, expected: float, timeout_s: float = 20) -> None:
-    """Scrapes are every second: wait until Prometheus has the value the traffic implies."""
-    seen: list[float | None] = []
-
-    def matches() -> bool:
-        seen.append(value(setup, expr))
-        return seen[-1] == expected
-
-    try:
-        wait_until(matches, timeout_s, f"{expr} == {expected}", every_s=0.5)
-    except AssertionError:
-        raise AssertionError(f"{expr}: expected {expected}, last read {seen[-1]}") from None
+    setup.prometheus.eventually(expr, expected, timeout_s)
 
 
 def test_every_target_is_up(setup: Setup) -> None:
