@@ -87,6 +87,8 @@ class UpstreamStream(Response):
                 async for chunk in upstream.iter_chunks():
                     if meter is not None:
                         chunk = meter.feed(chunk)
+                        if not chunk:
+                            continue  # held back (part of an event) or taken out (usage)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except UpstreamError as exc:
                 if listener.done():
