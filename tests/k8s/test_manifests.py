@@ -17,6 +17,7 @@ import functools
 import json
 import re
 import subprocess
+import sys
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,28 @@ def test_every_object_is_valid_for_a_current_kubernetes(overlay: str) -> None:
         "ServiceMonitor",
         "PodMonitor",
     } <= kinds
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kubernetes_validate_command_passes(overlay: str, tmp_path: Path) -> None:
+    """The same check as above through the tool's own command line, as an operator runs it."""
+    path = tmp_path / f"{overlay}.yaml"
+    path.write_text(_render(overlay))
+    version = kubernetes_validate.utils.latest_version()
+    result = subprocess.run(
+        [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", version, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    # what it cannot know: the Prometheus operator's kinds (checked by validate() above)
+    unknown = [line for line in output.splitlines() if not line.startswith("INFO")]
+    assert all("monitoring.coreos.com" in line for line in unknown), output
+    passed = sum(line.startswith("INFO") and "passed" in line for line in output.splitlines())
+    crds = sum(obj["apiVersion"].startswith("monitoring.coreos.com/") for obj in render(overlay))
+    assert passed == len(render(overlay)) - crds
 
 
 def test_validation_catches_a_typo() -> None:
