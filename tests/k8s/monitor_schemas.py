@@ -1,4 +1,4 @@
-"""Strict JSON schemas for the Prometheus operator's ServiceMonitor and PodMonitor.
+"""Strict JSON schemas for the Prometheus operator's ServiceMonitor, PodMonitor, PrometheusRule.
 
 kubernetes-validate knows only Kubernetes' own kinds, not CRDs. These schemas
 cover the fields of monitoring.coreos.com/v1 that k8s/ uses, with the types of
@@ -86,3 +86,42 @@ SCHEMAS = {
         ["selector", "podMetricsEndpoints"],
     ),
 }
+
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_RULE = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["expr"],
+    "oneOf": [{"required": ["record"]}, {"required": ["alert"]}],
+    "properties": {
+        "record": {"type": "string", "minLength": 1},
+        "alert": {"type": "string", "minLength": 1},
+        "expr": {"type": "string", "minLength": 1},
+        "for": DURATION,
+        "keep_firing_for": DURATION,
+        "labels": _STRING_MAP,
+        "annotations": _STRING_MAP,
+    },
+}
+SCHEMAS["PrometheusRule"] = _monitor(
+    "PrometheusRule",
+    {
+        "groups": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name", "rules"],
+                "properties": {
+                    "name": {"type": "string", "minLength": 1},
+                    "interval": DURATION,
+                    "rules": {"type": "array", "items": _RULE},
+                },
+            },
+        }
+    },
+    ["groups"],
+)
+# a PrometheusRule has no selector
+del SCHEMAS["PrometheusRule"]["properties"]["spec"]["properties"]["selector"]

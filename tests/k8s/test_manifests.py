@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import importlib.util
 import json
 import re
 import subprocess
@@ -188,7 +189,18 @@ def test_every_object_is_valid_for_a_current_kubernetes(overlay: str) -> None:
         "NetworkPolicy",
         "ServiceMonitor",
         "PodMonitor",
+        "PrometheusRule",
     } <= kinds
+
+
+def test_prometheus_rule_carries_the_unit_tested_rules() -> None:
+    """k8s/base/prometheusrule.yaml is deploy/prometheus's rule file, regenerated."""
+    path = ROOT / "deploy" / "prometheus" / "prometheusrule.py"
+    spec = importlib.util.spec_from_file_location("prometheusrule", path)
+    assert spec is not None and spec.loader is not None
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    assert generator.TARGET.read_text() == generator.render(), f"run python {path}"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
