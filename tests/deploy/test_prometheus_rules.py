@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -89,3 +90,12 @@ def test_every_dashboard_query_parses(tmp_path: Path) -> None:
     titles = " ".join(panel["title"].lower() for panel in panels)
     for wanted in ("throughput", "latency", "first token", "queue", "kv-cache", "errors"):
         assert wanted in titles, f"the dashboard has no {wanted} panel"
+
+
+def test_dashboard_is_what_its_generator_writes() -> None:
+    path = DASHBOARD.with_name("dashboard.py")
+    spec = importlib.util.spec_from_file_location("dashboard", path)
+    assert spec is not None and spec.loader is not None
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    assert json.loads(DASHBOARD.read_text()) == generator.dashboard(), f"run python {path}"
