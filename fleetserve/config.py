@@ -222,6 +222,14 @@ class WorkerSettings(Strict):
         description="Deregister and exit when the engine dies, instead of restarting it: "
         "for supervisors that replace replicas themselves (Ray Serve, Kubernetes).",
     )
+    status_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of the agent's own HTTP server on --host: /health (200 only while "
+        "the engine is ready and registered: a readiness probe), /live, and /metrics (the "
+        "agent's and the engine's); none: no server.",
+    )
 
     @field_validator("nodes", mode="before")
     @classmethod

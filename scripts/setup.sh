@@ -35,6 +35,25 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
 fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 
+# The tests run Debian tools: Prometheus and promtool (tests/deploy), chromium (the chat
+# page's browser test). Installed when missing, as root or with sudo without a password.
+if [[ " ${extras[*]:-} " == *" dev "* ]]; then
+    packages=()
+    { command -v prometheus && command -v promtool; } >/dev/null 2>&1 || packages+=(prometheus)
+    command -v chromium >/dev/null 2>&1 || packages+=(chromium)
+    as_root=(env DEBIAN_FRONTEND=noninteractive)
+    if [ "$(id -u)" != 0 ]; then as_root=(sudo -n "${as_root[@]}"); fi
+    if [ ${#packages[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1 && "${as_root[@]}" true 2>/dev/null; then
+        echo "setup.sh: installing Debian packages: ${packages[*]}"
+        "${as_root[@]}" apt-get install -y -q "${packages[@]}" >/dev/null \
+            || { "${as_root[@]}" apt-get update -q >/dev/null \
+                && "${as_root[@]}" apt-get install -y -q "${packages[@]}" >/dev/null; }
+    elif [ ${#packages[@]} -gt 0 ]; then
+        echo "setup.sh: ${packages[*]} missing and not installable here (needs apt-get and" \
+            "root or sudo without a password); the tests that need them will be skipped" >&2
+    fi
+fi
+
 if [[ " ${extras[*]:-} " == *" dev "* ]]; then
     # SkyPilot parses deploy/*.yaml in tests/deploy. It gets a venv of its own: skypilot 0.14.1
     # pins click and uvicorn older than the ones fleetserve runs with.
