@@ -323,13 +323,7 @@ def _engine_command(job: NodeJob) -> list[str]:
 @pytest.mark.parametrize(
     ("name", "rank"),
     [
-        pytest.param(
-            "serve.yaml",
-            0,
-            marks=pytest.mark.xfail(
-                strict=True, reason="`fleetserve up --model` drops the engine flags after `--`"
-            ),
-        ),
+        ("serve.yaml", 0),  # `fleetserve up --model ... -- FLAGS`
         ("cluster.yaml", 1),  # a node's `fleetserve worker`
     ],
 )
