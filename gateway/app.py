@@ -24,7 +24,8 @@ import orjson
 from fastapi import FastAPI, Request
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
 
 from fleetserve import constants
@@ -298,6 +299,9 @@ class Gateway:
             self.keys.reload_if_changed()
 
 
+CHAT_PAGE_DIR = Path(__file__).resolve().parent / "chat"
+
+
 def _build_api(gateway: Gateway) -> FastAPI:
     api = FastAPI(title="fleetserve gateway", lifespan=gateway.lifespan)
     install_error_handlers(api)
@@ -333,6 +337,12 @@ def _build_api(gateway: Gateway) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    # The chat page: static files, no build step; it calls the OpenAI API above.
+    @api.get("/", include_in_schema=False)
+    async def chat_page() -> FileResponse:
+        return FileResponse(CHAT_PAGE_DIR / "index.html")
+
+    api.mount("/chat", StaticFiles(directory=CHAT_PAGE_DIR), name="chat")
     return api
 
 
