@@ -200,16 +200,20 @@ class LocalCluster:
 
     @contextlib.contextmanager
     def extra_gateway(self, name: str, *flags: str) -> Iterator[tuple[Component, str]]:
-        """Another gateway of this cluster with ``flags``, once it routes echo: (it, /v1 URL)."""
+        """Another gateway of this cluster with ``flags``, once it routes every model the
+        controller has: (it, /v1 URL)."""
         port = free_port()
         args = ["gateway", "--port", str(port), "--controller-url", self.controller_url, *flags]
         gateway = self._start(name, args)
+        models = {name for w in self.table().workers for name in w.model_names}
         try:
             gateway.wait_http(f"http://127.0.0.1:{port}/health")
             wait_until(
-                lambda: "echo" in httpx.get(f"http://127.0.0.1:{port}/health").json()["models"],
+                lambda: (
+                    models <= set(httpx.get(f"http://127.0.0.1:{port}/health").json()["models"])
+                ),
                 30,
-                f"{name} to route echo",
+                f"{name} to route {sorted(models)}",
             )
             yield gateway, f"http://127.0.0.1:{port}/v1"
         finally:

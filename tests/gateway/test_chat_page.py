@@ -80,3 +80,31 @@ def test_chat_stream_stop_and_switch_models(cluster: LocalCluster) -> None:
         finally:
             browser.close()
     assert errors == []
+
+
+def test_a_gateway_with_keys_asks_for_one(cluster: LocalCluster) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    from gateway.auth import hash_key
+
+    keys = LOG_DIR / "keys.yaml"
+    keys.write_text(f"keys: [{{name: me, key_sha256: {hash_key('sk-page')}, models: [fast]}}]\n")
+    with (
+        cluster.extra_gateway("keyed", "--keys-file", str(keys)) as (_, url),
+        sync_playwright() as p,
+    ):
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(url.removesuffix("/v1") + "/")
+            expect(page.locator("#status")).to_contain_text("API key")  # the 401's message
+            expect(page.locator("#model option")).to_have_count(0)
+            page.fill("#api-key", "sk-page")
+            page.dispatch_event("#api-key", "change")
+            expect(page.locator("#model option")).to_have_count(1)  # the key sees `fast` only
+            page.fill("#max-tokens", "4")
+            page.fill("#prompt", "hi")
+            page.click("#send")
+            expect(page.locator(".assistant").first).to_contain_text("tok3")
+        finally:
+            browser.close()
