@@ -219,6 +219,12 @@ class LocalCluster:
         finally:
             gateway.stop()
 
+    def engine_metric(self, model: str, name: str) -> float:
+        """A sample of the engine of ``model``'s only worker, read from its own /metrics."""
+        (worker,) = [w for w in self.table().workers if model in w.model_names]
+        metrics = httpx.get(worker.base_url.removesuffix("/v1") + "/metrics", timeout=5).text
+        return float(next(x for x in metrics.splitlines() if x.startswith(name)).split()[-1])
+
     def client(self, **kwargs: Any) -> openai.OpenAI:
         # max_retries=0: a failure must show, not be hidden by the client's own retries.
         return openai.OpenAI(

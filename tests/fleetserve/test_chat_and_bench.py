@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pexpect
-import pytest
 
 from tests.conftest import module_log_dir
 from tests.helpers import LocalCluster, wait_until
@@ -17,30 +14,12 @@ from tests.helpers import LocalCluster, wait_until
 LOG_DIR = module_log_dir("test_chat_and_bench")
 
 
-@pytest.fixture(scope="module")
-def cluster(fleet_env: dict[str, str]) -> Iterator[LocalCluster]:
-    c = LocalCluster(LOG_DIR, fleet_env)
-    c.add_worker("fast", "fake")
-    c.add_worker("slow", "fake", engine_args=("--tokens-per-s", "20"))
-    c.wait_workers("fast", 1, timeout_s=30)
-    c.wait_workers("slow", 1, timeout_s=30)
-    yield c
-    c.close()
-
-
-def engine_counter(cluster: LocalCluster, model: str, name: str) -> int:
-    (worker,) = [w for w in cluster.table().workers if model in w.model_names]
-    metrics = httpx.get(worker.base_url.removesuffix("/v1") + "/metrics").text
-    line = next(x for x in metrics.splitlines() if x.startswith(name))
-    return int(float(line.split()[-1]))
-
-
-def test_terminal_chat_streams_switches_and_stops(cluster: LocalCluster) -> None:
-    url = f"{cluster.gateway_url}/v1"
+def test_terminal_chat_streams_switches_and_stops(fast_and_slow: LocalCluster) -> None:
+    url = f"{fast_and_slow.gateway_url}/v1"
     chat = pexpect.spawn(
         sys.executable,
         ["-m", "fleetserve.cli", "chat", "--url", url, "--model", "fast", "--max-tokens", "200"],
-        env={**cluster.env, "NO_COLOR": "1", "TERM": "dumb"},
+        env={**fast_and_slow.env, "NO_COLOR": "1", "TERM": "dumb"},
         encoding="utf-8",
         timeout=20,
     )
@@ -61,7 +40,7 @@ def test_terminal_chat_streams_switches_and_stops(cluster: LocalCluster) -> None
         chat.expect_exact("(stopped; ")
         chat.expect_exact("slow> ")
         wait_until(
-            lambda: engine_counter(cluster, "slow", "vllm:num_requests_running") == 0,
+            lambda: fast_and_slow.engine_metric("slow", "vllm:num_requests_running") == 0,
             10,
             "the slow engine to stop generating",
         )
@@ -99,13 +78,21 @@ def run_bench(cluster: LocalCluster, out_dir: Path, *args: str) -> tuple[str, di
 
 
 def test_bench_sweeps_concurrency_and_reports_what_was_sent(
-    cluster: LocalCluster, tmp_path: Path
+    fast_and_slow: LocalCluster, tmp_path: Path
 ) -> None:
-    before = engine_counter(cluster, "fast", "vllm:generation_tokens_total")
-    requests_before = engine_counter(cluster, "fast", "vllm:request_success_total")
+    before = fast_and_slow.engine_metric("fast", "vllm:generation_tokens_total")
+    requests_before = fast_and_slow.engine_metric("fast", "vllm:request_success_total")
     fixed = ["--output-len", "16", "--len-spread", "0"]
     out, report = run_bench(
-        cluster, tmp_path, "--model", "fast", "--concurrency", "1,4", "--num-prompts", "20", *fixed
+        fast_and_slow,
+        tmp_path,
+        "--model",
+        "fast",
+        "--concurrency",
+        "1,4",
+        "--num-prompts",
+        "20",
+        *fixed,
     )
     assert "concurrency 1" in out and "concurrency 4" in out and "TTFT p50/p90/p99 ms" in out
     levels = report["levels"]
@@ -115,31 +102,25 @@ def test_bench_sweeps_concurrency_and_reports_what_was_sent(
     ]
     assert all(r["output_tokens"] == 16 for lv in levels for r in lv["results"])
     # the engine saw exactly what the bench says it sent
-    assert engine_counter(cluster, "fast", "vllm:request_success_total") - requests_before == 40
+    assert fast_and_slow.engine_metric("fast", "vllm:request_success_total") - requests_before == 40
     sent_tokens = sum(r["output_tokens"] for lv in levels for r in lv["results"])
     assert sent_tokens == 640
-    assert engine_counter(cluster, "fast", "vllm:generation_tokens_total") - before == 640
+    assert fast_and_slow.engine_metric("fast", "vllm:generation_tokens_total") - before == 640
     assert all(lv["ttft_ms"]["p50"] <= lv["latency_ms"]["p50"] for lv in levels)
     (png,) = tmp_path.glob("bench-*.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_at_a_request_rate_from_a_prompts_file(cluster: LocalCluster, tmp_path: Path) -> None:
+def test_bench_at_a_request_rate_from_a_prompts_file(
+    fast_and_slow: LocalCluster, tmp_path: Path
+) -> None:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
         '{"prompt": "hello", "max_tokens": 5}\n'
         '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 7}\n'
     )
-    _, report = run_bench(
-        cluster,
-        tmp_path / "out",
-        "--request-rate",
-        "40",
-        "--prompts",
-        str(prompts),
-        "--num-prompts",
-        "6",
-    )  # no --model: the first one the endpoint lists
+    rate = ["--request-rate", "40", "--prompts", str(prompts), "--num-prompts", "6"]
+    _, report = run_bench(fast_and_slow, tmp_path / "out", *rate)  # no --model: the first listed
     (level,) = report["levels"]
     assert (level["mode"], level["requests"], level["errors"]) == ("rate", 6, 0)
     assert sorted(r["output_tokens"] for r in level["results"]) == [5, 5, 5, 7, 7, 7]

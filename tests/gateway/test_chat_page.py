@@ -7,9 +7,7 @@ whose long answer is stopped from the page.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 
-import httpx
 import pytest
 
 from tests.conftest import module_log_dir
@@ -22,25 +20,7 @@ pytestmark = pytest.mark.skipif(
 LOG_DIR = module_log_dir("test_chat_page")
 
 
-@pytest.fixture(scope="module")
-def cluster(fleet_env: dict[str, str]) -> Iterator[LocalCluster]:
-    c = LocalCluster(LOG_DIR, fleet_env)
-    c.add_worker("fast", "fake")
-    c.add_worker("slow", "fake", engine_args=("--tokens-per-s", "20"))
-    c.wait_workers("fast", 1, timeout_s=30)
-    c.wait_workers("slow", 1, timeout_s=30)
-    yield c
-    c.close()
-
-
-def engine_running(cluster: LocalCluster, model: str) -> int:
-    (worker,) = [w for w in cluster.table().workers if model in w.model_names]
-    metrics = httpx.get(worker.base_url.removesuffix("/v1") + "/metrics").text
-    line = next(x for x in metrics.splitlines() if x.startswith("vllm:num_requests_running"))
-    return int(float(line.split()[-1]))
-
-
-def test_chat_stream_stop_and_switch_models(cluster: LocalCluster) -> None:
+def test_chat_stream_stop_and_switch_models(fast_and_slow: LocalCluster) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
@@ -49,7 +29,7 @@ def test_chat_stream_stop_and_switch_models(cluster: LocalCluster) -> None:
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         try:
-            page.goto(cluster.gateway_url + "/")
+            page.goto(fast_and_slow.gateway_url + "/")
             expect(page.locator("#model option")).to_have_count(2)
 
             # a short answer from the fast model, streamed into the page, with its figures
@@ -69,12 +49,16 @@ def test_chat_stream_stop_and_switch_models(cluster: LocalCluster) -> None:
             page.press("#prompt", "Enter")
             second = page.locator(".assistant").nth(1)
             expect(second).to_contain_text("tok3", timeout=15_000)  # streaming, not at the end
-            assert engine_running(cluster, "slow") == 1
+            assert fast_and_slow.engine_metric("slow", "vllm:num_requests_running") == 1
             page.click("#stop")
             expect(second.locator(".stats")).to_contain_text("stopped · slow")
             assert "tok399" not in second.inner_text()
             # closing the stream reached the engine: it stopped generating
-            wait_until(lambda: engine_running(cluster, "slow") == 0, 10, "the engine to abort")
+            wait_until(
+                lambda: fast_and_slow.engine_metric("slow", "vllm:num_requests_running") == 0,
+                10,
+                "the engine to abort",
+            )
             expect(page.locator("#send")).to_be_enabled()
             page.screenshot(path=str(LOG_DIR / "chat-page.png"), full_page=True)
         finally:
@@ -82,7 +66,7 @@ def test_chat_stream_stop_and_switch_models(cluster: LocalCluster) -> None:
     assert errors == []
 
 
-def test_a_gateway_with_keys_asks_for_one(cluster: LocalCluster) -> None:
+def test_a_gateway_with_keys_asks_for_one(fast_and_slow: LocalCluster) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     from gateway.auth import hash_key
@@ -90,7 +74,7 @@ def test_a_gateway_with_keys_asks_for_one(cluster: LocalCluster) -> None:
     keys = LOG_DIR / "keys.yaml"
     keys.write_text(f"keys: [{{name: me, key_sha256: {hash_key('sk-page')}, models: [fast]}}]\n")
     with (
-        cluster.extra_gateway("keyed", "--keys-file", str(keys)) as (_, url),
+        fast_and_slow.extra_gateway("keyed", "--keys-file", str(keys)) as (_, url),
         sync_playwright() as p,
     ):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
