@@ -15,6 +15,8 @@ This module builds its app with ``create_app`` and adds:
 
 ARGS are llama-cpp-python's model settings as flags, ``--n-ctx 2048`` or
 ``--n_ctx=2048``; a flag without a value is ``true``. Unknown names are refused.
+``--use-extra-bufts true|false`` turns llama.cpp's weight repacking (AMX on
+Xeons) on or off; default off where the CPU has AMX (see set_extra_buffers).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
 from typing import Any
 
 Scope = MutableMapping[str, Any]
@@ -30,6 +33,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+# Our own setting (llama.cpp's model parameter of that name); see set_extra_buffers.
+_EXTRA_BUFFERS = "use_extra_bufts"
 # Requests that generate; /health, /metrics and /v1/models do not load the engine.
 _GENERATING_PREFIXES = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
 
@@ -109,6 +114,33 @@ def openai_sampling_defaults() -> None:
         request.model_rebuild(force=True)
 
 
+def cpu_has_amx() -> bool:
+    try:
+        return " amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def set_extra_buffers(enabled: bool) -> None:
+    """Whether llama.cpp repacks weights into "extra" CPU buffer types (AMX, ...).
+
+    On this machine's Xeon (AMX advertised) every quantized model (q8_0, q4_k_m)
+    died with SIGSEGV in ggml_backend_amx_mul_mat on its first token; with the
+    repacking off they run and answer like f32. llama-cpp-python 0.3.36 has no
+    setting for it, so its default model parameters are wrapped.
+    """
+    import llama_cpp.llama_cpp as bindings
+
+    default_params = bindings.llama_model_default_params
+
+    def model_params() -> Any:
+        params = default_params()
+        params.use_extra_bufts = enabled
+        return params
+
+    bindings.llama_model_default_params = model_params
+
+
 def build_app(model: str, served_names: list[str], engine_args: list[str]) -> Any:
     openai_sampling_defaults()
     from fastapi.responses import PlainTextResponse
@@ -117,7 +149,9 @@ def build_app(model: str, served_names: list[str], engine_args: list[str]) -> An
 
     # What fleetserve sets itself (the file, names, address) is not an engine argument.
     known = set(ModelSettings.model_fields) - {"model", "model_alias"}
-    values: dict[str, Any] = parse_engine_args(engine_args, known)
+    values: dict[str, Any] = parse_engine_args(engine_args, known | {_EXTRA_BUFFERS})
+    extra_buffers = values.pop(_EXTRA_BUFFERS, "false" if cpu_has_amx() else "true")
+    set_extra_buffers(extra_buffers.lower() in ("1", "true", "yes", "on"))
     values.setdefault("verbose", "false")  # llama.cpp's load log is pages long
     model_settings = ModelSettings(model=model, model_alias=served_names[0], **values)
     # True would end a streaming answer as soon as another request arrives.
