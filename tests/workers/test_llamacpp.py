@@ -28,8 +28,6 @@ pytestmark = pytest.mark.vllm
 
 HF_NAME = "tiny-llama"
 GGUF_NAME = "tiny-llama-f32"  # the cache's name for the converted file: `model list` shows it
-# Greedy continuations that stay valid UTF-8: a byte-level BPE can stop mid-character,
-# and engines render such a cut differently (U+FFFD or nothing) although the tokens agree.
 PROMPTS = ("The logging module", "json.dumps(obj) -> str")
 
 
@@ -143,9 +141,11 @@ def test_gguf_f32_answers_like_the_hf_model(cluster: LocalCluster, tiny_model: P
             f"transformers: {expected!r}\nllama.cpp:    {gguf_text!r}\nvLLM:         {vllm_text!r}"
         )
         assert expected.strip()
-        assert gguf_text == expected
-        assert gguf_streamed == expected
         assert vllm_text == expected
+        # The byte-level tokens of a random model often cut a UTF-8 character; transformers
+        # and vLLM render the cut bytes as U+FFFD, llama-cpp-python drops them.
+        assert gguf_text == expected.replace("\ufffd", "")
+        assert gguf_streamed == gguf_text
 
 
 def _engine_load(base_url: str) -> tuple[int, int]:
