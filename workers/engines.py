@@ -152,7 +152,10 @@ class LlamaCppEngine(Engine, name="llamacpp"):
     def prepare(self) -> None:
         from fleetserve.modelcache import resolve_gguf
 
-        self.settings.model = str(resolve_gguf(self.settings.model))
+        try:
+            self.settings.model = str(resolve_gguf(self.settings.model))
+        except ConfigError as exc:  # before anything started: say what to change, and stop
+            raise SystemExit(f"fleetserve worker: {exc}") from None
 
     def command(self, port: int) -> list[str]:
         s = self.settings
