@@ -6,6 +6,7 @@ the `openai` client. Nothing is mocked: llama-cpp-python's server runs the file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -183,6 +184,26 @@ def test_quantized_files_are_smaller_and_listed(
     listing = _fleetserve(fleet_env, "model", "list", "--controller-url", "http://127.0.0.1:9")
     (row,) = [line for line in listing.stdout.splitlines() if "tiny-llama-q4_k_m" in line]
     assert "q4_k_m" in row.split("│")[4]
+
+
+def test_a_killed_llamacpp_engine_is_restarted_and_serves_again(cluster: LocalCluster) -> None:
+    worker = next(c for c in cluster.components if c.name == f"worker-{GGUF_NAME}-0")
+
+    def engine_pid() -> int | None:
+        for pid in descendants(worker.pid):
+            with contextlib.suppress(FileNotFoundError):
+                if b"workers.llamacpp_server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+        return None
+
+    first = engine_pid()
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: not cluster.worker_ids(GGUF_NAME), 15, "the dead engine's worker to leave")
+    wait_until(lambda: cluster.worker_ids(GGUF_NAME), 60, "the restarted engine to register")
+    assert engine_pid() not in (None, first)
+    text, _ = _complete(cluster.client(), GGUF_NAME, stream=True)
+    assert text
 
 
 def test_sigterm_drains_the_llamacpp_worker_with_zero_failed_requests(
