@@ -27,8 +27,10 @@ class CachedModel:
 
 def gguf_file_type(path: Path) -> str:
     """The GGUF file's ``general.file_type`` as llama.cpp names it (``q4_k_m``)."""
-    import gguf
-
+    try:
+        import gguf
+    except ImportError:  # the llamacpp extra brings it
+        return "unknown (needs the gguf package)"
     reader = gguf.GGUFReader(path)
     item = reader.get_field("general.file_type")
     if item is None:
