@@ -9,9 +9,9 @@ This module builds its app with ``create_app`` and adds:
 - ``GET /health``: 200 once the app exists. ``create_app`` loads the model
   before the port opens, so an answer means the model is loaded.
 - OpenAI's sampling defaults (no repetition penalty unless asked for).
-- ``GET /metrics``: in-flight requests counted by an ASGI middleware, in
-  vLLM's metric names (workers/load.py reads those): one request runs, the
-  others wait for the lock.
+- ``GET /metrics``: in-flight requests and generated tokens counted by an ASGI
+  middleware, in vLLM's metric names (workers/load.py reads those): one
+  request runs, the others wait for the lock.
 
 ARGS are llama-cpp-python's model settings as flags, ``--n-ctx 2048`` or
 ``--n_ctx=2048``; a flag without a value is ``true``. Unknown names are refused.
@@ -22,6 +22,7 @@ Xeons) on or off; default off where the CPU has AMX (see set_extra_buffers).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
@@ -40,10 +41,11 @@ _GENERATING_PREFIXES = ("/v1/completions", "/v1/chat/completions", "/v1/embeddin
 
 
 class InFlightCount:
-    """Generating requests now in the server, as vLLM-named Prometheus gauges."""
+    """Generating requests now in the server and tokens generated, as vLLM-named metrics."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.generated_tokens = 0
 
     def metrics(self) -> str:
         running = min(self.count, 1)  # the server's lock lets one request generate at a time
@@ -53,7 +55,30 @@ class InFlightCount:
             f"vllm:num_requests_running {running}\n"
             "# TYPE vllm:num_requests_waiting gauge\n"
             f"vllm:num_requests_waiting {waiting}\n"
+            "# TYPE vllm:generation_tokens_total counter\n"
+            f"vllm:generation_tokens_total {self.generated_tokens}\n"
         )
+
+
+def tokens_in_answer(body: bytes, streamed: bool) -> int:
+    """Output tokens in an answer: its usage, or (streams carry none) its token chunks.
+
+    For streams an estimate, within a token or two: llama-cpp-python sends about one
+    chunk per token (some empty, holding back part of a UTF-8 character); the chat
+    stream's first chunk only carries the role, the last one only the finish reason.
+    """
+    if not streamed:
+        try:
+            return int(json.loads(body)["usage"]["completion_tokens"])
+        except (ValueError, KeyError, TypeError):
+            return 0
+    return sum(
+        1
+        for line in body.split(b"\n")
+        if line.startswith(b"data: {")
+        and b'"finish_reason": null' in line
+        and b'"role": "assistant"' not in line
+    )
 
 
 class InFlight:
@@ -67,9 +92,26 @@ class InFlight:
         if scope["type"] != "http" or not scope["path"].startswith(_GENERATING_PREFIXES):
             await self.app(scope, receive, send)
             return
+        streamed = False
+        pending = b""  # an answer's bytes not yet counted (a stream: its unfinished line)
+
+        async def counting_send(message: Message) -> None:
+            nonlocal streamed, pending
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers") or [])
+                streamed = headers.get(b"content-type", b"").startswith(b"text/event-stream")
+            elif message["type"] == "http.response.body":
+                pending += message.get("body", b"")
+                if streamed:
+                    complete, _, pending = pending.rpartition(b"\n")
+                    self.counter.generated_tokens += tokens_in_answer(complete, streamed=True)
+                elif not message.get("more_body"):
+                    self.counter.generated_tokens += tokens_in_answer(pending, streamed=False)
+            await send(message)
+
         self.counter.count += 1
         try:
-            await self.app(scope, receive, send)  # returns when a stream has ended, too
+            await self.app(scope, receive, counting_send)  # returns when a stream has ended, too
         finally:
             self.counter.count -= 1
 

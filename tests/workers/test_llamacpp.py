@@ -174,6 +174,21 @@ def test_load_of_queued_requests_reaches_the_controller(cluster: LocalCluster) -
     wait_until(lambda: _engine_load(worker.base_url) == (0, 0), 30, "the queue to empty")
 
 
+def test_generated_tokens_reach_the_controller(cluster: LocalCluster) -> None:
+    """What `fleetserve status` shows as tok/s: the engine's counter, through heartbeats."""
+
+    def generated() -> int:
+        (worker,) = [w for w in cluster.table().workers if GGUF_NAME in w.model_names]
+        return worker.load.generated_tokens
+
+    before = generated()
+    answer = cluster.client().completions.create(model=GGUF_NAME, prompt="hi", max_tokens=20)
+    assert answer.usage is not None
+    produced = answer.usage.completion_tokens
+    assert produced > 0
+    wait_until(lambda: generated() - before == produced, 15, f"{produced} more tokens reported")
+
+
 def test_quantized_files_are_smaller_and_listed(
     gguf_f32: Path, tiny_model: Path, fleet_env: dict[str, str], fleet_home: Path
 ) -> None:

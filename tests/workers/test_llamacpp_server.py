@@ -9,7 +9,7 @@ import pytest
 
 from fleetserve.config import ModelSpec
 from fleetserve.gguf_shim import byte_level_pre_tokenizer
-from workers.llamacpp_server import InFlightCount, parse_engine_args
+from workers.llamacpp_server import InFlightCount, parse_engine_args, tokens_in_answer
 from workers.load import parse_load
 
 KNOWN = {"n_ctx", "n_threads", "n_gpu_layers", "flash_attn"}
@@ -59,3 +59,12 @@ def test_other_pre_tokenizers_are_not_guessed(tmp_path: Path) -> None:
     assert byte_level_pre_tokenizer(_tokenizer_dir(tmp_path, split)) is None
     no_regex = {"type": "ByteLevel", "use_regex": False}
     assert byte_level_pre_tokenizer(_tokenizer_dir(tmp_path, no_regex)) is None
+
+
+def test_tokens_of_an_answer_come_from_its_usage_or_its_stream_chunks() -> None:
+    assert tokens_in_answer(b'{"usage": {"completion_tokens": 7}}', streamed=False) == 7
+    role = b'data: {"choices": [{"delta": {"role": "assistant"}, "finish_reason": null}]}'
+    token = b'data: {"choices": [{"delta": {"content": "x"}, "finish_reason": null}]}'
+    last = b'data: {"choices": [{"delta": {}, "finish_reason": "length"}]}'
+    stream = b"\n\n".join([role, token, token, token, last, b"data: [DONE]"])
+    assert tokens_in_answer(stream, streamed=True) == 3
