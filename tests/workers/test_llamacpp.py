@@ -177,11 +177,15 @@ def test_load_of_queued_requests_reaches_the_controller(cluster: LocalCluster) -
 def test_generated_tokens_reach_the_controller(cluster: LocalCluster) -> None:
     """What `fleetserve status` shows as tok/s: the engine's counter, through heartbeats."""
 
-    def generated() -> int:
-        (worker,) = [w for w in cluster.table().workers if GGUF_NAME in w.model_names]
-        return worker.load.generated_tokens
+    (worker,) = [w for w in cluster.table().workers if GGUF_NAME in w.model_names]
 
-    before = generated()
+    def generated() -> int:
+        (now,) = [w for w in cluster.table().workers if w.worker_id == worker.worker_id]
+        return now.load.generated_tokens
+
+    metrics = httpx.get(worker.base_url.removesuffix("/v1") + "/metrics", timeout=5).text
+    (line,) = [x for x in metrics.splitlines() if x.startswith("vllm:generation_tokens_total ")]
+    before = int(float(line.split()[1]))  # the engine's own count now; heartbeats may lag it
     answer = cluster.client().completions.create(model=GGUF_NAME, prompt="hi", max_tokens=20)
     assert answer.usage is not None
     produced = answer.usage.completion_tokens
