@@ -36,6 +36,7 @@ def build_app(settings: ControllerSettings) -> FastAPI:
     registry = Registry(
         expiry_after_s=settings.expiry_after_s,
         warmup_s=settings.expiry_after_s,  # see constants.EXPIRY_AFTER_S
+        heartbeat_interval_s=settings.heartbeat_interval_s,
     )
     metrics = CollectorRegistry()
     metrics.register(RegistryCollector(registry))

@@ -9,6 +9,17 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from controller.registry import Registry
+from fleetserve.protocol import WorkerState
+
+
+def _by_model(
+    name: str, documentation: str, counts: Counter[str], models: set[str]
+) -> CounterMetricFamily:
+    """A counter by model, 0 for every model seen: rate() and increase() need the 0 to start."""
+    family = CounterMetricFamily(name, documentation, labels=["model"])
+    for model in sorted(models | set(counts)):
+        family.add_metric([model], counts.get(model, 0))
+    return family
 
 
 class RegistryCollector(Collector):
@@ -16,28 +27,82 @@ class RegistryCollector(Collector):
         self._registry = registry
 
     def collect(self) -> Iterator[Metric]:
-        table = self._registry.table()
+        registry = self._registry
+        table = registry.table()
         by_model_state = Counter(
             (worker.model_names[0], worker.state.value) for worker in table.workers
         )
         workers = GaugeMetricFamily(
             "fleetserve_controller_workers",
-            "Registered workers by served model name and state.",
+            "Registered workers by served model name and state (0 for models seen before).",
             labels=["model", "state"],
         )
-        for (model, state), count in sorted(by_model_state.items()):
-            workers.add_metric([model, state], count)
+        models = registry.models_seen | {model for model, _ in by_model_state}
+        for model in sorted(models):
+            for state in WorkerState:
+                workers.add_metric(
+                    [model, state.value], by_model_state.get((model, state.value), 0)
+                )
         yield workers
         yield GaugeMetricFamily(
             "fleetserve_controller_table_version", "Routing table version.", value=table.version
         )
-        yield CounterMetricFamily(
+        yield GaugeMetricFamily(
+            "fleetserve_controller_warm",
+            "1 once a restarted controller has given every live worker time to re-register.",
+            value=1 if registry.warm else 0,
+        )
+        yield _by_model(
             "fleetserve_controller_registrations",
             "Worker registrations, re-registrations included.",
-            value=self._registry.registrations_total,
+            registry.registrations_by_model,
+            models,
         )
-        yield CounterMetricFamily(
+        yield _by_model(
             "fleetserve_controller_expirations",
             "Workers dropped for missing heartbeats.",
-            value=self._registry.expirations_total,
+            registry.expirations_by_model,
+            models,
         )
+        yield _by_model(
+            "fleetserve_controller_heartbeats",
+            "Heartbeats received from known workers.",
+            registry.heartbeats_by_model,
+            models,
+        )
+        yield _by_model(
+            "fleetserve_controller_heartbeats_missed",
+            "Heartbeat intervals that passed without one from a registered worker.",
+            registry.missed_heartbeats_by_model,
+            models,
+        )
+        # The load each worker reported in its last heartbeat: queue and KV cache per worker.
+        gauges = {
+            "running": GaugeMetricFamily(
+                "fleetserve_controller_worker_requests_running",
+                "Requests the worker's engine is generating (last heartbeat).",
+                labels=["model", "worker"],
+            ),
+            "waiting": GaugeMetricFamily(
+                "fleetserve_controller_worker_requests_waiting",
+                "Requests queued in the worker's engine (last heartbeat).",
+                labels=["model", "worker"],
+            ),
+            "kv": GaugeMetricFamily(
+                "fleetserve_controller_worker_kv_cache_usage_ratio",
+                "Fraction of the worker engine's KV cache in use (last heartbeat).",
+                labels=["model", "worker"],
+            ),
+            "age": GaugeMetricFamily(
+                "fleetserve_controller_worker_heartbeat_age_seconds",
+                "Seconds since the worker's last heartbeat.",
+                labels=["model", "worker"],
+            ),
+        }
+        for worker in table.workers:
+            labels = [worker.model_names[0], worker.worker_id]
+            gauges["running"].add_metric(labels, worker.load.running)
+            gauges["waiting"].add_metric(labels, worker.load.waiting)
+            gauges["kv"].add_metric(labels, worker.load.kv_cache_usage)
+            gauges["age"].add_metric(labels, worker.last_heartbeat_age_s)
+        yield from gauges.values()

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +23,12 @@ logger = logging.getLogger(__name__)
 class _Entry:
     registration: Registration
     last_heartbeat: float
+    #: Heartbeats missed since the last one received, as counted so far.
+    missed: int = 0
+
+    @property
+    def model(self) -> str:
+        return self.registration.model_names[0]
 
 
 class Registry:
@@ -32,14 +39,24 @@ class Registry:
         expiry_after_s: float,
         warmup_s: float,
         clock: Callable[[], float] = time.monotonic,
+        heartbeat_interval_s: float | None = None,
     ) -> None:
+        """``heartbeat_interval_s``: what workers are told; with it, missed heartbeats count."""
         self.epoch = uuid.uuid4().hex[:12]
         self.version = 0
         self.expiry_after_s = expiry_after_s
         self.started_at = clock()
         self.warm_at = self.started_at + warmup_s
+        self.heartbeat_interval_s = heartbeat_interval_s
         self.registrations_total = 0
         self.expirations_total = 0
+        # For metrics, by served model name (first name); models seen once stay known,
+        # so "no ready worker of model X" is a zero, not a series that vanished.
+        self.models_seen: set[str] = set()
+        self.registrations_by_model: Counter[str] = Counter()
+        self.expirations_by_model: Counter[str] = Counter()
+        self.heartbeats_by_model: Counter[str] = Counter()
+        self.missed_heartbeats_by_model: Counter[str] = Counter()
         self._clock = clock
         self._workers: dict[str, _Entry] = {}
         self._changed = asyncio.Event()
@@ -55,6 +72,9 @@ class Registry:
         known = registration.worker_id in self._workers
         self._workers[registration.worker_id] = _Entry(registration, self._clock())
         self.registrations_total += 1
+        model = registration.model_names[0]
+        self.registrations_by_model[model] += 1
+        self.models_seen.add(model)
         self._bump()
         logger.info(
             "worker %s %s: %s at %s",
@@ -70,6 +90,8 @@ class Registry:
         if entry is None:
             return False
         entry.last_heartbeat = self._clock()
+        entry.missed = 0
+        self.heartbeats_by_model[entry.model] += 1
         if entry.registration.load != load:
             entry.registration = entry.registration.model_copy(update={"load": load})
             self._bump()
@@ -95,15 +117,26 @@ class Registry:
         return True
 
     def expire(self) -> list[str]:
-        """Drop workers whose last heartbeat is older than ``expiry_after_s``."""
+        """Drop workers whose last heartbeat is older than ``expiry_after_s``.
+
+        Also counts missed heartbeats: one per interval of silence past the
+        first, with half an interval of grace for a late one.
+        """
         now = self._clock()
+        interval = self.heartbeat_interval_s
+        if interval:
+            for entry in self._workers.values():
+                missed = int((now - entry.last_heartbeat - 0.5 * interval) // interval)
+                if missed > entry.missed:
+                    self.missed_heartbeats_by_model[entry.model] += missed - entry.missed
+                    entry.missed = missed
         dead = [
             worker_id
             for worker_id, entry in self._workers.items()
             if now - entry.last_heartbeat > self.expiry_after_s
         ]
         for worker_id in dead:
-            del self._workers[worker_id]
+            self.expirations_by_model[self._workers.pop(worker_id).model] += 1
             self.expirations_total += 1
             logger.warning(
                 "worker %s expired: no heartbeat for %.1fs", worker_id, self.expiry_after_s

@@ -24,6 +24,7 @@ from fleetserve.config import (
     WorkerSettings,
     default_cluster,
     describe_validation_error,
+    engine_args_from_flags,
     load_cluster_file,
     parse_cluster,
 )
@@ -164,6 +165,7 @@ def _one_model_cluster(args: argparse.Namespace) -> ClusterConfig:
         "tensor_parallel_size": args.tensor_parallel_size,
         "pipeline_parallel_size": args.pipeline_parallel_size,
         "replicas": replicas,
+        "engine_args": engine_args_from_flags(args.engine_args),
     }
     return parse_cluster({"models": [spec]}, origin="--model")
 
@@ -173,6 +175,11 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     try:
         if args.file:
+            if args.engine_args:
+                sys.exit(
+                    "fleetserve up: engine flags after `--` go with --model; in a cluster "
+                    "file, give each model its engine_args"
+                )
             cluster = load_cluster_file(args.file)
         elif args.model:
             cluster = _one_model_cluster(args)
@@ -209,6 +216,66 @@ def cmd_ray(args: argparse.Namespace) -> int:
     if args.ray_command == "status":
         return raydeploy.status(args.controller_url, args.address, console)
     return raydeploy.down(args.address, console)
+
+
+def _levels(text: str) -> list[float]:
+    try:
+        levels = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas, got {text!r}"
+        ) from None
+    if not levels or any(level <= 0 for level in levels):
+        raise argparse.ArgumentTypeError("levels must be positive")
+    return levels
+
+
+def _first_model(url: str, api_key: str | None) -> str:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        data = httpx.get(f"{url.rstrip('/')}/models", headers=headers, timeout=10).json()["data"]
+        return str(data[0]["id"])
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+        sys.exit(f"fleetserve: cannot list the models at {url} ({exc}); give --model")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fleetserve.bench import Bench, file_prompts, run_bench, synthetic_prompts
+    from fleetserve.status import make_console
+
+    model = args.model or _first_model(args.url, args.api_key)
+    if args.prompts:
+        try:
+            prompts = file_prompts(args.prompts, args.num_prompts, args.output_len)
+        except (OSError, ValueError) as exc:
+            sys.exit(f"fleetserve bench: {exc}")
+    else:
+        prompts = synthetic_prompts(
+            args.num_prompts, args.input_len, args.output_len, args.len_spread, args.seed
+        )
+    extra = {"ignore_eos": True} if args.ignore_eos else {}
+    mode, levels = (
+        ("rate", args.request_rate)
+        if args.request_rate
+        else (
+            "concurrency",
+            args.concurrency or [1.0, 4.0, 16.0],
+        )
+    )
+    bench = Bench(args.url, model, args.api_key, extra)
+    return run_bench(bench, mode, levels, prompts, args.out_dir, make_console())
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from fleetserve.chat import Chat
+    from fleetserve.status import make_console
+
+    chat = Chat(
+        args.url, args.model, args.api_key, make_console(), args.temperature, args.max_tokens
+    )
+    return chat.run()
 
 
 def cmd_key_new(args: argparse.Namespace) -> int:
@@ -281,8 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser(
         "up",
         help="Run controller, gateway and every worker of a cluster file on this machine.",
-        description="Start a whole cluster here; Ctrl-C stops it cleanly. Without -f: the "
-        "tiny demo model on vLLM (made locally on first use).",
+        description="Start a whole cluster here; Ctrl-C stops it cleanly. Without -f or "
+        "--model: the tiny demo model on vLLM (made locally on first use). With --model, "
+        "flags after `--` go to the engine: `fleetserve up --model M -- --max-model-len 4096`.",
     )
     source = up.add_mutually_exclusive_group()
     source.add_argument(
@@ -410,6 +478,70 @@ def build_parser() -> argparse.ArgumentParser:
     gateway = sub.add_parser("gateway", help="Run a gateway (the OpenAI endpoint).")
     add_settings_arguments(gateway, GatewaySettings, skip=("keys",))
     gateway.set_defaults(func=cmd_gateway)
+
+    chat = sub.add_parser(
+        "chat",
+        help="Talk to a model in the terminal (streaming; /model to switch).",
+        description="Chat in the terminal. /model NAME switches model, /models lists them, "
+        "/clear forgets the history, /exit or Ctrl-D leaves; Ctrl-C stops an answer.",
+    )
+    chat.add_argument("--model", help="Model to talk to (default: the first served).")
+    chat.add_argument("--temperature", type=float, default=0.7, help="Default: 0.7.")
+    chat.add_argument("--max-tokens", type=int, default=1024, help="Per answer (1024).")
+    chat.set_defaults(func=cmd_chat)
+
+    bench = sub.add_parser(
+        "bench",
+        help="Benchmark an OpenAI-compatible endpoint (fleetserve's or another).",
+        description="Streamed chat completions at each load level; prints a table (req/s, "
+        "output tokens/s, TTFT, TPOT and latency percentiles, errors) and writes a JSON "
+        "file with every request and PNG plots (latency against throughput).",
+    )
+    bench.add_argument("--model", help="Model to ask (default: the first the endpoint lists).")
+    for client in (chat, bench):
+        client.add_argument(
+            "--url",
+            default=f"http://{constants.DEFAULT_HOST}:{constants.DEFAULT_GATEWAY_PORT}/v1",
+            help="Base URL of the OpenAI API (default: %(default)s).",
+        )
+        client.add_argument(
+            "--api-key",
+            default=os.environ.get("FLEETSERVE_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+            help="API key (default: $FLEETSERVE_API_KEY or $OPENAI_API_KEY).",
+        )
+    load = bench.add_mutually_exclusive_group()
+    load.add_argument(
+        "--concurrency",
+        type=_levels,
+        help="Closed loop: concurrent clients per level, e.g. 1,4,16 (the default).",
+    )
+    load.add_argument(
+        "--request-rate",
+        type=_levels,
+        help="Open loop: requests per second per level (Poisson arrivals), e.g. 2,8,32.",
+    )
+    bench.add_argument("--num-prompts", type=int, default=64, help="Requests per level (64).")
+    bench.add_argument(
+        "--prompts", type=Path, help='JSONL file of {"prompt": ...} or {"messages": [...]}.'
+    )
+    bench.add_argument("--input-len", type=int, default=128, help="Synthetic prompt words (128).")
+    bench.add_argument("--output-len", type=int, default=128, help="max_tokens (128).")
+    bench.add_argument(
+        "--len-spread",
+        type=float,
+        default=0.5,
+        help="Lengths are uniform within +-this fraction (0.5; 0: fixed).",
+    )
+    bench.add_argument("--seed", type=int, default=0, help="Seed of the synthetic prompts.")
+    bench.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="Ask vLLM to generate max_tokens every time (its `ignore_eos` extension).",
+    )
+    bench.add_argument(
+        "--out-dir", type=Path, default=Path("bench-results"), help="Where JSON and PNG go."
+    )
+    bench.set_defaults(func=cmd_bench)
 
     key = sub.add_parser("key", help="API keys for the gateway.")
     key_sub = key.add_subparsers(dest="key_command", required=True, metavar="KEY_COMMAND")

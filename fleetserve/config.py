@@ -222,6 +222,14 @@ class WorkerSettings(Strict):
         description="Deregister and exit when the engine dies, instead of restarting it: "
         "for supervisors that replace replicas themselves (Ray Serve, Kubernetes).",
     )
+    status_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of the agent's own HTTP server on --host: /health (200 only while "
+        "the engine is ready and registered: a readiness probe), /live, and /metrics (the "
+        "agent's and the engine's); none: no server.",
+    )
 
     @field_validator("nodes", mode="before")
     @classmethod
@@ -314,6 +322,24 @@ class ModelSpec(Strict):
             elif value is not False:
                 flags += [flag, str(value)]
         return flags
+
+
+def engine_args_from_flags(flags: list[str]) -> dict[str, EngineArgValue]:
+    """``--max-num-seqs 8 --enforce-eager`` -> ``{max_num_seqs: "8", enforce_eager: true}``."""
+    args: dict[str, EngineArgValue] = {}
+    i = 0
+    while i < len(flags):
+        flag = flags[i]
+        if not flag.startswith("--"):
+            raise ConfigError(f"engine flag expected, got {flag!r} (flags look like --name value)")
+        key, equals, value = flag[2:].partition("=")
+        if not equals:
+            has_value = i + 1 < len(flags) and not flags[i + 1].startswith("--")
+            value = flags[i + 1] if has_value else ""
+            i += has_value
+        args[key.replace("-", "_")] = value if (equals or value) else True
+        i += 1
+    return args
 
 
 class ClusterConfig(Strict):

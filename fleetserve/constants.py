@@ -77,3 +77,31 @@ RAY_METRICS_PUSH_INTERVAL_S = 2.0
 # one is replaced (the check is a process poll: cheap).
 RAY_HEALTH_CHECK_PERIOD_S = 2.0
 RAY_HEALTH_CHECK_TIMEOUT_S = 10.0
+
+# Histogram buckets (seconds) of the gateway's metrics, shaped for LLM serving,
+# where one request takes from milliseconds (a cached short answer) to minutes
+# (a long generation); Prometheus computes percentiles by interpolating inside a
+# bucket, so each range of interest gets a few.
+# Whole request, arrival to last byte: up to the longest generations.
+REQUEST_DURATION_BUCKETS_S = (
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+# Time to first token: tens of ms when idle, seconds under a queue or a long
+# prompt; alert thresholds (deploy/prometheus) sit between 0.5 s and 5 s.
+TTFT_BUCKETS_S = (
+    0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 60.0,
+)  # fmt: skip
+# Time per output token: a few ms (small model, GPU) to a few hundred (big model
+# on a loaded engine, or CPU); 50 ms is roughly where a chat feels slow.
+TPOT_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0,
+)  # fmt: skip
+# Time the gateway itself adds (parsing, routing, relaying; not the engine):
+# ~0.1 ms idle to ~10 ms on a saturated core; more means the gateway is the bottleneck.
+GATEWAY_ADDED_BUCKETS_S = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)  # fmt: skip
+
+# How long a worker agent's /metrics waits for the engine's own /metrics, which
+# it re-exports: a scrape must answer even when the engine is stuck.
+ENGINE_METRICS_TIMEOUT_S = 2.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -23,14 +24,15 @@ import orjson
 from fastapi import FastAPI, Request
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
 
 from fleetserve import constants
 from fleetserve.config import ApiKey, GatewaySettings
 from fleetserve.errors import OpenAIError, error_response, install_error_handlers
 from gateway.auth import KeyStore
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import NO_KEY, GatewayMetrics, RequestRecord
 from gateway.proxy import Proxy
 from gateway.routing import RoutingPolicy
 from gateway.schema import install_openapi
@@ -42,6 +44,8 @@ logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("fleetserve.access")
 
 SETTINGS_ENV = "FLEETSERVE_GATEWAY_SETTINGS"
+# Put in front of a streaming request's JSON object to get its usage from the engine.
+_INCLUDE_USAGE = b'{"stream_options":{"include_usage":true},'
 # path -> the field a request to it must have
 _PROXIED_ROUTES = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}
 
@@ -161,13 +165,18 @@ class Gateway:
         if scope["type"] == "http" and scope["method"] == "POST":
             required = _PROXIED_ROUTES.get(scope["path"])
             if required is not None:
-                response = await self._proxied(scope, receive, required)
-                await response(scope, receive, send)
+                record = RequestRecord(time.perf_counter())
+                response = await self._proxied(scope, receive, required, record)
+                try:
+                    await response(scope, receive, send)
+                finally:
+                    self.metrics.record(record, time.perf_counter())
                 return
         await self.api(scope, receive, send)
 
-    async def _proxied(self, scope: Scope, receive: Receive, required: str) -> Response:
-        started = time.perf_counter()
+    async def _proxied(
+        self, scope: Scope, receive: Receive, required: str, record: RequestRecord
+    ) -> Response:
         model = "-"
         try:
             key = (
@@ -178,12 +187,13 @@ class Gateway:
             body = await read_body(scope, receive, self.settings.max_body_bytes)
             model, stream, payload = parse_request(body, required)
             check_max_tokens(payload, self.settings.max_tokens_limit)
+            if key is not None:
+                record.key = key.name
+            record.stream = stream
             limits = self.keys.admit(key, model) if key is not None else {}
             assert self.proxy is not None, "the lifespan did not run"
             session = _header(scope, b"x-session-id") or payload.get("user")
-            meter = None
-            if key is not None and key.tpm is not None:
-                body, meter = self._metered(key, body, payload, stream)
+            body, record.meter = self._metered(key, body, payload, stream)
             async with asyncio.timeout(self.settings.request_timeout_s):
                 response = await self.proxy.forward(
                     scope["path"],
@@ -192,7 +202,7 @@ class Gateway:
                     stream,
                     payload,
                     session if isinstance(session, str) else None,
-                    meter,
+                    record,
                 )
             for name, value in limits.items():
                 response.headers[name] = value
@@ -207,7 +217,8 @@ class Gateway:
             response = error_response(OpenAIError(500, "internal error", code="internal_error"))
         # Model names come from clients: only known ones become label values (bounded series).
         known = self.watcher is not None and model in self.watcher.ready_by_model
-        self.metrics.requests.labels(model if known else "unknown", str(response.status_code)).inc()
+        record.model = model if known else "unknown"
+        record.status = response.status_code
         if self.settings.access_log:
             access_logger.info(
                 "%s",
@@ -217,19 +228,21 @@ class Gateway:
                         "model": model,
                         "status": response.status_code,
                         "worker": response.headers.get("x-fleetserve-worker"),
-                        "ms_to_headers": round(1000 * (time.perf_counter() - started), 2),
+                        "key": record.key if record.key != NO_KEY else None,
+                        "ms_to_headers": round(1000 * (time.perf_counter() - record.started), 2),
                     }
                 ).decode(),
             )
         return response
 
     def _metered(
-        self, key: ApiKey, body: bytes, payload: dict[str, Any], stream: bool
+        self, key: ApiKey | None, body: bytes, payload: dict[str, Any], stream: bool
     ) -> tuple[bytes, UsageMeter]:
-        """Count the answer's tokens against ``key``: streams must then carry their usage.
+        """Count the answer's tokens (metrics; and against ``key`` if it has a tokens budget).
 
-        If the client did not ask for it, ask the engine for
-        ``stream_options.include_usage`` and take the usage event out again.
+        Streams must then carry their usage: if the client did not ask for it,
+        ask the engine for ``stream_options.include_usage`` and take the usage
+        event out again.
         """
         options = payload.get("stream_options")
         if options is not None and not isinstance(options, dict):
@@ -240,10 +253,20 @@ class Gateway:
                 param="stream_options",
             )
         asked = options is not None and options.get("include_usage") is True
-        meter = UsageMeter(lambda tokens: self.keys.charge(key, tokens), strip=stream and not asked)
+        charge = None
+        if key is not None and key.tpm is not None:
+            charge = functools.partial(self.keys.charge, key)
+        meter = UsageMeter(charge, strip=stream and not asked)
         if stream and not asked:
+            given = "stream_options" in payload  # even as null: then a second key would win
             payload["stream_options"] = {**(options or {}), "include_usage": True}
-            body = orjson.dumps(payload)
+            start = body.lstrip()
+            if not given and start.startswith(b"{"):
+                # the usual case: the field goes in front, the client's bytes stay as they are
+                # (cheaper than encoding the whole payload again, which a long prompt makes big)
+                body = _INCLUDE_USAGE + start[1:]
+            else:
+                body = orjson.dumps(payload)
         return body, meter
 
     @contextlib.asynccontextmanager
@@ -274,6 +297,9 @@ class Gateway:
         while True:
             await asyncio.sleep(constants.KEYS_FILE_POLL_S)
             self.keys.reload_if_changed()
+
+
+CHAT_PAGE_DIR = Path(__file__).resolve().parent / "chat"
 
 
 def _build_api(gateway: Gateway) -> FastAPI:
@@ -311,6 +337,12 @@ def _build_api(gateway: Gateway) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    # The chat page: static files, no build step; it calls the OpenAI API above.
+    @api.get("/", include_in_schema=False)
+    async def chat_page() -> FileResponse:
+        return FileResponse(CHAT_PAGE_DIR / "index.html")
+
+    api.mount("/chat", StaticFiles(directory=CHAT_PAGE_DIR), name="chat")
     return api
 
 

@@ -1,27 +1,206 @@
-"""Prometheus metrics of one gateway process (a registry per app, no globals)."""
+"""Prometheus metrics of one gateway process (a registry per app, no globals).
+
+The request path only adds to plain dicts and lists; the Prometheus families
+are built at scrape time by a collector. A gateway process is one asyncio loop,
+so nothing needs a lock, and recording a request costs a few dictionary
+updates instead of prometheus_client's locked counters per metric.
+
+What splits gateway time from engine time: ``fleetserve_gateway_added_seconds``
+is the time a request spent in the gateway minus the time it waited on engines
+(every attempt); time to first token and time per output token are seen from
+the gateway, i.e. what the client gets.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from fleetserve import constants
+from gateway.usage import UsageMeter
+
+Labels = tuple[str, ...]
+
+#: The ``key`` label of requests when the gateway has no keys or the key was refused.
+NO_KEY = "none"
 
 
-class GatewayMetrics:
+class _Counters:
+    """One counter family: values by label values."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
+        self.name = name  # without _total: the exposition adds it
+        self.documentation = documentation
+        self.labelnames = list(labelnames)
+        self.values: dict[Labels, float] = {}
+
+    def inc(self, labels: Labels, amount: float = 1.0) -> None:
+        self.values[labels] = self.values.get(labels, 0.0) + amount
+
+    def family(self) -> Metric:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, value in sorted(self.values.items()):
+            family.add_metric(list(labels), value)
+        return family
+
+
+class _Histograms:
+    """One histogram family: per label values, a count per bucket (not cumulative) and a sum."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float]
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = list(labelnames)
+        self.bounds = sorted(buckets)
+        self.values: dict[Labels, tuple[list[int], list[float]]] = {}
+
+    def observe(self, labels: Labels, value: float) -> None:
+        child = self.values.get(labels)
+        if child is None:
+            child = self.values[labels] = ([0] * (len(self.bounds) + 1), [0.0])
+        # bisect_left: the first bound >= value, Prometheus's "le" (the last slot is +Inf)
+        child[0][bisect_left(self.bounds, value)] += 1
+        child[1][0] += value
+
+    def family(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, (counts, total) in sorted(self.values.items()):
+            cumulative = 0
+            buckets = []
+            bounds = [*map(floatToGoString, self.bounds), "+Inf"]
+            for bound, count in zip(bounds, counts, strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            family.add_metric(list(labels), buckets, total[0])
+        return family
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What the gateway learns about one proxied request on its way through."""
+
+    started: float
+    model: str = "unknown"
+    key: str = NO_KEY
+    stream: bool = False
+    #: Seconds spent waiting on engines, every attempt together.
+    upstream_s: float = 0.0
+    #: When the answer (streams: its head and first chunk) was ready to go to the client.
+    answered: float = 0.0
+    status: int = 0
+    meter: UsageMeter | None = None
+
+
+class GatewayMetrics(Collector):
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter(
+        self.in_flight = 0
+        self.requests = _Counters(
             "fleetserve_gateway_requests",
-            "Requests answered, by model and HTTP status.",
-            ["model", "status"],
-            registry=self.registry,
+            "Requests answered, by model, HTTP status and API key name.",
+            ["model", "status", "key"],
         )
-        self.in_flight = Gauge(
-            "fleetserve_gateway_in_flight_requests",
-            "Requests being proxied now.",
-            registry=self.registry,
+        self.duration = _Histograms(
+            "fleetserve_gateway_request_duration_seconds",
+            "Request latency seen by the client: arrival to the answer's last byte.",
+            ["model", "stream"],
+            constants.REQUEST_DURATION_BUCKETS_S,
         )
-        self.upstream_failures = Counter(
+        self.ttft = _Histograms(
+            "fleetserve_gateway_time_to_first_token_seconds",
+            "Streams: arrival to the first chunk of the answer going to the client.",
+            ["model"],
+            constants.TTFT_BUCKETS_S,
+        )
+        self.tpot = _Histograms(
+            "fleetserve_gateway_time_per_output_token_seconds",
+            "Streams: time after the first chunk divided by the output tokens after the first.",
+            ["model"],
+            constants.TPOT_BUCKETS_S,
+        )
+        self.added = _Histograms(
+            "fleetserve_gateway_added_seconds",
+            "Time the gateway itself took per request: arrival to the answer being ready for "
+            "the client, minus the time spent waiting on engines.",
+            ["model"],
+            constants.GATEWAY_ADDED_BUCKETS_S,
+        )
+        self.prompt_tokens = _Counters(
+            "fleetserve_gateway_prompt_tokens",
+            "Prompt (input) tokens, from the engines' usage reports.",
+            ["model", "key"],
+        )
+        self.completion_tokens = _Counters(
+            "fleetserve_gateway_completion_tokens",
+            "Completion (output) tokens, from the engines' usage reports.",
+            ["model", "key"],
+        )
+        self.retries = _Counters(
+            "fleetserve_gateway_retries",
+            "Attempts sent to another worker after one failed before the first byte.",
+            ["model"],
+        )
+        self.upstream_failures = _Counters(
             "fleetserve_gateway_upstream_failures",
             "Upstream attempts that failed before the first byte (then retried elsewhere).",
             ["worker"],
-            registry=self.registry,
         )
+        self.mid_stream_failures = _Counters(
+            "fleetserve_gateway_upstream_mid_stream_failures",
+            "Streams a worker broke after they started (the client got an error event).",
+            ["worker"],
+        )
+        self._families: list[_Counters | _Histograms] = [
+            self.requests,
+            self.duration,
+            self.ttft,
+            self.tpot,
+            self.added,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.retries,
+            self.upstream_failures,
+            self.mid_stream_failures,
+        ]
+        self.registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "fleetserve_gateway_in_flight_requests",
+            "Requests being proxied now.",
+            value=self.in_flight,
+        )
+        for family in self._families:
+            yield family.family()
+
+    def record(self, record: RequestRecord, ended: float) -> None:
+        """Account one finished request (streams: after their last byte)."""
+        model = record.model
+        self.requests.inc((model, str(record.status), record.key))
+        self.duration.observe((model, "true" if record.stream else "false"), ended - record.started)
+        if not record.answered:
+            return  # refused before any engine was asked
+        self.added.observe((model,), max(0.0, record.answered - record.started - record.upstream_s))
+        meter = record.meter
+        completion = meter.completion_tokens if meter is not None else 0
+        if meter is not None and meter.prompt_tokens:
+            self.prompt_tokens.inc((model, record.key), meter.prompt_tokens)
+        if completion:
+            self.completion_tokens.inc((model, record.key), completion)
+        if record.stream and record.status == 200:
+            self.ttft.observe((model,), record.answered - record.started)
+            if completion > 1:
+                self.tpot.observe((model,), (ended - record.answered) / (completion - 1))

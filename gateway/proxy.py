@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 from fleetserve import constants
 from fleetserve.errors import OpenAIError, error_body
 from fleetserve.protocol import WorkerView
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import GatewayMetrics, RequestRecord
 from gateway.routing import RoutingContext, RoutingPolicy
 from gateway.table import RouteTableWatcher
 from gateway.upstream import UpstreamError, UpstreamPool, UpstreamResponse
@@ -43,6 +44,7 @@ class UpstreamStream(Response):
         worker_id: str,
         on_close: Callable[[], None],
         meter: UsageMeter | None,
+        on_failure: Callable[[], None],
     ) -> None:
         self.status_code = upstream.status
         self._meter = meter
@@ -51,6 +53,7 @@ class UpstreamStream(Response):
         self._first_chunk = first_chunk
         self._worker_id = worker_id
         self._on_close = on_close
+        self._on_failure = on_failure
         self.init_headers(
             {
                 "content-type": upstream.content_type or "text/event-stream",
@@ -84,11 +87,14 @@ class UpstreamStream(Response):
                 async for chunk in upstream.iter_chunks():
                     if meter is not None:
                         chunk = meter.feed(chunk)
+                        if not chunk:
+                            continue  # held back (part of an event) or taken out (usage)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except UpstreamError as exc:
                 if listener.done():
                     return  # we closed it because the client left
                 logger.warning("worker %s failed mid-stream: %s", self._worker_id, exc)
+                self._on_failure()
                 error = error_body(502, f"the worker failed mid-stream: {exc}", "upstream_error")
                 await send(
                     {
@@ -140,7 +146,7 @@ class Proxy:
 
     def _release(self, worker_id: str) -> None:
         self._in_flight[worker_id] -= 1
-        self._metrics.in_flight.dec()
+        self._metrics.in_flight -= 1
 
     async def forward(
         self,
@@ -150,9 +156,12 @@ class Proxy:
         stream: bool,
         payload: dict[str, Any],
         session: str | None,
-        meter: UsageMeter | None = None,
+        record: RequestRecord,
     ) -> Response:
-        """Send ``body`` (parsed: ``payload``) to a worker of ``model``; ``path``: /v1/...."""
+        """Send ``body`` (parsed: ``payload``) to a worker of ``model``; ``path``: /v1/....
+
+        ``record`` gets the time spent waiting on engines and the usage meter's findings.
+        """
         candidates = self._watcher.candidates(model)
         if candidates is None:
             if self._watcher.table is None:
@@ -173,9 +182,11 @@ class Proxy:
             if not pool:
                 break
             worker = self._policy_for(model).pick(pool, ctx)
+            if tried:
+                self._metrics.retries.inc((model,))
             tried.add(worker.worker_id)
             try:
-                return await self._attempt(worker, suffix, body, stream, meter)
+                return await self._attempt(worker, suffix, body, stream, record)
             except UpstreamError as exc:  # before the first byte: another worker may take it
                 last_error = str(exc) or type(exc).__name__
                 logger.warning(
@@ -185,7 +196,7 @@ class Proxy:
                 )
                 if exc.worker_down:
                     self._watcher.cool_down(worker.worker_id)
-                self._metrics.upstream_failures.labels(worker.worker_id).inc()
+                self._metrics.upstream_failures.inc((worker.worker_id,))
         if not tried:
             raise OpenAIError(
                 503,
@@ -197,35 +208,42 @@ class Proxy:
         )
 
     async def _attempt(
-        self, worker: WorkerView, suffix: str, body: bytes, stream: bool, meter: UsageMeter | None
+        self, worker: WorkerView, suffix: str, body: bytes, stream: bool, record: RequestRecord
     ) -> Response:
         self._in_flight[worker.worker_id] += 1
-        self._metrics.in_flight.inc()
+        self._metrics.in_flight += 1
         handed_off = False
         upstream: UpstreamResponse | None = None
+        waiting_since = time.perf_counter()  # engine time: from here to its answer
         try:
             host, port, prefix = self._target(worker.base_url)
             upstream = await self._upstreams.post(host, port, prefix + suffix, body)
             if upstream.status >= 500:
                 raise UpstreamError(f"HTTP {upstream.status}", worker_down=upstream.status != 500)
+            meter = record.meter
             if stream and upstream.status == 200:
                 first = await upstream.next_chunk()
                 if not first:
                     raise UpstreamError("closed the stream before the first byte")
+                record.answered = time.perf_counter()
                 handed_off = True
+                worker_id = worker.worker_id
                 return UpstreamStream(
                     upstream,
                     first,
-                    worker.worker_id,
-                    lambda: self._release(worker.worker_id),
+                    worker_id,
+                    lambda: self._release(worker_id),
                     meter,
+                    lambda: self._metrics.mid_stream_failures.inc((worker_id,)),
                 )
             content = await upstream.read()
+            record.answered = time.perf_counter()
             if meter is not None and upstream.status == 200:
                 meter.read_body(content)
             headers = {WORKER_HEADER: worker.worker_id}
             return Response(content, upstream.status, headers, upstream.content_type or None)
         finally:
+            record.upstream_s += (record.answered or time.perf_counter()) - waiting_since
             if not handed_off:
                 if upstream is not None:
                     upstream.release()

@@ -1,4 +1,4 @@
-"""Token use read from engine answers as they pass, for tokens-per-minute limits."""
+"""Token use read from engine answers as they pass: tokens-per-minute limits and metrics."""
 
 from __future__ import annotations
 
@@ -19,13 +19,18 @@ class UsageMeter:
     gateway asked the engine for it on the client's behalf (``strip``).
     """
 
-    def __init__(self, on_usage: Callable[[int], None], strip: bool = False) -> None:
+    def __init__(self, on_usage: Callable[[int], None] | None, strip: bool = False) -> None:
         self._on_usage = on_usage
         self._strip = strip
         self._buffer = b""
+        #: From the answer's ``usage``, once it passed (for the gateway's metrics).
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
 
     def feed(self, chunk: bytes) -> bytes:
         """A piece of a stream in; the bytes to pass on to the client out."""
+        if not self._buffer and chunk.endswith(b"\n\n") and b'"usage"' not in chunk:
+            return chunk  # whole events without usage: the common case, nothing to copy
         data = self._buffer + chunk
         last = data.rfind(b"\n\n")
         end = last + 2 if last >= 0 else 0  # up to the last whole event; the rest waits
@@ -54,7 +59,11 @@ class UsageMeter:
             return None
         usage = parsed.get("usage")
         if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
-            self._on_usage(usage["total_tokens"])
+            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            self.prompt_tokens = prompt if isinstance(prompt, int) else 0
+            self.completion_tokens = completion if isinstance(completion, int) else 0
+            if self._on_usage is not None:
+                self._on_usage(usage["total_tokens"])
         return parsed
 
     def finish(self) -> bytes:

@@ -3,7 +3,7 @@
 #
 #   scripts/setup.sh          the package and vLLM (the CPU build here; the CUDA build where
 #                             nvidia-smi finds a GPU)
-#   scripts/setup.sh --dev    ...plus the test and lint tools (and llama.cpp, as --llamacpp)
+#   scripts/setup.sh --dev    ...plus the test and lint tools, llama.cpp, and SkyPilot in .venv-sky
 #   scripts/setup.sh --llamacpp  ...plus llama.cpp (llama-cpp-python), for GGUF models
 #   scripts/setup.sh --ray    ...plus Ray, for replicas spanning nodes (`worker --nodes`)
 #   scripts/setup.sh --fake   no vLLM: only the `fake` engine (gateway/routing work, benchmarks)
@@ -19,7 +19,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 fi
 for arg in "$@"; do
     case "$arg" in
-        --dev) extras+=(dev) ;;
+        --dev) extras+=(dev ray llamacpp) ;;  # dev pulls in fleetserve[ray,llamacpp]; the stamp says so
         --ray) extras+=(ray) ;;
         --llamacpp) extras+=(llamacpp) ;;
         --fake) engine="" ;;
@@ -37,10 +37,52 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
 fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 
-stamp="$(sha256sum pyproject.toml | cut -c1-16) $spec"
-if [ "$(cat .venv/.setup-stamp 2>/dev/null)" = "$stamp" ]; then
-    echo "setup.sh: .venv is up to date ($spec)"
-    exit 0
+# The tests run Debian tools: Prometheus and promtool (tests/deploy), chromium (the chat
+# page's browser test). Installed when missing, as root or with sudo without a password.
+if [[ " ${extras[*]:-} " == *" dev "* ]]; then
+    packages=()
+    { command -v prometheus && command -v promtool; } >/dev/null 2>&1 || packages+=(prometheus)
+    command -v chromium >/dev/null 2>&1 || packages+=(chromium)
+    as_root=(env DEBIAN_FRONTEND=noninteractive)
+    if [ "$(id -u)" != 0 ]; then as_root=(sudo -n "${as_root[@]}"); fi
+    if [ ${#packages[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1 && "${as_root[@]}" true 2>/dev/null; then
+        echo "setup.sh: installing Debian packages: ${packages[*]}"
+        "${as_root[@]}" apt-get install -y -q "${packages[@]}" >/dev/null \
+            || { "${as_root[@]}" apt-get update -q >/dev/null \
+                && "${as_root[@]}" apt-get install -y -q "${packages[@]}" >/dev/null; }
+    elif [ ${#packages[@]} -gt 0 ]; then
+        echo "setup.sh: ${packages[*]} missing and not installable here (needs apt-get and" \
+            "root or sudo without a password); the tests that need them will be skipped" >&2
+    fi
+fi
+
+if [[ " ${extras[*]:-} " == *" dev "* ]]; then
+    # SkyPilot parses deploy/*.yaml in tests/deploy. It gets a venv of its own: skypilot 0.14.1
+    # pins click and uvicorn older than the ones fleetserve runs with.
+    skypilot=skypilot==0.14.1
+    if [ "$(cat .venv-sky/.setup-stamp 2>/dev/null)" != "$skypilot" ]; then
+        echo "setup.sh: installing $skypilot into .venv-sky"
+        [ -x .venv-sky/bin/python ] || "$python" -m venv .venv-sky
+        .venv-sky/bin/python -m pip install --quiet --progress-bar off "$skypilot"
+        echo "$skypilot" > .venv-sky/.setup-stamp
+    fi
+fi
+
+hash="$(sha256sum pyproject.toml | cut -c1-16)"
+stamp="$hash $spec"
+# Up to date when pyproject.toml did not change and every extra asked for is installed: a
+# --dev venv serves a plain `scripts/setup.sh` (what deploy/*.yaml run) without reinstalling.
+if read -r old_hash old_spec 2>/dev/null < .venv/.setup-stamp && [ "$old_hash" = "$hash" ]; then
+    installed=",${old_spec#.[}"
+    installed="${installed%]},"
+    missing=""
+    for extra in "${extras[@]}"; do
+        [[ "$installed" == *",$extra,"* ]] || missing+=" $extra"
+    done
+    if [ -z "$missing" ]; then
+        echo "setup.sh: .venv is up to date ($old_spec)"
+        exit 0
+    fi
 fi
 
 echo "setup.sh: installing fleetserve$spec into .venv (vLLM and torch take a few minutes the first time)"

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +37,20 @@ def log_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
     path = ARTIFACTS / request.node.name
     path.mkdir(parents=True, exist_ok=True)
     yield path
+
+
+@pytest.fixture(scope="module")
+def fast_and_slow(request: pytest.FixtureRequest, fleet_env: dict[str, str]) -> Iterator[Any]:
+    """Controller, gateway and two fake models: `fast`, and `slow` at 20 tokens/s (stoppable)."""
+    from tests.helpers import LocalCluster
+
+    cluster = LocalCluster(module_log_dir(request.module.__name__.rsplit(".", 1)[-1]), fleet_env)
+    cluster.add_worker("fast", "fake")
+    cluster.add_worker("slow", "fake", engine_args=("--tokens-per-s", "20"))
+    cluster.wait_workers("fast", 1, timeout_s=30)
+    cluster.wait_workers("slow", 1, timeout_s=30)
+    yield cluster
+    cluster.close()
 
 
 def module_log_dir(module: str) -> Path:

@@ -200,20 +200,30 @@ class LocalCluster:
 
     @contextlib.contextmanager
     def extra_gateway(self, name: str, *flags: str) -> Iterator[tuple[Component, str]]:
-        """Another gateway of this cluster with ``flags``, once it routes echo: (it, /v1 URL)."""
+        """Another gateway of this cluster with ``flags``, once it routes every model the
+        controller has: (it, /v1 URL)."""
         port = free_port()
         args = ["gateway", "--port", str(port), "--controller-url", self.controller_url, *flags]
         gateway = self._start(name, args)
+        models = {name for w in self.table().workers for name in w.model_names}
         try:
             gateway.wait_http(f"http://127.0.0.1:{port}/health")
             wait_until(
-                lambda: "echo" in httpx.get(f"http://127.0.0.1:{port}/health").json()["models"],
+                lambda: (
+                    models <= set(httpx.get(f"http://127.0.0.1:{port}/health").json()["models"])
+                ),
                 30,
-                f"{name} to route echo",
+                f"{name} to route {sorted(models)}",
             )
             yield gateway, f"http://127.0.0.1:{port}/v1"
         finally:
             gateway.stop()
+
+    def engine_metric(self, model: str, name: str) -> float:
+        """A sample of the engine of ``model``'s only worker, read from its own /metrics."""
+        (worker,) = [w for w in self.table().workers if model in w.model_names]
+        metrics = httpx.get(worker.base_url.removesuffix("/v1") + "/metrics", timeout=5).text
+        return float(next(x for x in metrics.splitlines() if x.startswith(name)).split()[-1])
 
     def client(self, **kwargs: Any) -> openai.OpenAI:
         # max_retries=0: a failure must show, not be hidden by the client's own retries.
@@ -340,8 +350,8 @@ def running_up(
     """
     port = free_port()
     out = log_dir / "up.out"
-    cmd = [sys.executable, "-m", "fleetserve.cli", "up", *args, "--port", str(port)]
-    cmd += ["--controller-port", str(free_port()), "--log-dir", str(log_dir)]
+    cmd = [sys.executable, "-m", "fleetserve.cli", "up", "--port", str(port)]
+    cmd += ["--controller-port", str(free_port()), "--log-dir", str(log_dir), *args]  # `--` last
     with out.open("wb") as sink:
         up = procs.spawn(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
     running = RunningUp(up, port, out)

@@ -246,8 +246,8 @@ def test_fleetserve_status_watch_shows_tokens_per_second_under_load(
 
 def test_gateway_metrics_count_requests(cluster: LocalCluster) -> None:
     text = httpx.get(f"{cluster.gateway_url}/metrics").text
-    assert 'fleetserve_gateway_requests_total{model="echo",status="200"}' in text
-    assert 'fleetserve_gateway_requests_total{model="unknown",status="404"}' in text
+    assert 'fleetserve_gateway_requests_total{key="none",model="echo",status="200"}' in text
+    assert 'fleetserve_gateway_requests_total{key="none",model="unknown",status="404"}' in text
     assert 'model="nope"' not in text  # client-chosen names do not become label values
     controller = httpx.get(f"{cluster.controller_url}/metrics").text
     assert 'fleetserve_controller_workers{model="echo",state="ready"} 2.0' in controller

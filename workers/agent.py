@@ -41,6 +41,7 @@ from workers.engines import Engine
 from workers.inventory import discover_machine, read_model_facts
 from workers.load import parse_load
 from workers.placement import ModelFacts, ReplicaNeed, ReplicaPlan, plan_placement
+from workers.status_server import StatusServer
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class Agent:
         self._engine_url = ""
         self._base_url = ""
         self._controller = settings.controller_url.rstrip("/")
+        self.registered = False
+        self.engine_restarts = 0
 
     # -- the main loop -------------------------------------------------------
 
@@ -75,11 +78,13 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        status = await StatusServer.start(self)  # readiness probe and /metrics, if asked for
         await asyncio.to_thread(self.engine.prepare)
         try:
             self.plan = await asyncio.to_thread(self._place)
         except ConfigError as exc:
             logger.error("%s", exc)
+            await status.stop()
             return 2
         async with httpx.AsyncClient(timeout=5.0) as http:
             self._http = http
@@ -88,6 +93,7 @@ class Agent:
             elif len(self.settings.nodes) <= 1 or await self._start_ray_head():
                 await self._serve_engine()
             await self._shutdown()
+        await status.stop()
         return self.exit_code
 
     async def _serve_engine(self) -> None:
@@ -108,6 +114,7 @@ class Agent:
             if time.monotonic() - started > 60:
                 backoff_s = 1.0
             logger.error("engine exited (code %s); restarting in %.0fs", code, backoff_s)
+            self.engine_restarts += 1
             await self._sleep(backoff_s)
             backoff_s = min(backoff_s * 2, constants.ENGINE_RESTART_BACKOFF_MAX_S)
 
@@ -208,6 +215,11 @@ class Agent:
     def _engine_alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def ready(self) -> bool:
+        """Serving: engine up, registered, not draining (the readiness probe's answer)."""
+        return self.registered and self._engine_alive() and not self._stop.is_set()
+
     # -- engine --------------------------------------------------------------
 
     def _start_engine(self) -> None:
@@ -288,6 +300,7 @@ class Agent:
             return False
         reply = RegistrationReply.model_validate(response.json())
         self.heartbeat_interval_s = reply.heartbeat_interval_s
+        self.registered = True
         logger.info(
             "registered as %s serving %s", self.worker_id, ", ".join(self.settings.model_names)
         )
@@ -305,6 +318,7 @@ class Agent:
         return HeartbeatReply.model_validate(response.json()).known
 
     async def _deregister(self) -> None:
+        self.registered = False
         try:
             await self._http.delete(f"{self._controller}/workers/{self.worker_id}")
         except httpx.HTTPError as exc:

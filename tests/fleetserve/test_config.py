@@ -121,3 +121,20 @@ def test_worker_flags_come_from_the_settings_model() -> None:
     ):
         assert flag in result.stdout
     assert "The model name clients ask for." in result.stdout
+
+
+def test_engine_flags_from_the_command_line_become_engine_args() -> None:
+    from fleetserve.config import ModelSpec, engine_args_from_flags
+
+    flags = ["--max-model-len", "2048", "--enforce-eager", "--dtype=half"]
+    args = engine_args_from_flags(flags)
+    assert args == {"max_model_len": "2048", "enforce_eager": True, "dtype": "half"}
+    assert ModelSpec(name="m", engine_args=args).engine_flags() == [
+        "--max-model-len",
+        "2048",
+        "--enforce-eager",
+        "--dtype",
+        "half",
+    ]
+    with pytest.raises(ConfigError, match="engine flag expected, got 'oops'"):
+        engine_args_from_flags(["oops"])

