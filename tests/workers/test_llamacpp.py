@@ -209,9 +209,11 @@ def test_a_killed_llamacpp_engine_is_restarted_and_serves_again(cluster: LocalCl
     worker = next(c for c in cluster.components if c.name == f"worker-{GGUF_NAME}-0")
 
     def engine_pid() -> int | None:
+        # The engine itself, not the reaper above it (whose arguments name it too).
         for pid in descendants(worker.pid):
             with contextlib.suppress(FileNotFoundError):
-                if b"workers.llamacpp_server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if argv[1:3] == [b"-m", b"workers.llamacpp_server"]:
                     return pid
         return None
 
