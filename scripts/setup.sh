@@ -23,7 +23,7 @@ for arg in "$@"; do
         --ray) extras+=(ray) ;;
         --llamacpp) extras+=(llamacpp) ;;
         --fake) engine="" ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
         *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
     esac
 done
