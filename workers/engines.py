@@ -7,6 +7,7 @@ the agent (agent.py) does the rest: readiness, registration, load, drain.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import logging
 import os
 import sys
@@ -140,3 +141,37 @@ class FakeEngine(Engine, name="fake"):
         s = self.settings
         cmd = [sys.executable, "-m", "workers.fake_engine", "--host", s.host, "--port", str(port)]
         return [*cmd, "--served-name", *s.model_names, *s.engine_args]
+
+
+class LlamaCppEngine(Engine, name="llamacpp"):
+    """llama.cpp for one GGUF file: llama-cpp-python's OpenAI server (workers/llamacpp_server.py).
+
+    ``model`` is a .gguf file, a directory holding one, or the name of a file in the
+    model cache (`fleetserve model list`). Engine args are llama-cpp-python's model
+    settings: ``--n-ctx 2048 --n-threads 2 --n-gpu-layers 0``.
+    """
+
+    # llama-cpp-python's server generates for one request at a time; more wait for it.
+    default_capacity = 1
+
+    def prepare(self) -> None:
+        from fleetserve.modelcache import resolve_gguf
+
+        try:
+            self.settings.model = str(resolve_gguf(self.settings.model))
+        except ConfigError as exc:  # before anything started: say what to change, and stop
+            raise SystemExit(f"fleetserve worker: {exc}") from None
+
+    def command(self, port: int) -> list[str]:
+        s = self.settings
+        cmd = [sys.executable, "-m", "workers.llamacpp_server", "--model", s.model]
+        cmd += ["--host", s.host, "--port", str(port), "--served-name", *s.model_names]
+        return cmd + s.engine_args
+
+    @classmethod
+    def check_device(cls, device: Device | None) -> None:
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise ConfigError(
+                "the llamacpp engine needs llama-cpp-python: pip install 'fleetserve[llamacpp]' "
+                "(compiles llama.cpp, a few minutes)"
+            )
