@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from fleetserve import constants
+from fleetserve import constants, procs
 
 
 def _kill_group(pgid: int, sig: int) -> None:
@@ -28,7 +28,10 @@ def main() -> int:
     if len(sys.argv) < 2:
         print("usage: python -m fleetserve.reaper CMD [ARGS...]", file=sys.stderr)
         return 2
-    child = subprocess.Popen(sys.argv[1:], process_group=0)
+    # The parent-death signal covers the reaper itself being SIGKILLed: CMD gets SIGTERM and
+    # stops its own children (vLLM's API server its EngineCore) instead of running on orphaned.
+    death_signal = procs.die_with_parent if sys.platform == "linux" else None
+    child = subprocess.Popen(sys.argv[1:], process_group=0, preexec_fn=death_signal)
     stop_requested_at: float | None = None
 
     def request_stop(signum: int, _frame: object) -> None:
