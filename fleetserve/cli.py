@@ -77,6 +77,15 @@ def add_settings_arguments(
         parser.add_argument(*flags, **options)
 
 
+def add_controller_url(parser: argparse.ArgumentParser, purpose: str) -> None:
+    """``--controller-url`` for commands that talk to a controller."""
+    parser.add_argument(
+        "--controller-url",
+        default=f"http://{constants.DEFAULT_HOST}:{constants.DEFAULT_CONTROLLER_PORT}",
+        help=f"{purpose} (default: %(default)s).",
+    )
+
+
 def settings_from(model: type[BaseModel], args: argparse.Namespace, **extra: Any) -> Any:
     values = {k: v for k, v in vars(args).items() if k in model.model_fields}
     values.update(extra)
@@ -362,11 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_up)
 
     status = sub.add_parser("status", help="Show the workers and models a controller knows.")
-    status.add_argument(
-        "--controller-url",
-        default=f"http://{constants.DEFAULT_HOST}:{constants.DEFAULT_CONTROLLER_PORT}",
-        help="The controller's URL (default: %(default)s).",
-    )
+    add_controller_url(status, "The controller's URL")
     status.add_argument(
         "--watch",
         nargs="?",
@@ -399,11 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="The Ray cluster (host:port or ray://host:10001; default: the local one, "
             "or RAY_ADDRESS).",
         )
-        command.add_argument(
-            "--controller-url",
-            default=f"http://{constants.DEFAULT_HOST}:{constants.DEFAULT_CONTROLLER_PORT}",
-            help="The fleetserve controller, as the Ray nodes reach it (default: %(default)s).",
-        )
+        add_controller_url(command, "The fleetserve controller, as the Ray nodes reach it")
     ray.set_defaults(func=cmd_ray)
 
     from fleetserve.model_commands import add_model_commands

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fleetserve import constants
 from fleetserve.config import ConfigError
 from fleetserve.gguf_convert import QUANT_TYPES
 
@@ -49,6 +48,8 @@ def cmd_model_list(args: argparse.Namespace) -> int:
 
 def add_model_commands(sub: Any) -> None:
     """Add `model convert` and `model list` to the CLI's subcommands."""
+    from fleetserve.cli import add_controller_url  # here: cli imports this module
+
     model = sub.add_parser("model", help="Models on disk: convert to GGUF, list the cache.")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND")
     convert = model_sub.add_parser(
@@ -70,9 +71,5 @@ def add_model_commands(sub: Any) -> None:
     )
     convert.set_defaults(func=cmd_model_convert)
     listing = model_sub.add_parser("list", help="Models in the cache and where they are served.")
-    listing.add_argument(
-        "--controller-url",
-        default=f"http://{constants.DEFAULT_HOST}:{constants.DEFAULT_CONTROLLER_PORT}",
-        help="Ask this controller which models are served (default: %(default)s).",
-    )
+    add_controller_url(listing, "Ask this controller which models are served")
     listing.set_defaults(func=cmd_model_list)

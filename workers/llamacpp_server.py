@@ -28,6 +28,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from fleetserve.config import ConfigError, engine_args_from_flags
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -118,28 +120,17 @@ class InFlight:
 
 def parse_engine_args(args: list[str], known: set[str]) -> dict[str, str]:
     """``["--n-ctx", "2048", "--flash-attn"]`` -> ``{"n_ctx": "2048", "flash_attn": "true"}``."""
-    values: dict[str, str] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--"):
-            raise SystemExit(f"llamacpp engine: expected a --flag, got {arg!r}")
-        name, _, value = arg[2:].partition("=")
-        name = name.replace("-", "_")
+    try:
+        parsed = engine_args_from_flags(args)
+    except ConfigError as exc:
+        raise SystemExit(f"llamacpp engine: {exc}") from None
+    for name in parsed:
         if name not in known:
             raise SystemExit(
                 f"llamacpp engine: unknown setting {name!r}; llama-cpp-python's server takes "
                 f"{', '.join(sorted(known))}"
             )
-        if not value:
-            if i + 1 < len(args) and not args[i + 1].startswith("--"):
-                value = args[i + 1]
-                i += 1
-            else:
-                value = "true"
-        values[name] = value
-        i += 1
-    return values
+    return {name: "true" if value is True else str(value) for name, value in parsed.items()}
 
 
 def openai_sampling_defaults() -> None:
