@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import socket
 import time
 from typing import Any
 
@@ -85,6 +86,23 @@ def deployment_options(spec: ModelSpec, cluster_has_gpus: bool) -> dict[str, Any
 def _connect(address: str | None) -> None:
     import ray
 
+    if address is None or "://" not in address:
+        # Check the address first: ray.init retries an unreachable one for minutes, and "auto"
+        # can name a cluster that is gone (Ray's file of the last one started here).
+        from ray._private.services import canonicalize_bootstrap_address
+
+        where = f"at {address}" if address else "running here"
+        try:
+            resolved = canonicalize_bootstrap_address(address or "auto")
+            if resolved is None:
+                raise ConnectionError("none was started on this machine")
+            host, _, port = resolved.rpartition(":")
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except (OSError, ValueError) as exc:  # ConnectionError is an OSError
+            raise SystemExit(
+                f"fleetserve ray: no Ray cluster {where} ({exc}); start one with "
+                "`ray start --head`, or give --address HOST:PORT"
+            ) from None
     ray.init(
         address=address or "auto",
         namespace=NAMESPACE,

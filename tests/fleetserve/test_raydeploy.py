@@ -48,3 +48,22 @@ def test_fixed_replicas_or_autoscaling_bounds() -> None:
 def test_bad_autoscaling_is_refused(autoscaling: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_cluster({"models": [{"name": "m", "autoscaling": autoscaling}]})
+
+
+def test_no_ray_cluster_at_the_address_fails_fast_and_says_so(fleet_env: dict[str, str]) -> None:
+    import subprocess
+    import sys
+
+    from tests.helpers import free_port
+
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    done = subprocess.run(
+        [sys.executable, "-m", "fleetserve.cli", "ray", "status", "--address", address],
+        env=fleet_env,
+        capture_output=True,
+        text=True,
+        timeout=60,  # ray.init alone would retry for minutes
+    )
+    assert done.returncode == 1
+    assert f"no Ray cluster at {address}" in done.stderr
+    assert "ray start --head" in done.stderr
