@@ -45,12 +45,14 @@ def fast_and_slow(request: pytest.FixtureRequest, fleet_env: dict[str, str]) -> 
     from tests.helpers import LocalCluster
 
     cluster = LocalCluster(module_log_dir(request.module.__name__.rsplit(".", 1)[-1]), fleet_env)
-    cluster.add_worker("fast", "fake")
-    cluster.add_worker("slow", "fake", engine_args=("--tokens-per-s", "20"))
-    cluster.wait_workers("fast", 1, timeout_s=30)
-    cluster.wait_workers("slow", 1, timeout_s=30)
-    yield cluster
-    cluster.close()
+    try:  # closed even when setting up fails
+        cluster.add_worker("fast", "fake")
+        cluster.add_worker("slow", "fake", engine_args=("--tokens-per-s", "20"))
+        cluster.wait_workers("fast", 1, timeout_s=30)
+        cluster.wait_workers("slow", 1, timeout_s=30)
+        yield cluster
+    finally:
+        cluster.close()
 
 
 def module_log_dir(module: str) -> Path:

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import openai
 
-from fleetserve import procs
+from fleetserve import constants, procs
 from fleetserve.protocol import RouteTable
 from workers.agent import free_port as agent_free_port
 
@@ -195,7 +195,13 @@ class LocalCluster:
             f"{count} ready workers of {model}",
             0.5,
         )
-        wait_until(lambda: model in self.gateway_models(), 10, f"the gateway to route {model}")
+        # Within one long-poll of the gateway's watcher (once, in a CI run, its first answer
+        # came only at the poll's timeout: a gateway not routing at all still fails here).
+        wait_until(
+            lambda: model in self.gateway_models(),
+            constants.WATCH_TIMEOUT_S + 10,
+            f"the gateway to route {model}",
+        )
         return ids
 
     @contextlib.contextmanager
