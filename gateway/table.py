@@ -59,10 +59,13 @@ class RouteTableWatcher:
         controller_down_since: float | None = None
         timeout = aiohttp.ClientTimeout(total=constants.WATCH_TIMEOUT_S + 10)
         while True:
+            routing = bool(self.table and self.table.workers)
             params = {
                 "epoch": self.table.epoch if self.table else "",
                 "after": str(self.table.version if self.table else -1),
-                "timeout_s": str(constants.WATCH_TIMEOUT_S),
+                "timeout_s": str(
+                    constants.WATCH_TIMEOUT_S if routing else constants.WATCH_EMPTY_TIMEOUT_S
+                ),
             }
             try:
                 async with self._session.get(self._url, params=params, timeout=timeout) as response:
