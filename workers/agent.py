@@ -261,9 +261,9 @@ class Agent:
             await asyncio.to_thread(procs.stop, self._proc, constants.REAPER_STOP_GRACE_S)
         return False
 
-    async def _read_load(self) -> WorkerLoad | None:
+    async def _read_load(self, timeout_s: float = 5.0) -> WorkerLoad | None:
         try:
-            response = await self._http.get(f"{self._engine_url}/metrics")
+            response = await self._http.get(f"{self._engine_url}/metrics", timeout=timeout_s)
             response.raise_for_status()
             return parse_load(response.text)
         except (httpx.HTTPError, ValueError) as exc:
@@ -328,6 +328,7 @@ class Agent:
         """Registered life of a ready engine; returns when it died or a stop was asked."""
         registered = False
         next_beat = 0.0
+        last_load = WorkerLoad()
         while not self._stop.is_set():
             if not self._engine_alive():
                 if registered:
@@ -335,7 +336,10 @@ class Agent:
                 return
             if time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + self.heartbeat_interval_s
-                load = await self._read_load() or WorkerLoad()
+                # A saturated engine answers /metrics slowly: the heartbeat must not wait for
+                # it (the controller would expire a busy worker); the last load stands in.
+                load = await self._read_load(self.heartbeat_interval_s / 2) or last_load
+                last_load = load
                 if not registered or not await self._heartbeat(load):
                     if registered:
                         logger.info("the controller forgot us (restarted?): registering again")
