@@ -24,6 +24,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fleetserve.openai_stream import stream_event
+
 # Synthetic prompts are words from this list: about one token per word for BPE tokenizers.
 _WORDS = (
     "the",
@@ -200,11 +202,9 @@ class Bench:
                     detail = (await response.aread()).decode(errors="replace")[:200]
                     raise RuntimeError(f"HTTP {response.status_code}: {detail}")
                 async for line in response.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
+                    data = stream_event(line)
+                    if data is None:
                         continue
-                    data = json.loads(line[6:])
-                    if "error" in data:
-                        raise RuntimeError(str(data["error"].get("message", data["error"])))
                     if data.get("usage"):
                         usage_tokens = data["usage"].get("completion_tokens")
                     for choice in data.get("choices") or []:

@@ -15,6 +15,8 @@ from typing import Any
 import httpx
 from rich.console import Console
 
+from fleetserve.openai_stream import stream_event
+
 HELP = "/model NAME switches, /models lists, /clear forgets, /exit leaves; Ctrl-C stops an answer"
 
 
@@ -143,11 +145,9 @@ class Chat:
 def _content(lines: Any) -> Any:
     """The text pieces of an OpenAI chat stream; RuntimeError for an error event."""
     for line in lines:
-        if not line.startswith("data: ") or line == "data: [DONE]":
+        data = stream_event(line)
+        if data is None:
             continue
-        data = json.loads(line[6:])
-        if "error" in data:
-            raise RuntimeError(data["error"].get("message", "the stream failed"))
         for choice in data.get("choices") or []:
             piece = (choice.get("delta") or {}).get("content")
             if piece:
