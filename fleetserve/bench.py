@@ -9,11 +9,13 @@ errors. Results: a table, a JSON file with every request, and PNG plots.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
 import random
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +26,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fleetserve.cli_args import add_endpoint_arguments
 from fleetserve.openai_stream import stream_event
+from fleetserve.status import make_console
 
 # Synthetic prompts are words from this list: about one token per word for BPE tokenizers.
 _WORDS = (
@@ -351,3 +355,99 @@ def run_bench(
         first = next(x.error for r in results for x in r.results if x.error)
         console.print(f"[red]{errors} request(s) failed[/red]; the first: {first}", highlight=False)
     return 1 if errors == sum(r.requests for r in results) else 0
+
+
+# -- the `fleetserve bench` command ---------------------------------------------------
+
+
+def _levels(text: str) -> list[float]:
+    try:
+        levels = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas, got {text!r}"
+        ) from None
+    if not levels or any(level <= 0 for level in levels):
+        raise argparse.ArgumentTypeError("levels must be positive")
+    return levels
+
+
+def _first_model(url: str, api_key: str | None) -> str:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        data = httpx.get(f"{url.rstrip('/')}/models", headers=headers, timeout=10).json()["data"]
+        return str(data[0]["id"])
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+        sys.exit(f"fleetserve: cannot list the models at {url} ({exc}); give --model")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    model = args.model or _first_model(args.url, args.api_key)
+    if args.prompts:
+        try:
+            prompts = file_prompts(args.prompts, args.num_prompts, args.output_len)
+        except (OSError, ValueError) as exc:
+            sys.exit(f"fleetserve bench: {exc}")
+    else:
+        prompts = synthetic_prompts(
+            args.num_prompts, args.input_len, args.output_len, args.len_spread, args.seed
+        )
+    extra = {"ignore_eos": True} if args.ignore_eos else {}
+    mode, levels = (
+        ("rate", args.request_rate)
+        if args.request_rate
+        else (
+            "concurrency",
+            args.concurrency or [1.0, 4.0, 16.0],
+        )
+    )
+    bench = Bench(args.url, model, args.api_key, extra)
+    return run_bench(bench, mode, levels, prompts, args.out_dir, make_console())
+
+
+def add_bench_command(sub: Any) -> None:
+    """Add `bench` to the CLI's subcommands."""
+    bench = sub.add_parser(
+        "bench",
+        help="Benchmark an OpenAI-compatible endpoint (fleetserve's or another).",
+        description="Streamed chat completions at each load level; prints a table (req/s, "
+        "output tokens/s, TTFT, TPOT and latency percentiles, errors) and writes a JSON "
+        "file with every request and PNG plots (latency against throughput).",
+    )
+    bench.add_argument("--model", help="Model to ask (default: the first the endpoint lists).")
+    add_endpoint_arguments(bench)
+    load = bench.add_mutually_exclusive_group()
+    load.add_argument(
+        "--concurrency",
+        type=_levels,
+        help="Closed loop: concurrent clients per level, e.g. 1,4,16 (the default).",
+    )
+    load.add_argument(
+        "--request-rate",
+        type=_levels,
+        help="Open loop: requests per second per level (Poisson arrivals), e.g. 2,8,32.",
+    )
+    bench.add_argument("--num-prompts", type=int, default=64, help="Requests per level (64).")
+    bench.add_argument(
+        "--prompts", type=Path, help='JSONL file of {"prompt": ...} or {"messages": [...]}.'
+    )
+    bench.add_argument("--input-len", type=int, default=128, help="Synthetic prompt words (128).")
+    bench.add_argument("--output-len", type=int, default=128, help="max_tokens (128).")
+    bench.add_argument(
+        "--len-spread",
+        type=float,
+        default=0.5,
+        help="Lengths are uniform within +-this fraction (0.5; 0: fixed).",
+    )
+    bench.add_argument("--seed", type=int, default=0, help="Seed of the synthetic prompts.")
+    bench.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="Ask vLLM to generate max_tokens every time (its `ignore_eos` extension).",
+    )
+    bench.add_argument(
+        "--out-dir", type=Path, default=Path("bench-results"), help="Where JSON and PNG go."
+    )
+    bench.set_defaults(func=cmd_bench)

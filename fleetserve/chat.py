@@ -7,6 +7,7 @@ stops an answer being generated and returns to the prompt.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import time
@@ -15,7 +16,9 @@ from typing import Any
 import httpx
 from rich.console import Console
 
+from fleetserve.cli_args import add_endpoint_arguments
 from fleetserve.openai_stream import stream_event
+from fleetserve.status import make_console
 
 HELP = "/model NAME switches, /models lists, /clear forgets, /exit leaves; Ctrl-C stops an answer"
 
@@ -152,3 +155,25 @@ def _content(lines: Any) -> Any:
             piece = (choice.get("delta") or {}).get("content")
             if piece:
                 yield piece
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    chat = Chat(
+        args.url, args.model, args.api_key, make_console(), args.temperature, args.max_tokens
+    )
+    return chat.run()
+
+
+def add_chat_command(sub: Any) -> None:
+    """Add `chat` to the CLI's subcommands."""
+    chat = sub.add_parser(
+        "chat",
+        help="Talk to a model in the terminal (streaming; /model to switch).",
+        description="Chat in the terminal. /model NAME switches model, /models lists them, "
+        "/clear forgets the history, /exit or Ctrl-D leaves; Ctrl-C stops an answer.",
+    )
+    chat.add_argument("--model", help="Model to talk to (default: the first served).")
+    chat.add_argument("--temperature", type=float, default=0.7, help="Default: 0.7.")
+    chat.add_argument("--max-tokens", type=int, default=1024, help="Per answer (1024).")
+    add_endpoint_arguments(chat)
+    chat.set_defaults(func=cmd_chat)

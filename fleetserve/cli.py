@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import enum
 import logging
 import os
 import sys
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
-
 from fleetserve import __version__, constants
+from fleetserve.bench import add_bench_command
+from fleetserve.chat import add_chat_command
+from fleetserve.cli_args import add_controller_url, add_settings_arguments, settings_from
 from fleetserve.config import (
     ClusterConfig,
     ConfigError,
@@ -23,76 +21,14 @@ from fleetserve.config import (
     GatewaySettings,
     WorkerSettings,
     default_cluster,
-    describe_validation_error,
     engine_args_from_flags,
     load_cluster_file,
     parse_cluster,
 )
+from fleetserve.model_commands import add_model_commands
+from fleetserve.raydeploy import add_ray_commands
 
 logger = logging.getLogger("fleetserve")
-
-
-def add_settings_arguments(
-    parser: argparse.ArgumentParser,
-    model: type[BaseModel],
-    skip: tuple[str, ...] = (),
-    choices: dict[str, list[str]] | None = None,
-) -> None:
-    """One flag per field of a settings model; the field's description is the help text.
-
-    ``choices`` gives the allowed values of fields that take a registered name.
-    """
-    for name, field in model.model_fields.items():
-        if name in skip:
-            continue
-        annotation = field.annotation
-        options: dict[str, Any] = {"dest": name, "help": field.description or ""}
-        flags = ["--" + name.replace("_", "-")]
-        if field.is_required():
-            options["required"] = True
-        else:
-            options["default"] = (
-                argparse.SUPPRESS
-            )  # pydantic applies (and --help shows) the default
-            if field.default_factory is None:
-                options["help"] += f" (default: {field.default})"
-        if annotation is bool:
-            options["action"] = "store_true"
-            options["help"] = field.description or ""
-        elif typing.get_origin(annotation) is list:
-            # aliases -> repeatable --alias (or --aliases), nodes -> --node (or --nodes)
-            plural = "--" + name.replace("_", "-")
-            singular = plural[:-2] if plural.endswith("ses") else plural[:-1]
-            flags = [singular, plural]
-            options["action"] = "append"
-            options["metavar"] = singular[2:].upper()
-        else:
-            args = [a for a in typing.get_args(annotation) if a is not type(None)]
-            base = args[0] if isinstance(annotation, types.UnionType) and args else annotation
-            options["type"] = base if base in (int, float) else str
-            if isinstance(base, type) and issubclass(base, enum.Enum):
-                options["choices"] = [member.value for member in base]
-        if choices and name in choices:
-            options["choices"] = choices[name]
-        parser.add_argument(*flags, **options)
-
-
-def add_controller_url(parser: argparse.ArgumentParser, purpose: str) -> None:
-    """``--controller-url`` for commands that talk to a controller."""
-    parser.add_argument(
-        "--controller-url",
-        default=f"http://{constants.DEFAULT_HOST}:{constants.DEFAULT_CONTROLLER_PORT}",
-        help=f"{purpose} (default: %(default)s).",
-    )
-
-
-def settings_from(model: type[BaseModel], args: argparse.Namespace, **extra: Any) -> Any:
-    values = {k: v for k, v in vars(args).items() if k in model.model_fields}
-    values.update(extra)
-    try:
-        return model.model_validate(values)
-    except ValidationError as exc:
-        sys.exit(f"fleetserve: invalid settings:\n{describe_validation_error(exc)}")
 
 
 def _serve(app: Any, host: str, port: int, graceful_s: float, **options: Any) -> None:
@@ -211,82 +147,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return print_status(make_console(), args.controller_url, args.watch)
 
 
-def cmd_ray(args: argparse.Namespace) -> int:
-    from fleetserve import raydeploy
-    from fleetserve.status import make_console
-
-    console = make_console()
-    if args.ray_command == "deploy":
-        try:
-            cluster = load_cluster_file(args.file)
-        except ConfigError as exc:
-            sys.exit(f"fleetserve ray deploy: {exc}")
-        return raydeploy.deploy(cluster, args.controller_url, args.address, console)
-    if args.ray_command == "status":
-        return raydeploy.status(args.controller_url, args.address, console)
-    return raydeploy.down(args.address, console)
-
-
-def _levels(text: str) -> list[float]:
-    try:
-        levels = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected numbers separated by commas, got {text!r}"
-        ) from None
-    if not levels or any(level <= 0 for level in levels):
-        raise argparse.ArgumentTypeError("levels must be positive")
-    return levels
-
-
-def _first_model(url: str, api_key: str | None) -> str:
-    import httpx
-
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        data = httpx.get(f"{url.rstrip('/')}/models", headers=headers, timeout=10).json()["data"]
-        return str(data[0]["id"])
-    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
-        sys.exit(f"fleetserve: cannot list the models at {url} ({exc}); give --model")
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from fleetserve.bench import Bench, file_prompts, run_bench, synthetic_prompts
-    from fleetserve.status import make_console
-
-    model = args.model or _first_model(args.url, args.api_key)
-    if args.prompts:
-        try:
-            prompts = file_prompts(args.prompts, args.num_prompts, args.output_len)
-        except (OSError, ValueError) as exc:
-            sys.exit(f"fleetserve bench: {exc}")
-    else:
-        prompts = synthetic_prompts(
-            args.num_prompts, args.input_len, args.output_len, args.len_spread, args.seed
-        )
-    extra = {"ignore_eos": True} if args.ignore_eos else {}
-    mode, levels = (
-        ("rate", args.request_rate)
-        if args.request_rate
-        else (
-            "concurrency",
-            args.concurrency or [1.0, 4.0, 16.0],
-        )
-    )
-    bench = Bench(args.url, model, args.api_key, extra)
-    return run_bench(bench, mode, levels, prompts, args.out_dir, make_console())
-
-
-def cmd_chat(args: argparse.Namespace) -> int:
-    from fleetserve.chat import Chat
-    from fleetserve.status import make_console
-
-    chat = Chat(
-        args.url, args.model, args.api_key, make_console(), args.temperature, args.max_tokens
-    )
-    return chat.run()
-
-
 def cmd_key_new(args: argparse.Namespace) -> int:
     import secrets
 
@@ -382,33 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.set_defaults(func=cmd_status)
 
-    ray = sub.add_parser(
-        "ray",
-        help="Run the workers of a cluster file on a Ray cluster (Ray Serve deployments).",
-        description="Every model's replicas as Ray Serve deployments: Ray places them on "
-        "nodes with the GPUs they need, replaces dead ones and autoscales them. Controller "
-        "and gateway run as usual (`fleetserve controller`, `fleetserve gateway`).",
-    )
-    ray_sub = ray.add_subparsers(dest="ray_command", required=True, metavar="RAY_COMMAND")
-    ray_deploy = ray_sub.add_parser(
-        "deploy",
-        help="Deploy or update the models of a cluster file; rolls changed models "
-        "a replica at a time, each draining first.",
-    )
-    ray_deploy.add_argument("-f", "--file", type=Path, required=True, help="Cluster YAML file.")
-    ray_sub.add_parser("status", help="Ray's replicas next to the workers the controller knows.")
-    ray_sub.add_parser("down", help="Remove every model from Ray; replicas drain first.")
-    for command in ray_sub.choices.values():
-        command.add_argument(
-            "--address",
-            help="The Ray cluster (host:port or ray://host:10001; default: the local one, "
-            "or RAY_ADDRESS).",
-        )
-        add_controller_url(command, "The fleetserve controller, as the Ray nodes reach it")
-    ray.set_defaults(func=cmd_ray)
-
-    from fleetserve.model_commands import add_model_commands
-
+    add_ray_commands(sub)
     add_model_commands(sub)
 
     controller = sub.add_parser("controller", help="Run the controller (the worker registry).")
@@ -419,69 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_arguments(gateway, GatewaySettings, skip=("keys",))
     gateway.set_defaults(func=cmd_gateway)
 
-    chat = sub.add_parser(
-        "chat",
-        help="Talk to a model in the terminal (streaming; /model to switch).",
-        description="Chat in the terminal. /model NAME switches model, /models lists them, "
-        "/clear forgets the history, /exit or Ctrl-D leaves; Ctrl-C stops an answer.",
-    )
-    chat.add_argument("--model", help="Model to talk to (default: the first served).")
-    chat.add_argument("--temperature", type=float, default=0.7, help="Default: 0.7.")
-    chat.add_argument("--max-tokens", type=int, default=1024, help="Per answer (1024).")
-    chat.set_defaults(func=cmd_chat)
-
-    bench = sub.add_parser(
-        "bench",
-        help="Benchmark an OpenAI-compatible endpoint (fleetserve's or another).",
-        description="Streamed chat completions at each load level; prints a table (req/s, "
-        "output tokens/s, TTFT, TPOT and latency percentiles, errors) and writes a JSON "
-        "file with every request and PNG plots (latency against throughput).",
-    )
-    bench.add_argument("--model", help="Model to ask (default: the first the endpoint lists).")
-    for client in (chat, bench):
-        client.add_argument(
-            "--url",
-            default=f"http://{constants.DEFAULT_HOST}:{constants.DEFAULT_GATEWAY_PORT}/v1",
-            help="Base URL of the OpenAI API (default: %(default)s).",
-        )
-        client.add_argument(
-            "--api-key",
-            default=os.environ.get("FLEETSERVE_API_KEY") or os.environ.get("OPENAI_API_KEY"),
-            help="API key (default: $FLEETSERVE_API_KEY or $OPENAI_API_KEY).",
-        )
-    load = bench.add_mutually_exclusive_group()
-    load.add_argument(
-        "--concurrency",
-        type=_levels,
-        help="Closed loop: concurrent clients per level, e.g. 1,4,16 (the default).",
-    )
-    load.add_argument(
-        "--request-rate",
-        type=_levels,
-        help="Open loop: requests per second per level (Poisson arrivals), e.g. 2,8,32.",
-    )
-    bench.add_argument("--num-prompts", type=int, default=64, help="Requests per level (64).")
-    bench.add_argument(
-        "--prompts", type=Path, help='JSONL file of {"prompt": ...} or {"messages": [...]}.'
-    )
-    bench.add_argument("--input-len", type=int, default=128, help="Synthetic prompt words (128).")
-    bench.add_argument("--output-len", type=int, default=128, help="max_tokens (128).")
-    bench.add_argument(
-        "--len-spread",
-        type=float,
-        default=0.5,
-        help="Lengths are uniform within +-this fraction (0.5; 0: fixed).",
-    )
-    bench.add_argument("--seed", type=int, default=0, help="Seed of the synthetic prompts.")
-    bench.add_argument(
-        "--ignore-eos",
-        action="store_true",
-        help="Ask vLLM to generate max_tokens every time (its `ignore_eos` extension).",
-    )
-    bench.add_argument(
-        "--out-dir", type=Path, default=Path("bench-results"), help="Where JSON and PNG go."
-    )
-    bench.set_defaults(func=cmd_bench)
+    add_chat_command(sub)
+    add_bench_command(sub)
 
     key = sub.add_parser("key", help="API keys for the gateway.")
     key_sub = key.add_subparsers(dest="key_command", required=True, metavar="KEY_COMMAND")

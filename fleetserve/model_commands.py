@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fleetserve.cli_args import add_controller_url
 from fleetserve.config import ConfigError
 from fleetserve.gguf_convert import QUANT_TYPES
 
@@ -48,8 +49,6 @@ def cmd_model_list(args: argparse.Namespace) -> int:
 
 def add_model_commands(sub: Any) -> None:
     """Add `model convert` and `model list` to the CLI's subcommands."""
-    from fleetserve.cli import add_controller_url  # here: cli imports this module
-
     model = sub.add_parser("model", help="Models on disk: convert to GGUF, list the cache.")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND")
     convert = model_sub.add_parser(

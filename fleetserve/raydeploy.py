@@ -11,10 +11,13 @@ gateway is the way in and talks to the engines directly.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import socket
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,8 +25,9 @@ from rich.console import Console
 from rich.table import Table
 
 from fleetserve import __version__, constants
-from fleetserve.config import ClusterConfig, ModelSpec, slug
-from fleetserve.status import fetch_table
+from fleetserve.cli_args import add_controller_url
+from fleetserve.config import ClusterConfig, ConfigError, ModelSpec, load_cluster_file, slug
+from fleetserve.status import fetch_table, make_console
 from workers.engines import Engine
 
 logger = logging.getLogger(__name__)
@@ -248,3 +252,47 @@ def down(address: str | None, console: Console) -> int:
         serve.shutdown()
     console.print("done")
     return 0
+
+
+# -- the `fleetserve ray` commands ----------------------------------------------------
+
+
+def cmd_ray(args: argparse.Namespace) -> int:
+    console = make_console()
+    if args.ray_command == "deploy":
+        try:
+            cluster = load_cluster_file(args.file)
+        except ConfigError as exc:
+            sys.exit(f"fleetserve ray deploy: {exc}")
+        return deploy(cluster, args.controller_url, args.address, console)
+    if args.ray_command == "status":
+        return status(args.controller_url, args.address, console)
+    return down(args.address, console)
+
+
+def add_ray_commands(sub: Any) -> None:
+    """Add `ray deploy|status|down` to the CLI's subcommands."""
+    ray = sub.add_parser(
+        "ray",
+        help="Run the workers of a cluster file on a Ray cluster (Ray Serve deployments).",
+        description="Every model's replicas as Ray Serve deployments: Ray places them on "
+        "nodes with the GPUs they need, replaces dead ones and autoscales them. Controller "
+        "and gateway run as usual (`fleetserve controller`, `fleetserve gateway`).",
+    )
+    ray_sub = ray.add_subparsers(dest="ray_command", required=True, metavar="RAY_COMMAND")
+    ray_deploy = ray_sub.add_parser(
+        "deploy",
+        help="Deploy or update the models of a cluster file; rolls changed models "
+        "a replica at a time, each draining first.",
+    )
+    ray_deploy.add_argument("-f", "--file", type=Path, required=True, help="Cluster YAML file.")
+    ray_sub.add_parser("status", help="Ray's replicas next to the workers the controller knows.")
+    ray_sub.add_parser("down", help="Remove every model from Ray; replicas drain first.")
+    for command in ray_sub.choices.values():
+        command.add_argument(
+            "--address",
+            help="The Ray cluster (host:port or ray://host:10001; default: the local one, "
+            "or RAY_ADDRESS).",
+        )
+        add_controller_url(command, "The fleetserve controller, as the Ray nodes reach it")
+    ray.set_defaults(func=cmd_ray)

@@ -149,7 +149,7 @@ class LocalCluster:
                 "--heartbeat-interval-s",
                 str(interval),
                 "--expiry-after-s",
-                str(3 * interval),
+                str(5 * interval),  # a busy 2-core CI machine can stall a process for seconds
             ],
         )
         controller.wait_http(f"{self.controller_url}/health")
@@ -230,6 +230,12 @@ class LocalCluster:
         (worker,) = [w for w in self.table().workers if model in w.model_names]
         metrics = httpx.get(worker.base_url.removesuffix("/v1") + "/metrics", timeout=5).text
         return float(next(x for x in metrics.splitlines() if x.startswith(name)).split()[-1])
+
+    def controller_metric(self, sample: str) -> float:
+        """The value of ``sample`` (name and labels, as exposed) on the controller; 0 if absent."""
+        metrics = httpx.get(f"{self.controller_url}/metrics", timeout=5).text
+        values = [line.rsplit(" ", 1)[1] for line in metrics.splitlines() if line.startswith(sample)]
+        return float(values[0]) if values else 0.0
 
     def client(self, **kwargs: Any) -> openai.OpenAI:
         # max_retries=0: a failure must show, not be hidden by the client's own retries.

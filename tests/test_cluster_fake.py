@@ -138,9 +138,13 @@ def test_engine_death_deregisters_and_restarts(cluster: LocalCluster) -> None:
         if b"fake_engine" in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
     assert engines, "the fake engine process was not found"
+    expired = 'fleetserve_controller_expirations_total{model="other"}'
+    expirations = cluster.controller_metric(expired)
     for pid in engines:
         os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: not cluster.worker_ids("other"), 5, "the worker to deregister at once")
+    wait_until(lambda: not cluster.worker_ids("other"), 15, "the worker to leave")
+    # It deregistered itself at once, rather than being expired for going silent.
+    assert cluster.controller_metric(expired) == expirations
     (new_id,) = cluster.wait_workers("other", 1, timeout_s=30)
     assert new_id == old_id  # same agent, engine restarted
     reply = cluster.client().chat.completions.create(

@@ -31,7 +31,8 @@ import referencing
 import yaml
 
 from fleetserve import constants
-from fleetserve.cli import build_parser, settings_from
+from fleetserve.cli import build_parser
+from fleetserve.cli_args import settings_from
 from fleetserve.config import (
     ControllerSettings,
     GatewaySettings,
