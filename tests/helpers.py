@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import inspect
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +28,22 @@ from workers.agent import free_port as agent_free_port
 
 def free_port() -> int:
     return agent_free_port("127.0.0.1")
+
+
+def ray_head_port() -> int:
+    """A free port for a Ray head whose next port (fleetserve puts the dashboard there) is
+    free too, below the kernel's ephemeral range: Ray binds its own components to random
+    ephemeral ports, and one of them once took the dashboard's port of a free_port()."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        port = random.randrange(20000, low - 1)  # Ray's worker ports end at 19999
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
 
 
 def wait_until(
@@ -234,8 +252,8 @@ class LocalCluster:
     def controller_metric(self, sample: str) -> float:
         """The value of ``sample`` (name and labels, as exposed) on the controller; 0 if absent."""
         metrics = httpx.get(f"{self.controller_url}/metrics", timeout=5).text
-        values = [line.rsplit(" ", 1)[1] for line in metrics.splitlines() if line.startswith(sample)]
-        return float(values[0]) if values else 0.0
+        lines = [line for line in metrics.splitlines() if line.startswith(sample)]
+        return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
 
     def client(self, **kwargs: Any) -> openai.OpenAI:
         # max_retries=0: a failure must show, not be hidden by the client's own retries.

@@ -4,7 +4,9 @@ Ray places the replica (with the GPUs of its tensor-parallel group, which the
 agent finds in CUDA_VISIBLE_DEVICES), asks it for its health and replaces it
 when the worker has exited, and scales it on the load it reports. Requests
 never pass through Ray: the agent registers the engine with the fleetserve
-controller as any worker does, and gateways talk to the engine directly.
+controller as any worker does, and gateways talk to the engine directly. The
+replica learns its worker's state from the agent's status server (/health,
+/metrics), as Kubernetes' probes and Prometheus do.
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ class FleetReplica:
 
         spec = ModelSpec.model_validate_json(spec_json)
         node_ip = ray.util.get_node_ip_address()
-        port = free_port(node_ip)
-        self._engine_url = f"http://{node_ip}:{port}"
+        port = status_port = free_port(node_ip)
+        while status_port == port:
+            status_port = free_port(node_ip)
+        self._status_url = f"http://{node_ip}:{status_port}"
         # Ray replaces the replica when the engine dies: the agent must not hide that.
-        extra = ["--port", str(port), "--exit-when-engine-dies"]
+        extra = ["--port", str(port), "--status-port", str(status_port), "--exit-when-engine-dies"]
         if spans_nodes(spec):
             extra += ["--ray-address", ray.get_runtime_context().gcs_address]
         cmd = worker_command(spec, controller_url, node_ip, node_ip, None, *extra)
@@ -50,25 +54,26 @@ class FleetReplica:
         started = threading.Event()
         threading.Thread(target=self._run_worker, args=(cmd, started), daemon=True).start()
         started.wait()
-        self._wait_engine_ready()
+        self._wait_ready()
         self._http = httpx.AsyncClient(timeout=2.0)
 
-    def _wait_engine_ready(self) -> None:
-        """Return once the engine answers: to Serve the replica starts only now, so a
-        deploy reports RUNNING when models answer, and a rolling update stops the next
-        old replica only when its successor can take its requests."""
+    def _wait_ready(self) -> None:
+        """Return once the engine answers and the worker is registered: to Serve the
+        replica starts only now, so a deploy reports RUNNING when gateways can route to
+        it, and a rolling update stops the next old replica only when its successor
+        takes requests."""
         deadline = time.monotonic() + constants.ENGINE_READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the worker exited with code {self.proc.returncode}")
             try:
-                if httpx.get(f"{self._engine_url}/health", timeout=1.0).status_code == 200:
+                if httpx.get(f"{self._status_url}/health", timeout=1.0).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
         procs.stop(self.proc)
-        raise RuntimeError(f"engine not ready after {constants.ENGINE_READY_TIMEOUT_S:.0f}s")
+        raise RuntimeError(f"worker not ready after {constants.ENGINE_READY_TIMEOUT_S:.0f}s")
 
     def _run_worker(self, cmd: list[str], started: threading.Event) -> None:
         # The parent-death signal fires when the *thread* that started the child ends,
@@ -89,9 +94,10 @@ class FleetReplica:
             raise RuntimeError(f"the worker exited with code {self.proc.returncode}")
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve's custom autoscaling metric: the engine's running + waiting requests."""
+        """Serve's custom autoscaling metric: the engine's running + waiting requests
+        (the agent's /metrics carry the engine's)."""
         try:
-            response = await self._http.get(f"{self._engine_url}/metrics")
+            response = await self._http.get(f"{self._status_url}/metrics")
             load = parse_load(response.text)
         except (httpx.HTTPError, ValueError):
             return {ONGOING_REQUESTS: 0.0}  # still loading

@@ -29,7 +29,7 @@ from tests.deploy.skypilot import (
     skypilot_env,
     wait_routed,
 )
-from tests.helpers import descendants, free_port, wait_until
+from tests.helpers import descendants, free_port, ray_head_port, wait_until
 
 _FAKE_START_S = 60
 _VLLM_START_S = 300
@@ -276,7 +276,7 @@ def test_cluster_yaml_one_replica_spans_two_nodes(
         "PP_SIZE": "2",
         "GATEWAY_PORT": str(gateway_port),
         "CONTROLLER_PORT": str(controller_port),
-        "RAY_PORT": str(free_port()),
+        "RAY_PORT": str(ray_head_port()),
     }
     base = {**fleet_env, "FLEETSERVE_HOME": str(log_dir / "fleetserve-home")}
     nodes = [

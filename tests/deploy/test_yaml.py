@@ -105,10 +105,13 @@ def test_a_misspelled_key_fails_with_skypilots_message(
 
 # The scripts' decisions, with a stand-in fleetserve.
 
+# One write per call on an O_APPEND file: workers started in parallel record whole lines
+# (print() under PYTHONUNBUFFERED writes the newline apart, and lines interleaved in CI).
 _RECORDING_FLEETSERVE = """#!/usr/bin/env bash
 python3 -c 'import json, os, sys
-print(json.dumps({"argv": sys.argv[1:], "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}))' \
-    "$@" >> "$FLEETSERVE_CALLS"
+call = {"argv": sys.argv[1:], "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
+fd = os.open(os.environ["FLEETSERVE_CALLS"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+os.write(fd, (json.dumps(call) + "\\n").encode())' "$@"
 """
 
 

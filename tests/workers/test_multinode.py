@@ -16,7 +16,7 @@ import pytest
 
 from fleetserve import procs
 from tests.conftest import module_log_dir
-from tests.helpers import LocalCluster, alive, descendants, free_port, wait_until
+from tests.helpers import LocalCluster, alive, descendants, ray_head_port, wait_until
 
 NODES = "127.0.0.1,127.0.0.2"
 
@@ -37,7 +37,7 @@ def ray_nodes_alive(dashboard: str) -> int:
 
 
 def test_a_replica_on_two_nodes_serves_once_both_joined(cluster: LocalCluster) -> None:
-    ray_port = free_port()
+    ray_port = ray_head_port()
     flags = ["--nodes", NODES, "--ray-port", str(ray_port)]
     head = cluster.add_worker("spanning", "fake", *flags, "--node-rank", "0")
     wait_until(
@@ -68,7 +68,7 @@ def test_vllm_pipeline_stages_on_two_ray_nodes_answer_like_one_gpu(
     cluster: LocalCluster, tiny_model: Path
 ) -> None:
     """Two "nodes" of one GPU each on this machine: vLLM's Ray executor, PP=2, over NCCL."""
-    ray_port = free_port()
+    ray_port = ray_head_port()
     flags = ["--model", str(tiny_model), "--nodes", NODES, "--ray-port", str(ray_port)]
     share = ("--gpu-memory-utilization", "0.4")  # pp1 and rank 0 of pp2 share GPU 0
     for rank in (0, 1):
