@@ -48,8 +48,8 @@ def fast_and_slow(request: pytest.FixtureRequest, fleet_env: dict[str, str]) -> 
     try:  # closed even when setting up fails
         cluster.add_worker("fast", "fake")
         cluster.add_worker("slow", "fake", engine_args=("--tokens-per-s", "20"))
-        cluster.wait_workers("fast", 1, timeout_s=30)
-        cluster.wait_workers("slow", 1, timeout_s=30)
+        cluster.wait_workers("fast", 1)
+        cluster.wait_workers("slow", 1)
         yield cluster
     finally:
         cluster.close()

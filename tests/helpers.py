@@ -213,14 +213,20 @@ class LocalCluster:
             f"{count} ready workers of {model}",
             0.5,
         )
-        # Within one long-poll of the gateway's watcher (once, in a CI run, its first answer
-        # came only at the poll's timeout: a gateway not routing at all still fails here).
+        # The gateway routes to all of them once it has the controller's table of now, within
+        # one long-poll of its watcher (once, in a CI run, its first answer came only at the
+        # poll's timeout: a gateway not routing at all still fails here).
+        version = self.table().version
         wait_until(
-            lambda: model in self.gateway_models(),
+            lambda: model in self.gateway_models() and self._gateway_table_version() >= version,
             constants.WATCH_TIMEOUT_S + 10,
             f"the gateway to route {model}",
         )
         return ids
+
+    def _gateway_table_version(self) -> int:
+        version = httpx.get(f"{self.gateway_url}/health", timeout=5).json()["routing_table_version"]
+        return -1 if version is None else int(version)
 
     @contextlib.contextmanager
     def extra_gateway(self, name: str, *flags: str) -> Iterator[tuple[Component, str]]:

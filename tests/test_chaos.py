@@ -27,7 +27,7 @@ def cluster(fleet_env: dict[str, str]) -> Iterator[LocalCluster]:
     local = LocalCluster(module_log_dir("test_chaos"), fleet_env)
     for _ in range(3):
         local.add_worker("echo", "fake", engine_args=SLOW)
-    local.wait_workers("echo", 3, timeout_s=60)
+    local.wait_workers("echo", 3)
     yield local
     local.close()
 
@@ -59,7 +59,7 @@ def test_kill_restart_drain_under_load(cluster: LocalCluster) -> None:
     # put the cluster back to three workers for the next test
     for _ in range(2):
         cluster.add_worker("echo", "fake", engine_args=SLOW)
-    cluster.wait_workers("echo", 3, timeout_s=60)
+    cluster.wait_workers("echo", 3)
 
 
 def test_rolling_restart_fails_no_request(cluster: LocalCluster) -> None:

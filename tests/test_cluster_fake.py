@@ -28,8 +28,8 @@ def cluster(fleet_env: dict[str, str]) -> Iterator[LocalCluster]:
     for _ in range(2):
         local.add_worker("echo", "fake", "--alias", "echo-alias", engine_args=SLOW)
     local.add_worker("other", "fake", engine_args=SLOW)
-    local.wait_workers("echo", 2, timeout_s=60)
-    local.wait_workers("other", 1, timeout_s=60)
+    local.wait_workers("echo", 2)
+    local.wait_workers("other", 1)
     yield local
     local.close()
 
@@ -145,7 +145,7 @@ def test_engine_death_deregisters_and_restarts(cluster: LocalCluster) -> None:
     wait_until(lambda: not cluster.worker_ids("other"), 15, "the worker to leave")
     # It deregistered itself at once, rather than being expired for going silent.
     assert cluster.controller_metric(expired) == expirations
-    (new_id,) = cluster.wait_workers("other", 1, timeout_s=30)
+    (new_id,) = cluster.wait_workers("other", 1)
     assert new_id == old_id  # same agent, engine restarted
     reply = cluster.client().chat.completions.create(
         model="other", messages=[{"role": "user", "content": "hi"}], max_tokens=2
@@ -183,7 +183,7 @@ def test_sigterm_drains_a_worker_without_failures(cluster: LocalCluster) -> None
     )
     # put the replica back for the tests after this one
     cluster.add_worker("echo", "fake", "--alias", "echo-alias", engine_args=SLOW)
-    cluster.wait_workers("echo", 2, timeout_s=30)
+    cluster.wait_workers("echo", 2)
 
 
 def test_fleetserve_status_shows_workers(cluster: LocalCluster) -> None:
@@ -342,7 +342,7 @@ def test_routing_policy_is_chosen_per_model(cluster: LocalCluster) -> None:
     """Workers of `sticky` registered with the session policy: a user keeps to one worker."""
     for _ in range(2):
         cluster.add_worker("sticky", "fake", "--routing-policy", "session")
-    ids = cluster.wait_workers("sticky", 2, timeout_s=30)
+    ids = cluster.wait_workers("sticky", 2)
     client = cluster.client()
     homes: dict[str, set[str]] = {}
     for i in range(40):
@@ -356,7 +356,8 @@ def test_routing_policy_is_chosen_per_model(cluster: LocalCluster) -> None:
 
 
 def test_input_limits_and_request_timeout(cluster: LocalCluster) -> None:
-    limits = ("--max-tokens-limit", "100", "--request-timeout-s", "0.5")
+    # A timeout of seconds, not a fraction: a stalled machine must not make a short request late.
+    limits = ("--max-tokens-limit", "1000", "--request-timeout-s", "3")
     with cluster.extra_gateway("gateway-limits", *limits) as (_, base_url):
         url = f"{base_url}/chat/completions"
 
@@ -364,16 +365,16 @@ def test_input_limits_and_request_timeout(cluster: LocalCluster) -> None:
             body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}], **fields}
             return httpx.post(url, json=body, timeout=30)
 
-        too_many = post(max_tokens=101)
+        too_many = post(max_tokens=1001)
         assert too_many.status_code == 400
         assert too_many.json()["error"]["code"] == "max_tokens_too_large"
         assert post(max_completion_tokens="ten").json()["error"]["param"] == "max_completion_tokens"
         assert post(max_tokens=4).status_code == 200
         started = time.monotonic()
-        slow = post(max_tokens=60)  # 60 tokens at 50/s: 1.2 s > 0.5 s
+        slow = post(max_tokens=1000)  # 1000 tokens at 50/s: 20 s > 3 s
         assert slow.status_code == 504 and slow.json()["error"]["code"] == "timeout"
-        assert time.monotonic() - started < 1.0
-        assert post(max_tokens=60, stream=True).status_code == 200  # first byte in time
+        assert time.monotonic() - started < 12  # cut off, not answered in full
+        assert post(max_tokens=200, stream=True).status_code == 200  # first byte in time; 4 s
 
 
 def test_tokens_per_minute_limit_counts_usage_even_on_streams(
@@ -421,7 +422,7 @@ def test_prefix_affinity_keeps_a_prefix_home_and_spills_a_hot_one(cluster: Local
         cluster.add_worker(
             "cached", "fake", "--routing-policy", "prefix_affinity", engine_args=SLOW
         )
-    ids = cluster.wait_workers("cached", 3, timeout_s=30)
+    ids = cluster.wait_workers("cached", 3)
     client = cluster.client()
 
     def worker_for(system: str, question: str) -> str:
@@ -453,7 +454,7 @@ def test_round_robin_and_power_of_two_use_every_worker(cluster: LocalCluster, po
     name = policy.replace("_", "-")
     for _ in range(2):
         cluster.add_worker(name, "fake", "--routing-policy", policy)
-    ids = cluster.wait_workers(name, 2, timeout_s=30)
+    ids = cluster.wait_workers(name, 2)
     client = cluster.client()
     picks = [
         client.chat.completions.with_raw_response.create(

@@ -20,7 +20,7 @@ import pytest
 
 from fleetserve import procs
 from tests.conftest import module_log_dir
-from tests.helpers import Load, LocalCluster, alive, descendants, free_port, wait_until
+from tests.helpers import Load, LocalCluster, alive, descendants, ray_head_port, wait_until
 
 pytestmark = pytest.mark.vllm
 LOG_DIR = module_log_dir("test_ray")
@@ -28,7 +28,7 @@ LOG_DIR = module_log_dir("test_ray")
 
 @pytest.fixture(scope="module")
 def ray_address(fleet_env: dict[str, str]) -> Iterator[str]:
-    port = free_port()
+    port = ray_head_port()
     log = (LOG_DIR / "ray-head.log").open("wb")
     ray = str(Path(sys.executable).with_name("ray"))
     env = {**fleet_env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
@@ -128,9 +128,9 @@ def deployed(cluster: LocalCluster, ray_address: str, tiny_model: Path) -> Itera
 
 
 def test_deployed_models_answer_through_the_gateway(cluster: LocalCluster, deployed: str) -> None:
-    cluster.wait_workers("echo", 2, timeout_s=60)
-    cluster.wait_workers("elastic", 1, timeout_s=60)
-    cluster.wait_workers("tiny", 1, timeout_s=60)
+    cluster.wait_workers("echo", 2)
+    cluster.wait_workers("elastic", 1)
+    cluster.wait_workers("tiny", 1)
     client = cluster.client()
     for model in ("echo", "elastic", "tiny"):
         reply = client.chat.completions.create(
@@ -142,7 +142,7 @@ def test_deployed_models_answer_through_the_gateway(cluster: LocalCluster, deplo
 def test_ray_status_lists_replicas_and_workers(
     cluster: LocalCluster, ray_address: str, deployed: str
 ) -> None:
-    cluster.wait_workers("echo", 2, timeout_s=60)
+    cluster.wait_workers("echo", 2)
     done = fleet_ray(cluster, ray_address, "status")
     out = done.stdout
     assert done.returncode == 0, done.stdout + done.stderr
@@ -151,7 +151,7 @@ def test_ray_status_lists_replicas_and_workers(
 
 
 def test_ray_replaces_a_replica_whose_engine_died(cluster: LocalCluster, deployed: str) -> None:
-    before = cluster.wait_workers("echo", 2, timeout_s=60)
+    before = cluster.wait_workers("echo", 2)
     victim = next(w for w in cluster.table().workers if w.worker_id in before)
     port = int(victim.base_url.rsplit(":", 1)[1].removesuffix("/v1"))
     with Load(cluster.gateway_url, "echo", concurrency=4) as load:
@@ -170,7 +170,7 @@ def test_ray_replaces_a_replica_whose_engine_died(cluster: LocalCluster, deploye
 
 
 def test_a_model_scales_up_under_load_and_back_down(cluster: LocalCluster, deployed: str) -> None:
-    cluster.wait_workers("elastic", 1, timeout_s=60)
+    cluster.wait_workers("elastic", 1)
     with Load(cluster.gateway_url, "elastic", concurrency=8):
         wait_until(lambda: len(cluster.worker_ids("elastic")) == 2, 90, "a second replica")
     wait_until(lambda: len(cluster.worker_ids("elastic")) == 1, 90, "back to one replica")
@@ -179,7 +179,7 @@ def test_a_model_scales_up_under_load_and_back_down(cluster: LocalCluster, deplo
 def test_a_changed_model_rolls_its_replicas_without_failing_requests(
     cluster: LocalCluster, ray_address: str, deployed: str
 ) -> None:
-    before = cluster.wait_workers("echo", 2, timeout_s=60)
+    before = cluster.wait_workers("echo", 2)
     tiny_before = cluster.worker_ids("tiny")
     path = LOG_DIR / "cluster-v2.yaml"
     changed = (LOG_DIR / "cluster.yaml").read_text().replace("tokens_per_s: 50", "tokens_per_s: 60")

@@ -59,7 +59,7 @@ def test_long_poll_waits_for_warmup_then_for_a_change() -> None:
     async def scenario() -> None:
         clock = Clock()
         registry = Registry(
-            expiry_after_s=6, warmup_s=0.05, clock=lambda: asyncio.get_running_loop().time()
+            expiry_after_s=6, warmup_s=0.5, clock=lambda: asyncio.get_running_loop().time()
         )
         # fresh controller: nothing is answered before the warm-up
         assert await registry.wait_for_change("", -1, timeout_s=0.01) is None
@@ -72,7 +72,7 @@ def test_long_poll_waits_for_warmup_then_for_a_change() -> None:
         await asyncio.sleep(0.01)
         assert not waiter.done()
         registry.register(_worker())
-        changed = await asyncio.wait_for(waiter, 1)
+        changed = await asyncio.wait_for(waiter, 10)
         assert changed is not None and changed.version == 1
         # another epoch (the controller restarted): answered at once
         other = await registry.wait_for_change("old-epoch", 99, timeout_s=1)

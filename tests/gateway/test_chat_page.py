@@ -23,6 +23,8 @@ LOG_DIR = module_log_dir("test_chat_page")
 def test_chat_stream_stop_and_switch_models(fast_and_slow: LocalCluster) -> None:
     from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=30_000)  # (5 s by default) a busy CI machine stalls chromium too
+
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page()
@@ -68,6 +70,8 @@ def test_chat_stream_stop_and_switch_models(fast_and_slow: LocalCluster) -> None
 
 def test_a_gateway_with_keys_asks_for_one(fast_and_slow: LocalCluster) -> None:
     from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=30_000)  # (5 s by default) a busy CI machine stalls chromium too
 
     from gateway.auth import hash_key
 
