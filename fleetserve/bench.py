@@ -373,8 +373,6 @@ def _levels(text: str) -> list[float]:
 
 
 def _first_model(url: str, api_key: str | None) -> str:
-    import httpx
-
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         data = httpx.get(f"{url.rstrip('/')}/models", headers=headers, timeout=10).json()["data"]
@@ -395,14 +393,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             args.num_prompts, args.input_len, args.output_len, args.len_spread, args.seed
         )
     extra = {"ignore_eos": True} if args.ignore_eos else {}
-    mode, levels = (
-        ("rate", args.request_rate)
-        if args.request_rate
-        else (
-            "concurrency",
-            args.concurrency or [1.0, 4.0, 16.0],
-        )
-    )
+    if args.request_rate:
+        mode, levels = "rate", args.request_rate
+    else:
+        mode, levels = "concurrency", args.concurrency or [1.0, 4.0, 16.0]
     bench = Bench(args.url, model, args.api_key, extra)
     return run_bench(bench, mode, levels, prompts, args.out_dir, make_console())
 

@@ -213,7 +213,7 @@ def value(setup: Setup, expr: str) -> float | None:
     return setup.prometheus.value(expr)
 
 
-def eventually(setup: Setup, expr: str, expected: float, timeout_s: float = 20) -> None:
+def eventually(setup: Setup, expr: str, expected: float, timeout_s: float = 60) -> None:
     setup.prometheus.eventually(expr, expected, timeout_s)
 
 

@@ -291,7 +291,7 @@ def test_cluster_yaml_one_replica_spans_two_nodes(
     gateway_url = f"http://127.0.0.1:{gateway_port}"
     model = task["envs"]["SERVED_NAME"]
     try:
-        wait_routed(nodes[0], gateway_url, model, 120)
+        wait_routed(nodes[0], gateway_url, model, 240)  # the follower retries with backoff
         (replica,) = _table(f"http://127.0.0.1:{controller_port}").workers
         assert (replica.nodes, replica.pipeline_parallel_size) == (2, 2)
         assert _ask(gateway_url, model).parse().choices[0].message.content
