@@ -34,7 +34,7 @@ class Prometheus:
         config_path = config_dir / "prometheus.yml"
         config = yaml.safe_load(config_path.read_text())
         # A scrape timeout above the agent's wait for its engine's metrics (2 s): a failed
-        # scrape marks the target's series stale, and a stalled machine made one fail at 1 s.
+        # scrape marks the target's series stale, which at 1 s a stalled machine could cause.
         config["global"] = {
             "scrape_interval": "3s",
             "scrape_timeout": "3s",
