@@ -1,9 +1,8 @@
 """`fleetserve model convert HF_DIR --to gguf`: llama.cpp's converter and quantizer, wrapped.
 
 The converter (``convert_hf_to_gguf.py`` and its ``conversion`` package) ships
-in the llama-cpp-python source archive, not in its wheel. The first conversion
-fetches that archive (the version installed, through pip) and keeps just the
-converter under ``~/.cache/fleetserve/llama.cpp/VERSION``. It writes f32, f16,
+in the llama-cpp-python source archive, not in its wheel: the first conversion
+fetches llama.cpp's sources (fleetserve/llamacpp_source.py). It writes f32, f16,
 bf16 or q8_0 itself; other types (q4_k_m, ...) are made from its f32 output by
 llama.cpp's quantizer. Both run as children (fleetserve/gguf_shim.py), their
 progress read from their log lines.
@@ -11,13 +10,10 @@ progress read from their log lines.
 
 from __future__ import annotations
 
-import importlib.metadata
-import os
 import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 
@@ -26,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fleetserve.config import ConfigError
 from fleetserve.demo_model import default_cache_dir
+from fleetserve.llamacpp_source import source_dir
 
 #: Types the converter writes itself.
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -33,47 +30,9 @@ CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
 QUANTIZER_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q4_k_s", "q5_k_m", "q6_k")
 QUANT_TYPES = CONVERTER_TYPES + QUANTIZER_TYPES
 
-_PACKAGE = "llama-cpp-python"
-_SOURCE_ENV = "FLEETSERVE_LLAMACPP_SRC"
 # Lines of the children that mark one tensor done.
 _CONVERTED = re.compile(r"^INFO:hf-to-gguf:(\S+),\s+torch\.")
 _QUANTIZED = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
-
-
-def converter_source() -> Path:
-    """A directory with llama.cpp's ``convert_hf_to_gguf.py``, fetched on first use."""
-    if os.environ.get(_SOURCE_ENV):
-        return Path(os.environ[_SOURCE_ENV])
-    try:
-        version = importlib.metadata.version(_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise ConfigError(
-            "converting to GGUF needs llama-cpp-python: pip install 'fleetserve[llamacpp]'"
-        ) from None
-    target = Path.home() / ".cache" / "fleetserve" / "llama.cpp" / version
-    if (target / "convert_hf_to_gguf.py").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        # pip's cache already holds the archive when the package was built from it.
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps"]
-        cmd += ["--no-binary", ":all:", "--dest", tmp, f"{_PACKAGE}=={version}"]
-        if subprocess.run(cmd, check=False).returncode != 0:
-            raise ConfigError(f"cannot fetch the {_PACKAGE} {version} sources (with the converter)")
-        (archive,) = Path(tmp).glob("*.tar.gz")
-        staging = Path(tmp) / "converter"
-        with tarfile.open(archive) as tar:
-            prefix = tar.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
-            for member in tar.getmembers():
-                name = member.name.removeprefix(prefix)
-                if member.name.startswith(prefix) and (
-                    name == "convert_hf_to_gguf.py"
-                    or name.startswith(("conversion/", "gguf-py/gguf/"))
-                ):
-                    member.name = name
-                    tar.extract(member, staging, filter="data")
-        staging.rename(target)
-    return target
 
 
 def _tensor_count(hf_dir: Path) -> int | None:
@@ -144,7 +103,7 @@ def convert_to_gguf(
         raise ConfigError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
     output = output or default_cache_dir() / f"{hf_dir.name}-{quantize}.gguf"
     output.parent.mkdir(parents=True, exist_ok=True)
-    source = converter_source()
+    source = source_dir()
     console = console or Console(stderr=True)
     first_type = quantize if quantize in CONVERTER_TYPES else "f32"
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".convert-") as tmp:

@@ -37,20 +37,27 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
 fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 
-# The tests run Debian tools: Prometheus and promtool (tests/deploy), chromium (the chat
-# page's browser test). Installed when missing, as root or with sudo without a password.
+# Debian tools, installed when missing, as root or with sudo without a password: the tests
+# run Prometheus and promtool (tests/deploy) and chromium (the chat page's browser test);
+# llama.cpp (llama-cpp-python and llama-server) is compiled with cmake and g++.
+packages=()
 if [[ " ${extras[*]:-} " == *" dev "* ]]; then
-    packages=()
     { command -v prometheus && command -v promtool; } >/dev/null 2>&1 || packages+=(prometheus)
     command -v chromium >/dev/null 2>&1 || packages+=(chromium)
+fi
+if [[ " ${extras[*]:-} " == *" llamacpp "* ]]; then
+    command -v cmake >/dev/null 2>&1 || packages+=(cmake)
+    command -v g++ >/dev/null 2>&1 || packages+=(g++)
+fi
+if [ ${#packages[@]} -gt 0 ]; then
     as_root=(env DEBIAN_FRONTEND=noninteractive)
     if [ "$(id -u)" != 0 ]; then as_root=(sudo -n "${as_root[@]}"); fi
-    if [ ${#packages[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1 && "${as_root[@]}" true 2>/dev/null; then
+    if command -v apt-get >/dev/null 2>&1 && "${as_root[@]}" true 2>/dev/null; then
         echo "setup.sh: installing Debian packages: ${packages[*]}"
         "${as_root[@]}" apt-get install -y -q "${packages[@]}" >/dev/null \
             || { "${as_root[@]}" apt-get update -q >/dev/null \
                 && "${as_root[@]}" apt-get install -y -q "${packages[@]}" >/dev/null; }
-    elif [ ${#packages[@]} -gt 0 ]; then
+    else
         echo "setup.sh: ${packages[*]} missing and not installable here (needs apt-get and" \
             "root or sudo without a password); the tests that need them will be skipped" >&2
     fi
@@ -68,6 +75,15 @@ if [[ " ${extras[*]:-} " == *" dev "* ]]; then
     fi
 fi
 
+llama_cpp_tools() {
+    # llama.cpp's HF-to-GGUF converter and its C++ server (the llama-server engine) are in
+    # llama-cpp-python's sources, not its wheel: fetch them (pip's cache has the archive it was
+    # just built from) and build the server now, not at first use.
+    if .venv/bin/python -c 'import llama_cpp' 2>/dev/null; then
+        .venv/bin/python -m fleetserve.llamacpp_source build
+    fi
+}
+
 hash="$(sha256sum pyproject.toml | cut -c1-16)"
 stamp="$hash $spec"
 # Up to date when pyproject.toml did not change and every extra asked for is installed: a
@@ -81,6 +97,7 @@ if read -r old_hash old_spec 2>/dev/null < .venv/.setup-stamp && [ "$old_hash" =
     done
     if [ -z "$missing" ]; then
         echo "setup.sh: .venv is up to date ($old_spec)"
+        llama_cpp_tools  # at once when built before
         exit 0
     fi
 fi
@@ -96,10 +113,6 @@ fi
 if [ -n "$engine" ]; then
     .venv/bin/python -c 'import vllm; print("setup.sh: vLLM", vllm.__version__, "imports")'
 fi
-if .venv/bin/python -c 'import llama_cpp' 2>/dev/null; then
-    # llama.cpp's HF-to-GGUF converter is in llama-cpp-python's sources, not its wheel:
-    # fetch it now (pip's cache has the archive it was just built from), not at first use.
-    .venv/bin/python -c 'from fleetserve.gguf_convert import converter_source as c; print("setup.sh: GGUF converter in", c())'
-fi
+llama_cpp_tools
 echo "$stamp" > .venv/.setup-stamp
 echo "setup.sh: done; run .venv/bin/fleetserve --help"

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,23 @@ def fleet_env(fleet_home: Path) -> dict[str, str]:
 def tiny_model(fleet_home: Path) -> Path:
     """The tiny Llama made locally, where `fleetserve up` looks for its demo model."""
     return make_demo_model(fleet_home / "models" / DEMO_MODEL_NAME)
+
+
+#: The cache's name for the tiny model converted to GGUF: `fleetserve model list` shows it.
+GGUF_NAME = f"{DEMO_MODEL_NAME}-f32"
+
+
+@pytest.fixture(scope="session")
+def gguf_f32(fleet_env: dict[str, str], fleet_home: Path, tiny_model: Path) -> Path:
+    """The tiny model as an f32 GGUF file in the model cache, by `fleetserve model convert`."""
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python: fleetserve[llamacpp]")
+    cmd = [sys.executable, "-m", "fleetserve.cli", "model", "convert", str(tiny_model)]
+    cmd += ["--to", "gguf", "--quantize", "f32"]
+    done = subprocess.run(cmd, env=fleet_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    path = fleet_home / "models" / f"{GGUF_NAME}.gguf"
+    assert f"wrote {path} (f32" in done.stdout
+    return path
 
 
 @pytest.fixture

@@ -406,3 +406,18 @@ def running_up(
         assert "stopped" in running.text()
     finally:
         procs.stop(up, 5)
+
+
+def hf_greedy(model_dir: Path, prompt: str, max_tokens: int) -> str:
+    """What transformers generates greedily: the reference the GGUF file must reproduce."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(
+            ids, max_new_tokens=max_tokens, do_sample=False, min_new_tokens=max_tokens
+        )
+    return str(tokenizer.decode(out[0, ids.shape[1] :]))

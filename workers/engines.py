@@ -13,6 +13,7 @@ import os
 import sys
 from typing import ClassVar
 
+from fleetserve import llamacpp_source
 from fleetserve.config import ConfigError, Device, WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -174,4 +175,40 @@ class LlamaCppEngine(Engine, name="llamacpp"):
             raise ConfigError(
                 "the llamacpp engine needs llama-cpp-python: pip install 'fleetserve[llamacpp]' "
                 "(compiles llama.cpp, a few minutes)"
+            )
+
+
+class LlamaServerEngine(LlamaCppEngine, name="llama-server"):
+    """llama.cpp's own C++ server for one GGUF file: parallel slots, continuous batching.
+
+    The same models as ``llamacpp``; engine args are llama-server's own flags, passed
+    through: ``--parallel 4 --ctx-size 8192 --threads 8 --n-gpu-layers 99`` (the
+    context is shared by the slots). scripts/setup.sh --llamacpp builds the server
+    from llama-cpp-python's sources; one on PATH (Homebrew's, ...) serves too.
+    """
+
+    # llama-server's own default: --parallel -1 (auto) runs 4 slots.
+    default_capacity = 4
+
+    def command(self, port: int) -> list[str]:
+        from workers.llamacpp_server import cpu_has_amx
+
+        s = self.settings
+        cmd = [str(llamacpp_source.server_binary()), "--model", s.model]
+        cmd += ["--alias", s.model_names[0], "--host", s.host, "--port", str(port)]
+        cmd += ["--metrics", "--no-webui"]
+        if cpu_has_amx():
+            cmd.append("--no-repack")  # quantized models crashed in llama.cpp's AMX kernels here
+        return cmd + s.engine_args
+
+    def capacity(self) -> int:
+        value = self._flag("--parallel") or self._flag("-np")
+        return int(value) if value and int(value) > 0 else self.default_capacity
+
+    @classmethod
+    def check_device(cls, device: Device | None) -> None:
+        if llamacpp_source.server_binary() is None:
+            raise ConfigError(
+                "the llama-server engine needs llama.cpp's server: scripts/setup.sh --llamacpp "
+                "builds it (a few minutes), or put a llama-server on PATH"
             )

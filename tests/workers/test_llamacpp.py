@@ -18,8 +18,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import module_log_dir
-from tests.helpers import Load, LocalCluster, alive, descendants, wait_until
+from tests.conftest import GGUF_NAME, module_log_dir
+from tests.helpers import Load, LocalCluster, alive, descendants, hf_greedy, wait_until
 
 pytest.importorskip(
     "llama_cpp", reason="needs llama-cpp-python: pip install 'fleetserve[llamacpp]'"
@@ -28,24 +28,12 @@ pytest.importorskip(
 pytestmark = pytest.mark.vllm
 
 HF_NAME = "tiny-llama"
-GGUF_NAME = "tiny-llama-f32"  # the cache's name for the converted file: `model list` shows it
 PROMPTS = ("The logging module", "json.dumps(obj) -> str")
 
 
 def _fleetserve(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "fleetserve.cli", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
-
-
-@pytest.fixture(scope="module")
-def gguf_f32(fleet_env: dict[str, str], fleet_home: Path, tiny_model: Path) -> Path:
-    done = _fleetserve(
-        fleet_env, "model", "convert", str(tiny_model), "--to", "gguf", "--quantize", "f32"
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    path = fleet_home / "models" / f"{GGUF_NAME}.gguf"
-    assert f"wrote {path} (f32" in done.stdout
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -89,21 +77,6 @@ def _complete(
     return raw.parse().choices[0].text, raw.headers["x-fleetserve-worker"]
 
 
-def _hf_greedy(model_dir: Path, prompt: str, max_tokens: int) -> str:
-    """What transformers generates greedily: the reference the GGUF file must reproduce."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(
-            ids, max_new_tokens=max_tokens, do_sample=False, min_new_tokens=max_tokens
-        )
-    return str(tokenizer.decode(out[0, ids.shape[1] :]))
-
-
 def test_model_list_shows_both_formats_and_where_the_gguf_is_served(
     cluster: LocalCluster, fleet_env: dict[str, str]
 ) -> None:
@@ -134,7 +107,7 @@ def test_gguf_f32_answers_like_the_hf_model(cluster: LocalCluster, tiny_model: P
     """Conversion faithfulness: same greedy tokens from llama.cpp, vLLM and transformers."""
     client = cluster.client()
     for prompt in PROMPTS:
-        expected = _hf_greedy(tiny_model, prompt, 24)
+        expected = hf_greedy(tiny_model, prompt, 24)
         gguf_text, _ = _complete(client, GGUF_NAME, stream=False, prompt=prompt)
         gguf_streamed, _ = _complete(client, GGUF_NAME, stream=True, prompt=prompt)
         vllm_text, _ = _complete(client, HF_NAME, stream=False, prompt=prompt)

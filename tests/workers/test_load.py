@@ -30,3 +30,21 @@ def test_load_sums_engines_and_takes_the_fullest_kv_cache() -> None:
 
 def test_no_metrics_means_no_load() -> None:
     assert parse_load("") == parse_load("# nothing here\n")
+
+
+LLAMA_SERVER_METRICS = """\
+# HELP llamacpp:tokens_predicted_total Number of generation tokens processed
+# TYPE llamacpp:tokens_predicted_total counter
+llamacpp:tokens_predicted_total 4000
+# HELP llamacpp:requests_processing Number of requests processing
+# TYPE llamacpp:requests_processing gauge
+llamacpp:requests_processing 2
+# HELP llamacpp:requests_deferred Number of requests deferred
+# TYPE llamacpp:requests_deferred gauge
+llamacpp:requests_deferred 3
+"""
+
+
+def test_llama_servers_own_names_are_read_too() -> None:
+    load = parse_load(LLAMA_SERVER_METRICS)
+    assert (load.running, load.waiting, load.generated_tokens) == (2, 3, 4000)
