@@ -22,7 +22,10 @@ def cmd_model_convert(args: argparse.Namespace) -> int:
         sys.exit(f"fleetserve model convert: {exc}")
     size_mb = path.stat().st_size / 2**20
     print(f"wrote {path} ({gguf_file_type(path)}, {size_mb:.1f} MiB)")
-    print(f"serve it: fleetserve worker --engine llamacpp --served-name NAME --model {path}")
+    from fleetserve.llamacpp_source import server_binary
+
+    engine, slots = ("llama-server", " -- --parallel 4") if server_binary() else ("llamacpp", "")
+    print(f"serve it: fleetserve worker --engine {engine} --served-name NAME --model {path}{slots}")
     return 0
 
 

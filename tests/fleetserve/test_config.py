@@ -55,7 +55,8 @@ def test_a_full_cluster_file_loads(tmp_path: Path) -> None:
         ),
         (
             "[{name: a, engine: nope}]",
-            "models[0].engine: unknown engine 'nope'; choose one of ['fake', 'llama-server', 'llamacpp', 'vllm']",
+            "models[0].engine: unknown engine 'nope'; choose one of "
+            "['fake', 'llama-server', 'llamacpp', 'vllm']",
         ),
         (
             "[{name: a, engine: fake}, {name: b, engine: fake, aliases: [a]}]",
