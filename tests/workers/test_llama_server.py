@@ -5,6 +5,9 @@ from llama-cpp-python's sources; nothing here is mocked.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +18,7 @@ import pytest
 
 from fleetserve.llamacpp_source import server_binary
 from tests.conftest import GGUF_NAME, module_log_dir
-from tests.helpers import LocalCluster, hf_greedy, wait_until
+from tests.helpers import Load, LocalCluster, alive, descendants, hf_greedy, wait_until
 
 pytestmark = pytest.mark.skipif(
     server_binary() is None, reason="needs llama-server: scripts/setup.sh --llamacpp builds it"
@@ -106,3 +109,36 @@ def test_a_prompt_longer_than_a_slot_gets_the_engines_error_in_openai_form(
         cluster.client().completions.create(model=NAME, prompt="hello " * 6000, max_tokens=4)
     assert error.value.status_code == 400
     assert "context" in str(error.value.message)
+
+
+def test_a_killed_server_is_restarted_and_serves_again(cluster: LocalCluster) -> None:
+    worker = next(c for c in cluster.components if c.name == f"worker-{NAME}-0")
+
+    def server_pid() -> int | None:
+        for pid in descendants(worker.pid):
+            with contextlib.suppress(FileNotFoundError):
+                if Path(f"/proc/{pid}/exe").resolve().name == "llama-server":
+                    return pid
+        return None
+
+    first = server_pid()
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: not cluster.worker_ids(NAME), 15, "the dead server's worker to leave")
+    cluster.wait_workers(NAME, 1)
+    assert server_pid() not in (None, first)
+    answer = cluster.client().completions.create(model=NAME, prompt="again", max_tokens=4)
+    assert answer.choices[0].text
+
+
+def test_sigterm_drains_the_worker_with_zero_failed_requests(cluster: LocalCluster) -> None:
+    victim = next(c for c in cluster.components if c.name == f"worker-{NAME}-0")
+    tree = descendants(victim.pid)
+    with Load(cluster.gateway_url, NAME, concurrency=2, max_tokens=64) as load:
+        load.wait_requests(4)
+        victim.proc.send_signal(signal.SIGTERM)
+        assert victim.proc.wait(60) == 0
+    # In-flight requests finish; later ones get a clean 503 (no other worker of the name).
+    assert load.result.failed_mid_stream == []
+    assert "drained in" in victim.log()
+    assert not [pid for pid in tree if alive(pid)], "server processes outlived the drained worker"
