@@ -110,6 +110,8 @@ def build_server(console: Console) -> Path:
     binary = _built_server()
     if binary.is_file():
         return binary
+    if shutil.which("cmake") is None:
+        raise ConfigError("building llama-server needs cmake and a C++ compiler (cmake, g++)")
     build = binary.parent.parent
     extra = shlex.split(os.environ.get(_CMAKE_ARGS_ENV, ""))
     configure = ["cmake", "-S", str(source_dir()), "-B", str(build), *_CMAKE_ARGS, *extra]
