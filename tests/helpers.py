@@ -421,3 +421,17 @@ def hf_greedy(model_dir: Path, prompt: str, max_tokens: int) -> str:
             ids, max_new_tokens=max_tokens, do_sample=False, min_new_tokens=max_tokens
         )
     return str(tokenizer.decode(out[0, ids.shape[1] :]))
+
+
+def drain_under_load(cluster: LocalCluster, name: str) -> LoadResult:
+    """SIGTERM the first worker of ``name`` while two clients stream from it; it must drain
+    (exit 0, say so) and leave no process behind. The load's result, for more checks."""
+    victim = next(c for c in cluster.components if c.name == f"worker-{name}-0")
+    tree = descendants(victim.pid)
+    with Load(cluster.gateway_url, name, concurrency=2, max_tokens=64) as load:
+        load.wait_requests(4)
+        victim.proc.send_signal(signal.SIGTERM)
+        assert victim.proc.wait(60) == 0
+    assert "drained in" in victim.log()
+    assert not [pid for pid in tree if alive(pid)], "engine processes outlived the drained worker"
+    return load.result
