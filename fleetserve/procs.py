@@ -1,9 +1,15 @@
 """Child processes that cannot outlive their parent.
 
-Every process fleetserve starts gets its own session (a Ctrl-C in the terminal
-reaches only the parent, which then stops its children in order) and, on
-Linux, a parent-death signal (a parent killed with SIGKILL still takes its
+Every process fleetserve starts gets its own process group (a Ctrl-C in the
+terminal reaches only the parent, which then stops its children in order) and,
+on Linux, a parent-death signal (a parent killed with SIGKILL still takes its
 children down).
+
+A process group, not a session: Linux's scheduler shares the CPU fairly between
+sessions first (autogroup), and an engine busy on every core in a session of its
+own was measured starving the rest of the cluster (the gateway, the controller,
+clients) of CPU for the whole of a long generation (15-18 s on 2 cores). In the
+parent's session, every process gets its fair share.
 """
 
 from __future__ import annotations
@@ -34,14 +40,14 @@ def spawn(
     stdout: IO[Any] | int | None = None,
     stderr: IO[Any] | int | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start ``cmd`` in a session of its own, bound to this process's life."""
+    """Start ``cmd`` in a process group of its own, bound to this process's life."""
     return subprocess.Popen(
         list(cmd),
         env=dict(env) if env is not None else None,
         stdout=stdout,
         stderr=stderr,
         stdin=subprocess.DEVNULL,
-        start_new_session=True,
+        process_group=0,
         preexec_fn=die_with_parent if sys.platform == "linux" else None,
     )
 

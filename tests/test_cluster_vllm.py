@@ -177,7 +177,7 @@ def test_controller_restart_fails_no_request(cluster: LocalCluster) -> None:
         cluster.controller = cluster.start_controller()
         wait_until(
             lambda: cluster.worker_ids(MODEL) | cluster.worker_ids(FAKE) == before,
-            15,
+            60,  # a heartbeat or two; generous for a busy machine (waiting costs nothing)
             "re-registration",
         )
         load.wait_requests(10)

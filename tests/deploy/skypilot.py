@@ -91,7 +91,7 @@ class NodeJob:
                 stdin=subprocess.DEVNULL,
                 stdout=sink,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
+                process_group=0,  # own group, same session: see fleetserve.procs
             )
 
     def output(self) -> str:
