@@ -423,15 +423,37 @@ def hf_greedy(model_dir: Path, prompt: str, max_tokens: int) -> str:
     return str(tokenizer.decode(out[0, ids.shape[1] :]))
 
 
-def drain_under_load(cluster: LocalCluster, name: str) -> LoadResult:
-    """SIGTERM the first worker of ``name`` while two clients stream from it; it must drain
-    (exit 0, say so) and leave no process behind. The load's result, for more checks."""
+def drain_under_load(
+    cluster: LocalCluster,
+    name: str,
+    *,
+    concurrency: int = 2,
+    max_tokens: int = 64,
+    before: int = 4,
+    after: int = 0,
+    timeout_s: float = 60,
+) -> LoadResult:
+    """SIGTERM the first worker of ``name`` once ``before`` requests of ``concurrency`` streaming
+    clients succeeded; it must drain (exit 0 within ``timeout_s``, say so) and leave no process
+    behind, and ``after`` more requests must then succeed (on the name's other workers). The
+    load's result, for more checks."""
     victim = next(c for c in cluster.components if c.name == f"worker-{name}-0")
     tree = descendants(victim.pid)
-    with Load(cluster.gateway_url, name, concurrency=2, max_tokens=64) as load:
-        load.wait_requests(4)
+    with Load(cluster.gateway_url, name, concurrency=concurrency, max_tokens=max_tokens) as load:
+        load.wait_requests(before)
         victim.proc.send_signal(signal.SIGTERM)
-        assert victim.proc.wait(60) == 0
+        assert victim.proc.wait(timeout_s) == 0
+        if after:
+            load.wait_requests(after)
     assert "drained in" in victim.log()
     assert not [pid for pid in tree if alive(pid)], "engine processes outlived the drained worker"
     return load.result
+
+
+def engine_pid(worker: Component) -> int | None:
+    """The engine a worker's agent runs under ``fleetserve.reaper`` (agent -> reaper -> engine)."""
+    for pid in descendants(worker.pid):
+        with contextlib.suppress(FileNotFoundError):
+            if b"fleetserve.reaper" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return next(iter(descendants(pid)), None)  # the reaper's one child comes first
+    return None

@@ -17,7 +17,7 @@ import pytest
 from fleetserve.protocol import Registration
 from gateway.auth import hash_key
 from tests.conftest import module_log_dir
-from tests.helpers import Load, LocalCluster, alive, descendants, free_port, wait_until
+from tests.helpers import Load, LocalCluster, descendants, drain_under_load, free_port, wait_until
 
 SLOW = ("--tokens-per-s", "50")  # 16 tokens take ~0.3 s: requests are in flight when we act
 
@@ -168,16 +168,10 @@ def test_controller_restart_fails_no_request(cluster: LocalCluster) -> None:
 
 
 def test_sigterm_drains_a_worker_without_failures(cluster: LocalCluster) -> None:
-    victim = next(c for c in cluster.components if c.name == "worker-echo-0")
-    tree = descendants(victim.pid)
-    with Load(cluster.gateway_url, "echo", concurrency=6) as load:
-        load.wait_requests(30)
-        victim.proc.send_signal(signal.SIGTERM)
-        assert victim.proc.wait(30) == 0
-        load.wait_requests(30)
-    assert load.result.failed_before_first_chunk == [] and load.result.failed_mid_stream == []
-    assert not [pid for pid in tree if alive(pid)], "the engine outlived its worker"
-    assert "drained in" in victim.log()
+    result = drain_under_load(
+        cluster, "echo", concurrency=6, max_tokens=16, before=30, after=30, timeout_s=30
+    )
+    assert result.failed_before_first_chunk == [] and result.failed_mid_stream == []
     wait_until(
         lambda: len(cluster.worker_ids("echo")) == 1, 5, "the drained worker to leave the table"
     )

@@ -8,7 +8,6 @@ runs the CUDA build (nothing here is mocked).
 from __future__ import annotations
 
 import os
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import openai
 import pytest
 
 from tests.conftest import module_log_dir
-from tests.helpers import Load, LocalCluster, alive, descendants, wait_until
+from tests.helpers import Load, LocalCluster, alive, drain_under_load, wait_until
 
 pytestmark = pytest.mark.vllm
 
@@ -204,13 +203,7 @@ def test_sigterm_drains_a_worker_with_zero_failed_requests(
 ) -> None:
     _add_vllm_worker(cluster, tiny_model, core=1)  # replace the killed one
     cluster.wait_workers(MODEL, 2, timeout_s=300)
-    victim = next(c for c in cluster.components if c.name == f"worker-{MODEL}-0")
-    tree = descendants(victim.pid)
-    with Load(cluster.gateway_url, MODEL, concurrency=6, max_tokens=32) as load:
-        load.wait_requests(12)
-        victim.proc.send_signal(signal.SIGTERM)
-        assert victim.proc.wait(120) == 0
-        load.wait_requests(12)
-    assert load.result.failed_before_first_chunk == [] and load.result.failed_mid_stream == []
-    assert "drained in" in victim.log()
-    assert not [pid for pid in tree if alive(pid)], "engine processes outlived the drained worker"
+    result = drain_under_load(
+        cluster, MODEL, concurrency=6, max_tokens=32, before=12, after=12, timeout_s=120
+    )
+    assert result.failed_before_first_chunk == [] and result.failed_mid_stream == []

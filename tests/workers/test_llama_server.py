@@ -5,7 +5,6 @@ from llama-cpp-python's sources; nothing here is mocked.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ import pytest
 
 from fleetserve.llamacpp_source import server_binary
 from tests.conftest import GGUF_NAME, module_log_dir
-from tests.helpers import LocalCluster, descendants, drain_under_load, hf_greedy, wait_until
+from tests.helpers import LocalCluster, drain_under_load, engine_pid, hf_greedy, wait_until
 
 pytestmark = pytest.mark.skipif(
     server_binary() is None, reason="needs llama-server: scripts/setup.sh --llamacpp builds it"
@@ -113,20 +112,12 @@ def test_a_prompt_longer_than_a_slot_gets_the_engines_error_in_openai_form(
 
 def test_a_killed_server_is_restarted_and_serves_again(cluster: LocalCluster) -> None:
     worker = next(c for c in cluster.components if c.name == f"worker-{NAME}-0")
-
-    def server_pid() -> int | None:
-        for pid in descendants(worker.pid):
-            with contextlib.suppress(FileNotFoundError):
-                if Path(f"/proc/{pid}/exe").resolve().name == "llama-server":
-                    return pid
-        return None
-
-    first = server_pid()
-    assert first is not None
+    first = engine_pid(worker)
+    assert first is not None and Path(f"/proc/{first}/exe").resolve().name == "llama-server"
     os.kill(first, signal.SIGKILL)
     wait_until(lambda: not cluster.worker_ids(NAME), 15, "the dead server's worker to leave")
     cluster.wait_workers(NAME, 1)
-    assert server_pid() not in (None, first)
+    assert engine_pid(worker) not in (None, first)
     answer = cluster.client().completions.create(model=NAME, prompt="again", max_tokens=4)
     assert answer.choices[0].text
 

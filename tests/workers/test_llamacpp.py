@@ -6,7 +6,6 @@ the `openai` client. Nothing is mocked: llama-cpp-python's server runs the file.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -19,7 +18,7 @@ import openai
 import pytest
 
 from tests.conftest import GGUF_NAME, module_log_dir
-from tests.helpers import Load, LocalCluster, descendants, drain_under_load, hf_greedy, wait_until
+from tests.helpers import Load, LocalCluster, drain_under_load, engine_pid, hf_greedy, wait_until
 
 pytest.importorskip(
     "llama_cpp", reason="needs llama-cpp-python: pip install 'fleetserve[llamacpp]'"
@@ -180,22 +179,14 @@ def test_quantized_files_are_smaller_and_listed(
 
 def test_a_killed_llamacpp_engine_is_restarted_and_serves_again(cluster: LocalCluster) -> None:
     worker = next(c for c in cluster.components if c.name == f"worker-{GGUF_NAME}-0")
-
-    def engine_pid() -> int | None:
-        # The engine itself, not the reaper above it (whose arguments name it too).
-        for pid in descendants(worker.pid):
-            with contextlib.suppress(FileNotFoundError):
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                if argv[1:3] == [b"-m", b"workers.llamacpp_server"]:
-                    return pid
-        return None
-
-    first = engine_pid()
+    first = engine_pid(worker)
     assert first is not None
+    argv = Path(f"/proc/{first}/cmdline").read_bytes().split(b"\0")
+    assert argv[1:3] == [b"-m", b"workers.llamacpp_server"]
     os.kill(first, signal.SIGKILL)
     wait_until(lambda: not cluster.worker_ids(GGUF_NAME), 15, "the dead engine's worker to leave")
     wait_until(lambda: cluster.worker_ids(GGUF_NAME), 60, "the restarted engine to register")
-    assert engine_pid() not in (None, first)
+    assert engine_pid(worker) not in (None, first)
     text, _ = _complete(cluster.client(), GGUF_NAME, stream=True)
     assert text
 
