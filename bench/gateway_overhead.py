@@ -16,55 +16,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-import httpx
 import orjson
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from fleetserve import procs
-from fleetserve.demo_model import ensure_demo_model
-from workers.agent import free_port
+from fleetserve.cli.harness import Cluster, descendants
+from fleetserve.cli.loadgen import closed_loop, for_duration, post_sender
+from fleetserve.config import GatewaySettings, WorkerSettings
+from workers.vllm.demo_model import ensure_demo_model
 
 MODEL = "bench-model"
-HOST = "127.0.0.1"
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _wait(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"timed out waiting for {what}")
-
-
-def _tree(pid: int) -> list[int]:
-    pids = [pid]
-    for task in os.listdir(f"/proc/{pid}/task"):
-        children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
-        for child in map(int, children):
-            pids += _tree(child)
-    return pids
 
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of ``pid`` and its descendants (gateway --processes N)."""
     total = 0
-    for p in _tree(pid):
+    for p in [pid, *descendants(pid)]:
         fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         total += int(fields[11]) + int(fields[12])
     return total / _CLOCK_TICKS
@@ -73,78 +47,29 @@ def cpu_seconds(pid: int) -> float:
 def rss_mb(pid: int, key: str = "VmRSS") -> float:
     """Summed resident memory (or VmHWM, the peak) of ``pid`` and its descendants, in MB."""
     total_kb = 0
-    for p in _tree(pid):
+    for p in [pid, *descendants(pid)]:
         for line in Path(f"/proc/{p}/status").read_text().splitlines():
             if line.startswith(key + ":"):
                 total_kb += int(line.split()[1])
     return total_kb / 1024
 
 
-class Stack:
-    """Controller, gateway and ``workers`` workers of one model, started with the fleetserve CLI."""
+def start_stack(
+    engine: str, processes: int, tokens_per_s: float, log_dir: Path, workers: int = 1
+) -> Cluster:
+    """Controller, gateway and ``workers`` workers of the benchmark's model."""
+    if engine == "vllm":
+        source, flags = str(ensure_demo_model()), []
+    else:
+        source, flags = "", ["--tokens-per-s", str(tokens_per_s)]
+    settings = WorkerSettings(engine=engine, source=source, served_name=MODEL, engine_args=flags)
+    gateway = GatewaySettings(processes=processes)
+    return Cluster.one_model(log_dir, settings, workers, gateway, log_level="WARNING")
 
-    def __init__(
-        self,
-        engine: str,
-        processes: int,
-        tokens_per_s: float,
-        log_dir: Path,
-        workers: int = 1,
-        routing_policy: str = "least_load",
-        engine_args: tuple[str, ...] = (),
-    ) -> None:
-        self.log_dir = log_dir
-        controller_port, gateway_port = free_port(HOST), free_port(HOST)
-        self.controller_url = f"http://127.0.0.1:{controller_port}"
-        self.gateway_url = f"http://127.0.0.1:{gateway_port}/v1"
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self._start("controller", "--port", str(controller_port))
-        self.gateway = self._start(
-            "gateway",
-            "--port",
-            str(gateway_port),
-            "--controller-url",
-            self.controller_url,
-            "--processes",
-            str(processes),
-        )
-        worker = ["worker", "--engine", engine, "--served-name", MODEL]
-        worker += ["--controller-url", self.controller_url, "--routing-policy", routing_policy]
-        if engine == "vllm":
-            worker += ["--model", str(ensure_demo_model()), "--", *engine_args]
-        else:
-            worker += ["--", "--tokens-per-s", str(tokens_per_s), *engine_args]
-        cores = sorted(os.sched_getaffinity(0))
-        for i in range(workers):
-            # one core each, as `fleetserve up` places CPU engines (see workers/placement.py)
-            env = {"VLLM_CPU_OMP_THREADS_BIND": str(cores[i % len(cores)])} if workers > 1 else {}
-            self._start(*worker, env=env, log_name=f"worker-{i}")
-        _wait(lambda: len(self.worker_urls()) == workers, 600, "the workers to register")
-        self.direct_url = self.worker_urls()[0]
-        _wait(
-            lambda: MODEL in httpx.get(f"{self.gateway_url}/models").text,
-            30,
-            "the gateway to route",
-        )
 
-    def _start(
-        self, *args: str, env: dict[str, str] | None = None, log_name: str = ""
-    ) -> subprocess.Popen[bytes]:
-        log = (self.log_dir / f"{log_name or args[0]}.log").open("wb")
-        cmd = [sys.executable, "-m", "fleetserve.cli", "--log-level", "WARNING", *args]
-        proc = procs.spawn(
-            cmd, env=procs.env_with(**(env or {})), stdout=log, stderr=subprocess.STDOUT
-        )
-        self.procs.append(proc)
-        return proc
-
-    def worker_urls(self) -> list[str]:
-        workers = httpx.get(f"{self.controller_url}/workers").json()["workers"]
-        return sorted(str(w["base_url"]) for w in workers)
-
-    def close(self) -> None:
-        for proc in reversed(self.procs):
-            procs.stop(proc, 60)
+def engine_urls(cluster: Cluster) -> list[str]:
+    """The workers' own OpenAI base URLs (the direct path)."""
+    return sorted(w.base_url for w in cluster.table().workers)
 
 
 @dataclass
@@ -173,7 +98,7 @@ class Result:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
-async def closed_loop(
+async def measure(
     url: str,
     concurrency: int,
     duration_s: float,
@@ -181,7 +106,7 @@ async def closed_loop(
     max_tokens: int,
     warmup_s: float = 1.0,
 ) -> Result:
-    """``concurrency`` clients, each sending its next request when the last one is done."""
+    """Closed-loop load; what started after ``warmup_s`` and ended within ``duration_s`` counts."""
     body = orjson.dumps(
         {
             "model": MODEL,
@@ -191,42 +116,22 @@ async def closed_loop(
             "temperature": 0,
         }
     )
-    headers = {"content-type": "application/json"}
-    result = Result()
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=300)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        started = time.perf_counter()
-        measure_from = started + warmup_s
+        measure_from = time.perf_counter() + warmup_s
         stop_at = measure_from + duration_s
-
-        async def client() -> None:
-            while (now := time.perf_counter()) < stop_at:
-                first = None
-                try:
-                    async with session.post(
-                        url + "/chat/completions", data=body, headers=headers
-                    ) as response:
-                        if stream:
-                            async for _ in response.content.iter_any():
-                                if first is None:
-                                    first = time.perf_counter()
-                        else:
-                            await response.read()
-                            first = time.perf_counter()
-                        ok = response.status == 200
-                except (aiohttp.ClientError, TimeoutError):
-                    ok = False
-                end = time.perf_counter()
-                if now >= measure_from and end <= stop_at:
-                    if ok:
-                        result.latencies_s.append(end - now)
-                        result.ttfb_s.append((first or end) - now)
-                    else:
-                        result.errors += 1
-
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-        result.elapsed_s = duration_s
+        send = post_sender(session, url + "/chat/completions", body, stream)
+        outcomes = await closed_loop(send, concurrency, for_duration(warmup_s + duration_s))
+    result = Result(elapsed_s=duration_s)
+    for outcome in outcomes:
+        if outcome.started < measure_from or outcome.ended > stop_at:
+            continue
+        if outcome.ok:
+            result.latencies_s.append(outcome.latency_s)
+            result.ttfb_s.append((outcome.first_byte or outcome.ended) - outcome.started)
+        else:
+            result.errors += 1
     return result
 
 
@@ -252,9 +157,12 @@ def _row(mode: str, concurrency: int, path: str, r: Result, direct: Result | Non
     ]
 
 
-def run_overhead(args: argparse.Namespace, stack: Stack, console: Console) -> None:
+def run_overhead(args: argparse.Namespace, stack: Cluster, console: Console) -> None:
+    gateway_url, direct_url = f"{stack.gateway_url}/v1", engine_urls(stack)[0]
+    assert stack.gateway is not None
+    gateway_pid = stack.gateway.pid
     # Engines compile and cache on their first requests: keep that out of the figures.
-    asyncio.run(closed_loop(stack.gateway_url, 8, args.warmup, True, args.max_tokens, warmup_s=0))
+    asyncio.run(measure(gateway_url, 8, args.warmup, True, args.max_tokens, warmup_s=0))
     title = (
         f"gateway vs direct: {args.engine} engine, {args.max_tokens} tokens, {args.duration:.0f}s"
     )
@@ -267,36 +175,36 @@ def run_overhead(args: argparse.Namespace, stack: Stack, console: Console) -> No
             stream = mode == "stream"
             results = {"direct": Result(), "gateway": Result()}
             for _ in range(args.rounds):  # alternate, so drift hits both paths alike
-                for path, url in (("direct", stack.direct_url), ("gateway", stack.gateway_url)):
-                    cpu_before = cpu_seconds(stack.gateway.pid)
+                for path, url in (("direct", direct_url), ("gateway", gateway_url)):
+                    cpu_before = cpu_seconds(gateway_pid)
                     run = asyncio.run(
-                        closed_loop(
+                        measure(
                             url, concurrency, args.duration / args.rounds, stream, args.max_tokens
                         )
                     )
-                    results[path].merge(run, cpu_seconds(stack.gateway.pid) - cpu_before)
+                    results[path].merge(run, cpu_seconds(gateway_pid) - cpu_before)
             table.add_row(*_row(mode, concurrency, "direct", results["direct"], None))
             table.add_row(
                 *_row(mode, concurrency, "gateway", results["gateway"], results["direct"])
             )
             console.print(f"done: {mode} c={concurrency}", style="dim")
     console.print(table)
-    console.print(f"gateway peak RSS: {rss_mb(stack.gateway.pid, 'VmHWM'):.0f} MB")
+    console.print(f"gateway peak RSS: {rss_mb(gateway_pid, 'VmHWM'):.0f} MB")
 
 
-def run_soak(args: argparse.Namespace, stack: Stack, console: Console) -> None:
+def run_soak(args: argparse.Namespace, stack: Cluster, console: Console) -> None:
     """``--soak N``: N slow streams held for the whole duration; count errors, watch RSS."""
     peak = 0.0
+    assert stack.gateway is not None
+    gateway_pid = stack.gateway.pid
 
     async def main() -> Result:
         nonlocal peak
         load = asyncio.create_task(
-            closed_loop(
-                stack.gateway_url, args.soak, args.duration, True, args.max_tokens, warmup_s=3
-            )
+            measure(f"{stack.gateway_url}/v1", args.soak, args.duration, True, args.max_tokens, 3)
         )
         while not load.done():
-            peak = max(peak, rss_mb(stack.gateway.pid))
+            peak = max(peak, rss_mb(gateway_pid))
             await asyncio.sleep(1)
         return await load
 
@@ -340,11 +248,11 @@ def main() -> None:
     console = Console(width=160)
     with tempfile.TemporaryDirectory(prefix="fleetserve-bench-") as tmp:
         with console.status("starting controller, gateway and worker"):
-            stack = Stack(args.engine, args.processes, args.tokens_per_s, Path(tmp))
+            stack = start_stack(args.engine, args.processes, args.tokens_per_s, Path(tmp))
         try:
             (run_soak if args.soak else run_overhead)(args, stack, console)
         finally:
-            stack.close()
+            stack.stop()
 
 
 if __name__ == "__main__":

@@ -22,9 +22,15 @@ from pathlib import Path
 import aiohttp
 import httpx
 import orjson
-from gateway_overhead import MODEL, Result, Stack
 from rich.console import Console
 from rich.table import Table
+
+from fleetserve.cli.harness import Cluster
+from fleetserve.cli.loadgen import closed_loop, for_duration, post_sender
+from fleetserve.config import WorkerSettings
+from workers.vllm.demo_model import ensure_demo_model
+
+MODEL = "bench-model"
 
 
 def _metric(base_url: str, name: str) -> float:
@@ -34,59 +40,42 @@ def _metric(base_url: str, name: str) -> float:
     )
 
 
-def _cache_counters(stack: Stack) -> tuple[float, float]:
-    urls = stack.worker_urls()
+def _cache_counters(stack: Cluster) -> tuple[float, float]:
+    urls = [w.base_url for w in stack.table().workers]
     hits = sum(_metric(url, "vllm:prefix_cache_hits_total") for url in urls)
     queries = sum(_metric(url, "vllm:prefix_cache_queries_total") for url in urls)
     return hits, queries
 
 
+def _pct_ms(values: list[float], q: float) -> float:
+    ordered = sorted(values) or [float("nan")]
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
 async def shared_prefix_load(
     url: str, prompts: list[str], concurrency: int, duration_s: float
-) -> Result:
-    result = Result()
+) -> tuple[float, list[float], int]:
+    """Streaming requests, each opening with one of ``prompts``: (req/s, TTFTs, errors)."""
     rng = random.Random(0)
-    headers = {"content-type": "application/json"}
+
+    def body(_: int) -> bytes:
+        messages = [
+            {"role": "system", "content": rng.choice(prompts)},
+            {"role": "user", "content": f"Question {rng.randrange(10**6)}?"},
+        ]
+        return orjson.dumps({"model": MODEL, "messages": messages, "max_tokens": 4, "stream": True})
+
+    started = time.perf_counter()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        stop_at = time.perf_counter() + duration_s
-
-        async def client() -> None:
-            while (started := time.perf_counter()) < stop_at:
-                body = orjson.dumps(
-                    {
-                        "model": MODEL,
-                        "messages": [
-                            {"role": "system", "content": rng.choice(prompts)},
-                            {"role": "user", "content": f"Question {rng.randrange(10**6)}?"},
-                        ],
-                        "max_tokens": 4,
-                        "stream": True,
-                    }
-                )
-                first = None
-                try:
-                    async with session.post(
-                        url + "/chat/completions", data=body, headers=headers
-                    ) as r:
-                        async for _ in r.content.iter_any():
-                            first = first or time.perf_counter()
-                        ok = r.status == 200
-                        if not ok and not result.errors:
-                            print(f"first error: HTTP {r.status}")
-                except aiohttp.ClientError as exc:
-                    ok = False
-                    if not result.errors:
-                        print(f"first error: {exc}")
-                end = time.perf_counter()
-                if ok and first is not None:
-                    result.latencies_s.append(end - started)
-                    result.ttfb_s.append(first - started)
-                else:
-                    result.errors += 1
-
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-    result.elapsed_s = duration_s
-    return result
+        send = post_sender(session, url + "/chat/completions", body, stream=True)
+        outcomes = await closed_loop(send, concurrency, for_duration(duration_s))
+    elapsed = time.perf_counter() - started
+    ok = [o for o in outcomes if o.ok and o.first_byte is not None]
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        print(f"first error: {failed[0].error}")
+    ttfts = [o.first_byte - o.started for o in ok if o.first_byte is not None]
+    return len(ok) / elapsed, ttfts, len(failed)
 
 
 def main() -> None:
@@ -150,33 +139,30 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="fleetserve-bench-") as tmp:
             with console.status(f"starting {args.workers} vLLM workers with {policy}"):
                 kv_cache = ("--kv-cache-memory-bytes", str(args.kv_cache_mb * 2**20))
-                stack = Stack(
-                    "vllm",
-                    1,
-                    0.0,
-                    Path(tmp),
-                    workers=args.workers,
+                worker = WorkerSettings(
+                    source=str(ensure_demo_model()),
+                    served_name=MODEL,
                     routing_policy=policy,
-                    engine_args=kv_cache,
+                    engine_args=list(kv_cache),
                 )
+                stack = Cluster.one_model(Path(tmp), worker, args.workers, log_level="WARNING")
+            url = f"{stack.gateway_url}/v1"
             try:
-                asyncio.run(
-                    shared_prefix_load(stack.gateway_url, prompts, args.concurrency, 3)
-                )  # warm-up
+                asyncio.run(shared_prefix_load(url, prompts, args.concurrency, 3))  # warm-up
                 hits_before, queries_before = _cache_counters(stack)
-                result = asyncio.run(
-                    shared_prefix_load(stack.gateway_url, prompts, args.concurrency, args.duration)
+                rps, ttfts, errors = asyncio.run(
+                    shared_prefix_load(url, prompts, args.concurrency, args.duration)
                 )
                 hits, queries = _cache_counters(stack)
             finally:
-                stack.close()
+                stack.stop()
         rate = (hits - hits_before) / max(queries - queries_before, 1)
         table.add_row(
             policy,
-            f"{result.requests_per_s:.1f}",
-            f"{result.pct(result.ttfb_s, 0.5):.0f}",
-            f"{result.pct(result.ttfb_s, 0.99):.0f}",
-            str(result.errors),
+            f"{rps:.1f}",
+            f"{_pct_ms(ttfts, 0.5):.0f}",
+            f"{_pct_ms(ttfts, 0.99):.0f}",
+            str(errors),
             f"{rate:.0%}",
         )
         console.print(f"done: {policy}", style="dim")

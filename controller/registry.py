@@ -14,7 +14,15 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fleetserve.protocol import Registration, RouteTable, WorkerLoad, WorkerState, WorkerView
+from fleetserve.protocol import (
+    ModelView,
+    Registration,
+    RouteTable,
+    WorkerInfo,
+    WorkerLoad,
+    WorkerState,
+    WorkerView,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +67,8 @@ class Registry:
         self.missed_heartbeats_by_model: Counter[str] = Counter()
         self._clock = clock
         self._workers: dict[str, _Entry] = {}
+        #: Served model name -> the routing policy of its newest registration.
+        self._policies: dict[str, str | None] = {}
         self._changed = asyncio.Event()
 
     # -- changes -------------------------------------------------------------
@@ -70,9 +80,24 @@ class Registry:
 
     def register(self, registration: Registration) -> None:
         known = registration.worker_id in self._workers
+        model = registration.model_names[0]
+        others = {
+            entry.registration.routing_policy
+            for worker_id, entry in self._workers.items()
+            if entry.model == model and worker_id != registration.worker_id
+        }
+        if others - {registration.routing_policy}:
+            logger.warning(
+                "model %s: worker %s registers routing policy %s, other workers registered %s; "
+                "the newest registration's wins",
+                model,
+                registration.worker_id,
+                registration.routing_policy or "(default)",
+                ", ".join(sorted(p or "(default)" for p in others)),
+            )
+        self._policies[model] = registration.routing_policy
         self._workers[registration.worker_id] = _Entry(registration, self._clock())
         self.registrations_total += 1
-        model = registration.model_names[0]
         self.registrations_by_model[model] += 1
         self.models_seen.add(model)
         self._bump()
@@ -156,12 +181,14 @@ class Registry:
         now = self._clock()
         workers = [
             WorkerView(
-                **entry.registration.model_dump(),
+                **entry.registration.model_dump(include=set(WorkerInfo.model_fields)),
                 last_heartbeat_age_s=round(now - entry.last_heartbeat, 3),
             )
             for entry in self._workers.values()
         ]
-        return RouteTable(epoch=self.epoch, version=self.version, workers=workers)
+        served = sorted({entry.model for entry in self._workers.values()})
+        models = [ModelView(name=name, routing_policy=self._policies.get(name)) for name in served]
+        return RouteTable(epoch=self.epoch, version=self.version, workers=workers, models=models)
 
     async def wait_for_change(
         self, epoch: str, after_version: int, timeout_s: float

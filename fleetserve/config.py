@@ -6,6 +6,7 @@ setting is documented once. Everything is validated before any process starts.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from enum import StrEnum
 from pathlib import Path
@@ -18,39 +19,37 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from fleetserve import constants
+from fleetserve.errors import ConfigError
 
 ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$", max_length=200)]
 EngineArgValue = str | int | float | bool
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot work; the message says what to change."""
-
-
-def check_engine_name(value: str) -> str:
-    from workers.engines import Engine  # the registry is filled where engines are defined
-
-    if value not in Engine.registry:
-        raise ValueError(f"unknown engine {value!r}; choose one of {sorted(Engine.registry)}")
-    return value
+#: Validation context keys of the registered names, given by the callers that own the
+#: registries (the CLI: ``validation_context()`` there). Without them names are not checked
+#: here; the services check them where they look them up.
+ENGINES = "engine"
+ROUTING_POLICIES = "routing policy"
 
 
-def check_policy_name(value: str) -> str:
-    from gateway.routing import RoutingPolicy  # the registry is filled where policies are defined
+def _registered(kind: str) -> AfterValidator:
+    def check(value: str | None, info: ValidationInfo) -> str | None:
+        names = (info.context or {}).get(kind)
+        if value is not None and names is not None and value not in names:
+            raise ValueError(f"unknown {kind} {value!r}; choose one of {sorted(names)}")
+        return value
 
-    if value not in RoutingPolicy.registry:
-        choices = sorted(RoutingPolicy.registry)
-        raise ValueError(f"unknown routing policy {value!r}; choose one of {choices}")
-    return value
+    return AfterValidator(check)
 
 
-EngineName = Annotated[str, AfterValidator(check_engine_name)]
-PolicyName = Annotated[str, AfterValidator(check_policy_name)]
+#: None: the registry's default (``default=True`` where the engine or policy is defined).
+EngineName = Annotated[str | None, _registered(ENGINES)]
+PolicyName = Annotated[str | None, _registered(ROUTING_POLICIES)]
 
 
 class Device(StrEnum):
@@ -87,6 +86,11 @@ class ControllerSettings(Strict):
                 f"heartbeat_interval_s ({self.heartbeat_interval_s})"
             )
         return self
+
+
+def hash_key(key: str) -> str:
+    """What a keys file keeps of a key: its SHA-256, hex."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 class ApiKey(Strict):
@@ -167,8 +171,12 @@ class GatewaySettings(Strict):
 
 
 class WorkerSettings(Strict):
-    engine: EngineName = Field("vllm", description="Engine to run the model with.")
-    model: str = Field("", description="Model source: a local path or a hub id.")
+    engine: EngineName = Field(None, description="Engine to run the model with.")
+    source: str = Field(
+        "",
+        description="The model: a local path or a hub id.",
+        json_schema_extra={"cli_aliases": ["--model"]},
+    )
     served_name: ModelName = Field(description="The model name clients ask for.")
     aliases: list[ModelName] = Field(
         default_factory=list, description="More names for the same model."
@@ -209,7 +217,7 @@ class WorkerSettings(Strict):
         default_factory=list, description="Extra engine flags (after `--` on the command line)."
     )
     routing_policy: PolicyName = Field(
-        "least_load", description="How gateways pick among this model's workers."
+        None, description="How gateways pick among this model's workers."
     )
     ray_address: str | None = Field(
         None,
@@ -301,13 +309,13 @@ class ModelSpec(Strict):
 
     name: ModelName
     aliases: list[ModelName] = Field(default_factory=list)
-    engine: EngineName = "vllm"
+    engine: EngineName = None
     source: str = Field("", description="Local path or hub id; the demo model if empty (vllm).")
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)
     replicas: int = Field(1, ge=1)
     engine_args: dict[str, EngineArgValue] = Field(default_factory=dict)
-    routing_policy: PolicyName = "least_load"
+    routing_policy: PolicyName = None
     autoscaling: Autoscaling | None = Field(
         None, description="Where replicas are managed by Ray (`fleetserve ray deploy`)."
     )
@@ -381,14 +389,17 @@ def describe_validation_error(error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def parse_cluster(data: Any, origin: str = "cluster file") -> ClusterConfig:
+def parse_cluster(
+    data: Any, origin: str = "cluster file", context: dict[str, Any] | None = None
+) -> ClusterConfig:
+    """``context``: the registered names to check against (see ENGINES, ROUTING_POLICIES)."""
     try:
-        return ClusterConfig.model_validate(data)
+        return ClusterConfig.model_validate(data, context=context)
     except ValidationError as exc:
         raise ConfigError(f"{origin} is invalid:\n{describe_validation_error(exc)}") from None
 
 
-def load_cluster_file(path: Path) -> ClusterConfig:
+def load_cluster_file(path: Path, context: dict[str, Any] | None = None) -> ClusterConfig:
     """Read and validate a cluster YAML file; raise ConfigError saying what is wrong."""
     try:
         data = yaml.safe_load(path.read_text())
@@ -398,16 +409,7 @@ def load_cluster_file(path: Path) -> ClusterConfig:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with a 'models' list at the top")
-    return parse_cluster(data, origin=str(path))
-
-
-def default_cluster() -> ClusterConfig:
-    """The cluster `fleetserve up` runs with no file: the tiny demo model on vLLM."""
-    from fleetserve.demo_model import DEMO_MODEL_NAME
-
-    return parse_cluster(
-        {"models": [{"name": DEMO_MODEL_NAME, "engine": "vllm"}]}, origin="default cluster"
-    )
+    return parse_cluster(data, origin=str(path), context=context)
 
 
 def slug(text: str) -> str:

@@ -1,7 +1,9 @@
-"""OpenAI's error envelope, produced in one place for every service.
+"""Errors: one base class, and OpenAI's error envelope produced by one function.
 
-``{"error": {"message", "type", "param", "code"}}``, installed as app-level
-exception handlers so no handler formats errors by hand.
+``{"error": {"message", "type", "param", "code"}}``: :func:`error_response` turns
+any exception into it. The FastAPI apps install it as their exception handlers
+(:func:`install_error_handlers`) and the gateway's hot path, which runs outside
+FastAPI, calls it directly, so no handler formats an error by hand.
 """
 
 from __future__ import annotations
@@ -30,7 +32,15 @@ _TYPE_BY_STATUS = {
 }
 
 
-class OpenAIError(Exception):
+class FleetserveError(Exception):
+    """Base of every error fleetserve raises on purpose; the CLI prints its message."""
+
+
+class ConfigError(FleetserveError):
+    """A configuration that cannot work; the message says what to change."""
+
+
+class OpenAIError(FleetserveError):
     """An error a client sees, in OpenAI's format."""
 
     def __init__(
@@ -57,38 +67,34 @@ def error_body(
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def error_response(error: OpenAIError) -> Response:
+def as_openai_error(exc: BaseException) -> OpenAIError:
+    """The client-facing error for any exception; unexpected ones are logged and become 500."""
+    if isinstance(exc, OpenAIError):
+        return exc
+    if isinstance(exc, StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return OpenAIError(exc.status_code, str(exc.detail), code=code)
+    if isinstance(exc, RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+        return OpenAIError(400, f"{param}: {first['msg']}", param=param)
+    logger.error("unhandled error", exc_info=exc)
+    return OpenAIError(500, "internal error", code="internal_error")
+
+
+def error_response(exc: BaseException) -> Response:
+    """The response for any exception, in OpenAI's envelope."""
+    error = as_openai_error(exc)
     body = orjson.dumps(error_body(error.status, error.message, error.code, error.param))
     return Response(
         body, status_code=error.status, media_type="application/json", headers=error.headers
     )
 
 
-async def _openai_error(_: Request, exc: Exception) -> Response:
-    assert isinstance(exc, OpenAIError)
+async def _handler(_: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
-async def _http_error(_: Request, exc: Exception) -> Response:
-    assert isinstance(exc, StarletteHTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-    return error_response(OpenAIError(exc.status_code, str(exc.detail), code=code))
-
-
-async def _validation_error(_: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-    param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-    return error_response(OpenAIError(400, f"{param}: {first['msg']}", param=param))
-
-
-async def _unexpected(_: Request, exc: Exception) -> Response:
-    logger.exception("unhandled error", exc_info=exc)
-    return error_response(OpenAIError(500, "internal error", code="internal_error"))
-
-
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(OpenAIError, _openai_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(Exception, _unexpected)
+    for kind in (OpenAIError, StarletteHTTPException, RequestValidationError, Exception):
+        app.add_exception_handler(kind, _handler)

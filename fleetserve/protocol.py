@@ -30,7 +30,9 @@ class WorkerLoad(Internal):
     )
 
 
-class Registration(Internal):
+class WorkerInfo(Internal):
+    """What a worker is: shared by its registration and the controller's view of it."""
+
     worker_id: str = Field(min_length=1, max_length=200)
     model_names: list[str] = Field(min_length=1, description="Served name first, then aliases.")
     base_url: str = Field(description="The engine's OpenAI base URL, ending in /v1.")
@@ -41,11 +43,16 @@ class Registration(Internal):
     gpu_ids: list[int] = Field(default_factory=list, description="Physical GPU indices used.")
     nodes: int = Field(1, ge=1, description="Nodes the replica spans.")
     capacity: int = Field(ge=1, description="Requests the engine runs at once.")
-    routing_policy: str = Field(
-        "least_load", description="How gateways pick among the model's workers."
-    )
     state: WorkerState = WorkerState.READY
     load: WorkerLoad = Field(default_factory=WorkerLoad)
+
+
+class Registration(WorkerInfo):
+    routing_policy: str | None = Field(
+        None,
+        description="How gateways pick among the model's workers (None: the gateways' "
+        "default). A property of the model: the newest registration's wins.",
+    )
 
 
 class RegistrationReply(Internal):
@@ -61,10 +68,17 @@ class HeartbeatReply(Internal):
     known: bool = Field(description="False: the controller does not know you; register again.")
 
 
-class WorkerView(Registration):
+class WorkerView(WorkerInfo):
     """A worker as the controller publishes it."""
 
     last_heartbeat_age_s: float
+
+
+class ModelView(Internal):
+    """A model (its served name: every worker's first name) as the controller publishes it."""
+
+    name: str
+    routing_policy: str | None = None
 
 
 class RouteTable(Internal):
@@ -73,3 +87,4 @@ class RouteTable(Internal):
     epoch: str
     version: int
     workers: list[WorkerView]
+    models: list[ModelView] = Field(default_factory=list)

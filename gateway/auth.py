@@ -8,7 +8,6 @@ a file that fails to parse keeps the previous keys in force.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import math
@@ -17,14 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetserve.config import ApiKey, ConfigError, load_keys_file
-from fleetserve.errors import OpenAIError
+from fleetserve.config import ApiKey, hash_key, load_keys_file
+from fleetserve.errors import ConfigError, OpenAIError
 
 logger = logging.getLogger(__name__)
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 @dataclass

@@ -13,8 +13,6 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 from starlette.responses import Response
@@ -22,10 +20,9 @@ from starlette.types import Receive, Scope, Send
 
 from fleetserve import constants
 from fleetserve.errors import OpenAIError, error_body
-from fleetserve.protocol import WorkerView
 from gateway.metrics import GatewayMetrics, RequestRecord
-from gateway.routing import RoutingContext, RoutingPolicy
-from gateway.table import RouteTableWatcher
+from gateway.routing import RoutingContext
+from gateway.table import ModelRoute, Target
 from gateway.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 from gateway.usage import UsageMeter
 
@@ -118,106 +115,88 @@ class UpstreamStream(Response):
 
 
 class Proxy:
-    def __init__(
-        self,
-        watcher: RouteTableWatcher,
-        upstreams: UpstreamPool,
-        policy_for: Callable[[str], RoutingPolicy],
-        metrics: GatewayMetrics,
-    ) -> None:
-        self._watcher = watcher
-        self._upstreams = upstreams
-        self._policy_for = policy_for
-        self._metrics = metrics
-        self._in_flight: dict[str, int] = defaultdict(int)
-        self._targets: dict[str, tuple[str, int, str]] = {}  # base_url -> (host, port, path prefix)
+    """Sends requests to workers, retrying on another before the first byte; one per process."""
 
-    def _target(self, base_url: str) -> tuple[str, int, str]:
-        target = self._targets.get(base_url)
-        if target is None:
-            if len(self._targets) > 10_000:  # workers come and go; never grow without bound
-                self._targets.clear()
-            url = urlsplit(base_url)
-            if url.scheme != "http" or not url.hostname:
-                raise UpstreamError(f"unsupported worker URL {base_url!r} (http://host:port/v1)")
-            target = (url.hostname, url.port or 80, url.path.rstrip("/"))
-            self._targets[base_url] = target
-        return target
+    def __init__(self, upstreams: UpstreamPool, metrics: GatewayMetrics) -> None:
+        self._upstreams = upstreams
+        self._metrics = metrics
+        #: worker_id -> requests in flight from this gateway (what least-load routing counts)
+        self.in_flight: dict[str, int] = defaultdict(int)
+        #: worker_id -> monotonic time until which it is not picked (failed before first byte)
+        self._cooldown_until: dict[str, float] = {}
 
     def _release(self, worker_id: str) -> None:
-        self._in_flight[worker_id] -= 1
+        self.in_flight[worker_id] -= 1
         self._metrics.in_flight -= 1
+
+    def _cool_down(self, worker_id: str) -> None:
+        if len(self._cooldown_until) > 10_000:  # workers come and go; never grow without bound
+            now = time.monotonic()
+            self._cooldown_until = {w: t for w, t in self._cooldown_until.items() if t > now}
+        self._cooldown_until[worker_id] = time.monotonic() + constants.WORKER_COOLDOWN_S
 
     async def forward(
         self,
+        route: ModelRoute,
         path: str,
         body: bytes,
-        model: str,
         stream: bool,
-        payload: dict[str, Any],
-        session: str | None,
+        ctx: RoutingContext,
         record: RequestRecord,
     ) -> Response:
-        """Send ``body`` (parsed: ``payload``) to a worker of ``model``; ``path``: /v1/....
+        """Send ``body`` to a worker of ``route`` at ``path``; ``ctx``: what the policy sees.
 
         ``record`` gets the time spent waiting on engines and the usage meter's findings.
         """
-        candidates = self._watcher.candidates(model)
-        if candidates is None:
-            if self._watcher.table is None:
-                raise OpenAIError(
-                    503,
-                    "the gateway has no routing table yet: is the controller up?",
-                    code="no_routing_table",
-                )
-            raise OpenAIError(
-                404, f"The model `{model}` does not exist.", code="model_not_found", param="model"
-            )
-        suffix = path.removeprefix("/v1")
-        ctx = RoutingContext(in_flight=self._in_flight, payload=payload, session=session)
+        now = time.monotonic()
+        candidates = [t for t in route.workers if self._cooldown_until.get(t.worker_id, 0.0) <= now]
         tried: set[str] = set()
         last_error = ""
         for _ in range(constants.MAX_ATTEMPTS):
-            pool = [worker for worker in candidates if worker.worker_id not in tried]
+            pool = [target for target in candidates if target.worker_id not in tried]
             if not pool:
                 break
-            worker = self._policy_for(model).pick(pool, ctx)
+            target = route.policy.pick(pool, ctx)
             if tried:
-                self._metrics.retries.inc((model,))
-            tried.add(worker.worker_id)
+                self._metrics.retries.inc((record.model,))
+            tried.add(target.worker_id)
             try:
-                return await self._attempt(worker, suffix, body, stream, record)
+                return await self._attempt(target, path, body, stream, record)
             except UpstreamError as exc:  # before the first byte: another worker may take it
                 last_error = str(exc) or type(exc).__name__
                 logger.warning(
                     "worker %s failed before the first byte (%s); trying another",
-                    worker.worker_id,
+                    target.worker_id,
                     last_error,
                 )
                 if exc.worker_down:
-                    self._watcher.cool_down(worker.worker_id)
-                self._metrics.upstream_failures.inc((worker.worker_id,))
+                    self._cool_down(target.worker_id)
+                self._metrics.upstream_failures.inc((target.worker_id,))
         if not tried:
             raise OpenAIError(
                 503,
-                f"no healthy worker for model `{model}` right now; try again shortly",
+                f"no healthy worker for model `{route.model}` right now; try again shortly",
                 code="no_healthy_worker",
             )
         raise OpenAIError(
-            502, f"every worker tried for `{model}` failed: {last_error}", code="upstream_error"
+            502,
+            f"every worker tried for `{route.model}` failed: {last_error}",
+            code="upstream_error",
         )
 
     async def _attempt(
-        self, worker: WorkerView, suffix: str, body: bytes, stream: bool, record: RequestRecord
+        self, target: Target, path: str, body: bytes, stream: bool, record: RequestRecord
     ) -> Response:
-        self._in_flight[worker.worker_id] += 1
+        worker_id = target.worker_id
+        self.in_flight[worker_id] += 1
         self._metrics.in_flight += 1
         handed_off = False
         upstream: UpstreamResponse | None = None
         waiting_since = time.perf_counter()  # engine time: from here to its answer
         try:
-            host, port, prefix = self._target(worker.base_url)
-            upstream = await self._upstreams.post(host, port, prefix + suffix, body)
+            upstream = await self._upstreams.post(
+                target.host, target.port, target.path_prefix + path, body
+            )
             if upstream.status >= 500:
                 raise UpstreamError(f"HTTP {upstream.status}", worker_down=upstream.status != 500)
             meter = record.meter
@@ -227,7 +206,6 @@ class Proxy:
                     raise UpstreamError("closed the stream before the first byte")
                 record.answered = time.perf_counter()
                 handed_off = True
-                worker_id = worker.worker_id
                 return UpstreamStream(
                     upstream,
                     first,
@@ -240,11 +218,11 @@ class Proxy:
             record.answered = time.perf_counter()
             if meter is not None and upstream.status == 200:
                 meter.read_body(content)
-            headers = {WORKER_HEADER: worker.worker_id}
+            headers = {WORKER_HEADER: worker_id}
             return Response(content, upstream.status, headers, upstream.content_type or None)
         finally:
             record.upstream_s += (record.answered or time.perf_counter()) - waiting_since
             if not handed_off:
                 if upstream is not None:
                     upstream.release()
-                self._release(worker.worker_id)
+                self._release(worker_id)

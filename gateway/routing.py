@@ -2,6 +2,8 @@
 
 Every policy has one signature, ``pick(candidates, ctx) -> worker``, with
 ``candidates`` never empty; policies are pure and unit-tested without a network.
+A candidate is anything with a worker's id, capacity and load: the gateway's
+routing-table targets, or the controller's worker views in the tests.
 """
 
 from __future__ import annotations
@@ -13,11 +15,24 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Protocol, TypeVar
 
-from fleetserve.protocol import WorkerView
+from fleetserve.protocol import WorkerLoad
+from fleetserve.registry import Registered
 
 PREFIX_CHARS = 256  # about a system prompt's worth of leading text decides prefix affinity
+
+
+class Candidate(Protocol):
+    @property
+    def worker_id(self) -> str: ...
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def load(self) -> WorkerLoad: ...
+
+
+C = TypeVar("C", bound=Candidate)
 
 
 @dataclass
@@ -52,33 +67,26 @@ class RoutingContext:
         return "\x1e".join(parts)[:PREFIX_CHARS]
 
 
-def load(worker: WorkerView, ctx: RoutingContext) -> float:
+def load(worker: Candidate, ctx: RoutingContext) -> float:
     """Requests in flight from this gateway plus queued in the engine, per unit of capacity."""
     return (ctx.in_flight.get(worker.worker_id, 0) + worker.load.waiting) / worker.capacity
 
 
-def rendezvous_order(key: str, candidates: Sequence[WorkerView]) -> list[WorkerView]:
+def rendezvous_order(key: str, candidates: Sequence[C]) -> list[C]:
     """Candidates by highest-random-weight hashing of ``key``: stable as workers come and go."""
 
-    def weight(worker: WorkerView) -> bytes:
+    def weight(worker: C) -> bytes:
         return hashlib.blake2b(f"{key}|{worker.worker_id}".encode(), digest_size=8).digest()
 
     return sorted(candidates, key=weight, reverse=True)
 
 
-class RoutingPolicy:
-    registry: ClassVar[dict[str, type[RoutingPolicy]]] = {}
-    default_name: ClassVar[str] = ""
-    name: ClassVar[str]
+class RoutingPolicy(Registered):
+    """Base class; policies register with ``class X(RoutingPolicy, name="x")``."""
 
-    def __init_subclass__(cls, name: str, default: bool = False, **kwargs: object) -> None:
-        super().__init_subclass__(**kwargs)
-        cls.name = name
-        RoutingPolicy.registry[name] = cls
-        if default:
-            RoutingPolicy.default_name = name
+    kind = "routing policy"
 
-    def pick(self, candidates: Sequence[WorkerView], ctx: RoutingContext) -> WorkerView:
+    def pick(self, candidates: Sequence[C], ctx: RoutingContext) -> C:
         raise NotImplementedError
 
 
@@ -91,7 +99,7 @@ class LeastLoadPolicy(RoutingPolicy, name="least_load", default=True):
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    def pick(self, candidates: Sequence[WorkerView], ctx: RoutingContext) -> WorkerView:
+    def pick(self, candidates: Sequence[C], ctx: RoutingContext) -> C:
         lowest = min(load(worker, ctx) for worker in candidates)
         return self._rng.choice([w for w in candidates if load(w, ctx) == lowest])
 
@@ -102,7 +110,7 @@ class RoundRobinPolicy(RoutingPolicy, name="round_robin"):
     def __init__(self) -> None:
         self._counter = itertools.count()
 
-    def pick(self, candidates: Sequence[WorkerView], ctx: RoutingContext) -> WorkerView:
+    def pick(self, candidates: Sequence[C], ctx: RoutingContext) -> C:
         ordered = sorted(candidates, key=lambda worker: worker.worker_id)
         return ordered[next(self._counter) % len(ordered)]
 
@@ -113,7 +121,7 @@ class PowerOfTwoPolicy(RoutingPolicy, name="power_of_two"):
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    def pick(self, candidates: Sequence[WorkerView], ctx: RoutingContext) -> WorkerView:
+    def pick(self, candidates: Sequence[C], ctx: RoutingContext) -> C:
         if len(candidates) == 1:
             return candidates[0]
         a, b = self._rng.sample(list(candidates), 2)
@@ -134,7 +142,7 @@ class PrefixAffinityPolicy(RoutingPolicy, name="prefix_affinity"):
     slack = 0.25
     min_bound = 4
 
-    def pick(self, candidates: Sequence[WorkerView], ctx: RoutingContext) -> WorkerView:
+    def pick(self, candidates: Sequence[C], ctx: RoutingContext) -> C:
         total = sum(ctx.in_flight.get(w.worker_id, 0) for w in candidates) + 1
         bound = max(math.ceil((1 + self.slack) * total / len(candidates)), self.min_bound)
         ranked = rendezvous_order(ctx.prefix, candidates)
@@ -153,7 +161,7 @@ class SessionPolicy(RoutingPolicy, name="session"):
     def __init__(self) -> None:
         self._fallback = LeastLoadPolicy()
 
-    def pick(self, candidates: Sequence[WorkerView], ctx: RoutingContext) -> WorkerView:
+    def pick(self, candidates: Sequence[C], ctx: RoutingContext) -> C:
         if ctx.session is None:
             return self._fallback.pick(candidates, ctx)
         return rendezvous_order(ctx.session, candidates)[0]

@@ -1,7 +1,10 @@
-"""The gateway's copy of the routing table, kept fresh by long-polling the controller.
+"""The gateway's routing table, kept fresh by long-polling the controller.
 
-No controller call per request: requests read the in-memory table. If the
-controller is unreachable the last table stays in use.
+No controller call per request: a request does one dictionary lookup in the
+in-memory table. The table is built once per version of the controller's: one
+entry per served model (its policy, one instance for all its names, so an alias
+and its model share one round-robin counter) and its ready workers with their
+addresses parsed. If the controller is unreachable the last table stays in use.
 """
 
 from __future__ import annotations
@@ -9,66 +12,134 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import aiohttp
 
 from fleetserve import constants
-from fleetserve.protocol import RouteTable, WorkerState, WorkerView
+from fleetserve.protocol import RouteTable, WorkerLoad, WorkerState, WorkerView
+from gateway.routing import RoutingPolicy
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A ready worker as the hot path and the policies see it."""
+
+    worker_id: str
+    capacity: int
+    load: WorkerLoad
+    host: str
+    port: int
+    #: The engine's OpenAI path prefix (``/v1``), to which the request's path is appended.
+    path_prefix: str
+
+    @classmethod
+    def of(cls, worker: WorkerView) -> Target | None:
+        url = urlsplit(worker.base_url)
+        if url.scheme != "http" or not url.hostname:
+            logger.warning("worker %s: unsupported URL %r", worker.worker_id, worker.base_url)
+            return None
+        return cls(
+            worker.worker_id,
+            worker.capacity,
+            worker.load,
+            url.hostname,
+            url.port or 80,
+            url.path.rstrip("/").removesuffix("/v1"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRoute:
+    """What a requested name routes to: its model, the model's policy, the ready workers."""
+
+    model: str
+    policy: RoutingPolicy
+    #: Ready workers serving the name (every worker of the model, unless an alias is new).
+    workers: tuple[Target, ...]
+
+
+class RoutingTable:
+    """One version of the controller's table, as the hot path reads it."""
+
+    def __init__(self, table: RouteTable | None = None, previous: RoutingTable | None = None):
+        self.version: int | None = table.version if table else None
+        self.epoch = table.epoch if table else ""
+        self.workers = len(table.workers) if table else 0
+        #: Every served name and alias -> its route (models with no ready worker included).
+        self.by_name: dict[str, ModelRoute] = {}
+        #: Served model -> its policy, carried over from version to version while unchanged.
+        self.policies: dict[str, RoutingPolicy] = {}
+        if table is None:
+            return
+        old = previous.policies if previous else {}
+        wanted = {model.name: model.routing_policy for model in table.models}
+        by_model: dict[str, dict[str, list[Target]]] = {}  # model -> name -> ready workers
+        for worker in table.workers:
+            names = by_model.setdefault(worker.model_names[0], {})
+            target = Target.of(worker) if worker.state is WorkerState.READY else None
+            for name in worker.model_names:
+                ready = names.setdefault(name, [])
+                if target is not None:
+                    ready.append(target)
+        for model, names in by_model.items():
+            policy = self.policies[model] = _policy(model, wanted.get(model), old.get(model))
+            shared = tuple(names[model])
+            for name, ready in names.items():
+                if name in self.by_name:
+                    logger.warning("name %s is served by %s and by another model", name, model)
+                    continue
+                workers = shared if len(ready) == len(shared) else tuple(ready)
+                self.by_name[name] = ModelRoute(model, policy, workers)
+
+
+def _policy(model: str, name: str | None, previous: RoutingPolicy | None) -> RoutingPolicy:
+    """The model's policy: ``previous`` when unchanged (it may hold state), else a new one."""
+    try:
+        cls = RoutingPolicy.named(name)
+    except KeyError:
+        logger.warning("unknown routing policy %r for %s: using the default", name, model)
+        cls = RoutingPolicy.named(None)
+    return previous if type(previous) is cls else cls()
+
+
 class RouteTableWatcher:
-    def __init__(self, controller_url: str, session: aiohttp.ClientSession) -> None:
+    def __init__(self, controller_url: str, session: aiohttp.ClientSession | None) -> None:
         self._url = controller_url.rstrip("/") + "/routes"
-        self._session = session
-        self.table: RouteTable | None = None
-        self.ready_by_model: dict[str, list[WorkerView]] = {}
-        self.cooldown_until: dict[str, float] = {}  # worker_id -> monotonic time
+        #: Set before run() (the gateway's lifespan opens it).
+        self.session = session
+        self.routes = RoutingTable()
 
     def apply(self, table: RouteTable) -> None:
-        ready_by_model: dict[str, list[WorkerView]] = {}
-        for worker in table.workers:
-            for name in worker.model_names:
-                workers = ready_by_model.setdefault(name, [])
-                if worker.state is WorkerState.READY:
-                    workers.append(worker)
-        self.table = table
-        self.ready_by_model = ready_by_model
+        self.routes = routes = RoutingTable(table, self.routes)
         logger.info(
             "routing table v%d from controller %s: %d workers, models %s",
             table.version,
             table.epoch,
             len(table.workers),
-            ", ".join(sorted(ready_by_model)) or "none",
+            ", ".join(sorted(routes.by_name)) or "none",
         )
-
-    def candidates(self, model: str) -> list[WorkerView] | None:
-        """Ready workers of ``model`` not cooling down; None if no worker serves that name."""
-        workers = self.ready_by_model.get(model)
-        if workers is None:
-            return None
-        now = time.monotonic()
-        return [w for w in workers if self.cooldown_until.get(w.worker_id, 0.0) <= now]
-
-    def cool_down(self, worker_id: str) -> None:
-        self.cooldown_until[worker_id] = time.monotonic() + constants.WORKER_COOLDOWN_S
 
     async def run(self) -> None:
         """Watch the controller forever."""
+        assert self.session is not None, "the watcher needs an HTTP session"
         controller_down_since: float | None = None
         timeout = aiohttp.ClientTimeout(total=constants.WATCH_TIMEOUT_S + 10)
         while True:
-            routing = bool(self.table and self.table.workers)
+            routes = self.routes
+            routing = routes.workers > 0
             params = {
-                "epoch": self.table.epoch if self.table else "",
-                "after": str(self.table.version if self.table else -1),
+                "epoch": routes.epoch,
+                "after": str(-1 if routes.version is None else routes.version),
                 "timeout_s": str(
                     constants.WATCH_TIMEOUT_S if routing else constants.WATCH_EMPTY_TIMEOUT_S
                 ),
             }
             try:
-                async with self._session.get(self._url, params=params, timeout=timeout) as response:
+                async with self.session.get(self._url, params=params, timeout=timeout) as response:
                     response.raise_for_status()
                     if response.status == 200:
                         self.apply(RouteTable.model_validate_json(await response.read()))

@@ -80,7 +80,7 @@ llama_cpp_tools() {
     # llama-cpp-python's sources, not its wheel: fetch them (pip's cache has the archive it was
     # just built from) and build the server now, not at first use.
     if .venv/bin/python -c 'import llama_cpp' 2>/dev/null; then
-        .venv/bin/python -m fleetserve.llamacpp_source build
+        .venv/bin/python -m workers.llamacpp.source build
     fi
 }
 

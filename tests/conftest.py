@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from fleetserve.demo_model import DEMO_MODEL_NAME, make_demo_model
+from workers.vllm.demo_model import DEMO_MODEL_NAME, make_demo_model
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 

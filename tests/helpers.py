@@ -1,11 +1,15 @@
-"""Real processes on loopback for the tests: start, wait for health, load, kill."""
+"""Real processes on loopback for the tests: start, wait for health, load, kill.
+
+Processes are started with fleetserve's own harness (fleetserve/cli/harness.py),
+as `fleetserve up` and the benchmarks start them; this module adds free ports,
+waiting with deadlines, and a background load that counts what failed where.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import inspect
-import os
 import random
 import signal
 import socket
@@ -13,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +25,13 @@ from typing import Any
 import httpx
 import openai
 
-from fleetserve import constants, procs
-from fleetserve.protocol import RouteTable
+from fleetserve import procs
+from fleetserve.cli.harness import Cluster, Component, alive, descendants, wait_until
+from fleetserve.cli.loadgen import Outcome, closed_loop
+from fleetserve.config import ControllerSettings, GatewaySettings
 from workers.agent import free_port as agent_free_port
+
+__all__ = ["Component", "alive", "descendants", "wait_until"]
 
 
 def free_port() -> int:
@@ -46,132 +54,23 @@ def ray_head_port() -> int:
             continue
 
 
-def wait_until(
-    predicate: Callable[[], Any], timeout_s: float, what: str, every_s: float = 0.1
-) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail with ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-
-
-def descendants(pid: int) -> list[int]:
-    """All processes below ``pid``, read from /proc."""
-    found: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return found
-    for task in tasks:
-        try:
-            children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
-        except FileNotFoundError:
-            continue
-        for child in map(int, children):
-            found += [child, *descendants(child)]
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
-
-
-class Component:
-    """One `fleetserve ...` process with its log file."""
-
-    def __init__(self, name: str, args: list[str], log_dir: Path, env: dict[str, str]) -> None:
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self._log = self.log_path.open("ab")
-        cmd = [sys.executable, "-m", "fleetserve.cli", *args]
-        self.proc = procs.spawn(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_http(self, url: str, timeout_s: float = 60) -> None:
-        def up() -> bool:
-            assert self.proc.poll() is None, f"{self.name} exited:\n{self.log()[-3000:]}"
-            try:
-                return httpx.get(url, timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, timeout_s, f"{self.name} at {url}")
-
-    def kill_tree(self) -> list[int]:
-        """SIGKILL this process and everything below it at once: a machine dying."""
-        pids = [self.pid, *descendants(self.pid)]
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.proc.wait()
-        return pids
-
-    def stop(self, timeout_s: float = 60) -> int:
-        tree = descendants(self.pid)
-        code = procs.stop(self.proc, timeout_s)
-        for pid in tree:  # nothing may outlive a stopped component
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        self._log.close()
-        return code
-
-
-class LocalCluster:
+class LocalCluster(Cluster):
     """Controller and gateway on free loopback ports, and workers added on demand."""
 
     def __init__(
         self, log_dir: Path, env: dict[str, str], heartbeat_interval_s: float = 1.0
     ) -> None:
-        self.log_dir = log_dir
-        self.env = env
-        self.heartbeat_interval_s = heartbeat_interval_s
-        self.controller_port = free_port()
-        self.gateway_port = free_port()
-        self.controller_url = f"http://127.0.0.1:{self.controller_port}"
-        self.gateway_url = f"http://127.0.0.1:{self.gateway_port}"
-        self.components: list[Component] = []
-        self.controller = self.start_controller()
-        self.gateway = self._start(
-            "gateway",
-            ["gateway", "--port", str(self.gateway_port), "--controller-url", self.controller_url],
+        controller = ControllerSettings(
+            port=free_port(),
+            heartbeat_interval_s=heartbeat_interval_s,
+            # a busy 2-core CI machine can stall a process for seconds
+            expiry_after_s=5 * heartbeat_interval_s,
         )
-        self.gateway.wait_http(f"{self.gateway_url}/health")
-
-    def _start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Component:
-        component = Component(name, args, self.log_dir, {**self.env, **(env or {})})
-        self.components.append(component)
-        return component
-
-    def start_controller(self) -> Component:
-        interval = self.heartbeat_interval_s
-        controller = self._start(
-            f"controller-{len(self.components)}",
-            [
-                "controller",
-                "--port",
-                str(self.controller_port),
-                "--heartbeat-interval-s",
-                str(interval),
-                "--expiry-after-s",
-                str(5 * interval),  # a busy 2-core CI machine can stall a process for seconds
-            ],
-        )
-        controller.wait_http(f"{self.controller_url}/health")
-        return controller
+        super().__init__(log_dir, controller, GatewaySettings(port=free_port()), env)
+        self.controller_port = controller.port
+        self.gateway_port = self.gateway_settings.port
+        self.start_controller()
+        self.start_gateway()
 
     def add_worker(
         self,
@@ -182,14 +81,9 @@ class LocalCluster:
         env: dict[str, str] | None = None,
     ) -> Component:
         index = sum(c.name.startswith(f"worker-{name}-") for c in self.components)
-        args = ["worker", "--engine", engine, "--served-name", name]
+        args = ["--engine", engine, "--served-name", name]
         args += ["--controller-url", self.controller_url, *extra, "--", *engine_args]
-        return self._start(f"worker-{name}-{index}", args, env)
-
-    def table(self) -> RouteTable:
-        return RouteTable.model_validate_json(
-            httpx.get(f"{self.controller_url}/workers", timeout=5).content
-        )
+        return self.start_worker(f"worker-{name}-{index}", args, env)
 
     def worker_ids(self, model: str, state: str = "ready") -> set[str]:
         return {
@@ -207,26 +101,7 @@ class LocalCluster:
 
     def wait_workers(self, model: str, count: int, timeout_s: float = 240) -> set[str]:
         """Wait for ``count`` ready workers of ``model``, and for the gateway to route it."""
-        ids: set[str] = wait_until(
-            lambda: len(ids := self.worker_ids(model)) == count and ids,
-            timeout_s,
-            f"{count} ready workers of {model}",
-            0.5,
-        )
-        # The gateway routes to all of them once it has the controller's table of now, within
-        # one long-poll of its watcher (once, in a CI run, its first answer came only at the
-        # poll's timeout: a gateway not routing at all still fails here).
-        version = self.table().version
-        wait_until(
-            lambda: model in self.gateway_models() and self._gateway_table_version() >= version,
-            constants.WATCH_TIMEOUT_S + 10,
-            f"the gateway to route {model}",
-        )
-        return ids
-
-    def _gateway_table_version(self) -> int:
-        version = httpx.get(f"{self.gateway_url}/health", timeout=5).json()["routing_table_version"]
-        return -1 if version is None else int(version)
+        return self.wait_routed(model, count, timeout_s)
 
     @contextlib.contextmanager
     def extra_gateway(self, name: str, *flags: str) -> Iterator[tuple[Component, str]]:
@@ -234,18 +109,13 @@ class LocalCluster:
         controller has: (it, /v1 URL)."""
         port = free_port()
         args = ["gateway", "--port", str(port), "--controller-url", self.controller_url, *flags]
-        gateway = self._start(name, args)
-        models = {name for w in self.table().workers for name in w.model_names}
+        gateway = self.start(name, args)
+        url = f"http://127.0.0.1:{port}"
+        table = self.table()
         try:
-            gateway.wait_http(f"http://127.0.0.1:{port}/health")
-            wait_until(
-                lambda: (
-                    models <= set(httpx.get(f"http://127.0.0.1:{port}/health").json()["models"])
-                ),
-                30,
-                f"{name} to route {sorted(models)}",
-            )
-            yield gateway, f"http://127.0.0.1:{port}/v1"
+            gateway.wait_http(f"{url}/health")
+            wait_until(lambda: self.gateway_routes(table, url), 30, f"{name} to route {table}")
+            yield gateway, f"{url}/v1"
         finally:
             gateway.stop()
 
@@ -269,7 +139,7 @@ class LocalCluster:
 
     def close(self) -> None:
         for component in reversed(self.components):
-            if component.proc.poll() is None:
+            if component.alive():
                 component.stop()
 
 
@@ -280,9 +150,20 @@ class LoadResult:
     failed_mid_stream: list[str] = field(default_factory=list)
     workers: dict[str, int] = field(default_factory=dict)
 
+    def add(self, outcome: Outcome) -> None:
+        if outcome.ok:
+            worker = outcome.worker or "?"
+            self.workers[worker] = self.workers.get(worker, 0) + 1
+            self.ok += 1
+        elif outcome.chunks:
+            self.failed_mid_stream.append(outcome.error or "")
+        else:
+            self.failed_before_first_chunk.append(outcome.error or "")
+
 
 class Load:
-    """Closed-loop load through the gateway from a background thread, until stopped."""
+    """Closed-loop load through the gateway with the `openai` client, from a background
+    thread until stopped; half the clients stream."""
 
     def __init__(
         self,
@@ -325,38 +206,36 @@ class Load:
             base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, timeout=60
         )
         async with client:
-            await asyncio.gather(*(self._loop(client, i) for i in range(self.concurrency)))
 
-    async def _loop(self, client: openai.AsyncOpenAI, index: int) -> None:
+            async def send(index: int) -> Outcome:
+                return await self._request(client, index)
+
+            await closed_loop(send, self.concurrency, self._stop.is_set, self.result.add)
+
+    async def _request(self, client: openai.AsyncOpenAI, index: int) -> Outcome:
         messages = self.messages or [{"role": "user", "content": f"client {index} says hello"}]
         stream = index % 2 == 0  # half the clients stream
-        while not self._stop.is_set():
-            chunks = 0
-            try:
-                response = await client.chat.completions.with_raw_response.create(
-                    model=self.model,
-                    messages=messages,  # type: ignore[arg-type]
-                    max_tokens=self.max_tokens,
-                    stream=stream,
-                )
-                parsed = response.parse()
-                if inspect.isawaitable(parsed):
-                    parsed = await parsed
-                if stream:
-                    async for _ in parsed:
-                        chunks += 1
-                else:
-                    assert parsed.choices[0].message.content is not None
-                worker = response.headers.get("x-fleetserve-worker", "?")
-                self.result.workers[worker] = self.result.workers.get(worker, 0) + 1
-                self.result.ok += 1
-            except Exception as exc:
-                target = (
-                    self.result.failed_mid_stream
-                    if chunks
-                    else self.result.failed_before_first_chunk
-                )
-                target.append(f"{type(exc).__name__}: {exc}")
+        outcome = Outcome()
+        try:
+            response = await client.chat.completions.with_raw_response.create(
+                model=self.model,
+                messages=messages,  # type: ignore[arg-type]
+                max_tokens=self.max_tokens,
+                stream=stream,
+            )
+            parsed = response.parse()
+            if inspect.isawaitable(parsed):
+                parsed = await parsed
+            if stream:
+                async for _ in parsed:
+                    outcome.chunks += 1
+            else:
+                assert parsed.choices[0].message.content is not None
+            outcome.worker = response.headers.get("x-fleetserve-worker", "?")
+        except Exception as exc:
+            outcome.error = f"{type(exc).__name__}: {exc}"
+        outcome.ended = time.perf_counter()
+        return outcome
 
 
 @dataclass

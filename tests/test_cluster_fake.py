@@ -135,7 +135,7 @@ def test_engine_death_deregisters_and_restarts(cluster: LocalCluster) -> None:
     engines = [
         pid
         for pid in descendants(worker.pid)
-        if b"fake_engine" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"workers.fake.server" in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
     assert engines, "the fake engine process was not found"
     expired = 'fleetserve_controller_expirations_total{model="other"}'

@@ -42,7 +42,7 @@ def _add_vllm_worker(cluster: LocalCluster, model: Path, core: int) -> None:
     # One core per engine, as `fleetserve up` places CPU replicas: two engines whose
     # OpenMP threads share both cores stall each other for seconds at a time.
     env = {"VLLM_CPU_OMP_THREADS_BIND": str(core % len(os.sched_getaffinity(0)))}
-    cluster.add_worker(MODEL, "vllm", "--model", str(model), "--alias", "tiny", env=env)
+    cluster.add_worker(MODEL, "vllm", "--source", str(model), "--alias", "tiny", env=env)
 
 
 def _chat(

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -26,8 +25,9 @@ from pathlib import Path
 
 import httpx
 
-from fleetserve import constants, procs
-from fleetserve.config import ConfigError, WorkerSettings, slug
+from fleetserve import constants, env, procs
+from fleetserve.config import WorkerSettings, slug
+from fleetserve.errors import ConfigError
 from fleetserve.protocol import (
     Heartbeat,
     HeartbeatReply,
@@ -58,7 +58,7 @@ def free_port(host: str) -> int:
 class Agent:
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
-        self.engine = Engine.registry[settings.engine](settings)
+        self.engine = Engine.named(settings.engine)(settings)
         self.worker_id = f"{slug(settings.served_name)}-{uuid.uuid4().hex[:8]}"
         self.heartbeat_interval_s = constants.HEARTBEAT_INTERVAL_S
         self._stop = asyncio.Event()
@@ -79,8 +79,8 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         status = await StatusServer.start(self)  # readiness probe and /metrics, if asked for
-        await asyncio.to_thread(self.engine.prepare)
         try:
+            await asyncio.to_thread(self.engine.prepare)
             self.plan = await asyncio.to_thread(self._place)
         except ConfigError as exc:
             logger.error("%s", exc)
@@ -125,8 +125,8 @@ class Agent:
             return ReplicaPlan(s.served_name, 0, None)
         machine = discover_machine()
         facts = ModelFacts()
-        if self.engine.uses_accelerator and s.model and (machine.gpus or Path(s.model).is_dir()):
-            facts = read_model_facts(s.model)
+        if self.engine.uses_accelerator and s.source and (machine.gpus or Path(s.source).is_dir()):
+            facts = read_model_facts(s.source)
         need = ReplicaNeed(
             s.served_name,
             tensor_parallel_size=s.tensor_parallel_size,
@@ -141,14 +141,15 @@ class Agent:
         return plan
 
     def _environment(self) -> dict[str, str]:
-        env = self.engine.environment() | self.plan.environment()
-        if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:  # `up` (or the user) bound the whole machine
-            env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+        environment = self.engine.environment() | self.plan.environment()
+        bind = env.cpu_threads_bind()
+        if bind is not None:  # `up` (or the user) bound the whole machine
+            environment[env.CPU_THREADS_BIND] = bind
         if len(self.settings.nodes) > 1:
-            env["RAY_ADDRESS"] = multinode.head_address(self.settings)
+            environment["RAY_ADDRESS"] = multinode.head_address(self.settings)
         elif self.settings.ray_address:
-            env["RAY_ADDRESS"] = self.settings.ray_address
-        return env
+            environment["RAY_ADDRESS"] = self.settings.ray_address
+        return environment
 
     # -- a replica spanning nodes ---------------------------------------------
 
@@ -249,7 +250,7 @@ class Agent:
                 last_progress = time.monotonic()
                 logger.info(
                     "loading %s with %s ... %.0fs",
-                    self.settings.model or self.settings.served_name,
+                    self.settings.source or self.settings.served_name,
                     self.engine.name,
                     last_progress - started,
                 )

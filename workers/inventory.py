@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fleetserve import env
 from workers.placement import Gpu, Machine, ModelFacts
 
 logger = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ _HUB_TIMEOUT_S = 10.0
 
 def _visible(indices: list[int], uuids: list[str]) -> list[int]:
     """Positions allowed by CUDA_VISIBLE_DEVICES (indices or GPU UUIDs), in its order."""
-    spec = os.environ.get("CUDA_VISIBLE_DEVICES")
+    spec = env.cuda_visible_devices()
     if spec is None:
         return list(range(len(indices)))
     chosen = []

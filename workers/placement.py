@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass, field
 
 from fleetserve import constants
-from fleetserve.config import ConfigError, Device
+from fleetserve.config import Device
+from fleetserve.errors import ConfigError
 
 
 class PlacementError(ConfigError):

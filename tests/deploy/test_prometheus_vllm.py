@@ -43,7 +43,7 @@ def setup(
         status_port = free_port()
         env = {"VLLM_CPU_OMP_THREADS_BIND": str(min(os.sched_getaffinity(0)))}
         cluster.add_worker(
-            MODEL, "vllm", "--model", str(tiny_model), "--status-port", str(status_port), env=env
+            MODEL, "vllm", "--source", str(tiny_model), "--status-port", str(status_port), env=env
         )
         cluster.wait_workers(MODEL, 1, timeout_s=300)
         prometheus = Prometheus(

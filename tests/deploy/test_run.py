@@ -312,7 +312,7 @@ def _engine_command(job: NodeJob) -> list[str]:
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
             except FileNotFoundError:
                 continue
-            if "workers.fake_engine" in argv:
+            if "workers.fake.server" in argv:
                 return argv
         return None
 
@@ -323,7 +323,7 @@ def _engine_command(job: NodeJob) -> list[str]:
 @pytest.mark.parametrize(
     ("name", "rank"),
     [
-        ("serve.yaml", 0),  # `fleetserve up --model ... -- FLAGS`
+        ("serve.yaml", 0),  # `fleetserve up --source ... -- FLAGS`
         ("cluster.yaml", 1),  # a node's `fleetserve worker`
     ],
 )

@@ -139,7 +139,7 @@ def _calls(
 
 
 def _flags(argv: list[str]) -> dict[str, str]:
-    """``["up", "--model", "m", "--", "--x"]`` -> ``{"model": "m"}`` (engine flags dropped)."""
+    """``["up", "--source", "m", "--", "--x"]`` -> ``{"source": "m"}`` (engine flags dropped)."""
     if "--" in argv:
         argv = argv[: argv.index("--")]
     flags: dict[str, str] = {}
@@ -171,7 +171,7 @@ def test_one_node_runs_up_over_every_gpu(
     assert argv[0] == "up"
     flags = _flags(argv)
     assert flags["device"] == device and flags["tensor-parallel-size"] == tp
-    assert flags["model"] == task["envs"]["MODEL"] and flags["name"] == task["envs"]["SERVED_NAME"]
+    assert flags["source"] == task["envs"]["MODEL"] and flags["name"] == task["envs"]["SERVED_NAME"]
     assert flags["host"] == "0.0.0.0" and flags["port"] == task["envs"]["GATEWAY_PORT"]
     assert "replicas" not in flags  # `up` fits as many as the GPUs hold
     assert argv[argv.index("--") + 1 :] == ["--max-model-len", "4096"]
@@ -226,7 +226,7 @@ def test_worker_yaml_registers_with_the_given_controller(
     flags = _flags(call["argv"])
     assert call["argv"][0] == "worker" and call["gpus"] == "0,1,2,3,4,5,6,7"
     assert flags["controller-url"] == WORKER_REQUIRED_ENV["CONTROLLER_URL"]
-    assert flags["model"] == WORKER_REQUIRED_ENV["MODEL"]
+    assert flags["source"] == WORKER_REQUIRED_ENV["MODEL"]
     assert flags["served-name"] == "qwen2.5-32b"  # MODEL's last part, lower case
     assert flags["advertise-host"] == "10.1.0.9" and flags["tensor-parallel-size"] == "8"
 

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fleetserve.config import ConfigError, load_cluster_file, parse_cluster
+from fleetserve.cli.args import validation_context
+from fleetserve.config import load_cluster_file, parse_cluster
+from fleetserve.errors import ConfigError
 
 GOOD = """
 controller: {port: 9001, heartbeat_interval_s: 1, expiry_after_s: 4}
@@ -72,7 +74,7 @@ def test_a_full_cluster_file_loads(tmp_path: Path) -> None:
 )
 def test_invalid_files_say_what_is_wrong(tmp_path: Path, models: str, message: str) -> None:
     with pytest.raises(ConfigError) as error:
-        load_cluster_file(_write(tmp_path, f"models: {models}\n"))
+        load_cluster_file(_write(tmp_path, f"models: {models}\n"), context=validation_context())
     assert message in str(error.value)
 
 

@@ -32,7 +32,7 @@ import yaml
 
 from fleetserve import constants
 from fleetserve.cli import build_parser
-from fleetserve.cli_args import settings_from
+from fleetserve.cli.args import settings_from
 from fleetserve.config import (
     ControllerSettings,
     GatewaySettings,
@@ -255,7 +255,7 @@ def test_workers_run_the_cluster_file(overlay: str, gpus: bool) -> None:
         assert settings.served_name == spec.name
         assert settings.aliases == spec.aliases
         assert settings.engine == spec.engine
-        assert settings.model == spec.source
+        assert settings.source == spec.source
         assert settings.routing_policy == spec.routing_policy
         assert settings.tensor_parallel_size == spec.tensor_parallel_size
         assert split_flags(settings.engine_args) == split_flags(spec.engine_flags())

@@ -47,7 +47,7 @@ def test_a_worker_that_cannot_be_placed_says_why_and_starts_nothing(
 ) -> None:
     if discover_machine().gpus:
         pytest.skip("this machine has GPUs")
-    worker = ["worker", "--served-name", "t", "--model", str(tiny_model)]
+    worker = ["worker", "--served-name", "t", "--source", str(tiny_model)]
     done = subprocess.run(
         [sys.executable, "-m", "fleetserve.cli", *worker, "--tensor-parallel-size", "2"],
         env=fleet_env,

@@ -69,14 +69,14 @@ def test_vllm_pipeline_stages_on_two_ray_nodes_answer_like_one_gpu(
 ) -> None:
     """Two "nodes" of one GPU each on this machine: vLLM's Ray executor, PP=2, over NCCL."""
     ray_port = ray_head_port()
-    flags = ["--model", str(tiny_model), "--nodes", NODES, "--ray-port", str(ray_port)]
+    flags = ["--source", str(tiny_model), "--nodes", NODES, "--ray-port", str(ray_port)]
     share = ("--gpu-memory-utilization", "0.4")  # pp1 and rank 0 of pp2 share GPU 0
     for rank in (0, 1):
         env = {"CUDA_VISIBLE_DEVICES": str(rank)}
         rank_flags = (*flags, "--node-rank", str(rank))
         cluster.add_worker("pp2", "vllm", *rank_flags, engine_args=share, env=env)
     env = {"CUDA_VISIBLE_DEVICES": "0"}
-    cluster.add_worker("pp1", "vllm", "--model", str(tiny_model), engine_args=share, env=env)
+    cluster.add_worker("pp1", "vllm", "--source", str(tiny_model), engine_args=share, env=env)
     cluster.wait_workers("pp2", 1, timeout_s=600)
     cluster.wait_workers("pp1", 1, timeout_s=600)
     client = cluster.client()

@@ -54,7 +54,7 @@ def test_tp2_on_cpu_answers_like_tp1(fleet_env: dict[str, str], tiny_model: Path
     assert "worker-tiny-llama-tp2-0: cpu 0|1" in out  # one core per rank
     assert "│ 2 x 1   │ cpu" in out  # the status table shows the TP size
     tp1, _ = serve_and_answer(
-        ["--model", str(tiny_model), "--name", "tiny-llama", "--device", "cpu"],
+        ["--source", str(tiny_model), "--name", "tiny-llama", "--device", "cpu"],
         fleet_env,
         "tp1",
         "tiny-llama",
@@ -66,14 +66,14 @@ def test_tp2_on_cpu_answers_like_tp1(fleet_env: dict[str, str], tiny_model: Path
 @pytest.mark.gpu(2)
 def test_tp2_on_two_gpus_answers_like_tp1(fleet_env: dict[str, str], tiny_model: Path) -> None:
     tp2, out = serve_and_answer(
-        ["--model", str(tiny_model), "--name", "t", "--tensor-parallel-size", "2"],
+        ["--source", str(tiny_model), "--name", "t", "--tensor-parallel-size", "2"],
         fleet_env,
         "gpu-tp2",
         "t",
     )
     assert "worker-t-0: cuda 0,1" in out
     tp1, _ = serve_and_answer(
-        ["--model", str(tiny_model), "--name", "t", "--replicas", "1"], fleet_env, "gpu-tp1", "t"
+        ["--source", str(tiny_model), "--name", "t", "--replicas", "1"], fleet_env, "gpu-tp1", "t"
     )
     assert tp2 == tp1
 
@@ -83,7 +83,7 @@ def test_two_replicas_get_one_gpu_each_and_answer_alike(
     fleet_env: dict[str, str], tiny_model: Path
 ) -> None:
     log_dir = module_log_dir("test_tensor_parallel/gpu-2x1")
-    with running_up(["--model", str(tiny_model), "--name", "t"], fleet_env, log_dir, 300) as up:
+    with running_up(["--source", str(tiny_model), "--name", "t"], fleet_env, log_dir, 300) as up:
         out = up.text()
         assert "worker-t-0: cuda 0" in out and "worker-t-1: cuda 1" in out
         answers = [greedy_answers(up, "t") for _ in range(4)]  # least-load spreads them

@@ -1,0 +1,5 @@
+import sys
+
+from fleetserve.cli import main
+
+sys.exit(main())

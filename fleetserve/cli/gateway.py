@@ -1,0 +1,52 @@
+"""`fleetserve gateway`: run a gateway (the OpenAI endpoint)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any
+
+from fleetserve import constants, env
+from fleetserve.cli.args import add_settings_arguments, settings_from
+from fleetserve.cli.controller import serve
+from fleetserve.config import GatewaySettings
+from fleetserve.errors import ConfigError
+
+logger = logging.getLogger("fleetserve")
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from gateway.server import build_app
+
+    settings: GatewaySettings = settings_from(GatewaySettings, args)
+    if not settings.controller_url:
+        raise ConfigError("--controller-url is required")
+    logger.info(
+        "gateway listening on http://%s:%d/v1 (%d processes)",
+        settings.host,
+        settings.port,
+        settings.processes,
+    )
+    # Let streams in flight finish (workers drain before the gateway stops in `up`).
+    graceful_s = constants.STOP_GRACE_S
+    if settings.processes == 1:
+        serve(build_app(settings), settings.host, settings.port, graceful_s)
+        return 0
+    # uvicorn's worker processes import the app by name and rebuild it from these settings.
+    os.environ[env.GATEWAY_SETTINGS] = settings.model_dump_json()
+    serve(
+        "gateway.server:build_app_from_environment",
+        settings.host,
+        settings.port,
+        graceful_s,
+        factory=True,
+        workers=settings.processes,
+    )
+    return 0
+
+
+def register(sub: Any) -> None:
+    gateway = sub.add_parser("gateway", help="Run a gateway (the OpenAI endpoint).")
+    add_settings_arguments(gateway, GatewaySettings, skip=("keys",))
+    gateway.set_defaults(func=cmd_gateway)

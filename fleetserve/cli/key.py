@@ -1,0 +1,43 @@
+"""`fleetserve key new`: API keys for the gateway."""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+from typing import Any
+
+import yaml
+
+from fleetserve.config import ApiKey, hash_key
+
+
+def cmd_key_new(args: argparse.Namespace) -> int:
+    key = "sk-fs-" + secrets.token_urlsafe(32)
+    entry = ApiKey(
+        name=args.name,
+        key_sha256=hash_key(key),
+        models=args.models,
+        rpm=args.rpm,
+        tpm=args.tpm,
+    )
+    print(f"API key (shown once, store it now): {key}\n")
+    print("Add this entry to the gateway's keys file (or gateway.keys in the cluster file):")
+    entries = {"keys": [entry.model_dump(mode="json", exclude_none=True)]}
+    print(yaml.safe_dump(entries, sort_keys=False), end="")
+    return 0
+
+
+def register(sub: Any) -> None:
+    key = sub.add_parser("key", help="API keys for the gateway.")
+    key_sub = key.add_subparsers(dest="key_command", required=True, metavar="KEY_COMMAND")
+    key_new = key_sub.add_parser(
+        "new",
+        help="Make a new API key; prints it once, and the entry (its hash) for the keys file.",
+    )
+    key_new.add_argument("--name", required=True, help="Who holds the key.")
+    key_new.add_argument(
+        "--model", dest="models", action="append", help="A model it may use (repeat; default: all)."
+    )
+    key_new.add_argument("--rpm", type=int, help="Requests per minute (default: no limit).")
+    key_new.add_argument("--tpm", type=int, help="Tokens per minute (default: no limit).")
+    key_new.set_defaults(func=cmd_key_new)

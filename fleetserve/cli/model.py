@@ -1,0 +1,89 @@
+"""`fleetserve model ...`: GGUF conversion and the model cache listing."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.table import Table
+
+from fleetserve.cli.args import add_controller_url
+from fleetserve.cli.status import fetch_table, make_console
+from workers.llamacpp.convert import QUANT_TYPES
+from workers.modelcache import CachedModel
+
+
+def cmd_model_convert(args: argparse.Namespace) -> int:
+    from workers.llamacpp.convert import convert_to_gguf
+    from workers.llamacpp.source import server_binary
+    from workers.modelcache import gguf_file_type
+
+    path = convert_to_gguf(args.hf_dir, args.quantize, args.output, args.pre_tokenizer)
+    size_mb = path.stat().st_size / 2**20
+    print(f"wrote {path} ({gguf_file_type(path)}, {size_mb:.1f} MiB)")
+    engine, slots = ("llama-server", " -- --parallel 4") if server_binary() else ("llamacpp", "")
+    command = f"fleetserve worker --engine {engine} --served-name NAME --source {path}{slots}"
+    print(f"serve it: {command}")
+    return 0
+
+
+def served_by(models: list[CachedModel], controller_url: str) -> bool:
+    """Fill each model's ``served_by`` with the workers serving it under its cache name.
+
+    Workers register names, not files, so a model served under another name is not
+    matched. False (and nothing filled) when the controller cannot be reached.
+    """
+    try:
+        table = fetch_table(controller_url.rstrip("/"))
+    except (httpx.HTTPError, ValueError):
+        return False
+    for model in models:
+        model.served_by = [w.base_url for w in table.workers if model.name in w.model_names]
+    return True
+
+
+def cmd_model_list(args: argparse.Namespace) -> int:
+    from workers.modelcache import list_models
+
+    models = list_models()
+    served_by(models, args.controller_url)
+    console = make_console()
+    if not models:
+        console.print("no models in the cache yet (`fleetserve model convert`, `fleetserve up`)")
+        return 0
+    table = Table("name", "format", "size", "quantization", "served at", "path")
+    for m in models:
+        size = f"{m.size_bytes / 2**20:.1f} MiB"
+        served = ", ".join(m.served_by) or "-"
+        table.add_row(m.name, m.format, size, m.quantization, served, str(m.path))
+    console.print(table)
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add `model convert` and `model list` to the CLI's subcommands."""
+    model = sub.add_parser("model", help="Models on disk: convert to GGUF, list the cache.")
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND")
+    convert = model_sub.add_parser(
+        "convert",
+        help="Make a GGUF file (llama.cpp) of a Hugging Face model directory.",
+        description="Runs llama.cpp's converter (and its quantizer for types it does not "
+        "write itself); the file goes to the model cache unless --output says otherwise.",
+    )
+    convert.add_argument("hf_dir", type=Path, metavar="HF_DIR", help="Hugging Face model dir.")
+    convert.add_argument("--to", choices=["gguf"], default="gguf", help="Format (gguf).")
+    convert.add_argument(
+        "--quantize", choices=QUANT_TYPES, default="f16", help="Weight type (default: f16)."
+    )
+    convert.add_argument("--output", type=Path, help="Where to write (default: the cache).")
+    convert.add_argument(
+        "--pre-tokenizer",
+        help="llama.cpp's pre-tokenizer name, for a BPE tokenizer it does not recognize "
+        "(GPT-2-style ByteLevel ones are recognized as gpt-2).",
+    )
+    convert.set_defaults(func=cmd_model_convert)
+    listing = model_sub.add_parser("list", help="Models in the cache and where they are served.")
+    add_controller_url(listing, "Ask this controller which models are served")
+    listing.set_defaults(func=cmd_model_list)

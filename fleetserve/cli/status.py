@@ -1,0 +1,149 @@
+"""`fleetserve status`: models and workers as the controller sees them, optionally live."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import httpx
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from fleetserve.cli.args import add_controller_url
+from fleetserve.protocol import RouteTable, WorkerView
+
+
+def make_console() -> Console:
+    # Not a terminal (a log, CI): wide enough that worker ids and URLs are not cut.
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
+def fetch_table(controller_url: str) -> RouteTable:
+    return RouteTable.model_validate_json(
+        httpx.get(f"{controller_url}/workers", timeout=5.0).content
+    )
+
+
+class TokenRates:
+    """Output tokens/s per worker, from the token counters its heartbeats carry."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[float, int]] = {}  # worker -> (heartbeat time, tokens)
+        self.rates: dict[str, float] = {}
+
+    def update(self, table: RouteTable, now: float) -> dict[str, float]:
+        for w in table.workers:
+            beat = now - w.last_heartbeat_age_s
+            before = self._last.get(w.worker_id)
+            if before is None or beat - before[0] > 0.1:  # a new heartbeat since the last look
+                if before is not None:
+                    tokens = max(w.load.generated_tokens - before[1], 0)  # 0 after a restart
+                    self.rates[w.worker_id] = tokens / (beat - before[0])
+                self._last[w.worker_id] = (beat, w.load.generated_tokens)
+        return self.rates
+
+
+def _devices(worker: WorkerView) -> str:
+    """``GPU 0,1``, ``cpu``, ``GPU 0,1,2,3 x 2 nodes``; ``-`` for engines without a device."""
+    what = f"GPU {','.join(map(str, worker.gpu_ids))}" if worker.gpu_ids else worker.device or "-"
+    return f"{what} x {worker.nodes} nodes" if worker.nodes > 1 else what
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def workers_table(table: RouteTable, rates: dict[str, float] | None = None) -> Table:
+    rates = rates or {}
+    view = Table(title=f"workers (routing table v{table.version})")
+    columns = ("model (aliases)", "worker", "state", "engine", "TP x PP", "devices", "endpoint")
+    for column in (*columns, "run/wait", "KV", "tok/s"):
+        view.add_column(column, no_wrap=True)
+    for w in sorted(table.workers, key=lambda w: (w.model_names[0], w.worker_id)):
+        aliases = f" ({', '.join(w.model_names[1:])})" if len(w.model_names) > 1 else ""
+        view.add_row(
+            w.model_names[0] + aliases,
+            w.worker_id,
+            w.state.value,
+            w.engine,
+            f"{w.tensor_parallel_size} x {w.pipeline_parallel_size}",
+            _devices(w),
+            w.base_url,
+            f"{w.load.running}/{w.load.waiting}",
+            f"{100 * w.load.kv_cache_usage:.0f}%",
+            _rate(rates.get(w.worker_id)),
+        )
+    return view
+
+
+def models_table(table: RouteTable, rates: dict[str, float]) -> Table:
+    view = Table(title="models")
+    for column in ("model", "ready", "draining", "running", "waiting", "max KV", "tok/s"):
+        view.add_column(column, no_wrap=True)
+    by_model: dict[str, list[WorkerView]] = {}
+    for w in table.workers:
+        by_model.setdefault(w.model_names[0], []).append(w)
+    for model, workers in sorted(by_model.items()):
+        known = [rates[w.worker_id] for w in workers if w.worker_id in rates]
+        view.add_row(
+            model,
+            str(sum(w.state.value == "ready" for w in workers)),
+            str(sum(w.state.value == "draining" for w in workers)),
+            str(sum(w.load.running for w in workers)),
+            str(sum(w.load.waiting for w in workers)),
+            f"{100 * max(w.load.kv_cache_usage for w in workers):.0f}%",
+            _rate(sum(known) if known else None),
+        )
+    return view
+
+
+def _view(table: RouteTable, rates: dict[str, float]) -> Group:
+    return Group(models_table(table, rates), workers_table(table, rates))
+
+
+def print_status(console: Console, controller_url: str, watch_s: float | None = None) -> int:
+    """Print the picture once, or (``watch_s``) redraw it every ``watch_s`` until Ctrl-C."""
+    url = controller_url.rstrip("/")
+    rates = TokenRates()
+    if watch_s is None:
+        try:
+            table = fetch_table(url)
+        except httpx.HTTPError as exc:
+            console.print(f"[red]cannot reach the controller at {url}: {exc}[/red]")
+            return 1
+        console.print(_view(table, {}))
+        return 0
+    with Live(console=console, auto_refresh=False) as live:
+        try:
+            while True:
+                try:
+                    table = fetch_table(url)
+                    live.update(_view(table, rates.update(table, time.monotonic())), refresh=True)
+                except httpx.HTTPError as exc:
+                    live.update(f"[red]cannot reach the controller at {url}: {exc}[/red]")
+                    live.refresh()
+                time.sleep(watch_s)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    return print_status(make_console(), args.controller_url, args.watch)
+
+
+def register(sub: Any) -> None:
+    status = sub.add_parser("status", help="Show the workers and models a controller knows.")
+    add_controller_url(status, "The controller's URL")
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        metavar="SECONDS",
+        help="Redraw every SECONDS (default 2) with tokens/s, until Ctrl-C.",
+    )
+    status.set_defaults(func=cmd_status)

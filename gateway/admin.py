@@ -1,0 +1,117 @@
+"""Everything the gateway serves besides the hot path: a plain FastAPI app.
+
+/v1/models, /health, /metrics, the chat page, and /openapi.json, which also
+describes the proxied routes (gateway/protocol.py) that never reach FastAPI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.staticfiles import StaticFiles
+
+from fleetserve.errors import install_error_handlers
+from gateway.protocol import ENDPOINTS, ERRORS, Endpoint, ErrorResponse
+
+if TYPE_CHECKING:
+    from gateway.server import Gateway
+
+CHAT_PAGE_DIR = Path(__file__).resolve().parent / "chat"
+
+
+def build_admin_app(
+    gateway: Gateway, lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]]
+) -> FastAPI:
+    api = FastAPI(title="fleetserve gateway", lifespan=lifespan)
+    install_error_handlers(api)
+    _install_openapi(api)
+
+    @api.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        """Every served name and alias (those the caller's key may use, when keys are on)."""
+        names = sorted(gateway.watcher.routes.by_name)
+        if gateway.keys.enabled:
+            key = gateway.keys.authenticate(request.headers.get("authorization"))
+            names = [name for name in names if key.models is None or name in key.models]
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "fleetserve"}
+            for name in names
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    @api.get("/health")
+    async def health() -> dict[str, Any]:
+        routes = gateway.watcher.routes
+        return {
+            "status": "ok",
+            "routing_table_version": routes.version,
+            "models": sorted(routes.by_name),
+        }
+
+    @api.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # The chat page: static files, no build step; it calls the OpenAI API above.
+    @api.get("/", include_in_schema=False)
+    async def chat_page() -> FileResponse:
+        return FileResponse(CHAT_PAGE_DIR / "index.html")
+
+    api.mount("/chat", StaticFiles(directory=CHAT_PAGE_DIR), name="chat")
+    return api
+
+
+def _operation(endpoint: Endpoint) -> dict[str, Any]:
+    error = {
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    }
+    responses: dict[str, Any] = {
+        "200": {
+            "description": "The engine's answer, unchanged (server-sent events when streaming).",
+            "content": {"application/json": {}, "text/event-stream": {}},
+        }
+    }
+    responses.update({code: {"description": text, **error} for code, text in ERRORS.items()})
+    schema = f"#/components/schemas/{endpoint.schema.__name__}"
+    return {
+        "post": {
+            "summary": endpoint.summary,
+            "operationId": endpoint.summary.lower().replace(" ", "_"),
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": schema}}},
+            },
+            "responses": responses,
+            "security": [{"bearer": []}, {}],
+        }
+    }
+
+
+def _install_openapi(api: FastAPI) -> None:
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema is None:
+            schema = get_openapi(title=api.title, version=api.version, routes=api.routes)
+            components = schema.setdefault("components", {})
+            schemas = components.setdefault("schemas", {})
+            models: list[type[BaseModel]] = [e.schema for e in ENDPOINTS.values()]
+            models.append(ErrorResponse)
+            for model in models:
+                defs = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(defs.pop("$defs", {}))
+                schemas[model.__name__] = defs
+            components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            for path, endpoint in ENDPOINTS.items():
+                schema["paths"][path] = _operation(endpoint)
+            api.openapi_schema = schema
+        return api.openapi_schema
+
+    api.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,130 @@
+"""`fleetserve up`: the one command that runs a whole cluster on this machine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+
+from gateway.auth import hash_key
+from tests.helpers import running_up
+from workers.inventory import discover_machine
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+
+
+def _run_until_ready_then_interrupt(
+    args: list[str],
+    env: dict[str, str],
+    log_dir: Path,
+    model: str,
+    timeout_s: float,
+    api_key: str = "x",
+) -> str:
+    with running_up(args, env, log_dir, timeout_s) as up:
+        client = up.client(api_key)
+        reply = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=8
+        )
+        assert reply.choices[0].message.content
+        if api_key != "x":  # the cluster file's keys are in force
+            wrong = up.client("wrong")
+            with pytest.raises(openai.AuthenticationError):
+                wrong.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": "hi"}]
+                )
+        chunks = list(
+            client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True
+            )
+        )
+        assert len(chunks) > 1
+    text = up.text()
+    assert f"http://127.0.0.1:{up.port}/v1" in text
+    return text
+
+
+def test_up_with_a_cluster_file(fleet_env: dict[str, str], log_dir: Path) -> None:
+    cluster = log_dir / "cluster.yaml"
+    cluster.write_text(
+        f"gateway: {{keys: [{{name: me, key_sha256: {hash_key('sk-me')}}}]}}\n"
+        "models:\n"
+        "  - {name: echo, aliases: [e], engine: fake, replicas: 2}\n"
+        "  - {name: other, engine: fake}\n"
+    )
+    text = _run_until_ready_then_interrupt(
+        ["-f", str(cluster)], fleet_env, log_dir, "e", 60, api_key="sk-me"
+    )
+    assert text.count("ready echo") == 2 and "ready other" in text
+
+
+@pytest.mark.vllm
+def test_up_with_no_file_serves_the_demo_model_on_vllm(
+    fleet_env: dict[str, str], tiny_model: Path, log_dir: Path
+) -> None:
+    text = _run_until_ready_then_interrupt([], fleet_env, log_dir, "tiny-llama", 300)
+    assert "ready tiny-llama (vllm)" in text
+
+
+def test_up_with_one_model_on_the_command_line(fleet_env: dict[str, str], log_dir: Path) -> None:
+    one_model = ["--source", "any-source", "--name", "echo", "--engine", "fake", "--replicas", "2"]
+    text = _run_until_ready_then_interrupt(
+        [*one_model, "--", "--tokens-per-s", "500"],
+        fleet_env,
+        log_dir,
+        "echo",
+        60,
+    )
+    assert text.count("ready echo (fake)") == 2
+    worker_log = (log_dir / "worker-echo-0.log").read_text()
+    assert "--tokens-per-s 500" in worker_log  # flags after `--` reach the engine
+
+
+@pytest.mark.skipif(bool(discover_machine().gpus), reason="this machine has GPUs")
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["-f", str(EXAMPLES / "tensor-parallel.yaml")],
+            "this machine has no GPU, and tiny-llama-tp2 asks for tensor_parallel_size 2. "
+            "To run on vLLM's CPU build anyway (one core per rank; slow, for trying things "
+            "out), add --device cpu.",
+        ),
+        (
+            ["-f", str(EXAMPLES / "gpu-node.yaml")],
+            "llama-3.1-8b asks for tensor_parallel_size 2; qwen2.5-32b asks for "
+            "tensor_parallel_size 4",
+        ),
+        (["--device", "cuda"], "--device cuda: no GPU found on this machine"),
+        (
+            ["--source", "m", "--engine", "fake", "-f", "x.yaml"],
+            "argument -f/--file: not allowed with argument --source/--model",
+        ),
+    ],
+)
+def test_up_without_gpus_refuses_what_needs_them(
+    args: list[str], message: str, fleet_env: dict[str, str], tiny_model: Path
+) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fleetserve.cli",
+            "up",
+            *args,
+            "--port",
+            "1",
+            "--log-dir",
+            "/nonexistent",
+        ],
+        env=fleet_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert message in " ".join(done.stderr.split()), done.stderr
+    assert "fleetserve gateway" not in done.stdout  # refused before anything started

@@ -1,0 +1,70 @@
+"""What `fleetserve ray deploy` asks Ray for, per model (no Ray needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fleetserve.config import parse_cluster
+from fleetserve.errors import ConfigError
+from fleetserve.ray.deploy import deployment_options
+
+
+def options(model: dict[str, object], gpus: bool = True) -> dict[str, object]:
+    (spec,) = parse_cluster({"models": [{"name": "m", **model}]}).models
+    return deployment_options(spec, gpus)
+
+
+def resources(model: dict[str, object], gpus: bool = True) -> tuple[object, object]:
+    actor = options(model, gpus)["ray_actor_options"]
+    assert isinstance(actor, dict)
+    return actor["num_gpus"], actor["num_cpus"]
+
+
+def test_a_replica_holds_the_gpus_of_its_tensor_parallel_group() -> None:
+    assert resources({"tensor_parallel_size": 4}) == (4, 0)
+    assert resources({"tensor_parallel_size": 2}, gpus=False) == (0, 2)  # CPU build: cores
+    assert resources({"engine": "fake"}) == (0, 0)
+    # stages on other nodes: vLLM's Ray executor reserves a GPU per rank itself
+    assert resources({"tensor_parallel_size": 8, "pipeline_parallel_size": 2}) == (0, 0)
+
+
+def test_fixed_replicas_or_autoscaling_bounds() -> None:
+    assert options({"replicas": 3})["num_replicas"] == 3
+    scaled = options({"autoscaling": {"min_replicas": 1, "max_replicas": 4}})
+    assert "num_replicas" not in scaled
+    config = scaled["autoscaling_config"]
+    assert isinstance(config, dict)
+    assert (config["min_replicas"], config["max_replicas"]) == (1, 4)
+    assert config["policy"] == {"policy_function": "fleetserve.ray.autoscaling:serve_policy"}
+
+
+@pytest.mark.parametrize(
+    ("autoscaling", "message"),
+    [
+        ({"min_replicas": 3, "max_replicas": 2}, "min_replicas (3) is more than max_replicas (2)"),
+        ({"max_replicas": 2, "look_back_period_s": 1}, "look_back_period_s: Input should be"),
+        ({"min_replicas": 1}, "max_replicas: Field required"),
+    ],
+)
+def test_bad_autoscaling_is_refused(autoscaling: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_cluster({"models": [{"name": "m", "autoscaling": autoscaling}]})
+
+
+def test_no_ray_cluster_at_the_address_fails_fast_and_says_so(fleet_env: dict[str, str]) -> None:
+    import subprocess
+    import sys
+
+    from tests.helpers import free_port
+
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    done = subprocess.run(
+        [sys.executable, "-m", "fleetserve.cli", "ray", "status", "--address", address],
+        env=fleet_env,
+        capture_output=True,
+        text=True,
+        timeout=60,  # ray.init alone would retry for minutes
+    )
+    assert done.returncode == 1
+    assert f"no Ray cluster at {address}" in done.stderr
+    assert "ray start --head" in done.stderr

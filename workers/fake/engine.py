@@ -1,0 +1,16 @@
+"""The fake engine: a synthetic OpenAI server (workers/fake/server.py) for tests and benchmarks."""
+
+from __future__ import annotations
+
+import sys
+
+from workers.engines import Engine
+
+
+class FakeEngine(Engine, name="fake"):
+    """Starts workers/fake/server.py; engine args are its flags (``--tokens-per-s 50``)."""
+
+    def command(self, port: int) -> list[str]:
+        s = self.settings
+        cmd = [sys.executable, "-m", "workers.fake.server", "--host", s.host, "--port", str(port)]
+        return [*cmd, "--served-name", *s.model_names, *s.engine_args]

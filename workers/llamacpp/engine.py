@@ -1,0 +1,79 @@
+"""The llama.cpp engines for GGUF files: llama-server (C++, parallel slots) and llamacpp
+(llama-cpp-python's server in Python, one request at a time)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+from fleetserve.config import Device
+from fleetserve.errors import ConfigError
+from workers.engines import Engine
+from workers.llamacpp import source
+from workers.llamacpp.python_server import cpu_has_amx
+from workers.modelcache import resolve_gguf
+
+
+class LlamaCppEngine(Engine, name="llamacpp"):
+    """llama.cpp for one GGUF file: llama-cpp-python's OpenAI server (python_server.py).
+
+    ``source`` is a .gguf file, a directory holding one, or the name of a file in the
+    model cache (`fleetserve model list`). Engine args are llama-cpp-python's model
+    settings: ``--n-ctx 2048 --n-threads 2 --n-gpu-layers 0``.
+    """
+
+    # llama-cpp-python's server generates for one request at a time; more wait for it.
+    default_capacity = 1
+
+    @classmethod
+    def resolve_source(cls, source: str) -> str:
+        return str(resolve_gguf(source))
+
+    def command(self, port: int) -> list[str]:
+        s = self.settings
+        cmd = [sys.executable, "-m", "workers.llamacpp.python_server", "--model", s.source]
+        cmd += ["--host", s.host, "--port", str(port), "--served-name", *s.model_names]
+        return cmd + s.engine_args
+
+    @classmethod
+    def check_device(cls, device: Device | None) -> None:
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise ConfigError(
+                "the llamacpp engine needs llama-cpp-python: pip install 'fleetserve[llamacpp]' "
+                "(compiles llama.cpp, a few minutes)"
+            )
+
+
+class LlamaServerEngine(LlamaCppEngine, name="llama-server"):
+    """llama.cpp's own C++ server for one GGUF file: parallel slots, continuous batching.
+
+    The same models as ``llamacpp``; engine args are llama-server's own flags, passed
+    through: ``--parallel 4 --ctx-size 8192 --threads 8 --n-gpu-layers 99`` (the
+    context is shared by the slots). scripts/setup.sh --llamacpp builds the server
+    from llama-cpp-python's sources; one on PATH (Homebrew's, ...) serves too.
+    """
+
+    # llama-server's own default: --parallel -1 (auto) runs 4 slots.
+    default_capacity = 4
+
+    def command(self, port: int) -> list[str]:
+        s = self.settings
+        cmd = [str(source.server_binary()), "--model", s.source]
+        cmd += ["--alias", s.model_names[0], "--host", s.host, "--port", str(port)]
+        cmd += ["--metrics", "--no-webui"]
+        if cpu_has_amx():
+            # quantized models crashed in llama.cpp's AMX kernels (0.3.36, Xeon with AMX)
+            cmd.append("--no-repack")
+        return cmd + s.engine_args
+
+    def capacity(self) -> int:
+        value = self._flag("--parallel", "-np")
+        return int(value) if value and int(value) > 0 else self.default_capacity
+
+    @classmethod
+    def check_device(cls, device: Device | None) -> None:
+        if source.server_binary() is None:
+            raise ConfigError(
+                "the llama-server engine needs llama.cpp's server: scripts/setup.sh --llamacpp "
+                "builds it (a few minutes), or put a llama-server on PATH"
+            )

