@@ -18,8 +18,7 @@ EXPIRY_AFTER_S = 3 * HEARTBEAT_INTERVAL_S
 # on a change, otherwise after this long (keeps idle connections fresh).
 WATCH_TIMEOUT_S = 30.0
 # ...but while a gateway routes nothing yet (just started), it polls this often: the poll
-# returns on a change anyway, and a cold cluster must never wait out a whole long-poll
-# (once, in a CI run, a gateway's first table came only at the 30 s timeout).
+# returns on a change anyway, and a cold cluster must never wait out a whole long-poll.
 WATCH_EMPTY_TIMEOUT_S = 2.0
 # After losing the controller, a gateway retries this often (serving its last table).
 WATCH_RETRY_S = 0.5

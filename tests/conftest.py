@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from fleetserve import paths
 from workers.vllm.demo_model import DEMO_MODEL_NAME, make_demo_model
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -16,8 +17,16 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 @pytest.fixture(scope="session")
 def fleet_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A FLEETSERVE_HOME of the test session's own (no writes to the user's cache)."""
-    return tmp_path_factory.mktemp("fleetserve-home")
+    """A FLEETSERVE_HOME of the test session's own (no writes to the user's models or logs).
+
+    It shares the user's llama.cpp sources and llama-server build (scripts/setup.sh made
+    them; building again would take minutes).
+    """
+    home = tmp_path_factory.mktemp("fleetserve-home")
+    shared = paths.llamacpp_dir()
+    shared.mkdir(parents=True, exist_ok=True)
+    (home / "llama.cpp").symlink_to(shared, target_is_directory=True)
+    return home
 
 
 @pytest.fixture(scope="session")

@@ -80,6 +80,7 @@ class Agent:
             loop.add_signal_handler(sig, self._on_signal, sig)
         status = await StatusServer.start(self)  # readiness probe and /metrics, if asked for
         try:
+            self.engine.check_installed()
             await asyncio.to_thread(self.engine.prepare)
             self.plan = await asyncio.to_thread(self._place)
         except ConfigError as exc:

@@ -44,6 +44,10 @@ class Engine(Registered):
         raise NotImplementedError
 
     @classmethod
+    def check_installed(cls) -> None:
+        """Raise ConfigError, saying what to install, if this engine is not installed."""
+
+    @classmethod
     def check_device(cls, device: Device | None) -> None:
         """Raise ConfigError if this installation cannot run on ``device``."""
 

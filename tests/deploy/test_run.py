@@ -260,6 +260,7 @@ def test_cluster_yaml_two_nodes_form_one_cluster(
             node.stop()
 
 
+@pytest.mark.ray
 def test_cluster_yaml_one_replica_spans_two_nodes(
     tasks: dict[str, dict[str, Any]], fleet_env: dict[str, str], log_dir: Path
 ) -> None:

@@ -14,9 +14,12 @@ from tests.conftest import module_log_dir
 from tests.helpers import LocalCluster, wait_until
 
 CHROMIUM = shutil.which("chromium")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="needs Debian's chromium (scripts/setup.sh --dev installs it)"
-)
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        CHROMIUM is None, reason="needs Debian's chromium (scripts/setup.sh --dev installs it)"
+    ),
+]
 LOG_DIR = module_log_dir("test_chat_page")
 
 

@@ -18,6 +18,8 @@ from fleetserve import procs
 from tests.conftest import module_log_dir
 from tests.helpers import LocalCluster, alive, descendants, ray_head_port, wait_until
 
+pytestmark = pytest.mark.ray
+
 NODES = "127.0.0.1,127.0.0.2"
 
 

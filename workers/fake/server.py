@@ -24,6 +24,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from fleetserve.errors import error_body
+from workers.load import vllm_load_metrics
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -45,7 +46,7 @@ class FakeServer:
         self.ttft_s = ttft_s
         self.running = 0
         self.finished = 0
-        self.generated = 0  # output tokens, as vllm:generation_tokens_total counts them
+        self.generated = 0  # output tokens, as vLLM's generation_tokens_total counts them
 
     async def _tokens(self, count: int) -> AsyncIterator[str]:
         if self.ttft_s:
@@ -145,14 +146,7 @@ class FakeServer:
         return _json({"object": "list", "data": data})
 
     async def metrics(self, _: Request) -> Response:
-        name = self.names[0]
-        text = (
-            f'vllm:num_requests_running{{model_name="{name}"}} {self.running}\n'
-            f'vllm:num_requests_waiting{{model_name="{name}"}} 0\n'
-            f'vllm:kv_cache_usage_perc{{model_name="{name}"}} 0.0\n'
-            f'vllm:request_success_total{{model_name="{name}"}} {self.finished}\n'
-            f'vllm:generation_tokens_total{{model_name="{name}"}} {self.generated}\n'
-        )
+        text = vllm_load_metrics(self.running, 0, self.generated, self.finished, self.names[0])
         return Response(text, media_type="text/plain; version=0.0.4")
 
     async def health(self, _: Request) -> Response:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-from fleetserve.config import Device
 from fleetserve.errors import ConfigError
 from workers.engines import Engine
 from workers.llamacpp import source
@@ -36,7 +35,7 @@ class LlamaCppEngine(Engine, name="llamacpp"):
         return cmd + s.engine_args
 
     @classmethod
-    def check_device(cls, device: Device | None) -> None:
+    def check_installed(cls) -> None:
         if importlib.util.find_spec("llama_cpp") is None:
             raise ConfigError(
                 "the llamacpp engine needs llama-cpp-python: pip install 'fleetserve[llamacpp]' "
@@ -71,7 +70,7 @@ class LlamaServerEngine(LlamaCppEngine, name="llama-server"):
         return int(value) if value and int(value) > 0 else self.default_capacity
 
     @classmethod
-    def check_device(cls, device: Device | None) -> None:
+    def check_installed(cls) -> None:
         if source.server_binary() is None:
             raise ConfigError(
                 "the llama-server engine needs llama.cpp's server: scripts/setup.sh --llamacpp "

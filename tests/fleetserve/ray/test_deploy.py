@@ -51,6 +51,7 @@ def test_bad_autoscaling_is_refused(autoscaling: dict[str, object], message: str
         parse_cluster({"models": [{"name": "m", "autoscaling": autoscaling}]})
 
 
+@pytest.mark.ray
 def test_no_ray_cluster_at_the_address_fails_fast_and_says_so(fleet_env: dict[str, str]) -> None:
     import subprocess
     import sys

@@ -22,7 +22,7 @@ from fleetserve import procs
 from tests.conftest import module_log_dir
 from tests.helpers import Load, LocalCluster, alive, descendants, ray_head_port, wait_until
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.ray]
 LOG_DIR = module_log_dir("test_ray")
 
 

@@ -19,9 +19,12 @@ from tests.conftest import GGUF_NAME, module_log_dir
 from tests.helpers import LocalCluster, drain_under_load, engine_pid, hf_greedy, wait_until
 from workers.llamacpp.source import server_binary
 
-pytestmark = pytest.mark.skipif(
-    server_binary() is None, reason="needs llama-server: scripts/setup.sh --llamacpp builds it"
-)
+pytestmark = [
+    pytest.mark.llamacpp,
+    pytest.mark.skipif(
+        server_binary() is None, reason="needs llama-server: scripts/setup.sh --llamacpp builds it"
+    ),
+]
 
 NAME = "tiny-slots"
 SLOTS = 2

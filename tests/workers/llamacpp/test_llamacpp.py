@@ -24,7 +24,7 @@ pytest.importorskip(
     "llama_cpp", reason="needs llama-cpp-python: pip install 'fleetserve[llamacpp]'"
 )
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.llamacpp]
 
 HF_NAME = "tiny-llama"
 PROMPTS = ("The logging module", "json.dumps(obj) -> str")
