@@ -15,7 +15,6 @@ parent's session, every process gets its fair share.
 from __future__ import annotations
 
 import ctypes
-import os
 import signal
 import subprocess
 import sys
@@ -79,9 +78,3 @@ def stop(
         except subprocess.TimeoutExpired:
             proc.kill()
     return proc.wait()
-
-
-def env_with(**overrides: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(overrides)
-    return env

@@ -16,9 +16,8 @@ from workers.modelcache import CachedModel
 
 
 def cmd_model_convert(args: argparse.Namespace) -> int:
-    from workers.llamacpp.convert import convert_to_gguf
+    from workers.llamacpp.convert import convert_to_gguf, gguf_file_type
     from workers.llamacpp.source import server_binary
-    from workers.modelcache import gguf_file_type
 
     path = convert_to_gguf(args.hf_dir, args.quantize, args.output, args.pre_tokenizer)
     size_mb = path.stat().st_size / 2**20

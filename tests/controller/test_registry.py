@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+
+import pytest
 
 from controller.registry import Registry
 from fleetserve.protocol import Registration, WorkerLoad, WorkerState
@@ -83,3 +86,18 @@ def test_long_poll_waits_for_warmup_then_for_a_change() -> None:
         del clock
 
     asyncio.run(scenario())
+
+
+def test_the_routing_policy_is_the_models_and_the_newest_registration_wins(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry = Registry(expiry_after_s=6, warmup_s=0, clock=Clock())
+    old = _worker("w1").model_copy(update={"routing_policy": "round_robin"})
+    new = _worker("w2").model_copy(update={"routing_policy": "session"})
+    registry.register(old)
+    assert [(m.name, m.routing_policy) for m in registry.table().models] == [("m", "round_robin")]
+    with caplog.at_level(logging.WARNING, logger="controller.registry"):
+        registry.register(new)  # a rolling change of policy
+    assert [(m.name, m.routing_policy) for m in registry.table().models] == [("m", "session")]
+    assert "registers routing policy session, other workers registered round_robin" in caplog.text
+    assert "routing_policy" not in registry.table().workers[0].model_dump()  # not per worker

@@ -35,6 +35,23 @@ _CONVERTED = re.compile(r"^INFO:hf-to-gguf:(\S+),\s+torch\.")
 _QUANTIZED = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
 
 
+def gguf_file_type(path: Path) -> str:
+    """The GGUF file's ``general.file_type`` as llama.cpp names it (``q4_k_m``)."""
+    try:
+        import gguf
+    except ImportError:  # the llamacpp extra brings it
+        return "unknown (needs the gguf package)"
+    reader = gguf.GGUFReader(path)
+    item = reader.get_field("general.file_type")
+    if item is None:
+        return "unknown"
+    value = int(item.parts[item.data[0]][0])
+    try:
+        return gguf.LlamaFileType(value).name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
+    except ValueError:
+        return f"type {value}"
+
+
 def _tensor_count(hf_dir: Path) -> int | None:
     from safetensors import safe_open
 

@@ -5,12 +5,39 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from pathlib import Path
 
+from fleetserve import paths
 from fleetserve.errors import ConfigError
 from workers.engines import Engine
 from workers.llamacpp import source
 from workers.llamacpp.python_server import cpu_has_amx
-from workers.modelcache import resolve_gguf
+
+
+def resolve_gguf(model: str, cache_dir: Path | None = None) -> Path:
+    """The GGUF file meant by ``model``: a path, a directory with one .gguf, or a cache name."""
+    if not model:
+        raise ConfigError(
+            "the llamacpp engines need --source: a .gguf file or a name from "
+            "`fleetserve model list`"
+        )
+    path = Path(model).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        files = sorted(path.glob("*.gguf"))
+        if len(files) == 1:
+            return files[0]
+        if (path / "config.json").is_file():
+            raise ConfigError(
+                f"{path} is a Hugging Face model; make a GGUF file of it first: "
+                f"fleetserve model convert {path} --to gguf"
+            )
+        raise ConfigError(f"{path} holds {len(files)} .gguf files; name one of them")
+    cached = (cache_dir or paths.models_dir()) / f"{model}.gguf"
+    if cached.is_file():
+        return cached
+    raise ConfigError(f"no GGUF model {model!r}: not a file, and not in `fleetserve model list`")
 
 
 class LlamaCppEngine(Engine, name="llamacpp"):
