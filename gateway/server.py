@@ -88,10 +88,13 @@ class Gateway:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 # the main thread's loop only; with --processes, uvicorn restarts workers on SIGHUP
                 asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.keys.reload)
-            yield
-            for task in tasks:
-                task.cancel()
-            self.upstreams.close()
+            try:
+                yield
+            finally:  # also when the app fails: no task may outlive the session it uses
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                self.upstreams.close()
 
     async def _watch_keys_file(self) -> None:
         while True:

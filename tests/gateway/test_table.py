@@ -1,66 +1,122 @@
-"""The gateway's routing table, built from the controller's: plain objects, no network."""
+"""Each model is routed by the policy the controller's table gives it (gateway/table.py),
+in-process: workers registered with a ``routing_policy``, the gateway watching the table, each
+policy seen in the ``x-fleetserve-worker`` header of the answers."""
 
 from __future__ import annotations
 
-from fleetserve.protocol import ModelView, RouteTable, WorkerState, WorkerView
-from gateway.routing import LeastLoadPolicy, RoundRobinPolicy, SessionPolicy
-from gateway.table import RoutingTable
+import asyncio
+import itertools
+from collections import Counter
+
+import openai
+import pytest
+from openai.types.chat import ChatCompletionMessageParam
+
+from tests.gateway.inproc import GatewayUnderTest, InProcessCluster, eventually
+
+pytestmark = pytest.mark.anyio
+
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
-def _worker(worker_id: str, *names: str, state: WorkerState = WorkerState.READY) -> WorkerView:
-    return WorkerView(
-        worker_id=worker_id,
-        model_names=list(names),
-        base_url=f"http://10.0.0.{len(worker_id)}:8{len(worker_id)}00/v1",
-        engine="fake",
-        capacity=4,
-        state=state,
-        last_heartbeat_age_s=0,
+async def _worker(
+    gateway: GatewayUnderTest,
+    model: str,
+    messages: list[ChatCompletionMessageParam] = HI,
+    max_tokens: int = 1,
+    user: str | None = None,
+    session_header: str | None = None,
+) -> str:
+    """Who answered one request."""
+    raw = await gateway.client().chat.completions.with_raw_response.create(
+        model=model,
+        messages=messages,
+        max_tokens=max_tokens,
+        user=openai.omit if user is None else user,
+        extra_headers={} if session_header is None else {"x-session-id": session_header},
     )
+    return raw.headers["x-fleetserve-worker"]
 
 
-def _table(version: int, workers: list[WorkerView], **policies: str | None) -> RouteTable:
-    models = [ModelView(name=name, routing_policy=policy) for name, policy in policies.items()]
-    return RouteTable(epoch="e", version=version, workers=workers, models=models)
+@pytest.mark.parametrize("policy", ["round_robin", "power_of_two"])
+async def test_round_robin_and_power_of_two_use_every_worker(
+    cluster: InProcessCluster, gateway: GatewayUnderTest, policy: str
+) -> None:
+    name = policy.replace("_", "-")
+    async with cluster.model(name, 2, routing_policy=policy) as workers:
+        picks = [await _worker(gateway, name) for _ in range(12)]
+    assert set(picks) == set(workers.ids)
+    if policy == "round_robin":  # strictly in turn
+        assert all(a != b for a, b in itertools.pairwise(picks))
 
 
-def test_one_entry_per_model_shared_by_its_aliases_with_parsed_targets() -> None:
-    table = RoutingTable(
-        _table(1, [_worker("a", "m", "alias"), _worker("bb", "m", "alias")], m="round_robin")
-    )
-    model, alias = table.by_name["m"], table.by_name["alias"]
-    assert model.policy is alias.policy and isinstance(model.policy, RoundRobinPolicy)
-    assert model.workers is alias.workers  # one tuple of targets, parsed once
-    assert [(t.host, t.port, t.path_prefix) for t in model.workers] == [
-        ("10.0.0.1", 8100, ""),
-        ("10.0.0.2", 8200, ""),
-    ]
+async def test_an_alias_shares_its_models_round_robin(
+    cluster: InProcessCluster, gateway: GatewayUnderTest
+) -> None:
+    """One policy per model: asking by name and by alias in turn still takes workers in turn."""
+    async with cluster.model("rr", 2, aliases=("rr-alias",), routing_policy="round_robin"):
+        picks = [await _worker(gateway, name) for name in ["rr", "rr-alias"] * 4]
+    assert all(a != b for a, b in itertools.pairwise(picks)), picks
 
 
-def test_policies_survive_new_versions_until_the_model_changes_policy() -> None:
-    workers = [_worker("a", "m")]
-    first = RoutingTable(_table(1, workers, m="round_robin"))
-    same = RoutingTable(_table(2, workers, m="round_robin"), first)
-    changed = RoutingTable(_table(3, workers, m="session"), same)
-    assert same.by_name["m"].policy is first.by_name["m"].policy  # its counter goes on
-    assert isinstance(changed.by_name["m"].policy, SessionPolicy)
-
-
-def test_unknown_policy_or_none_is_the_default_and_draining_workers_are_not_routed() -> None:
-    table = RoutingTable(
-        _table(
-            1,
-            [_worker("a", "m"), _worker("bb", "m", state=WorkerState.DRAINING), _worker("c", "d")],
-            m="no-such-policy",
-            d=None,
+async def test_least_load_avoids_the_busy_worker(
+    cluster: InProcessCluster, gateway: GatewayUnderTest
+) -> None:
+    # 10 tokens/s: a request for 8 tokens is busy 0.7 s, one for 1 token answers at once
+    async with cluster.model("ll", 2, routing_policy="least_load", tokens_per_s=10) as ll:
+        long = asyncio.create_task(_worker(gateway, "ll", max_tokens=8))
+        await eventually(
+            lambda: sum(engine.running for engine in ll.engines.values()) == 1,
+            "the long request at an engine",
         )
-    )
-    assert isinstance(table.by_name["m"].policy, LeastLoadPolicy)
-    assert isinstance(table.by_name["d"].policy, LeastLoadPolicy)
-    assert [t.worker_id for t in table.by_name["m"].workers] == ["a"]
+        (busy,) = [worker for worker, engine in ll.engines.items() if engine.running]
+        quick = {await _worker(gateway, "ll") for _ in range(6)}
+        assert await long == busy
+    assert quick == set(ll.ids) - {busy}
 
 
-def test_a_model_whose_workers_all_drain_is_known_with_no_worker() -> None:
-    table = RoutingTable(_table(1, [_worker("a", "m", state=WorkerState.DRAINING)]))
-    assert table.by_name["m"].workers == ()  # 503 "no healthy worker", not 404
-    assert RoutingTable().version is None and RoutingTable().by_name == {}
+async def test_prefix_affinity_keeps_a_prefix_home_and_spills_a_hot_one(
+    cluster: InProcessCluster, gateway: GatewayUnderTest
+) -> None:
+    async with cluster.model(
+        "cached", 3, routing_policy="prefix_affinity", tokens_per_s=50
+    ) as cached:
+
+        def conversation(system: str, question: str) -> list[ChatCompletionMessageParam]:
+            return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+
+        prompts = [f"You are assistant {i}, an expert in topic {i}. " * 10 for i in range(12)]
+        homes = {}
+        for system in prompts:
+            seen = {
+                await _worker(gateway, "cached", conversation(system, f"q{q}")) for q in range(3)
+            }
+            assert len(seen) == 1, "one prefix, one worker while the cluster is quiet"
+            homes[system] = seen.pop()
+        assert set(homes.values()) == set(cached.ids)  # 12 prefixes use all 3 workers
+
+        # One hot prefix, 12 at once (more than a worker's share): it spills to other workers.
+        hot = conversation(prompts[0], "go")
+        answered = await asyncio.gather(
+            *(_worker(gateway, "cached", hot, max_tokens=16) for _ in range(12))
+        )
+    by_worker = Counter(answered)
+    assert len(by_worker) > 1, by_worker
+    assert by_worker[homes[prompts[0]]] == max(by_worker.values()) < 12  # home first, not all
+
+
+async def test_a_session_sticks_to_one_worker(
+    cluster: InProcessCluster, gateway: GatewayUnderTest
+) -> None:
+    """The x-session-id header or the request's `user` field: the same session, the same worker."""
+    async with cluster.model("sticky", 2, routing_policy="session") as sticky:
+        homes: dict[str, set[str]] = {}
+        for i in range(32):
+            session = f"session-{i % 8}"
+            if i % 2:
+                worker = await _worker(gateway, "sticky", user=session)
+            else:
+                worker = await _worker(gateway, "sticky", session_header=session)
+            homes.setdefault(session, set()).add(worker)
+    assert all(len(workers) == 1 for workers in homes.values()), homes
+    assert set().union(*homes.values()) == set(sticky.ids)  # 8 sessions spread over both
