@@ -20,6 +20,9 @@ WATCH_TIMEOUT_S = 30.0
 # ...but while a gateway routes nothing yet (just started), it polls this often: the poll
 # returns on a change anyway, and a cold cluster must never wait out a whole long-poll.
 WATCH_EMPTY_TIMEOUT_S = 2.0
+# A poll unanswered this long past WATCH_TIMEOUT_S means the controller is down (or the
+# network): its answer can be late by a busy controller's event-loop stall, never by more.
+WATCH_DEADLINE_MARGIN_S = 10.0
 # After losing the controller, a gateway retries this often (serving its last table).
 WATCH_RETRY_S = 0.5
 

@@ -107,10 +107,17 @@ def _policy(model: str, name: str | None, previous: RoutingPolicy | None) -> Rou
 
 
 class RouteTableWatcher:
-    def __init__(self, controller_url: str, session: aiohttp.ClientSession | None) -> None:
+    def __init__(
+        self,
+        controller_url: str,
+        session: aiohttp.ClientSession | None,
+        deadline_s: float = constants.WATCH_TIMEOUT_S + constants.WATCH_DEADLINE_MARGIN_S,
+    ) -> None:
+        """``deadline_s``: how long one long poll may take before the controller counts as down."""
         self._url = controller_url.rstrip("/") + "/routes"
         #: Set before run() (the gateway's lifespan opens it).
         self.session = session
+        self.deadline_s = deadline_s
         self.routes = RoutingTable()
 
     def apply(self, table: RouteTable) -> None:
@@ -127,7 +134,6 @@ class RouteTableWatcher:
         """Watch the controller forever."""
         assert self.session is not None, "the watcher needs an HTTP session"
         controller_down_since: float | None = None
-        timeout = aiohttp.ClientTimeout(total=constants.WATCH_TIMEOUT_S + 10)
         while True:
             routes = self.routes
             routing = routes.workers > 0
@@ -139,7 +145,14 @@ class RouteTableWatcher:
                 ),
             }
             try:
-                async with self.session.get(self._url, params=params, timeout=timeout) as response:
+                # asyncio's timeout, not aiohttp's: aiohttp 3.14 enters its total timeout twice
+                # per request and uncancels the task twice when it fires, so a cancellation that
+                # arrives with it (a lifespan closing after the loop was paused past the deadline)
+                # became a TimeoutError and the watcher polled on, forever.
+                async with (
+                    asyncio.timeout(self.deadline_s),
+                    self.session.get(self._url, params=params) as response,
+                ):
                     response.raise_for_status()
                     if response.status == 200:
                         self.apply(RouteTable.model_validate_json(await response.read()))

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import Counter
 
+import aiohttp
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.gateway.inproc import GatewayUnderTest, InProcessCluster, eventually
+from gateway.table import RouteTableWatcher
+from tests.gateway.inproc import WAIT_S, GatewayUnderTest, InProcessCluster, eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -120,3 +123,31 @@ async def test_a_session_sticks_to_one_worker(
             homes.setdefault(session, set()).add(worker)
     assert all(len(workers) == 1 for workers in homes.values()), homes
     assert set().union(*homes.values()) == set(sticky.ids)  # 8 sessions spread over both
+
+
+async def test_the_watcher_stops_when_cancelled_as_its_overdue_deadline_fires() -> None:
+    """A gateway closing after its event loop was paused past a long poll's deadline (a busy
+    machine; between the in-process tests, the loop does not run) stops its watcher.
+
+    On resume the overdue deadline fires first and the lifespan's cancellation comes next,
+    before the watcher runs again. aiohttp 3.14's own total timeout turned that cancellation
+    into a TimeoutError, and the watcher polled on: pytest hung in the session's teardown.
+    """
+    opened = asyncio.Event()
+
+    async def never_answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        opened.set()
+        await asyncio.sleep(3600)
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    async with server, aiohttp.ClientSession() as session:
+        watcher = RouteTableWatcher(f"http://127.0.0.1:{port}", session, deadline_s=0.2)
+        task = asyncio.create_task(watcher.run())
+        await asyncio.wait_for(opened.wait(), WAIT_S)
+        time.sleep(0.5)  # the loop paused past the deadline
+        # the deadline's callback is due now and runs first; the cancellation right after it
+        loop.call_soon(lambda: loop.call_soon(task.cancel))
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, WAIT_S)
