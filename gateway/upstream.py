@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 # Stop reading from an engine while this much of its answer waits for a slow client.
 _HIGH_WATER_BYTES = 1 << 20
+#: The header lines of a JSON request (what the proxied OpenAI routes send).
+JSON_HEADERS = b"Content-Type: application/json\r\n"
 
 
 class UpstreamError(ConnectionError):
@@ -225,13 +227,26 @@ class UpstreamPool:
             raise UpstreamError(f"cannot connect to {key[0]}:{key[1]}: {exc}") from None
         return connection
 
-    async def post(self, host: str, port: int, path: str, body: bytes) -> UpstreamResponse:
-        """Send a JSON POST; returns once the answer's status line and headers arrived."""
+    async def post(
+        self,
+        host: str,
+        port: int,
+        path: str,
+        body: bytes,
+        *,
+        method: str = "POST",
+        headers: bytes = JSON_HEADERS,
+    ) -> UpstreamResponse:
+        """Send a request; returns once the answer's status line and headers arrived.
+
+        ``headers``: header lines, each ending in CRLF, encoded once by the caller (the
+        content type of ``body`` among them); Host and Content-Length are added here.
+        """
         key = (host, port)
         head = (
-            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {len(body)}\r\n"
         ).encode("latin-1")
+        head += headers + b"\r\n"
         idle = self._idle[key]
         while idle:
             connection = idle.pop()
