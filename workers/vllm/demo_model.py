@@ -9,6 +9,7 @@ gibberish; what matters is that it is deterministic.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import shutil
@@ -52,7 +53,10 @@ def _training_text() -> list[str]:
     texts = []
     for module in (argparse, asyncio, json, logging_module, pathlib, subprocess, os, shutil):
         for name in sorted(dir(module)):
-            doc = getattr(getattr(module, name), "__doc__", None)
+            value = getattr(module, name)
+            # Submodules are attributes only once something imported them (logging.handlers,
+            # asyncio's own): their text would make the model depend on the process's imports.
+            doc = None if inspect.ismodule(value) else getattr(value, "__doc__", None)
             if isinstance(doc, str):
                 texts.append(doc)
     return texts

@@ -64,7 +64,8 @@ def test_greedy_answers_are_the_hf_models_streaming_and_not(
     assert expected.strip()
     # (where the random model's byte tokens cut a UTF-8 character, transformers shows U+FFFD)
     assert text.replace("\ufffd", "") == expected.replace("\ufffd", "")
-    assert streamed == text
+    # A character cut by the answer's end: llama-server's stream holds its bytes back for good.
+    assert streamed in (text, text.rstrip("\ufffd"))
     chat = client.chat.completions.create(
         model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=4
     )

@@ -114,7 +114,8 @@ def test_gguf_f32_answers_like_the_hf_model(cluster: LocalCluster, tiny_model: P
             f"transformers: {expected!r}\nllama.cpp:    {gguf_text!r}\nvLLM:         {vllm_text!r}"
         )
         assert expected.strip()
-        assert vllm_text == expected
+        # A character cut by the answer's end: vLLM holds back its bytes, as a stream must.
+        assert vllm_text in (expected, expected.rstrip("\ufffd"))
         # The byte-level tokens of a random model often cut a UTF-8 character; transformers
         # and vLLM render the cut bytes as U+FFFD, llama-cpp-python drops them.
         assert gguf_text == expected.replace("\ufffd", "")
