@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
 import random
 import signal
 import socket
@@ -119,10 +120,20 @@ class LocalCluster(Cluster):
         finally:
             gateway.stop()
 
+    def engine(self, worker_id: str) -> httpx.Client:
+        """A client of a worker's engine, with the engine's secret: as a gateway reaches it."""
+        (view,) = [w for w in self.routes().workers if w.worker_id == worker_id]
+        return httpx.Client(
+            base_url=view.base_url.removesuffix("/v1"),
+            headers={"Authorization": f"Bearer {view.engine_secret}"},
+            timeout=5,
+        )
+
     def engine_metric(self, model: str, name: str) -> float:
         """A sample of the engine of ``model``'s only worker, read from its own /metrics."""
         (worker,) = [w for w in self.table().workers if model in w.model_names]
-        metrics = httpx.get(worker.base_url.removesuffix("/v1") + "/metrics", timeout=5).text
+        with self.engine(worker.worker_id) as engine:
+            metrics = engine.get("/metrics").text
         return float(next(x for x in metrics.splitlines() if x.startswith(name)).split()[-1])
 
     def controller_metric(self, sample: str) -> float:
@@ -329,9 +340,27 @@ def drain_under_load(
     return load.result
 
 
-def engine_pid(worker: Component) -> int | None:
-    """The engine a worker's agent runs under ``fleetserve.reaper`` (agent -> reaper -> engine)."""
-    for pid in descendants(worker.pid):
+def listener_pid(port: int) -> int:
+    """The process listening on TCP ``port`` on this machine (read from /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                        return int(pid)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def engine_pid(worker: Component | int) -> int | None:
+    """The engine a worker's agent (its Component, or its pid) runs under ``fleetserve.reaper``
+    (agent -> reaper -> engine)."""
+    for pid in descendants(worker if isinstance(worker, int) else worker.pid):
         with contextlib.suppress(FileNotFoundError):
             if b"fleetserve.reaper" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return next(iter(descendants(pid)), None)  # the reaper's one child comes first

@@ -22,7 +22,9 @@ from typing import Any, Self
 import httpx
 
 from fleetserve import constants, procs
+from fleetserve.auth import client_token
 from fleetserve.cli.args import settings_argv
+from fleetserve.cli.status import fetch_table
 from fleetserve.config import ControllerSettings, GatewaySettings, WorkerSettings
 from fleetserve.env import CPU_THREADS_BIND
 from fleetserve.errors import FleetserveError
@@ -152,7 +154,9 @@ class Cluster:
     """A controller and a gateway from their settings, and workers added one at a time.
 
     ``env`` is added to every component's environment; ``log_level`` is each one's
-    `fleetserve --log-level`.
+    `fleetserve --log-level`. ``cluster_token_file``: every component is given it (its
+    path, never the token, on their command lines); without it they find the token
+    where fleetserve/auth.py says, or run without one.
     """
 
     def __init__(
@@ -162,8 +166,15 @@ class Cluster:
         gateway: GatewaySettings,
         env: Mapping[str, str] | None = None,
         log_level: str | None = None,
+        cluster_token_file: Path | None = None,
     ) -> None:
         self.log_dir = log_dir
+        token_file = str(cluster_token_file) if cluster_token_file else None
+        self.cluster_token_file = token_file
+        if token_file:
+            controller = controller.model_copy(update={"cluster_token_file": token_file})
+            gateway = gateway.model_copy(update={"cluster_token_file": token_file})
+        self.token = client_token(token_file)
         self.controller_settings = controller
         self.gateway_settings = gateway
         self.env = dict(env or {})
@@ -252,14 +263,26 @@ class Cluster:
         self, name: str, args: list[str], env: Mapping[str, str] | None = None
     ) -> Component:
         """`fleetserve worker ARGS`, drained with the cluster's other workers."""
+        if self.cluster_token_file and "--cluster-token-file" not in args:
+            args = ["--cluster-token-file", self.cluster_token_file, *args]
         worker = self.start(name, ["worker", *args], env)
         self.workers.append(worker)
         return worker
 
     def table(self) -> RouteTable:
-        return RouteTable.model_validate_json(
-            httpx.get(f"{self.controller_url}/workers", timeout=5.0).content
+        return fetch_table(self.controller_url, self.token)
+
+    def routes(self) -> RouteTable:
+        """The table as gateways get it (the engines' secrets in it), for benchmarks and tests
+        that reach engines the way a gateway does."""
+        response = httpx.get(
+            f"{self.controller_url}/routes",
+            params={"timeout_s": 0},
+            headers=self.token.header() if self.token else None,
+            timeout=5.0,
         )
+        response.raise_for_status()
+        return RouteTable.model_validate_json(response.content)
 
     def gateway_health(self, url: str | None = None) -> dict[str, Any]:
         """A gateway's /health (no API key needed there): its table version and models."""
