@@ -16,7 +16,14 @@ import openai
 import pytest
 
 from tests.conftest import module_log_dir
-from tests.helpers import Load, LocalCluster, alive, drain_under_load, wait_until
+from tests.helpers import (
+    Load,
+    LocalCluster,
+    alive,
+    assert_engine_refuses_everyone_but_gateways,
+    drain_under_load,
+    wait_until,
+)
 
 pytestmark = pytest.mark.vllm
 
@@ -80,6 +87,13 @@ def test_greedy_answer_is_the_engines_own(cluster: LocalCluster) -> None:
     expected = direct.chat.completions.create(model=MODEL, **body).choices[0].message.content  # type: ignore[call-overload]
     got = cluster.client().chat.completions.create(model="tiny", **body).choices[0].message.content  # type: ignore[call-overload]
     assert got == expected and got
+
+
+def test_the_engine_refuses_every_route_around_the_gateway(cluster: LocalCluster) -> None:
+    """The red team's check (tests/test_security.py) on a vLLM engine: its --api-key alone
+    leaves /invocations, /tokenize, /pooling, /metrics... open; behind the relay nothing is."""
+    for worker_id in cluster.worker_ids(MODEL):
+        assert_engine_refuses_everyone_but_gateways(cluster, worker_id)
 
 
 def test_requests_for_each_name_reach_only_that_models_workers(cluster: LocalCluster) -> None:

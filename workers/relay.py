@@ -129,7 +129,7 @@ class _Inbound(asyncio.Protocol):
     # -- the client's side ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's: not a subclass
         self.relay.connections.add(self)
         self._set_timer(self.relay.limits.header_timeout_s, self._head_too_slow, head=True)
         self.relay.slots.opened(self)
