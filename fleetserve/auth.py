@@ -16,8 +16,9 @@ Where a process finds the token (first match wins):
   `fleetserve up` writes (0600), so commands on an `up` machine need no flag.
 
 Never on a command line, where `ps` shows it. The first token is the one sent, every one is
-accepted: to rotate, give the controller ``NEW OLD``, move the clients to ``NEW``, then drop
-``OLD``. Compared in constant time, never logged (its repr says how many, not what).
+accepted, so a token rotates without downtime in three steps, each reaching every process
+before the next: ``OLD NEW`` (both accepted, the old sent), ``NEW OLD`` (the new sent),
+``NEW``. Compared in constant time, never logged (its repr says how many, not what).
 """
 
 from __future__ import annotations
