@@ -33,7 +33,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -142,6 +142,37 @@ def refusal(status: int, message: str, code: str | None = None) -> bytes:
     return head + body
 
 
+def head_timeout(limits: HttpLimits) -> bytes:
+    """The 408 for a request whose line and headers did not arrive in time."""
+    timeout_s = limits.header_timeout_s
+    message = f"the request's line and headers did not arrive within {timeout_s:g}s"
+    return refusal(408, message, "header_timeout")
+
+
+class Deadline:
+    """A connection's one pending deadline (its head's, its body's, keep-alive), replaced or
+    cancelled as the connection moves on; ``what`` names the pending one (None: none)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._handle: asyncio.TimerHandle | None = None
+        self.what: str | None = None
+
+    def set(self, delay_s: float, callback: Callable[[], None], what: str) -> None:
+        self.cancel()
+        self._handle = self._loop.call_later(delay_s, self._fire, callback)
+        self.what = what
+
+    def _fire(self, callback: Callable[[], None]) -> None:
+        self._handle = self.what = None
+        callback()
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = self.what = None
+
+
 def close(transport: asyncio.Transport, last: bytes, linger: bool) -> None:
     """Send ``last`` and close; with ``linger``, read and drop what the client still sends for
     LINGER_S first (see constants.LINGER_S)."""
@@ -171,7 +202,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(config, *args, **kwargs)
         self.limits = config.limits
         self.slots = config.slots
-        self._timer: asyncio.TimerHandle | None = None
+        self.deadline = Deadline(self.loop)
         self._stall: asyncio.TimerHandle | None = None
         self._in_head = True  # reading a request's line and headers (or waiting for one)
         self._head_bytes = 0
@@ -181,23 +212,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     # -- timers ----------------------------------------------------------------------
 
-    def _set_timer(self, delay_s: float, callback: Any) -> None:
-        self._cancel_timer()
-        self._timer = self.loop.call_later(delay_s, callback)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
     def _head_too_slow(self) -> None:
-        self._timer = None
-        timeout_s = self.limits.header_timeout_s
-        message = f"the request's line and headers did not arrive within {timeout_s:g}s"
-        self._refuse(408, message, "header_timeout", linger=False)
+        self._refused = True
+        close(self.transport, head_timeout(self.limits), linger=False)
 
     def _body_check(self) -> None:
-        self._timer = None
         limits = self.limits
         allowed = (
             self._body_since
@@ -205,7 +224,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             + self._body_bytes / limits.body_min_bytes_per_s
         )
         if self.flow.read_paused or self.loop.time() < allowed:  # paused: the app's doing
-            self._set_timer(max(allowed - self.loop.time(), 1.0), self._body_check)
+            self.deadline.set(max(allowed - self.loop.time(), 1.0), self._body_check, "body")
         else:
             logger.info("cut a client sending its body too slowly (%d bytes)", self._body_bytes)
             self.transport.close()
@@ -214,11 +233,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         logger.info("cut a client that read nothing for %.0fs", self.limits.write_stall_timeout_s)
         self.transport.abort()
 
-    def _refuse(self, status: int, message: str, code: str, linger: bool = True) -> None:
-        """Answer ``status`` and close; with ``linger``, drop what still arrives for a moment."""
+    def _refuse(self, status: int, message: str, code: str) -> None:
+        """Answer ``status`` and close, dropping what still arrives for a moment."""
         self._refused = True
-        self._cancel_timer()
-        close(self.transport, refusal(status, message, code), linger)
+        self.deadline.cancel()
+        close(self.transport, refusal(status, message, code), linger=True)
 
     def evict(self) -> None:
         if not self.transport.is_closing():
@@ -228,11 +247,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._set_timer(self.limits.header_timeout_s, self._head_too_slow)
+        self.deadline.set(self.limits.header_timeout_s, self._head_too_slow, "head")
         self.slots.opened(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_timer()
+        self.deadline.cancel()
         if self._stall is not None:
             self._stall.cancel()
         self.slots.closed(self)
@@ -264,8 +283,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self._timer is None:  # a kept-alive connection's next request
-            self._set_timer(self.limits.header_timeout_s, self._head_too_slow)
+        if self.deadline.what is None:  # a kept-alive connection's next request
+            self.deadline.set(self.limits.header_timeout_s, self._head_too_slow, "head")
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -273,7 +292,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.slots.busy(self)
         self._body_since = self.loop.time()
         self._body_bytes = 0
-        self._set_timer(self.limits.body_timeout_s, self._body_check)
+        self.deadline.set(self.limits.body_timeout_s, self._body_check, "body")
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
@@ -281,7 +300,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_body(body)
 
     def on_message_complete(self) -> None:
-        self._cancel_timer()
+        self.deadline.cancel()
         self._in_head = True
         super().on_message_complete()
 

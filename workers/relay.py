@@ -28,13 +28,20 @@ import asyncio
 import hmac
 import logging
 import typing
-from collections.abc import Callable
 
 import httptools
 
 from fleetserve import constants
 from fleetserve.auth import bearer_value
-from fleetserve.http import ConnectionSlots, HttpLimits, close, connection_cap, refusal
+from fleetserve.http import (
+    ConnectionSlots,
+    Deadline,
+    HttpLimits,
+    close,
+    connection_cap,
+    head_timeout,
+    refusal,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +91,7 @@ class _Inbound(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.engine: _Outbound | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.head_deadline = False  # the timer is the head's deadline (else: keep-alive)
+        self.deadline = Deadline(self.loop)
         self.in_head = True
         self.head_bytes = 0
         self.url = b""
@@ -98,31 +104,22 @@ class _Inbound(asyncio.Protocol):
 
     # -- timers and endings --------------------------------------------------------
 
-    def _set_timer(self, delay_s: float, callback: Callable[[], None], head: bool) -> None:
-        self._cancel_timer()
-        self.timer = self.loop.call_later(delay_s, callback)
-        self.head_deadline = head
-
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
     def _head_too_slow(self) -> None:
-        self.timer = None
-        timeout_s = self.relay.limits.header_timeout_s
-        message = f"the request's line and headers did not arrive within {timeout_s:g}s"
-        self.refuse(408, message, "header_timeout", linger=False)
+        self.end(head_timeout(self.relay.limits), linger=False)
 
     def evict(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
-    def refuse(self, status: int, message: str, code: str, linger: bool = True) -> None:
+    def refuse(self, status: int, message: str, code: str) -> None:
+        """Answer ``status`` and close, dropping what still arrives for a moment."""
+        self.end(refusal(status, message, code), linger=True)
+
+    def end(self, last: bytes, linger: bool) -> None:
         self.refused = True
-        self._cancel_timer()
+        self.deadline.cancel()
         assert self.transport is not None
-        close(self.transport, refusal(status, message, code), linger)
+        close(self.transport, last, linger)
         if self.engine is not None and self.engine.transport is not None:
             self.engine.transport.close()
 
@@ -131,11 +128,11 @@ class _Inbound(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's: not a subclass
         self.relay.connections.add(self)
-        self._set_timer(self.relay.limits.header_timeout_s, self._head_too_slow, head=True)
+        self.deadline.set(self.relay.limits.header_timeout_s, self._head_too_slow, "head")
         self.relay.slots.opened(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_timer()
+        self.deadline.cancel()
         self.relay.connections.discard(self)
         self.relay.slots.closed(self)
         if self.engine is not None and self.engine.transport is not None:
@@ -177,8 +174,8 @@ class _Inbound(asyncio.Protocol):
         self.url = b""
         self.lines = []
         self.authorized = self.chunked = False
-        if not self.head_deadline:  # a kept-alive connection's next request
-            self._set_timer(self.relay.limits.header_timeout_s, self._head_too_slow, head=True)
+        if self.deadline.what != "head":  # a kept-alive connection's next request
+            self.deadline.set(self.relay.limits.header_timeout_s, self._head_too_slow, "head")
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -192,8 +189,7 @@ class _Inbound(asyncio.Protocol):
             self.chunked = True
 
     def on_headers_complete(self) -> None:
-        self._cancel_timer()
-        self.head_deadline = False
+        self.deadline.cancel()
         self.in_head = False
         self.head_bytes = 0
         method = self.parser.get_method()
@@ -234,8 +230,8 @@ class _Inbound(asyncio.Protocol):
         self.outstanding -= 1
         if self.outstanding == 0 and self.in_head:
             self.relay.slots.rest(self)
-            if self.timer is None:
-                self._set_timer(constants.RELAY_KEEP_ALIVE_S, self.evict, head=False)
+            if self.deadline.what is None:
+                self.deadline.set(constants.RELAY_KEEP_ALIVE_S, self.evict, "keep-alive")
 
 
 class _Outbound(asyncio.Protocol):

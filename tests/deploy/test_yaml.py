@@ -168,6 +168,7 @@ def _calls(
     overrides = {k: str(v) for k, v in node.pop("env", {}).items()}
     env = skypilot_env(task, dict(os.environ), **node, **overrides)
     env["FLEETSERVE_CALLS"] = str(calls)
+    env["FLEETSERVE_HOME"] = str(workdir / "fleetserve-home")  # the keys file goes there
     done = subprocess.run(
         ["bash", "-c", task["run"]], cwd=workdir, env=env, capture_output=True, text=True
     )
