@@ -109,35 +109,43 @@ class Agent:
             try:
                 if self.settings.node_rank > 0:
                     await self._follow()
-                elif len(self.settings.nodes) <= 1 or await self._start_ray_head():
-                    await self._open_engine_path()
+                elif (
+                    len(self.settings.nodes) <= 1 or await self._start_ray_head()
+                ) and await self._open_engine_path():
                     await self._serve_engine()
             finally:
                 await self._shutdown()
         await status.stop()
         return self.exit_code
 
-    async def _open_engine_path(self) -> None:
+    async def _open_engine_path(self) -> bool:
         """The relay on the worker's address and the engine's socket behind it (or, for an
-        engine without Unix sockets, its port on the worker's address)."""
+        engine without Unix sockets, its port on the worker's address); False if the address
+        cannot be listened on."""
         s = self.settings
         secret = {"Authorization": f"Bearer {self.engine_secret}"}
         if not self.engine.unix_socket:
             self._port = s.port or free_port(s.host)
             url = f"http://{s.host if s.host != '0.0.0.0' else '127.0.0.1'}:{self._port}"
             self._engine_http = httpx.AsyncClient(base_url=url, headers=secret, timeout=5.0)
-            return
+            return True
         # mkdtemp: a directory only this user may enter (0700), whatever the socket's own mode
         self._socket_dir = Path(tempfile.mkdtemp(prefix="fleetserve-engine-"))
         self.engine.socket = str(self._socket_dir / "engine.sock")
         self._relay = EngineRelay(self.engine_secret, self.engine.socket, self.limits)
-        self._port = await self._relay.start(s.host, s.port)
+        try:
+            self._port = await self._relay.start(s.host, s.port)
+        except OSError as exc:
+            logger.error("cannot listen on %s:%d: %s", s.host, s.port, exc)
+            self.exit_code = 2
+            return False
         self._engine_http = httpx.AsyncClient(
             transport=httpx.AsyncHTTPTransport(uds=self.engine.socket),
             base_url="http://engine",
             headers=secret,
             timeout=5.0,
         )
+        return True
 
     async def _serve_engine(self) -> None:
         """Start, register and supervise the engine, restarting it with backoff, until stopped."""
@@ -363,7 +371,17 @@ class Agent:
             )
             response.raise_for_status()
         except httpx.HTTPError as exc:
-            logger.warning("cannot register with the controller at %s: %s", self._controller, exc)
+            if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 401:
+                logger.error(
+                    "the controller at %s refuses this worker's cluster token (or its lack of "
+                    "one): give it the cluster's (--cluster-token-file, $%s)",
+                    self._controller,
+                    env.CLUSTER_TOKEN,
+                )
+            else:
+                logger.warning(
+                    "cannot register with the controller at %s: %s", self._controller, exc
+                )
             return False
         reply = RegistrationReply.model_validate(response.json())
         self.heartbeat_interval_s = reply.heartbeat_interval_s
