@@ -1,10 +1,12 @@
 """How much the gateway costs: the same closed-loop load sent straight to a worker's
-engine and through controller + gateway, in one run, alternating.
+engine, to the worker's relay (the engine's secret checked, workers/relay.py), and through
+controller + gateway (which goes through the relay too), in one run, alternating.
 
     .venv/bin/python bench/gateway_overhead.py                       # fake engine, c=1,32,256
     .venv/bin/python bench/gateway_overhead.py --concurrency 32 --duration 5
     .venv/bin/python bench/gateway_overhead.py --soak 1000           # 1000 streams held 30 s
     .venv/bin/python bench/gateway_overhead.py --engine vllm --concurrency 32 --modes stream
+    .venv/bin/python bench/gateway_overhead.py --paths engine relay   # the relay's hop alone
 
 Everything runs on loopback on this machine. The load generator is one asyncio
 loop with one pooled aiohttp session; it shares the cores with the servers, so
@@ -20,6 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -35,10 +38,10 @@ MODEL = "bench-model"
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of ``pid`` and its descendants (gateway --processes N)."""
+def cpu_seconds(pid: int, tree: bool = True) -> float:
+    """User + system CPU of ``pid`` and (``tree``) its descendants (gateway --processes N)."""
     total = 0
-    for p in [pid, *descendants(pid)]:
+    for p in [pid, *(descendants(pid) if tree else [])]:
         fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         total += int(fields[11]) + int(fields[12])
     return total / _CLOCK_TICKS
@@ -67,9 +70,35 @@ def start_stack(
     return Cluster.one_model(log_dir, settings, workers, gateway, log_level="WARNING")
 
 
-def engine_urls(cluster: Cluster) -> list[str]:
-    """The workers' own OpenAI base URLs (the direct path)."""
-    return sorted(w.base_url for w in cluster.table().workers)
+@dataclass(frozen=True)
+class Route:
+    """One way to the model: an OpenAI base URL, the headers it needs, and the Unix socket to
+    connect through (the engine's own), if any; ``proxy``: the process whose CPU it costs."""
+
+    url: str
+    headers: dict[str, str]
+    socket: str | None = None
+    proxy: int | None = None
+    tree: bool = True  # the proxy's CPU counts its descendants (not a worker's: its engine)
+
+
+def routes(cluster: Cluster) -> dict[str, Route]:
+    """engine: straight to its Unix socket; relay: the worker's address (with the engine's
+    secret, as gateways send it); gateway: the endpoint clients use."""
+    worker = cluster.routes().workers[0]
+    secret = {"Authorization": f"Bearer {worker.engine_secret}"}
+    agent = cluster.workers[0].pid
+    socket = next(
+        argv[argv.index("--uds") + 1]
+        for pid in descendants(agent)
+        if "--uds" in (argv := Path(f"/proc/{pid}/cmdline").read_text().split("\0"))
+    )
+    assert cluster.gateway is not None
+    return {
+        "engine": Route("http://engine/v1", secret, socket),
+        "relay": Route(worker.base_url, secret, proxy=agent, tree=False),
+        "gateway": Route(f"{cluster.gateway_url}/v1", {}, proxy=cluster.gateway.pid),
+    }
 
 
 @dataclass
@@ -78,14 +107,14 @@ class Result:
     ttfb_s: list[float] = field(default_factory=list)
     errors: int = 0
     elapsed_s: float = 0.0
-    gateway_cpu_s: float = 0.0
+    proxy_cpu_s: float = 0.0
 
-    def merge(self, other: Result, gateway_cpu_s: float) -> None:
+    def merge(self, other: Result, proxy_cpu_s: float) -> None:
         self.latencies_s += other.latencies_s
         self.ttfb_s += other.ttfb_s
         self.errors += other.errors
         self.elapsed_s += other.elapsed_s
-        self.gateway_cpu_s += gateway_cpu_s
+        self.proxy_cpu_s += proxy_cpu_s
 
     @property
     def requests_per_s(self) -> float:
@@ -99,7 +128,7 @@ class Result:
 
 
 async def measure(
-    url: str,
+    route: Route,
     concurrency: int,
     duration_s: float,
     stream: bool,
@@ -116,12 +145,18 @@ async def measure(
             "temperature": 0,
         }
     )
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    connector: Any = (
+        aiohttp.UnixConnector(path=route.socket, limit=0)
+        if route.socket
+        else aiohttp.TCPConnector(limit=0, force_close=False)
+    )
     timeout = aiohttp.ClientTimeout(total=300)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, headers=route.headers
+    ) as session:
         measure_from = time.perf_counter() + warmup_s
         stop_at = measure_from + duration_s
-        send = post_sender(session, url + "/chat/completions", body, stream)
+        send = post_sender(session, route.url + "/chat/completions", body, stream)
         outcomes = await closed_loop(send, concurrency, for_duration(warmup_s + duration_s))
     result = Result(elapsed_s=duration_s)
     for outcome in outcomes:
@@ -136,10 +171,10 @@ async def measure(
 
 
 def _row(mode: str, concurrency: int, path: str, r: Result, direct: Result | None) -> list[str]:
-    """One table row; ``direct`` is given for the gateway row, to compare with."""
+    """One table row; ``direct`` is given for the proxied rows, to compare with."""
     cpu = ratio = added = ""
     if direct is not None:
-        cpu = f"{1000 * r.gateway_cpu_s / max(len(r.latencies_s), 1):.2f}"
+        cpu = f"{1000 * r.proxy_cpu_s / max(len(r.latencies_s), 1):.2f}"
         ratio = f"{r.requests_per_s / direct.requests_per_s:.0%}" if direct.requests_per_s else "-"
         added = f"{r.pct(r.latencies_s, 0.5) - direct.pct(direct.latencies_s, 0.5):.2f}"
     return [
@@ -158,35 +193,38 @@ def _row(mode: str, concurrency: int, path: str, r: Result, direct: Result | Non
 
 
 def run_overhead(args: argparse.Namespace, stack: Cluster, console: Console) -> None:
-    gateway_url, direct_url = f"{stack.gateway_url}/v1", engine_urls(stack)[0]
+    every = routes(stack)
+    chosen = {path: every[path] for path in args.paths}
     assert stack.gateway is not None
     gateway_pid = stack.gateway.pid
     # Engines compile and cache on their first requests: keep that out of the figures.
-    asyncio.run(measure(gateway_url, 8, args.warmup, True, args.max_tokens, warmup_s=0))
+    asyncio.run(measure(every["gateway"], 8, args.warmup, True, args.max_tokens, warmup_s=0))
     title = (
         f"gateway vs direct: {args.engine} engine, {args.max_tokens} tokens, {args.duration:.0f}s"
     )
     table = Table(title=title)
     columns = ("mode", "conc", "path", "req/s", "p50 ms", "p99 ms", "TTFB p50 ms", "errors")
-    for column in (*columns, "gw CPU s/1k req", "gw/direct req/s", "p50 added ms"):
+    for column in (*columns, "its CPU s/1k req", f"/{args.paths[0]} req/s", "p50 added ms"):
         table.add_column(column, justify="right")
     for concurrency in args.concurrency:
         for mode in args.modes:
             stream = mode == "stream"
-            results = {"direct": Result(), "gateway": Result()}
-            for _ in range(args.rounds):  # alternate, so drift hits both paths alike
-                for path, url in (("direct", direct_url), ("gateway", gateway_url)):
-                    cpu_before = cpu_seconds(gateway_pid)
+            results = {path: Result() for path in chosen}
+            for _ in range(args.rounds):  # alternate, so drift hits every path alike
+                for path, route in chosen.items():
+                    proxy = route.proxy
+                    cpu_before = cpu_seconds(proxy, route.tree) if proxy else 0.0
                     run = asyncio.run(
                         measure(
-                            url, concurrency, args.duration / args.rounds, stream, args.max_tokens
+                            route, concurrency, args.duration / args.rounds, stream, args.max_tokens
                         )
                     )
-                    results[path].merge(run, cpu_seconds(gateway_pid) - cpu_before)
-            table.add_row(*_row(mode, concurrency, "direct", results["direct"], None))
-            table.add_row(
-                *_row(mode, concurrency, "gateway", results["gateway"], results["direct"])
-            )
+                    cpu = cpu_seconds(proxy, route.tree) - cpu_before if proxy else 0.0
+                    results[path].merge(run, cpu)
+            first = results[args.paths[0]]
+            for path, result in results.items():
+                direct = None if result is first else first
+                table.add_row(*_row(mode, concurrency, path, result, direct))
             console.print(f"done: {mode} c={concurrency}", style="dim")
     console.print(table)
     console.print(f"gateway peak RSS: {rss_mb(gateway_pid, 'VmHWM'):.0f} MB")
@@ -200,9 +238,9 @@ def run_soak(args: argparse.Namespace, stack: Cluster, console: Console) -> None
 
     async def main() -> Result:
         nonlocal peak
-        load = asyncio.create_task(
-            measure(f"{stack.gateway_url}/v1", args.soak, args.duration, True, args.max_tokens, 3)
-        )
+        gateway = Route(f"{stack.gateway_url}/v1", {})
+        soak = measure(gateway, args.soak, args.duration, True, args.max_tokens, 3)
+        load = asyncio.create_task(soak)
         while not load.done():
             peak = max(peak, rss_mb(gateway_pid))
             await asyncio.sleep(1)
@@ -238,6 +276,13 @@ def main() -> None:
         "--tokens-per-s", type=float, default=0.0, help="Fake engine speed; 0: unlimited."
     )
     parser.add_argument("--processes", type=int, default=1, help="Gateway processes.")
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        choices=["engine", "relay", "gateway"],
+        default=["engine", "relay", "gateway"],
+        help="Ways to the model to compare; the first is the baseline of the ratios.",
+    )
     parser.add_argument(
         "--soak", type=int, metavar="CLIENTS", help="Hold this many streams instead."
     )

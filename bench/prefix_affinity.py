@@ -28,22 +28,26 @@ from rich.table import Table
 from fleetserve.cli.harness import Cluster
 from fleetserve.cli.loadgen import closed_loop, for_duration, post_sender
 from fleetserve.config import WorkerSettings
+from fleetserve.protocol import WorkerView
 from workers.vllm.demo_model import ensure_demo_model
 
 MODEL = "bench-model"
 
 
-def _metric(base_url: str, name: str) -> float:
-    text = httpx.get(base_url.removesuffix("/v1") + "/metrics", timeout=10).text
+def _metric(worker: WorkerView, name: str) -> float:
+    """A counter of the worker's engine, read with its secret (as gateways reach it)."""
+    headers = {"Authorization": f"Bearer {worker.engine_secret}"}
+    url = worker.base_url.removesuffix("/v1") + "/metrics"
+    text = httpx.get(url, headers=headers, timeout=10).text
     return sum(
         float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")
     )
 
 
 def _cache_counters(stack: Cluster) -> tuple[float, float]:
-    urls = [w.base_url for w in stack.table().workers]
-    hits = sum(_metric(url, "vllm:prefix_cache_hits_total") for url in urls)
-    queries = sum(_metric(url, "vllm:prefix_cache_queries_total") for url in urls)
+    workers = stack.routes().workers
+    hits = sum(_metric(w, "vllm:prefix_cache_hits_total") for w in workers)
+    queries = sum(_metric(w, "vllm:prefix_cache_queries_total") for w in workers)
     return hits, queries
 
 

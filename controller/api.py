@@ -1,4 +1,13 @@
-"""The controller's HTTP API."""
+"""The controller's HTTP API.
+
+Every route but ``/health`` (for probes) and ``/metrics`` (for Prometheus) needs the cluster
+token when the controller has one (fleetserve/auth.py): registering, heartbeats, drain and
+deregistration, the gateways' ``/routes`` watch and the ``/workers`` view. Without it they
+are 401 in the error envelope. ``/metrics`` stays open because Prometheus scrapes without
+credentials in most setups, and it holds counts and names only: no address, secret or prompt
+(the k8s NetworkPolicy limits who reaches it). ``/routes`` is the only answer holding the
+engines' secrets (gateways need them); ``/workers`` leaves them out.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +16,14 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from controller.metrics import RegistryCollector
 from controller.registry import Registry
 from fleetserve import constants
+from fleetserve.auth import server_token, unauthorized
 from fleetserve.config import ControllerSettings
 from fleetserve.errors import OpenAIError, install_error_handlers
 from fleetserve.protocol import (
@@ -33,6 +43,8 @@ def _registry(request: Request) -> Registry:
 
 
 def build_app(settings: ControllerSettings) -> FastAPI:
+    """The controller for ``settings``; ``app.state.cluster_token``: its token, None if open."""
+    token = server_token(settings.cluster_token_file)
     registry = Registry(
         expiry_after_s=settings.expiry_after_s,
         warmup_s=settings.expiry_after_s,  # see constants.EXPIRY_AFTER_S
@@ -54,37 +66,44 @@ def build_app(settings: ControllerSettings) -> FastAPI:
 
     app = FastAPI(title="fleetserve controller", lifespan=lifespan)
     app.state.registry = registry
+    app.state.cluster_token = token
     install_error_handlers(app)
+
+    async def authenticated(request: Request) -> None:
+        if token is not None and not token.verify(request.headers.get("authorization")):
+            raise unauthorized(f"{request.method} {request.url.path}")
+
+    api = APIRouter(dependencies=[Depends(authenticated)])
 
     def unknown(worker_id: str) -> OpenAIError:
         return OpenAIError(404, f"worker {worker_id!r} is not registered", code="worker_unknown")
 
-    @app.post("/workers/register")
+    @api.post("/workers/register")
     async def register(registration: Registration, request: Request) -> RegistrationReply:
         _registry(request).register(registration)
         return RegistrationReply(heartbeat_interval_s=settings.heartbeat_interval_s)
 
-    @app.post("/workers/heartbeat")
+    @api.post("/workers/heartbeat")
     async def heartbeat(beat: Heartbeat, request: Request) -> HeartbeatReply:
         return HeartbeatReply(known=_registry(request).heartbeat(beat.worker_id, beat.load))
 
-    @app.post("/workers/{worker_id}/drain")
+    @api.post("/workers/{worker_id}/drain")
     async def drain(worker_id: str, request: Request) -> dict[str, str]:
         if not _registry(request).drain(worker_id):
             raise unknown(worker_id)
         return {"status": "draining"}
 
-    @app.delete("/workers/{worker_id}")
+    @api.delete("/workers/{worker_id}")
     async def deregister(worker_id: str, request: Request) -> dict[str, str]:
         if not _registry(request).deregister(worker_id):
             raise unknown(worker_id)
         return {"status": "deregistered"}
 
-    @app.get("/workers")
+    @api.get("/workers")
     async def workers(request: Request) -> RouteTable:
-        return _registry(request).table()
+        return _registry(request).table().without_secrets()
 
-    @app.get("/routes", response_model=RouteTable, responses={204: {"description": "No change"}})
+    @api.get("/routes", response_model=RouteTable, responses={204: {"description": "No change"}})
     async def routes(
         request: Request,
         epoch: str = "",
@@ -94,6 +113,8 @@ def build_app(settings: ControllerSettings) -> FastAPI:
         """Long-poll the routing table: answers once it is newer than (epoch, after), else 204."""
         table = await _registry(request).wait_for_change(epoch, after, timeout_s)
         return table if table is not None else Response(status_code=204)
+
+    app.include_router(api)
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, object]:

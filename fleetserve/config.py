@@ -66,6 +66,52 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# -- Security and HTTP limits, shared by the processes that have them (fleetserve/auth.py,
+# fleetserve/http.py). Paths only: a secret is never a command-line argument.
+TlsCertFile = Annotated[
+    str | None, Field(description="Serve HTTPS with this certificate (PEM; with --tls-key-file).")
+]
+TlsKeyFile = Annotated[str | None, Field(description="The certificate's private key (PEM).")]
+CaFile = Annotated[
+    str | None,
+    Field(
+        description="Trust the controller's certificate when this CA (PEM) signed it; default: "
+        "the system's authorities."
+    ),
+]
+ClientTokenFile = Annotated[
+    str | None,
+    Field(
+        description="File with the cluster token to send to the controller (its first line); "
+        "default: $FLEETSERVE_CLUSTER_TOKEN, else the token `fleetserve up` made on this machine."
+    ),
+]
+HeaderTimeout = Annotated[
+    float,
+    Field(
+        gt=0,
+        description="Seconds a client has to send a request's line and headers; a silent or "
+        "slow-loris connection is cut then.",
+    ),
+]
+MaxHeaderBytes = Annotated[
+    int, Field(ge=1024, description="Larger request headers are refused with 431.")
+]
+MaxConnections = Annotated[
+    int,
+    Field(
+        ge=1,
+        description="Connections held at once; past it the oldest idle one is closed to make "
+        "room (at most half the open-files limit).",
+    ),
+]
+
+
+def _check_tls_pair(cert: str | None, key: str | None) -> None:
+    if bool(cert) != bool(key):
+        raise ValueError("HTTPS needs both tls_cert_file and tls_key_file")
+
+
 class ControllerSettings(Strict):
     host: str = Field(constants.DEFAULT_HOST, description="Address to listen on.")
     port: int = Field(constants.DEFAULT_CONTROLLER_PORT, ge=0, le=65535, description="Port.")
@@ -77,9 +123,27 @@ class ControllerSettings(Strict):
         gt=0,
         description="A worker silent for this many seconds is dropped from the routing table.",
     )
+    cluster_token_file: str | None = Field(
+        None,
+        description="File with the cluster token(s) workers, gateways and `fleetserve status` "
+        "must send, one per line (two while rotating); default: $FLEETSERVE_CLUSTER_TOKEN. "
+        "Without a token the controller is open to anyone who reaches it: it refuses to "
+        "listen on a non-loopback address then, unless --insecure.",
+    )
+    insecure: bool = Field(
+        False,
+        description="Listen on a non-loopback address without a cluster token: anyone who "
+        "reaches the port can register workers (and receive their models' prompts).",
+    )
+    tls_cert_file: TlsCertFile = None
+    tls_key_file: TlsKeyFile = None
+    header_timeout_s: HeaderTimeout = constants.HEADER_TIMEOUT_S
+    max_header_bytes: MaxHeaderBytes = constants.MAX_HEADER_BYTES
+    max_connections: MaxConnections = constants.MAX_CONNECTIONS
 
     @model_validator(mode="after")
     def _expiry_outlasts_heartbeat(self) -> ControllerSettings:
+        _check_tls_pair(self.tls_cert_file, self.tls_key_file)
         if self.expiry_after_s <= self.heartbeat_interval_s:
             raise ValueError(
                 f"expiry_after_s ({self.expiry_after_s}) must be longer than "
@@ -162,9 +226,17 @@ class GatewaySettings(Strict):
     keys: list[ApiKey] = Field(
         default_factory=list, description="API keys written in the cluster file."
     )
+    cluster_token_file: ClientTokenFile = None
+    ca_file: CaFile = None
+    tls_cert_file: TlsCertFile = None
+    tls_key_file: TlsKeyFile = None
+    header_timeout_s: HeaderTimeout = constants.HEADER_TIMEOUT_S
+    max_header_bytes: MaxHeaderBytes = constants.MAX_HEADER_BYTES
+    max_connections: MaxConnections = constants.MAX_CONNECTIONS
 
     @model_validator(mode="after")
     def _one_source_of_keys(self) -> GatewaySettings:
+        _check_tls_pair(self.tls_cert_file, self.tls_key_file)
         if self.keys and self.keys_file:
             raise ValueError("give API keys either inline (keys) or in a keys_file, not both")
         return self
@@ -208,8 +280,12 @@ class WorkerSettings(Strict):
         f"http://{constants.DEFAULT_HOST}:{constants.DEFAULT_CONTROLLER_PORT}",
         description="The controller to register with.",
     )
-    host: str = Field(constants.DEFAULT_HOST, description="Address the engine listens on.")
-    port: int = Field(0, ge=0, le=65535, description="Engine port; 0 picks a free one.")
+    host: str = Field(
+        constants.DEFAULT_HOST,
+        description="Address gateways reach the engine at (through the worker's relay, which "
+        "checks the engine's secret; the engine itself listens on a Unix socket).",
+    )
+    port: int = Field(0, ge=0, le=65535, description="The engine's port; 0 picks a free one.")
     advertise_host: str | None = Field(
         None, description="Address gateways use to reach the engine (default: --host)."
     )
@@ -238,6 +314,11 @@ class WorkerSettings(Strict):
         "the engine is ready and registered: a readiness probe), /live, and /metrics (the "
         "agent's and the engine's); none: no server.",
     )
+    cluster_token_file: ClientTokenFile = None
+    ca_file: CaFile = None
+    header_timeout_s: HeaderTimeout = constants.HEADER_TIMEOUT_S
+    max_header_bytes: MaxHeaderBytes = constants.MAX_HEADER_BYTES
+    max_connections: MaxConnections = constants.MAX_CONNECTIONS
 
     @field_validator("nodes", mode="before")
     @classmethod

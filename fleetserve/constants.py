@@ -111,3 +111,36 @@ GATEWAY_ADDED_BUCKETS_S = (
 # How long a worker agent's /metrics waits for the engine's own /metrics, which
 # it re-exports: a scrape must answer even when the engine is stuck.
 ENGINE_METRICS_TIMEOUT_S = 2.0
+
+# -- Security: the cluster token (fleetserve/auth.py), HTTP limits (fleetserve/http.py) --------
+# Cluster tokens and engine secrets: 32 random bytes (256 bits), URL-safe text.
+SECRET_BYTES = 32
+# A token file is looked at again at most this often: a rotated token is picked up without a
+# restart, and a request costs no file read.
+TOKEN_FILE_POLL_S = 2.0
+# A request's line and headers must arrive within this long of the connection opening (or, on a
+# kept-alive connection, of their first byte). A real client sends them in one packet; a
+# silent connection or a slow-loris one (a byte a second) is cut here.
+HEADER_TIMEOUT_S = 10.0
+# ...and be at most this big, else 431. nginx allows 4 x 8 KiB, Node.js 16 KiB; the OpenAI
+# clients send under 2 KiB. uvicorn (httptools) has no limit at all: 1 MB was answered 200.
+MAX_HEADER_BYTES = 64 * 1024
+# A body must arrive within BODY_TIMEOUT_S plus one second per BODY_MIN_BYTES_PER_S bytes
+# received (Apache mod_reqtimeout's defaults, body=20,MinRate=500): slow links get time,
+# a client trickling a byte a second is cut after about 20 s.
+BODY_TIMEOUT_S = 20.0
+BODY_MIN_BYTES_PER_S = 500.0
+# A client that reads nothing of its answer for this long (its TCP window full) is cut: it
+# holds a generation and its buffers for nobody.
+WRITE_STALL_TIMEOUT_S = 60.0
+# Connections one server holds. Past it the oldest idle one (waiting for a request, or kept
+# alive between two) is closed to make room, never one whose request is under way, so an idle
+# flood cannot lock real clients out. Capped at half the open-files limit (raised to its hard
+# limit at start): the gateway opens an engine connection per request in flight.
+MAX_CONNECTIONS = 10_000
+# After refusing a head (431), read and drop what the client still sends for this long before
+# closing: closing with unread data resets the connection, and the client never reads the 431.
+LINGER_S = 2.0
+# An engine relay keeps a gateway's idle connection this long (nginx's keepalive_timeout): the
+# hop between hosts is the one worth keeping warm.
+RELAY_KEEP_ALIVE_S = 75.0

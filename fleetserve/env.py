@@ -26,6 +26,9 @@ API_KEYS = ("FLEETSERVE_API_KEY", "OPENAI_API_KEY")
 CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 #: Cores of vLLM's CPU build, one group per rank (vLLM's own variable; `up` sets it).
 CPU_THREADS_BIND = "VLLM_CPU_OMP_THREADS_BIND"
+#: The cluster token (fleetserve/auth.py), when no --cluster-token-file gives it: one token, or
+#: several separated by commas or whitespace (rotation; the first is the one sent).
+CLUSTER_TOKEN = "FLEETSERVE_CLUSTER_TOKEN"
 
 
 def home(environ: Mapping[str, str] = os.environ) -> Path | None:
@@ -52,6 +55,10 @@ def api_key(environ: Mapping[str, str] = os.environ) -> str | None:
 
 def cuda_visible_devices(environ: Mapping[str, str] = os.environ) -> str | None:
     return environ.get(CUDA_VISIBLE_DEVICES)
+
+
+def cluster_token(environ: Mapping[str, str] = os.environ) -> str | None:
+    return environ.get(CLUSTER_TOKEN) or None
 
 
 def cpu_threads_bind(environ: Mapping[str, str] = os.environ) -> str | None:

@@ -2,8 +2,9 @@
 
 The root is ``$FLEETSERVE_HOME``, else ``~/.cache/fleetserve``. Under it:
 ``models/`` (models fleetserve makes or converts: `fleetserve model list`),
-``logs/`` (one directory per `fleetserve up`) and ``llama.cpp/`` (llama.cpp's
-sources and the llama-server build).
+``logs/`` (one directory per `fleetserve up`), ``llama.cpp/`` (llama.cpp's
+sources and the llama-server build) and ``cluster-token`` (made by `fleetserve up`, 0600:
+what this machine's fleetserve commands send to a controller when told no other token).
 """
 
 from __future__ import annotations
@@ -27,3 +28,7 @@ def logs_dir() -> Path:
 
 def llamacpp_dir() -> Path:
     return root() / "llama.cpp"
+
+
+def cluster_token_file() -> Path:
+    return root() / "cluster-token"

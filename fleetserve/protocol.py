@@ -45,6 +45,13 @@ class WorkerInfo(Internal):
     capacity: int = Field(ge=1, description="Requests the engine runs at once.")
     state: WorkerState = WorkerState.READY
     load: WorkerLoad = Field(default_factory=WorkerLoad)
+    engine_secret: str | None = Field(
+        None,
+        repr=False,  # never in a log line or a traceback
+        description="What gateways send the engine (Authorization: Bearer), which refuses "
+        "every request without it. Registered and served to gateways only with the cluster "
+        "token (/routes); blanked in every other view (/workers, `fleetserve status`).",
+    )
 
 
 class Registration(WorkerInfo):
@@ -88,3 +95,8 @@ class RouteTable(Internal):
     version: int
     workers: list[WorkerView]
     models: list[ModelView] = Field(default_factory=list)
+
+    def without_secrets(self) -> RouteTable:
+        """The table for everyone but gateways: the engines' secrets left out."""
+        workers = [w.model_copy(update={"engine_secret": None}) for w in self.workers]
+        return self.model_copy(update={"workers": workers})

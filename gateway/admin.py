@@ -18,6 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleetserve.errors import install_error_handlers
 from gateway.protocol import ENDPOINTS, ERRORS, Endpoint, ErrorResponse
@@ -26,6 +27,31 @@ if TYPE_CHECKING:
     from gateway.server import Gateway
 
 CHAT_PAGE_DIR = Path(__file__).resolve().parent / "chat"
+# The chat page runs only its own script and style and talks only to this gateway: an injected
+# script could neither run nor send a pasted API key elsewhere; no framing (clickjacking), no
+# type sniffing. No route sends CORS headers: other sites' pages cannot read the API.
+PAGE_HEADERS = {
+    "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
+
+
+def _with_page_headers(app: ASGIApp) -> ASGIApp:
+    extra = [(name.encode(), value.encode()) for name, value in PAGE_HEADERS.items()]
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        await app(scope, receive, send_with_headers)
+
+    return wrapped
 
 
 def build_admin_app(
@@ -64,9 +90,9 @@ def build_admin_app(
     # The chat page: static files, no build step; it calls the OpenAI API above.
     @api.get("/", include_in_schema=False)
     async def chat_page() -> FileResponse:
-        return FileResponse(CHAT_PAGE_DIR / "index.html")
+        return FileResponse(CHAT_PAGE_DIR / "index.html", headers=PAGE_HEADERS)
 
-    api.mount("/chat", StaticFiles(directory=CHAT_PAGE_DIR), name="chat")
+    api.mount("/chat", _with_page_headers(StaticFiles(directory=CHAT_PAGE_DIR)), name="chat")
     return api
 
 

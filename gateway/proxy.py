@@ -195,7 +195,7 @@ class Proxy:
         waiting_since = time.perf_counter()  # engine time: from here to its answer
         try:
             upstream = await self._upstreams.post(
-                target.host, target.port, target.path_prefix + path, body
+                target.host, target.port, target.path_prefix + path, body, headers=target.headers
             )
             if upstream.status >= 500:
                 raise UpstreamError(f"HTTP {upstream.status}", worker_down=upstream.status != 500)

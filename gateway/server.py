@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from fleetserve import constants, env
+from fleetserve.auth import client_tls, client_token
 from fleetserve.config import GatewaySettings
 from gateway.admin import build_admin_app
 from gateway.auth import KeyStore
@@ -53,7 +54,9 @@ class Gateway:
                 settings.port,
             )
         # The watcher's HTTP session is opened by the lifespan; until then it has no table.
-        self.watcher = RouteTableWatcher(settings.controller_url, session=None)
+        self.watcher = RouteTableWatcher(
+            settings.controller_url, session=None, token=client_token(settings.cluster_token_file)
+        )
         self.upstreams = UpstreamPool()
         self.proxy = Proxy(self.upstreams, self.metrics)
         self.serving = Serving(settings, self.keys, self.watcher, self.proxy)
@@ -75,7 +78,9 @@ class Gateway:
     @contextlib.asynccontextmanager
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
         # aiohttp for the controller watch; the hot path has its own lean pool (upstream.py).
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        connector = aiohttp.TCPConnector(
+            limit=0, ttl_dns_cache=300, ssl=client_tls(self.settings.ca_file)
+        )
         timeout = aiohttp.ClientTimeout(total=None, connect=5, sock_connect=5)
         async with aiohttp.ClientSession(
             connector=connector, timeout=timeout, auto_decompress=False

@@ -18,8 +18,10 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from fleetserve import constants
+from fleetserve.auth import ClusterToken
 from fleetserve.protocol import RouteTable, WorkerLoad, WorkerState, WorkerView
 from gateway.routing import RoutingPolicy
+from gateway.upstream import JSON_HEADERS
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +37,20 @@ class Target:
     port: int
     #: The engine's OpenAI path prefix (``/v1``), to which the request's path is appended.
     path_prefix: str
+    #: The header line the engine (its relay) asks for: its secret; b"" for an engine without.
+    auth: bytes = b""
+    #: The header lines of a JSON request to it (UpstreamPool.post's ``headers``).
+    headers: bytes = JSON_HEADERS
 
     @classmethod
     def of(cls, worker: WorkerView) -> Target | None:
+        """Built once per routing-table version, header bytes included (none per request)."""
         url = urlsplit(worker.base_url)
         if url.scheme != "http" or not url.hostname:
             logger.warning("worker %s: unsupported URL %r", worker.worker_id, worker.base_url)
             return None
+        secret = worker.engine_secret
+        auth = f"Authorization: Bearer {secret}\r\n".encode("latin-1") if secret else b""
         return cls(
             worker.worker_id,
             worker.capacity,
@@ -49,6 +58,8 @@ class Target:
             url.hostname,
             url.port or 80,
             url.path.rstrip("/").removesuffix("/v1"),
+            auth,
+            JSON_HEADERS + auth,
         )
 
 
@@ -112,9 +123,12 @@ class RouteTableWatcher:
         controller_url: str,
         session: aiohttp.ClientSession | None,
         deadline_s: float = constants.WATCH_TIMEOUT_S + constants.WATCH_DEADLINE_MARGIN_S,
+        token: ClusterToken | None = None,
     ) -> None:
-        """``deadline_s``: how long one long poll may take before the controller counts as down."""
+        """``deadline_s``: how long one long poll may take before the controller counts as down.
+        ``token``: the cluster token the controller asks for (its table holds engine secrets)."""
         self._url = controller_url.rstrip("/") + "/routes"
+        self._token = token
         #: Set before run() (the gateway's lifespan opens it).
         self.session = session
         self.deadline_s = deadline_s
@@ -151,7 +165,11 @@ class RouteTableWatcher:
                 # became a TimeoutError and the watcher polled on, forever.
                 async with (
                     asyncio.timeout(self.deadline_s),
-                    self.session.get(self._url, params=params) as response,
+                    self.session.get(
+                        self._url,
+                        params=params,
+                        headers=self._token.header() if self._token else None,  # read per poll
+                    ) as response,
                 ):
                     response.raise_for_status()
                     if response.status == 200:

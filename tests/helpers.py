@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
 import random
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -58,15 +60,25 @@ class LocalCluster(Cluster):
     """Controller and gateway on free loopback ports, and workers added on demand."""
 
     def __init__(
-        self, log_dir: Path, env: dict[str, str], heartbeat_interval_s: float = 1.0
+        self,
+        log_dir: Path,
+        env: dict[str, str],
+        heartbeat_interval_s: float = 1.0,
+        cluster_token_file: Path | None = None,
+        controller: ControllerSettings | None = None,
+        gateway: GatewaySettings | None = None,
     ) -> None:
-        controller = ControllerSettings(
-            port=free_port(),
-            heartbeat_interval_s=heartbeat_interval_s,
-            # a busy 2-core CI machine can stall a process for seconds
-            expiry_after_s=5 * heartbeat_interval_s,
+        """``controller``, ``gateway``: their settings (ports replaced by free ones)."""
+        controller = (controller or ControllerSettings()).model_copy(
+            update={
+                "port": free_port(),
+                "heartbeat_interval_s": heartbeat_interval_s,
+                # a busy 2-core CI machine can stall a process for seconds
+                "expiry_after_s": 5 * heartbeat_interval_s,
+            }
         )
-        super().__init__(log_dir, controller, GatewaySettings(port=free_port()), env)
+        gateway = (gateway or GatewaySettings()).model_copy(update={"port": free_port()})
+        super().__init__(log_dir, controller, gateway, env, cluster_token_file=cluster_token_file)
         self.controller_port = controller.port
         self.gateway_port = self.gateway_settings.port
         self.start_controller()
@@ -109,6 +121,8 @@ class LocalCluster(Cluster):
         controller has: (it, /v1 URL)."""
         port = free_port()
         args = ["gateway", "--port", str(port), "--controller-url", self.controller_url, *flags]
+        if self.cluster_token_file:
+            args += ["--cluster-token-file", self.cluster_token_file]
         gateway = self.start(name, args)
         url = f"http://127.0.0.1:{port}"
         table = self.table()
@@ -119,10 +133,20 @@ class LocalCluster(Cluster):
         finally:
             gateway.stop()
 
+    def engine(self, worker_id: str) -> httpx.Client:
+        """A client of a worker's engine, with the engine's secret: as a gateway reaches it."""
+        (view,) = [w for w in self.routes().workers if w.worker_id == worker_id]
+        return httpx.Client(
+            base_url=view.base_url.removesuffix("/v1"),
+            headers={"Authorization": f"Bearer {view.engine_secret}"},
+            timeout=5,
+        )
+
     def engine_metric(self, model: str, name: str) -> float:
         """A sample of the engine of ``model``'s only worker, read from its own /metrics."""
         (worker,) = [w for w in self.table().workers if model in w.model_names]
-        metrics = httpx.get(worker.base_url.removesuffix("/v1") + "/metrics", timeout=5).text
+        with self.engine(worker.worker_id) as engine:
+            metrics = engine.get("/metrics").text
         return float(next(x for x in metrics.splitlines() if x.startswith(name)).split()[-1])
 
     def controller_metric(self, sample: str) -> float:
@@ -329,10 +353,99 @@ def drain_under_load(
     return load.result
 
 
-def engine_pid(worker: Component) -> int | None:
-    """The engine a worker's agent runs under ``fleetserve.reaper`` (agent -> reaper -> engine)."""
-    for pid in descendants(worker.pid):
+def listener_pid(port: int) -> int:
+    """The process listening on TCP ``port`` on this machine (read from /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                        return int(pid)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def engine_pid(worker: Component | int) -> int | None:
+    """The engine a worker's agent (its Component, or its pid) runs under ``fleetserve.reaper``
+    (agent -> reaper -> engine)."""
+    for pid in descendants(worker if isinstance(worker, int) else worker.pid):
         with contextlib.suppress(FileNotFoundError):
             if b"fleetserve.reaper" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return next(iter(descendants(pid)), None)  # the reaper's one child comes first
     return None
+
+
+#: Routes of an engine that generate, tokenize or reveal something (vLLM 0.32's among them).
+ENGINE_ROUTES = [
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/completions"),
+    ("GET", "/v1/models"),
+    ("POST", "/invocations"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
+    ("POST", "/pooling"),
+    ("POST", "/score"),
+    ("POST", "/rerank"),
+    ("GET", "/metrics"),
+    ("GET", "/health"),
+    ("POST", "/collective_rpc"),
+]
+# 127.0.0.0/8 and ::1 as /proc/net/tcp{,6} write local addresses.
+_LOOPBACK_HEX = ("0100007F:", "00000000000000000000000001000000:")
+
+
+def tcp_listeners(pid: int) -> list[str]:
+    """The TCP addresses ``pid`` listens on, as /proc/net/tcp writes them (hex)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                found.append(fields[1])
+    return found
+
+
+def assert_engine_refuses_everyone_but_gateways(cluster: Cluster, worker_id: str) -> None:
+    """The red team's check of one worker's engine (tests/test_security.py): every route, at
+    the address the worker registered, is refused without the engine's secret (with none, a
+    wrong one, one a character longer); the engine listens on a Unix socket in a directory
+    only its user may enter, and on no TCP port outside loopback; with the secret, as a
+    gateway sends it, it answers; the secret is in no line the worker logged."""
+    (worker,) = [w for w in cluster.routes().workers if w.worker_id == worker_id]
+    assert worker.engine_secret
+    base = worker.base_url.removesuffix("/v1")
+    model = worker.model_names[0]
+    body = {"model": model, "prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}
+    for authorization in (None, "Bearer wrong", f"Bearer {worker.engine_secret}x"):
+        headers = {"authorization": authorization} if authorization else {}
+        for method, path in ENGINE_ROUTES:
+            response = httpx.request(method, base + path, json=body, headers=headers, timeout=10)
+            assert response.status_code == 401, (method, path, response.text)
+            assert response.json()["error"]["code"] == "invalid_engine_secret"
+    agent = listener_pid(int(base.rsplit(":", 1)[1]))
+    engine = engine_pid(agent)
+    assert engine is not None
+    for pid in [engine, *descendants(engine)]:
+        with contextlib.suppress(FileNotFoundError):
+            listening = tcp_listeners(pid)
+            assert all(address.startswith(_LOOPBACK_HEX) for address in listening), listening
+    argv = Path(f"/proc/{engine}/cmdline").read_text().split("\0")
+    flag = "--uds" if "--uds" in argv else "--host"  # llama-server: --host PATH.sock
+    socket_path = Path(argv[argv.index(flag) + 1])
+    assert socket_path.suffix == ".sock"
+    assert stat.S_IMODE(socket_path.parent.stat().st_mode) == 0o700
+    secret = {"authorization": f"Bearer {worker.engine_secret}"}
+    assert httpx.get(base + "/v1/models", headers=secret, timeout=10).status_code == 200
+    (component,) = [c for c in cluster.workers if c.pid == agent]
+    assert worker.engine_secret not in component.log()

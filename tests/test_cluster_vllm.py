@@ -16,7 +16,14 @@ import openai
 import pytest
 
 from tests.conftest import module_log_dir
-from tests.helpers import Load, LocalCluster, alive, drain_under_load, wait_until
+from tests.helpers import (
+    Load,
+    LocalCluster,
+    alive,
+    assert_engine_refuses_everyone_but_gateways,
+    drain_under_load,
+    wait_until,
+)
 
 pytestmark = pytest.mark.vllm
 
@@ -71,12 +78,22 @@ def _chat(
 
 def test_greedy_answer_is_the_engines_own(cluster: LocalCluster) -> None:
     """The gateway passes the engine's answer through unchanged (compare with a direct call)."""
-    (worker,) = [w for w in cluster.table().workers if w.worker_id in cluster.worker_ids(MODEL)][:1]
-    direct = openai.OpenAI(base_url=worker.base_url, api_key="x", max_retries=0)
+    (worker,) = [w for w in cluster.routes().workers if w.worker_id in cluster.worker_ids(MODEL)][
+        :1
+    ]
+    # straight to the engine, with its secret (as the gateway reaches it)
+    direct = openai.OpenAI(base_url=worker.base_url, api_key=worker.engine_secret, max_retries=0)
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0}
     expected = direct.chat.completions.create(model=MODEL, **body).choices[0].message.content  # type: ignore[call-overload]
     got = cluster.client().chat.completions.create(model="tiny", **body).choices[0].message.content  # type: ignore[call-overload]
     assert got == expected and got
+
+
+def test_the_engine_refuses_every_route_around_the_gateway(cluster: LocalCluster) -> None:
+    """The red team's check (tests/test_security.py) on a vLLM engine: its --api-key alone
+    leaves /invocations, /tokenize, /pooling, /metrics... open; behind the relay nothing is."""
+    for worker_id in cluster.worker_ids(MODEL):
+        assert_engine_refuses_everyone_but_gateways(cluster, worker_id)
 
 
 def test_requests_for_each_name_reach_only_that_models_workers(cluster: LocalCluster) -> None:
@@ -129,8 +146,9 @@ def test_errors_have_the_right_status_and_openai_body(cluster: LocalCluster) -> 
     assert missing.json()["error"]["code"] == "missing_required_parameter"
 
 
-def _engine_metric(base_url: str, name: str, label: str = "") -> float:
-    text = httpx.get(base_url.removesuffix("/v1") + "/metrics", timeout=5).text
+def _engine_metric(cluster: LocalCluster, worker_id: str, name: str, label: str = "") -> float:
+    with cluster.engine(worker_id) as engine:
+        text = engine.get("/metrics").text
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
@@ -139,9 +157,9 @@ def _engine_metric(base_url: str, name: str, label: str = "") -> float:
 
 
 def test_client_disconnect_aborts_the_generation_in_the_engine(cluster: LocalCluster) -> None:
-    workers = {w.worker_id: w.base_url for w in cluster.table().workers if MODEL in w.model_names}
+    workers = [w.worker_id for w in cluster.table().workers if MODEL in w.model_names]
     generated = "vllm:generation_tokens_total"
-    before = {wid: _engine_metric(url, generated) for wid, url in workers.items()}
+    before = {wid: _engine_metric(cluster, wid, generated) for wid in workers}
     max_tokens = 8000  # ~17 s of generation here: longer than any stall of a busy machine
     body = {
         "model": MODEL,
@@ -157,12 +175,13 @@ def test_client_disconnect_aborts_the_generation_in_the_engine(cluster: LocalClu
             assert next(chunks)
     # The client hung up after a few tokens: the engine must stop generating. (vLLM does not
     # count such aborts in request_success_total; the tokens it generated tell.)
-    url = workers[worker]
     wait_until(
-        lambda: _engine_metric(url, "vllm:num_requests_running") == 0, 30, "the request to end"
+        lambda: _engine_metric(cluster, worker, "vllm:num_requests_running") == 0,
+        30,
+        "the request to end",
     )
     # a few tokens may come out while the disconnect travels; not all of them
-    produced = _engine_metric(url, generated) - before[worker]
+    produced = _engine_metric(cluster, worker, generated) - before[worker]
     print(f"tokens generated before the abort: {produced:.0f} of {max_tokens}")
     assert produced < max_tokens
 

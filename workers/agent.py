@@ -2,10 +2,13 @@
 
 Lifecycle of one replica:
 
-1. start the engine (a child process under fleetserve.reaper) on a free port;
+1. start the engine (a child process under fleetserve.reaper) on a Unix socket only this
+   user reaches, behind the agent's relay on the worker's address (workers/relay.py), which
+   lets through only requests carrying the worker's secret;
 2. wait for its /health, printing progress while the model loads;
-3. register with the controller, then heartbeat the load read from the
-   engine's /metrics; re-register when the controller says it forgot us;
+3. register with the controller (the cluster token on every call; the registration carries
+   the secret, which the controller gives gateways only), then heartbeat the load read
+   from the engine's /metrics; re-register when the controller says it forgot us;
 4. if the engine dies: deregister at once, restart it with backoff;
 5. on SIGTERM/SIGINT: drain (out of the routing table), let in-flight
    requests finish, deregister, stop the engine.
@@ -16,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -26,8 +31,10 @@ from pathlib import Path
 import httpx
 
 from fleetserve import constants, env, procs
+from fleetserve.auth import ClusterToken, client_tls, client_token, new_secret
 from fleetserve.config import WorkerSettings, slug
 from fleetserve.errors import ConfigError
+from fleetserve.http import HttpLimits, raise_open_files_limit
 from fleetserve.protocol import (
     Heartbeat,
     HeartbeatReply,
@@ -41,6 +48,7 @@ from workers.engines import Engine
 from workers.inventory import discover_machine, read_model_facts
 from workers.load import parse_load
 from workers.placement import ModelFacts, ReplicaNeed, ReplicaPlan, plan_placement
+from workers.relay import EngineRelay
 from workers.status_server import StatusServer
 
 logger = logging.getLogger(__name__)
@@ -66,11 +74,18 @@ class Agent:
         self._ray: subprocess.Popen[bytes] | None = None  # rank 0 of a multi-node replica
         self.plan = ReplicaPlan(settings.served_name, 0, None)
         self.exit_code = 0
-        self._engine_url = ""
         self._base_url = ""
         self._controller = settings.controller_url.rstrip("/")
+        self._token: ClusterToken | None = None
         self.registered = False
         self.engine_restarts = 0
+        self.limits = HttpLimits.of(settings)
+        #: What the relay asks of every request, and the engine's own key: this worker's only.
+        self.engine_secret = new_secret()
+        self._port = 0  # where gateways reach the engine (the relay's port), fixed at start
+        self._socket_dir: Path | None = None
+        self._relay: EngineRelay | None = None
+        self._engine_http: httpx.AsyncClient | None = None  # the agent's own way to the engine
 
     # -- the main loop -------------------------------------------------------
 
@@ -78,8 +93,10 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        raise_open_files_limit()
         status = await StatusServer.start(self)  # readiness probe and /metrics, if asked for
         try:
+            self._token = client_token(self.settings.cluster_token_file)
             self.engine.check_installed()
             await asyncio.to_thread(self.engine.prepare)
             self.plan = await asyncio.to_thread(self._place)
@@ -87,15 +104,48 @@ class Agent:
             logger.error("%s", exc)
             await status.stop()
             return 2
-        async with httpx.AsyncClient(timeout=5.0) as http:
+        async with httpx.AsyncClient(timeout=5.0, verify=client_tls(self.settings.ca_file)) as http:
             self._http = http
-            if self.settings.node_rank > 0:
-                await self._follow()
-            elif len(self.settings.nodes) <= 1 or await self._start_ray_head():
-                await self._serve_engine()
-            await self._shutdown()
+            try:
+                if self.settings.node_rank > 0:
+                    await self._follow()
+                elif (
+                    len(self.settings.nodes) <= 1 or await self._start_ray_head()
+                ) and await self._open_engine_path():
+                    await self._serve_engine()
+            finally:
+                await self._shutdown()
         await status.stop()
         return self.exit_code
+
+    async def _open_engine_path(self) -> bool:
+        """The relay on the worker's address and the engine's socket behind it (or, for an
+        engine without Unix sockets, its port on the worker's address); False if the address
+        cannot be listened on."""
+        s = self.settings
+        secret = {"Authorization": f"Bearer {self.engine_secret}"}
+        if not self.engine.unix_socket:
+            self._port = s.port or free_port(s.host)
+            url = f"http://{s.host if s.host != '0.0.0.0' else '127.0.0.1'}:{self._port}"
+            self._engine_http = httpx.AsyncClient(base_url=url, headers=secret, timeout=5.0)
+            return True
+        # mkdtemp: a directory only this user may enter (0700), whatever the socket's own mode
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="fleetserve-engine-"))
+        self.engine.socket = str(self._socket_dir / "engine.sock")
+        self._relay = EngineRelay(self.engine_secret, self.engine.socket, self.limits)
+        try:
+            self._port = await self._relay.start(s.host, s.port)
+        except OSError as exc:
+            logger.error("cannot listen on %s:%d: %s", s.host, s.port, exc)
+            self.exit_code = 2
+            return False
+        self._engine_http = httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=self.engine.socket),
+            base_url="http://engine",
+            headers=secret,
+            timeout=5.0,
+        )
+        return True
 
     async def _serve_engine(self) -> None:
         """Start, register and supervise the engine, restarting it with backoff, until stopped."""
@@ -142,7 +192,9 @@ class Agent:
         return plan
 
     def _environment(self) -> dict[str, str]:
+        """The environment of the engine and of Ray's processes: no cluster token in it."""
         environment = self.engine.environment() | self.plan.environment()
+        environment.pop(env.CLUSTER_TOKEN, None)
         bind = env.cpu_threads_bind()
         if bind is not None:  # `up` (or the user) bound the whole machine
             environment[env.CPU_THREADS_BIND] = bind
@@ -226,21 +278,36 @@ class Agent:
 
     def _start_engine(self) -> None:
         s = self.settings
-        port = s.port or free_port(s.host)
         advertise = s.advertise_host or (socket.gethostname() if s.host == "0.0.0.0" else s.host)
-        self._engine_url = f"http://{s.host if s.host != '0.0.0.0' else '127.0.0.1'}:{port}"
-        self._base_url = f"http://{advertise}:{port}/v1"
-        cmd = self.engine.command(port)
+        self._base_url = f"http://{advertise}:{self._port}/v1"
+        if self.engine.socket:  # a restart: the last engine's socket file is in the way
+            Path(self.engine.socket).unlink(missing_ok=True)
+        cmd = self.engine.command(self._port)
+        environment = self._environment()
+        if self.engine.api_key_variable:  # its environment, never its command line (ps)
+            environment[self.engine.api_key_variable] = self.engine_secret
         logger.info("starting %s engine: %s", self.engine.name, " ".join(cmd))
-        self._proc = procs.spawn_tree(cmd, env=self._environment())
+        self._proc = procs.spawn_tree(cmd, env=environment)
+
+    async def engine_metrics(self, timeout_s: float) -> bytes | None:
+        """The engine's own /metrics page, None when it does not answer (200) in time."""
+        if self._engine_http is None or not self._engine_alive():
+            return None
+        try:
+            response = await self._engine_http.get("/metrics", timeout=timeout_s)
+        except httpx.HTTPError as exc:
+            logger.debug("cannot read the engine's metrics: %s", exc)
+            return None
+        return response.content if response.status_code == 200 else None
 
     async def _wait_ready(self) -> bool:
+        assert self._engine_http is not None
         started = last_progress = time.monotonic()
         while time.monotonic() - started < constants.ENGINE_READY_TIMEOUT_S:
             if self._stop.is_set() or not self._engine_alive():
                 return False
             try:
-                if (await self._http.get(f"{self._engine_url}/health")).status_code == 200:
+                if (await self._engine_http.get("/health")).status_code == 200:
                     logger.info(
                         "engine ready after %.1fs at %s", time.monotonic() - started, self._base_url
                     )
@@ -264,11 +331,10 @@ class Agent:
         return False
 
     async def _read_load(self, timeout_s: float = 5.0) -> WorkerLoad | None:
+        metrics = await self.engine_metrics(timeout_s)
         try:
-            response = await self._http.get(f"{self._engine_url}/metrics", timeout=timeout_s)
-            response.raise_for_status()
-            return parse_load(response.text)
-        except (httpx.HTTPError, ValueError) as exc:
+            return parse_load(metrics.decode()) if metrics is not None else None
+        except ValueError as exc:
             logger.debug("cannot read engine load: %s", exc)
             return None
 
@@ -290,15 +356,32 @@ class Agent:
             routing_policy=s.routing_policy,
             state=state,
             load=load,
+            engine_secret=self.engine_secret,
         )
+
+    def _auth(self) -> dict[str, str] | None:
+        """The cluster token for the controller (read again per call: files rotate)."""
+        return self._token.header() if self._token else None
 
     async def _register(self, load: WorkerLoad, state: WorkerState = WorkerState.READY) -> bool:
         body = self._registration(load, state).model_dump(mode="json")
         try:
-            response = await self._http.post(f"{self._controller}/workers/register", json=body)
+            response = await self._http.post(
+                f"{self._controller}/workers/register", json=body, headers=self._auth()
+            )
             response.raise_for_status()
         except httpx.HTTPError as exc:
-            logger.warning("cannot register with the controller at %s: %s", self._controller, exc)
+            if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 401:
+                logger.error(
+                    "the controller at %s refuses this worker's cluster token (or its lack of "
+                    "one): give it the cluster's (--cluster-token-file, $%s)",
+                    self._controller,
+                    env.CLUSTER_TOKEN,
+                )
+            else:
+                logger.warning(
+                    "cannot register with the controller at %s: %s", self._controller, exc
+                )
             return False
         reply = RegistrationReply.model_validate(response.json())
         self.heartbeat_interval_s = reply.heartbeat_interval_s
@@ -312,7 +395,9 @@ class Agent:
         """Send one heartbeat; False when the controller does not know us."""
         body = Heartbeat(worker_id=self.worker_id, load=load).model_dump(mode="json")
         try:
-            response = await self._http.post(f"{self._controller}/workers/heartbeat", json=body)
+            response = await self._http.post(
+                f"{self._controller}/workers/heartbeat", json=body, headers=self._auth()
+            )
             response.raise_for_status()
         except httpx.HTTPError as exc:
             logger.warning("heartbeat failed: %s", exc)
@@ -322,7 +407,9 @@ class Agent:
     async def _deregister(self) -> None:
         self.registered = False
         try:
-            await self._http.delete(f"{self._controller}/workers/{self.worker_id}")
+            await self._http.delete(
+                f"{self._controller}/workers/{self.worker_id}", headers=self._auth()
+            )
         except httpx.HTTPError as exc:
             logger.warning("cannot deregister (the controller will expire us): %s", exc)
 
@@ -355,7 +442,9 @@ class Agent:
     async def _drain(self) -> None:
         """Out of the routing table first, then wait for in-flight requests."""
         try:
-            await self._http.post(f"{self._controller}/workers/{self.worker_id}/drain")
+            await self._http.post(
+                f"{self._controller}/workers/{self.worker_id}/drain", headers=self._auth()
+            )
         except httpx.HTTPError as exc:
             logger.warning("cannot tell the controller we drain: %s", exc)
         started = time.monotonic()
@@ -373,8 +462,18 @@ class Agent:
             if proc is not None and proc.poll() is None:
                 logger.info("stopping the %s", what)
                 await asyncio.to_thread(procs.stop, proc, constants.REAPER_STOP_GRACE_S)
+        if self._relay is not None:  # after the engine: requests in flight were its to finish
+            await self._relay.stop()
+        if self._engine_http is not None:
+            await self._engine_http.aclose()
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
         logger.info("worker %s stopped", self.worker_id)
 
 
 def run_worker(settings: WorkerSettings) -> int:
-    return asyncio.run(Agent(settings).run())
+    try:
+        import uvloop  # uvicorn's [standard] extra: the relay's bytes move through this loop
+    except ImportError:
+        return asyncio.run(Agent(settings).run())
+    return int(uvloop.run(Agent(settings).run()))

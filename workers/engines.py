@@ -23,9 +23,16 @@ class Engine(Registered):
     default_capacity: ClassVar[int] = 256
     #: True when the engine runs on GPUs (or, on vLLM's CPU build, on bound cores).
     uses_accelerator: ClassVar[bool] = False
+    #: True when the engine can listen on a Unix socket: the agent then puts it on one, behind
+    #: its relay (workers/relay.py), so nothing reaches it without the worker's secret.
+    unix_socket: ClassVar[bool] = False
+    #: The environment variable that gives the engine an API key of its own (the secret).
+    api_key_variable: ClassVar[str | None] = None
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
+        #: The Unix socket to listen on (``unix_socket`` engines; the agent sets it).
+        self.socket: str | None = None
 
     @classmethod
     def resolve_source(cls, source: str) -> str:
@@ -41,6 +48,7 @@ class Engine(Registered):
         self.settings.source = self.resolve_source(self.settings.source)
 
     def command(self, port: int) -> list[str]:
+        """The engine's command line: listening on ``self.socket`` if set, else on ``port``."""
         raise NotImplementedError
 
     @classmethod

@@ -29,7 +29,8 @@ def head_address(settings: WorkerSettings) -> str:
 
 
 def dashboard_url(settings: WorkerSettings) -> str:
-    return f"http://{settings.nodes[0]}:{settings.ray_port + 1}"
+    """The head's dashboard, as the head itself reaches it (on loopback only: see below)."""
+    return f"http://127.0.0.1:{settings.ray_port + 1}"
 
 
 def ray_start_command(settings: WorkerSettings) -> list[str]:
@@ -46,8 +47,10 @@ def ray_start_command(settings: WorkerSettings) -> list[str]:
         str(settings.ray_port),
         "--include-dashboard",
         "true",
+        # Ray's dashboard serves its Jobs API (run any command) without authentication: on
+        # loopback, where only the head's own agent reads it (alive_nodes).
         "--dashboard-host",
-        me,
+        "127.0.0.1",
         "--dashboard-port",
         str(settings.ray_port + 1),
     ]

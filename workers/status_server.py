@@ -7,26 +7,33 @@ update waits for the new replica's engine before it stops an old one.
 ``/live`` answers while the agent's loop runs (loading a big model is not a
 reason to be killed). ``/metrics`` carries the agent's ``fleetserve_worker_*``
 metrics followed by the engine's own metrics, fetched at scrape time: one
-scrape target per worker gives both.
+scrape target per worker gives both. All three are open, as the controller's
+``/health`` and ``/metrics`` are (controller/api.py says why); the engine's
+own routes are reached only through the relay, with the worker's secret.
 
-It runs in the agent's event loop (aiohttp: no signal handlers of its own,
-unlike uvicorn's server, so the agent keeps its SIGTERM drain).
+It runs in the agent's event loop, with the limits of every fleetserve server
+(fleetserve/http.py), and without uvicorn's signal handlers: the agent keeps
+its SIGTERM drain.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-import aiohttp
-from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from fleetserve import constants
+from fleetserve.http import EmbeddedServer, make_config
 
 if TYPE_CHECKING:
     from workers.agent import Agent
@@ -74,53 +81,54 @@ class StatusServer:
         self._agent = agent
         self._metrics = CollectorRegistry()
         self._metrics.register(AgentCollector(agent))
-        self._runner: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._server: EmbeddedServer | None = None
+        self._task: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, agent: Agent) -> StatusServer:
         server = cls(agent)
-        port = agent.settings.status_port
-        if port is not None:
-            app = web.Application()
-            app.router.add_get("/health", server._health)
-            app.router.add_get("/live", server._live)
-            app.router.add_get("/metrics", server._prometheus)
-            server._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=constants.ENGINE_METRICS_TIMEOUT_S)
+        settings = agent.settings
+        if settings.status_port is not None:
+            app = Starlette(
+                routes=[
+                    Route("/health", server._health),
+                    Route("/live", server._live),
+                    Route("/metrics", server._prometheus),
+                ]
             )
-            server._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-            await server._runner.setup()
-            await web.TCPSite(server._runner, agent.settings.host, port).start()
+            config = make_config(
+                app, host=settings.host, port=settings.status_port, limits=agent.limits,
+                lifespan="off", graceful_s=1,
+            )  # fmt: skip
+            server._server = uvicorn = EmbeddedServer(config)
+            server._task = task = asyncio.create_task(uvicorn.serve())
+            while not uvicorn.started and not task.done():
+                await asyncio.sleep(0.01)
+            if task.done():
+                task.result()  # raises what stopped it (a port in use: uvicorn exits)
             logger.info(
                 "agent status on http://%s:%d (/health, /live, /metrics)",
-                agent.settings.host,
-                port,
+                settings.host,
+                settings.status_port,
             )
         return server
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-        if self._session is not None:
-            await self._session.close()
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            await self._task
 
-    async def _health(self, _: web.Request) -> web.Response:
+    async def _health(self, _: Request) -> Response:
         agent = self._agent
         body = {"status": "ready" if agent.ready else "not ready", "worker_id": agent.worker_id}
-        return web.json_response(body, status=200 if agent.ready else 503)
+        return JSONResponse(body, status_code=200 if agent.ready else 503)
 
-    async def _live(self, _: web.Request) -> web.Response:
-        return web.json_response({"status": "alive", "worker_id": self._agent.worker_id})
+    async def _live(self, _: Request) -> Response:
+        return JSONResponse({"status": "alive", "worker_id": self._agent.worker_id})
 
-    async def _prometheus(self, _: web.Request) -> web.Response:
+    async def _prometheus(self, _: Request) -> Response:
         text = generate_latest(self._metrics)
-        engine_url = self._agent._engine_url  # where the agent itself reads the engine's load
-        if engine_url and self._session is not None and self._agent._engine_alive():
-            try:
-                async with self._session.get(f"{engine_url}/metrics") as response:
-                    if response.status == 200:
-                        text += b"\n" + await response.read()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                logger.debug("engine metrics unavailable: %s", exc)
-        return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        engine = await self._agent.engine_metrics(constants.ENGINE_METRICS_TIMEOUT_S)
+        if engine is not None:
+            text += b"\n" + engine
+        return Response(text, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -121,11 +121,19 @@ def settings_argv(settings: BaseModel, skip: Sequence[str] = ()) -> list[str]:
 
 
 def add_controller_url(parser: argparse.ArgumentParser, purpose: str) -> None:
-    """``--controller-url`` for commands that talk to a controller."""
+    """``--controller-url``, and what to trust it with, for commands that talk to a controller."""
     parser.add_argument(
         "--controller-url",
         default=f"http://{constants.DEFAULT_HOST}:{constants.DEFAULT_CONTROLLER_PORT}",
         help=f"{purpose} (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--cluster-token-file",
+        help="File with the cluster token the controller asks for (default: "
+        f"${env.CLUSTER_TOKEN}, else the token `fleetserve up` made on this machine).",
+    )
+    parser.add_argument(
+        "--ca-file", help="Trust the controller's certificate when this CA (PEM) signed it."
     )
 
 

@@ -6,36 +6,44 @@ import argparse
 import logging
 from typing import Any
 
+from fleetserve.auth import is_loopback
 from fleetserve.cli.args import add_settings_arguments, settings_from
 from fleetserve.config import ControllerSettings
+from fleetserve.errors import ConfigError
+from fleetserve.http import HttpLimits, serve
 
 logger = logging.getLogger("fleetserve")
-
-
-def serve(app: Any, host: str, port: int, graceful_s: float, **options: Any) -> None:
-    """Run an ASGI app with uvicorn (uvloop and httptools: its [standard] extra)."""
-    import uvicorn
-
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level="warning",
-        access_log=False,
-        proxy_headers=False,  # fleetserve reads no X-Forwarded-*: skip that middleware
-        server_header=False,
-        timeout_graceful_shutdown=int(graceful_s),
-        **options,
-    )
 
 
 def cmd_controller(args: argparse.Namespace) -> int:
     from controller.api import build_app
 
     settings: ControllerSettings = settings_from(ControllerSettings, args)
-    logger.info("controller listening on http://%s:%d", settings.host, settings.port)
-    # Its only long requests are gateways' long-polls, which retry: no need to wait for them.
-    serve(build_app(settings), settings.host, settings.port, graceful_s=1)
+    app = build_app(settings)
+    if app.state.cluster_token is None:
+        if not is_loopback(settings.host) and not settings.insecure:
+            raise ConfigError(
+                f"refusing to listen on {settings.host} without a cluster token: anyone who "
+                "reaches the port could register a worker for any model and receive its "
+                "prompts, or drain every worker. Give --cluster-token-file FILE (or "
+                "$FLEETSERVE_CLUSTER_TOKEN), or --insecure to run it open anyway."
+            )
+        logger.warning(
+            "NO CLUSTER TOKEN: anyone who reaches port %d can register and drain workers",
+            settings.port,
+        )
+    scheme = "https" if settings.tls_cert_file else "http"
+    logger.info("controller listening on %s://%s:%d", scheme, settings.host, settings.port)
+    serve(
+        app,
+        host=settings.host,
+        port=settings.port,
+        limits=HttpLimits.of(settings),
+        tls_cert_file=settings.tls_cert_file,
+        tls_key_file=settings.tls_key_file,
+        # Its only long requests are gateways' long-polls, which retry: no need to wait for them.
+        graceful_s=1,
+    )
     return 0
 
 

@@ -9,9 +9,9 @@ from typing import Any
 
 from fleetserve import constants, env
 from fleetserve.cli.args import add_settings_arguments, settings_from
-from fleetserve.cli.controller import serve
 from fleetserve.config import GatewaySettings
 from fleetserve.errors import ConfigError
+from fleetserve.http import HttpLimits, serve
 
 logger = logging.getLogger("fleetserve")
 
@@ -23,25 +23,31 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     if not settings.controller_url:
         raise ConfigError("--controller-url is required")
     logger.info(
-        "gateway listening on http://%s:%d/v1 (%d processes)",
+        "gateway listening on %s://%s:%d/v1 (%d processes)",
+        "https" if settings.tls_cert_file else "http",
         settings.host,
         settings.port,
         settings.processes,
     )
-    # Let streams in flight finish (workers drain before the gateway stops in `up`).
-    graceful_s = constants.STOP_GRACE_S
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "limits": HttpLimits.of(settings),
+        "tls_cert_file": settings.tls_cert_file,
+        "tls_key_file": settings.tls_key_file,
+        # Let streams in flight finish (workers drain before the gateway stops in `up`).
+        "graceful_s": constants.STOP_GRACE_S,
+    }
     if settings.processes == 1:
-        serve(build_app(settings), settings.host, settings.port, graceful_s)
+        serve(build_app(settings), **options)
         return 0
     # uvicorn's worker processes import the app by name and rebuild it from these settings.
     os.environ[env.GATEWAY_SETTINGS] = settings.model_dump_json()
     serve(
         "gateway.server:build_app_from_environment",
-        settings.host,
-        settings.port,
-        graceful_s,
         factory=True,
         workers=settings.processes,
+        **options,
     )
     return 0
 

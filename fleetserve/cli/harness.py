@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -22,7 +23,9 @@ from typing import Any, Self
 import httpx
 
 from fleetserve import constants, procs
+from fleetserve.auth import client_tls, client_token
 from fleetserve.cli.args import settings_argv
+from fleetserve.cli.status import fetch_table
 from fleetserve.config import ControllerSettings, GatewaySettings, WorkerSettings
 from fleetserve.env import CPU_THREADS_BIND
 from fleetserve.errors import FleetserveError
@@ -111,14 +114,19 @@ class Component:
     def log_tail(self, lines: int = 15) -> str:
         return "\n".join(self.log().splitlines()[-lines:])
 
-    def wait_http(self, url: str, timeout_s: float = COMPONENT_START_TIMEOUT_S) -> None:
+    def wait_http(
+        self,
+        url: str,
+        timeout_s: float = COMPONENT_START_TIMEOUT_S,
+        verify: ssl.SSLContext | bool = True,
+    ) -> None:
         """Until ``url`` answers 200; ComponentFailed if the process exits or time runs out."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self.alive():
                 raise ComponentFailed(f"{self.name} exited; its log:\n{self.log_tail(40)}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url, timeout=1.0).status_code == 200:
+                if httpx.get(url, timeout=1.0, verify=verify).status_code == 200:
                     return
             time.sleep(0.2)
         raise ComponentFailed(
@@ -152,7 +160,11 @@ class Cluster:
     """A controller and a gateway from their settings, and workers added one at a time.
 
     ``env`` is added to every component's environment; ``log_level`` is each one's
-    `fleetserve --log-level`.
+    `fleetserve --log-level`. ``cluster_token_file``: every component is given it (its
+    path, never the token, on their command lines); without it they find the token
+    where fleetserve/auth.py says, or run without one. With TLS settings (the controller's
+    and gateway's certificates, the gateway's ``ca_file``), URLs are https and every
+    client here (workers, this harness) trusts ``ca_file``.
     """
 
     def __init__(
@@ -162,15 +174,26 @@ class Cluster:
         gateway: GatewaySettings,
         env: Mapping[str, str] | None = None,
         log_level: str | None = None,
+        cluster_token_file: Path | None = None,
     ) -> None:
         self.log_dir = log_dir
+        token_file = str(cluster_token_file) if cluster_token_file else None
+        self.cluster_token_file = token_file
+        if token_file:
+            controller = controller.model_copy(update={"cluster_token_file": token_file})
+            gateway = gateway.model_copy(update={"cluster_token_file": token_file})
+        self.token = client_token(token_file)
         self.controller_settings = controller
         self.gateway_settings = gateway
         self.env = dict(env or {})
         self._global = ["--log-level", log_level] if log_level else []
-        self.controller_url = f"http://{reachable(controller.host)}:{controller.port}"
+        scheme = "https" if controller.tls_cert_file else "http"
+        self.controller_url = f"{scheme}://{reachable(controller.host)}:{controller.port}"
         gateway.controller_url = gateway.controller_url or self.controller_url
-        self.gateway_url = f"http://{reachable(gateway.host)}:{gateway.port}"
+        scheme = "https" if gateway.tls_cert_file else "http"
+        self.gateway_url = f"{scheme}://{reachable(gateway.host)}:{gateway.port}"
+        self.ca_file = gateway.ca_file
+        self.verify = client_tls(self.ca_file)
         self.components: list[Component] = []
         self.workers: list[Component] = []
         self.controller: Component | None = None
@@ -232,12 +255,12 @@ class Cluster:
             f"controller-{len(self.components)}" if self.controller else "controller",
             ["controller", *settings_argv(self.controller_settings)],
         )
-        self.controller.wait_http(f"{self.controller_url}/health")
+        self.controller.wait_http(f"{self.controller_url}/health", verify=self.verify)
         return self.controller
 
     def start_gateway(self) -> Component:
         self.gateway = self.start("gateway", ["gateway", *settings_argv(self.gateway_settings)])
-        self.gateway.wait_http(f"{self.gateway_url}/health")
+        self.gateway.wait_http(f"{self.gateway_url}/health", verify=self.verify)
         return self.gateway
 
     def add_replica(
@@ -245,6 +268,7 @@ class Cluster:
     ) -> Component:
         """A worker of ``settings`` (its controller: this cluster's); ``name`` names its log."""
         settings.controller_url = self.controller_url
+        settings.ca_file = settings.ca_file or self.ca_file
         argv = settings_argv(settings, skip=("engine_args",))
         return self.start_worker(name, [*argv, "--", *settings.engine_args], env)
 
@@ -252,18 +276,34 @@ class Cluster:
         self, name: str, args: list[str], env: Mapping[str, str] | None = None
     ) -> Component:
         """`fleetserve worker ARGS`, drained with the cluster's other workers."""
+        if self.cluster_token_file and "--cluster-token-file" not in args:
+            args = ["--cluster-token-file", self.cluster_token_file, *args]
+        if self.ca_file and "--ca-file" not in args:
+            args = ["--ca-file", self.ca_file, *args]
         worker = self.start(name, ["worker", *args], env)
         self.workers.append(worker)
         return worker
 
     def table(self) -> RouteTable:
-        return RouteTable.model_validate_json(
-            httpx.get(f"{self.controller_url}/workers", timeout=5.0).content
+        return fetch_table(self.controller_url, self.token, self.ca_file)
+
+    def routes(self) -> RouteTable:
+        """The table as gateways get it (the engines' secrets in it), for benchmarks and tests
+        that reach engines the way a gateway does."""
+        response = httpx.get(
+            f"{self.controller_url}/routes",
+            params={"timeout_s": 0},
+            headers=self.token.header() if self.token else None,
+            verify=self.verify,
+            timeout=5.0,
         )
+        response.raise_for_status()
+        return RouteTable.model_validate_json(response.content)
 
     def gateway_health(self, url: str | None = None) -> dict[str, Any]:
         """A gateway's /health (no API key needed there): its table version and models."""
-        health: dict[str, Any] = httpx.get(f"{url or self.gateway_url}/health", timeout=5.0).json()
+        url = f"{url or self.gateway_url}/health"
+        health: dict[str, Any] = httpx.get(url, timeout=5.0, verify=self.verify).json()
         return health
 
     def gateway_routes(self, table: RouteTable, url: str | None = None) -> bool:

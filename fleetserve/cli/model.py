@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 from rich.table import Table
 
+from fleetserve.auth import ClusterToken, client_token
 from fleetserve.cli.args import add_controller_url
 from fleetserve.cli.status import fetch_table, make_console
 from workers.llamacpp.convert import QUANT_TYPES
@@ -28,14 +29,19 @@ def cmd_model_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def served_by(models: list[CachedModel], controller_url: str) -> bool:
+def served_by(
+    models: list[CachedModel],
+    controller_url: str,
+    token: ClusterToken | None = None,
+    ca_file: str | None = None,
+) -> bool:
     """Fill each model's ``served_by`` with the workers serving it under its cache name.
 
     Workers register names, not files, so a model served under another name is not
     matched. False (and nothing filled) when the controller cannot be reached.
     """
     try:
-        table = fetch_table(controller_url.rstrip("/"))
+        table = fetch_table(controller_url, token, ca_file)
     except (httpx.HTTPError, ValueError):
         return False
     for model in models:
@@ -47,7 +53,7 @@ def cmd_model_list(args: argparse.Namespace) -> int:
     from workers.modelcache import list_models
 
     models = list_models()
-    served_by(models, args.controller_url)
+    served_by(models, args.controller_url, client_token(args.cluster_token_file), args.ca_file)
     console = make_console()
     if not models:
         console.print("no models in the cache yet (`fleetserve model convert`, `fleetserve up`)")

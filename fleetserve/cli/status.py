@@ -12,6 +12,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from fleetserve.auth import ClusterToken, client_tls, client_token
 from fleetserve.cli.args import add_controller_url
 from fleetserve.protocol import RouteTable, WorkerView
 
@@ -21,10 +22,29 @@ def make_console() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=160)
 
 
-def fetch_table(controller_url: str) -> RouteTable:
-    return RouteTable.model_validate_json(
-        httpx.get(f"{controller_url}/workers", timeout=5.0).content
+def fetch_table(
+    controller_url: str, token: ClusterToken | None = None, ca_file: str | None = None
+) -> RouteTable:
+    """The controller's view of the workers (engine secrets left out); httpx.HTTPError if it
+    cannot be had (HTTPStatusError: a 401 for a missing or wrong cluster token)."""
+    response = httpx.get(
+        f"{controller_url.rstrip('/')}/workers",
+        headers=token.header() if token else None,
+        verify=client_tls(ca_file),
+        timeout=5.0,
     )
+    response.raise_for_status()
+    return RouteTable.model_validate_json(response.content)
+
+
+def describe_failure(controller_url: str, exc: httpx.HTTPError) -> str:
+    """What to tell a user whose request to the controller failed."""
+    if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 401:
+        return (
+            f"the controller at {controller_url} refused: it needs the cluster token "
+            "(--cluster-token-file FILE, or $FLEETSERVE_CLUSTER_TOKEN)"
+        )
+    return f"cannot reach the controller at {controller_url}: {exc}"
 
 
 class TokenRates:
@@ -104,15 +124,21 @@ def _view(table: RouteTable, rates: dict[str, float]) -> Group:
     return Group(models_table(table, rates), workers_table(table, rates))
 
 
-def print_status(console: Console, controller_url: str, watch_s: float | None = None) -> int:
+def print_status(
+    console: Console,
+    controller_url: str,
+    watch_s: float | None = None,
+    token: ClusterToken | None = None,
+    ca_file: str | None = None,
+) -> int:
     """Print the picture once, or (``watch_s``) redraw it every ``watch_s`` until Ctrl-C."""
     url = controller_url.rstrip("/")
     rates = TokenRates()
     if watch_s is None:
         try:
-            table = fetch_table(url)
+            table = fetch_table(url, token, ca_file)
         except httpx.HTTPError as exc:
-            console.print(f"[red]cannot reach the controller at {url}: {exc}[/red]")
+            console.print(f"[red]{describe_failure(url, exc)}[/red]")
             return 1
         console.print(_view(table, {}))
         return 0
@@ -120,10 +146,10 @@ def print_status(console: Console, controller_url: str, watch_s: float | None = 
         try:
             while True:
                 try:
-                    table = fetch_table(url)
+                    table = fetch_table(url, token, ca_file)
                     live.update(_view(table, rates.update(table, time.monotonic())), refresh=True)
                 except httpx.HTTPError as exc:
-                    live.update(f"[red]cannot reach the controller at {url}: {exc}[/red]")
+                    live.update(f"[red]{describe_failure(url, exc)}[/red]")
                     live.refresh()
                 time.sleep(watch_s)
         except KeyboardInterrupt:
@@ -132,7 +158,8 @@ def print_status(console: Console, controller_url: str, watch_s: float | None = 
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    return print_status(make_console(), args.controller_url, args.watch)
+    token = client_token(args.cluster_token_file)
+    return print_status(make_console(), args.controller_url, args.watch, token, args.ca_file)
 
 
 def register(sub: Any) -> None:

@@ -15,10 +15,11 @@ import httpx
 import yaml
 from rich.console import Console
 
-from fleetserve import paths
+from fleetserve import env, paths
+from fleetserve.auth import ensure_token_file
 from fleetserve.cli.args import validation_context
 from fleetserve.cli.harness import Cluster, Component, ComponentFailed, reachable
-from fleetserve.cli.status import fetch_table, make_console, workers_table
+from fleetserve.cli.status import make_console, workers_table
 from fleetserve.config import (
     ClusterConfig,
     Device,
@@ -112,7 +113,12 @@ def run_local_cluster(
     log_dir.mkdir(parents=True, exist_ok=True)
 
     g = cluster.gateway
-    local = Cluster(log_dir, cluster.controller, _gateway_settings(g, log_dir))
+    # Every component gets the cluster token: the one given ($FLEETSERVE_CLUSTER_TOKEN, which
+    # they inherit: nodes of one cluster share it), else this machine's file, made once (0600).
+    token_file = None if env.cluster_token() else ensure_token_file(paths.cluster_token_file())
+    local = Cluster(
+        log_dir, cluster.controller, _gateway_settings(g, log_dir), cluster_token_file=token_file
+    )
     # Workers listen where the gateway does; they register the address others reach them at.
     advertise_host = advertise_host or reachable(g.host)
     stopping = False
@@ -138,6 +144,10 @@ def run_local_cluster(
             f"fleetserve gateway: [bold]{endpoint}[/bold]   controller: {local.controller_url}"
         )
         console.print(f"logs: {log_dir}")
+        if token_file is not None:
+            console.print(
+                f"cluster token: {token_file} (this machine's fleetserve commands use it)"
+            )
         expected = sum(spec.replicas for spec in cluster.models)
         _report_until_stopped(console, local, expected, lambda: stopping)
     except ComponentFailed as exc:
@@ -168,7 +178,7 @@ def _report_until_stopped(
             if component not in local.workers:
                 return
         try:
-            table = fetch_table(local.controller_url)
+            table = local.table()
         except httpx.HTTPError:
             time.sleep(0.5)
             continue
@@ -238,6 +248,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         cluster.controller.port = args.controller_port
     if args.host is not None:
         cluster.gateway.host = cluster.controller.host = args.host
+    if args.keys_file is not None:
+        cluster.gateway.keys, cluster.gateway.keys_file = [], str(args.keys_file)
     return run_local_cluster(cluster, args.device, args.advertise_host, args.log_dir)
 
 
@@ -295,5 +307,10 @@ def register(sub: Any) -> None:
     )
     up.add_argument(
         "--log-dir", type=Path, help="Where component logs go (default: under ~/.cache/fleetserve)."
+    )
+    up.add_argument(
+        "--keys-file",
+        type=Path,
+        help="The gateway's API keys (`fleetserve key new`), instead of the file's gateway.keys.",
     )
     up.set_defaults(func=cmd_up)

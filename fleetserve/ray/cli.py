@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from fleetserve.auth import client_token
 from fleetserve.cli.args import add_controller_url, validation_context
 from fleetserve.cli.status import make_console
 from fleetserve.config import load_cluster_file
@@ -18,7 +19,8 @@ def cmd_ray(args: argparse.Namespace) -> int:
         cluster = load_cluster_file(args.file, context=validation_context())
         return deploy(cluster, args.controller_url, args.address, console)
     if args.ray_command == "status":
-        return status(args.controller_url, args.address, console)
+        token = client_token(args.cluster_token_file)
+        return status(args.controller_url, args.address, console, token, args.ca_file)
     return down(args.address, console)
 
 

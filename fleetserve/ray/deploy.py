@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from fleetserve import __version__, constants
-from fleetserve.cli.status import fetch_table
+from fleetserve.auth import ClusterToken
+from fleetserve.cli.status import describe_failure, fetch_table
 from fleetserve.config import ClusterConfig, ModelSpec, slug
 from fleetserve.errors import ConfigError
 from workers.engines import Engine
@@ -211,13 +212,19 @@ def _name(state: Any) -> str:
     return str(getattr(state, "value", state))
 
 
-def status(controller_url: str, address: str | None, console: Console) -> int:
+def status(
+    controller_url: str,
+    address: str | None,
+    console: Console,
+    token: ClusterToken | None = None,
+    ca_file: str | None = None,
+) -> int:
     """One row per model: Ray's view (replica states) next to the controller's (workers)."""
     _connect(address)
     try:
-        workers = fetch_table(controller_url.rstrip("/")).workers
+        workers = fetch_table(controller_url, token, ca_file).workers
     except httpx.HTTPError as exc:
-        console.print(f"[yellow]controller at {controller_url} unreachable: {exc}[/yellow]")
+        console.print(f"[yellow]{describe_failure(controller_url, exc)}[/yellow]")
         workers = []
     view = Table(title="fleetserve on Ray")
     for column in ("application", "status", "replicas (Ray)", "workers registered"):

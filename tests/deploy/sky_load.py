@@ -3,10 +3,10 @@
 Runs under .venv-sky's Python (skypilot's pins clash with fleetserve's, see
 scripts/setup.sh), so it imports nothing from fleetserve:
 
-    .venv-sky/bin/python tests/deploy/sky_load.py deploy/worker.yaml --env MODEL=m
+    .venv-sky/bin/python tests/deploy/sky_load.py deploy/worker.yaml --env MODEL=m --secret K=V
 
-Without ``--env`` a file goes through ``sky.Task.from_yaml``; with it, through
-the loader `sky launch --env` uses. A file SkyPilot rejects exits 1 with
+Without ``--env`` or ``--secret`` a file goes through ``sky.Task.from_yaml``; with them,
+through the loader `sky launch --env --secret` uses. A file SkyPilot rejects exits 1 with
 SkyPilot's message on stderr.
 """
 
@@ -46,17 +46,21 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("paths", nargs="+")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE, as sky launch")
+    parser.add_argument("--secret", action="append", default=[], help="NAME=VALUE, as sky launch")
     args = parser.parse_args()
 
     import sky
     from sky.utils import dag_utils
 
     overrides = [tuple(item.split("=", 1)) for item in args.env]
+    secrets = [tuple(item.split("=", 1)) for item in args.secret]
     out = {}
     for path in args.paths:
         try:
-            if overrides:
-                dag = dag_utils.load_chain_dag_from_yaml(path, env_overrides=overrides)
+            if overrides or secrets:
+                dag = dag_utils.load_chain_dag_from_yaml(
+                    path, env_overrides=overrides or None, secret_overrides=secrets or None
+                )
                 (task,) = dag.tasks
             else:
                 task = sky.Task.from_yaml(path)

@@ -23,12 +23,22 @@ DEPLOY = REPO / "deploy"
 SKY_PYTHON = REPO / ".venv-sky" / "bin" / "python"
 SKY_LOAD = Path(__file__).with_name("sky_load.py")
 YAMLS = ("serve.yaml", "service.yaml", "cluster.yaml", "worker.yaml")
+# What a user gives `sky launch --secret NAME` (read from the shell): the endpoints' API key
+# and the cluster token of the YAMLs that span machines.
+LAUNCH_SECRETS = {
+    "API_KEY": "sk-deploy-test-0123456789abcdef",
+    "FLEETSERVE_CLUSTER_TOKEN": "deploy-test-cluster-token-0123456789abcdef",
+}
 
 
 def load_tasks(
-    paths: list[Path], home: Path, env: dict[str, str] | None = None
+    paths: list[Path],
+    home: Path,
+    env: dict[str, str] | None = None,
+    secrets: dict[str, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Each YAML as SkyPilot parses it (see sky_load.py), keyed by file name.
+    """Each YAML as SkyPilot parses it (see sky_load.py), keyed by file name; ``env`` and
+    ``secrets`` as `sky launch --env NAME=VALUE --secret NAME=VALUE` give them.
 
     Fails with SkyPilot's own message when SkyPilot rejects a file.
     """
@@ -36,6 +46,8 @@ def load_tasks(
     cmd = [str(SKY_PYTHON), str(SKY_LOAD), *map(str, paths)]
     for name, value in (env or {}).items():
         cmd += ["--env", f"{name}={value}"]
+    for name, value in (secrets or {}).items():
+        cmd += ["--secret", f"{name}={value}"]
     # SkyPilot keeps its state under ~/.sky: a home of the test session's own.
     sky_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     sky_env["HOME"] = str(home)

@@ -22,6 +22,7 @@ import pytest
 from fleetserve.protocol import RouteTable
 from tests.conftest import module_log_dir
 from tests.deploy.skypilot import (
+    LAUNCH_SECRETS,
     REPO,
     YAMLS,
     NodeJob,
@@ -36,7 +37,9 @@ _VLLM_START_S = 300
 
 
 def _client(gateway_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{gateway_url}/v1", api_key="unused", max_retries=0)
+    """A client of the endpoint, with the API key given to `sky launch --secret API_KEY`."""
+    api_key = LAUNCH_SECRETS["API_KEY"]
+    return openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=api_key, max_retries=0)
 
 
 def _ask(gateway_url: str, model: str) -> Any:
@@ -45,8 +48,14 @@ def _ask(gateway_url: str, model: str) -> Any:
     )
 
 
-def _table(controller_url: str) -> RouteTable:
-    return RouteTable.model_validate_json(httpx.get(f"{controller_url}/workers", timeout=5).content)
+def _table(
+    controller_url: str, token: str = LAUNCH_SECRETS["FLEETSERVE_CLUSTER_TOKEN"]
+) -> RouteTable:
+    """The controller's table, read with the cluster token given to the YAML."""
+    headers = {"Authorization": f"Bearer {token}"}
+    response = httpx.get(f"{controller_url}/workers", headers=headers, timeout=5)
+    response.raise_for_status()
+    return RouteTable.model_validate_json(response.content)
 
 
 @pytest.mark.parametrize(
@@ -194,7 +203,10 @@ def test_service_yaml_replica_passes_skyserves_readiness_probe(
     def ready() -> bool:  # what SkyServe's controller does to each replica
         job.check_running()
         try:
-            return httpx.post(gateway_url + probe["path"], json=probe["post_data"]).is_success
+            response = httpx.post(
+                gateway_url + probe["path"], json=probe["post_data"], headers=probe["headers"]
+            )
+            return response.is_success
         except httpx.HTTPError:
             return False
 

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.deploy.conftest import WORKER_REQUIRED_ENV
-from tests.deploy.skypilot import DEPLOY, YAMLS, load_tasks, skypilot_env
+from tests.deploy.skypilot import DEPLOY, LAUNCH_SECRETS, YAMLS, load_tasks, skypilot_env
 
 
 def test_every_yaml_is_parsed(tasks: dict[str, dict[str, Any]]) -> None:
@@ -24,8 +25,8 @@ def test_every_yaml_is_parsed(tasks: dict[str, dict[str, Any]]) -> None:
     for name, task in tasks.items():
         assert task["workdir"] == ".", f"{name}: setup installs fleetserve from the synced repo"
         assert "scripts/setup.sh" in task["setup"], name
-        assert task["secrets"] == {"HF_TOKEN": ""}, f"{name}: the HF token is a secret"
-        assert "HF_TOKEN" not in task["envs"], name
+        assert task["secrets"]["HF_TOKEN"] == "", f"{name}: the HF token is a secret"
+        assert not set(task["secrets"]) & set(task["envs"]), name
         for option in task["resources"]:
             ((gpu, count),) = option["accelerators"].items()
             assert count >= 1, f"{name}: {gpu}:{count}"
@@ -66,6 +67,42 @@ def test_service_yaml_is_a_skyserve_service_probed_with_a_one_token_request(
     assert policy["target_qps_per_replica"] > 0
     assert all(option["use_spot"] for option in task["resources"])
     assert policy["dynamic_ondemand_fallback"] is True  # on-demand stands in for lost spot
+
+
+@pytest.mark.parametrize(
+    ("name", "required"),
+    [
+        ("serve.yaml", {"API_KEY"}),
+        ("service.yaml", {"API_KEY"}),
+        ("cluster.yaml", {"API_KEY", "FLEETSERVE_CLUSTER_TOKEN"}),
+        ("worker.yaml", {"FLEETSERVE_CLUSTER_TOKEN"}),
+    ],
+)
+def test_endpoints_need_an_api_key_and_clusters_a_token(name: str, required: set[str]) -> None:
+    """Secrets without a value: SkyPilot launches only with `--secret NAME` (never an env, which
+    `sky status` and the dashboard show)."""
+    secrets = yaml.safe_load((DEPLOY / name).read_text())["secrets"]
+    assert {key for key, value in secrets.items() if value is None} == required
+
+
+def test_the_readiness_probe_sends_the_api_key(tasks: dict[str, dict[str, Any]]) -> None:
+    probe = tasks["service.yaml"]["service"]["readiness_probe"]
+    assert probe["headers"] == {"Authorization": f"Bearer {LAUNCH_SECRETS['API_KEY']}"}
+
+
+def test_the_api_key_reaches_fleetserve_on_stdin_only(
+    tasks: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    for name in ("serve.yaml", "service.yaml", "cluster.yaml"):
+        calls = _calls(tasks[name], tmp_path / name, rank=0, keys=True)
+        (key,) = [c for c in calls if c["argv"][0] == "key"]
+        assert key["argv"][:2] == ["key", "hash"] and key["stdin"] == LAUNCH_SECRETS["API_KEY"]
+        (gateway,) = [c for c in calls if c["argv"][0] in ("up", "gateway")]
+        assert _flags(gateway["argv"])["keys-file"].endswith("gateway-keys.yaml")
+        for call in calls:
+            assert not {LAUNCH_SECRETS["API_KEY"], LAUNCH_SECRETS["FLEETSERVE_CLUSTER_TOKEN"]} & {
+                *call["argv"]
+            }, call
 
 
 def test_cluster_yaml_has_several_nodes(tasks: dict[str, dict[str, Any]]) -> None:
@@ -110,15 +147,18 @@ def test_a_misspelled_key_fails_with_skypilots_message(
 _RECORDING_FLEETSERVE = """#!/usr/bin/env bash
 python3 -c 'import json, os, sys
 call = {"argv": sys.argv[1:], "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
+if sys.argv[1] == "key":
+    call["stdin"] = sys.stdin.read()
 fd = os.open(os.environ["FLEETSERVE_CALLS"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
 os.write(fd, (json.dumps(call) + "\\n").encode())' "$@"
 """
 
 
 def _calls(
-    task: dict[str, Any], tmp_path: Path, expect_rc: int = 0, **node: Any
+    task: dict[str, Any], tmp_path: Path, expect_rc: int = 0, keys: bool = False, **node: Any
 ) -> list[dict[str, Any]]:
-    """Run ``task``'s run script on one node with a recording fleetserve; its calls, sorted."""
+    """Run ``task``'s run script on one node with a recording fleetserve; its calls, sorted
+    (``keys``: with the `fleetserve key` calls that write the gateway's keys file)."""
     workdir = tmp_path / f"node-{node.get('rank', 0)}"
     stub = workdir / ".venv" / "bin" / "fleetserve"
     stub.parent.mkdir(parents=True)
@@ -128,6 +168,7 @@ def _calls(
     overrides = {k: str(v) for k, v in node.pop("env", {}).items()}
     env = skypilot_env(task, dict(os.environ), **node, **overrides)
     env["FLEETSERVE_CALLS"] = str(calls)
+    env["FLEETSERVE_HOME"] = str(workdir / "fleetserve-home")  # the keys file goes there
     done = subprocess.run(
         ["bash", "-c", task["run"]], cwd=workdir, env=env, capture_output=True, text=True
     )
@@ -135,6 +176,7 @@ def _calls(
     if not calls.exists():
         return []
     records = [json.loads(line) for line in calls.read_text().splitlines()]
+    records = [r for r in records if keys or r["argv"][0] != "key"]
     return sorted(records, key=lambda r: (r["argv"][0], r["gpus"] or ""))
 
 

@@ -446,7 +446,7 @@ def test_gateway_reads_its_api_keys_from_a_secret(overlay: str) -> None:
     settings: GatewaySettings = container_settings(pod["containers"][0])
     assert settings.keys_file and not settings.keys
     mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
-    (volume,) = [v for v in pod["volumes"] if "secret" in v]
+    (volume,) = [v for v in pod["volumes"] if mounts.get(v["name"]) == "/etc/fleetserve/keys"]
     assert str(Path(settings.keys_file).parent) == mounts[volume["name"]]
     assert not volume["secret"].get("optional"), "a gateway without its keys would be open"
     secrets = [
@@ -460,6 +460,32 @@ def test_gateway_reads_its_api_keys_from_a_secret(overlay: str) -> None:
         assert KeysFile.model_validate(yaml.safe_load(keys_yaml)).keys
     else:
         assert secrets == [], "real clusters create their keys Secret themselves"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_component_reads_the_cluster_token_from_a_secret(overlay: str) -> None:
+    """Controller, gateways and workers read one Secret's file (not an argument, which `ps`
+    shows, nor an environment variable, which would need a restart to rotate)."""
+    objs = render(overlay)
+    secret_names = set()
+    for deployment in [d for n in ("controller", "gateway", "worker") for d in component(objs, n)]:
+        pod = pod_spec(deployment)
+        container = pod["containers"][0]
+        settings = container_settings(container)
+        assert settings.cluster_token_file, deployment["metadata"]["name"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volume_name = mounts[str(Path(settings.cluster_token_file).parent)]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == volume_name]
+        assert not volume["secret"].get("optional"), "a controller without it would be open"
+        secret_names.add(volume["secret"]["secretName"])
+        assert "FLEETSERVE_CLUSTER_TOKEN" not in {e["name"] for e in container.get("env", [])}
+    (name,) = secret_names  # one token for the whole cluster
+    secrets = [s for s in of_kind(objs, "Secret") if s["metadata"]["name"] == name]
+    if overlay == "cpu-demo":
+        (secret,) = secrets
+        assert base64.b64decode(secret["data"][Path(settings.cluster_token_file).name])
+    else:
+        assert secrets == [], "real clusters make their token themselves"
 
 
 # -- monitoring --------------------------------------------------------------------------

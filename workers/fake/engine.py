@@ -10,7 +10,10 @@ from workers.engines import Engine
 class FakeEngine(Engine, name="fake"):
     """Starts workers/fake/server.py; engine args are its flags (``--tokens-per-s 50``)."""
 
+    unix_socket = True
+
     def command(self, port: int) -> list[str]:
         s = self.settings
-        cmd = [sys.executable, "-m", "workers.fake.server", "--host", s.host, "--port", str(port)]
+        cmd = [sys.executable, "-m", "workers.fake.server"]
+        cmd += ["--uds", self.socket] if self.socket else ["--host", s.host, "--port", str(port)]
         return [*cmd, "--served-name", *s.model_names, *s.engine_args]

@@ -17,13 +17,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from fleetserve.errors import error_body
+from fleetserve.http import serve
 from workers.load import vllm_load_metrics
 
 DEFAULT_MAX_TOKENS = 16
@@ -170,15 +170,14 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--uds", help="Listen on this Unix socket instead of --host/--port.")
     parser.add_argument("--served-name", nargs="+", required=True, help="Model names to answer to.")
     parser.add_argument("--tokens-per-s", type=float, default=0.0, help="0: as fast as possible.")
     parser.add_argument("--ttft-s", type=float, default=0.0, help="Delay before the first token.")
     args = parser.parse_args(argv)
     engine = FakeServer(args.served_name, args.tokens_per_s, args.ttft_s)
-    uvicorn.run(
-        build_app(engine), host=args.host, port=args.port, log_level="warning", access_log=False
-    )
+    serve(build_app(engine), host=args.host, port=args.port, uds=args.uds)
 
 
 if __name__ == "__main__":

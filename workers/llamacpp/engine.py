@@ -50,6 +50,7 @@ class LlamaCppEngine(Engine, name="llamacpp"):
 
     # llama-cpp-python's server generates for one request at a time; more wait for it.
     default_capacity = 1
+    unix_socket = True
 
     @classmethod
     def resolve_source(cls, source: str) -> str:
@@ -58,7 +59,8 @@ class LlamaCppEngine(Engine, name="llamacpp"):
     def command(self, port: int) -> list[str]:
         s = self.settings
         cmd = [sys.executable, "-m", "workers.llamacpp.python_server", "--model", s.source]
-        cmd += ["--host", s.host, "--port", str(port), "--served-name", *s.model_names]
+        cmd += ["--uds", self.socket] if self.socket else ["--host", s.host, "--port", str(port)]
+        cmd += ["--served-name", *s.model_names]
         return cmd + s.engine_args
 
     @classmethod
@@ -81,11 +83,14 @@ class LlamaServerEngine(LlamaCppEngine, name="llama-server"):
 
     # llama-server's own default: --parallel -1 (auto) runs 4 slots.
     default_capacity = 4
+    api_key_variable = "LLAMA_API_KEY"
 
     def command(self, port: int) -> list[str]:
         s = self.settings
         cmd = [str(source.server_binary()), "--model", s.source]
-        cmd += ["--alias", s.model_names[0], "--host", s.host, "--port", str(port)]
+        # llama-server listens on a Unix socket when its --host ends in .sock
+        listen = ["--host", self.socket] if self.socket else ["--host", s.host, "--port", str(port)]
+        cmd += ["--alias", s.model_names[0], *listen]
         cmd += ["--metrics", "--no-webui"]
         if cpu_has_amx():
             # quantized models crashed in llama.cpp's AMX kernels (0.3.36, Xeon with AMX)

@@ -201,16 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="The GGUF file.")
     parser.add_argument("--served-name", nargs="+", required=True, help="Names clients use.")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--uds", help="Listen on this Unix socket instead of --host/--port.")
     args, engine_args = parser.parse_known_args(argv)
     try:
         app = build_app(args.model, args.served_name, engine_args)
     except ConfigError as exc:
         sys.exit(f"llamacpp engine: {exc}")
 
-    import uvicorn
+    from fleetserve.http import serve
 
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    serve(app, host=args.host, port=args.port, uds=args.uds)
     return 0
 
 

@@ -30,6 +30,9 @@ class VllmEngine(Engine, name="vllm", default=True):
     """vLLM's OpenAI server, sharded over ``tensor_parallel_size`` GPUs (or CPU workers)."""
 
     uses_accelerator = True
+    unix_socket = True
+    # guards only /v1, /v2, /inference and /cohere: the relay guards the rest
+    api_key_variable = "VLLM_API_KEY"
 
     @classmethod
     def resolve_source(cls, source: str) -> str:
@@ -46,7 +49,7 @@ class VllmEngine(Engine, name="vllm", default=True):
         # the module entry point works for both builds.
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
         cmd += ["--model", s.source, "--served-model-name", *s.model_names]
-        cmd += ["--host", s.host, "--port", str(port)]
+        cmd += ["--uds", self.socket] if self.socket else ["--host", s.host, "--port", str(port)]
         cmd += ["--tensor-parallel-size", str(s.tensor_parallel_size)]
         if s.pipeline_parallel_size > 1:
             cmd += ["--pipeline-parallel-size", str(s.pipeline_parallel_size)]

@@ -18,6 +18,13 @@ EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "port": 9001,
         "heartbeat_interval_s": 0.5,
         "expiry_after_s": 2.5,
+        "cluster_token_file": "/etc/fleetserve/cluster-token",
+        "insecure": True,
+        "tls_cert_file": "/etc/fleetserve/tls.crt",
+        "tls_key_file": "/etc/fleetserve/tls.key",
+        "header_timeout_s": 5.0,
+        "max_header_bytes": 16384,
+        "max_connections": 100,
     },
     GatewaySettings: {
         "host": "0.0.0.0",
@@ -30,6 +37,13 @@ EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "request_timeout_s": 30.0,
         "keys_file": "/etc/fleetserve/keys.yaml",
         "keys": [ApiKey(name="k", key_sha256="0" * 64)],  # not a flag: `up` writes a keys file
+        "cluster_token_file": "/etc/fleetserve/cluster-token",
+        "ca_file": "/etc/fleetserve/ca.crt",
+        "tls_cert_file": "/etc/fleetserve/tls.crt",
+        "tls_key_file": "/etc/fleetserve/tls.key",
+        "header_timeout_s": 5.0,
+        "max_header_bytes": 16384,
+        "max_connections": 100,
     },
     WorkerSettings: {
         "engine": "fake",
@@ -51,6 +65,11 @@ EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "ray_address": "10.0.0.1:6379",
         "exit_when_engine_dies": True,
         "status_port": 8081,
+        "cluster_token_file": "/etc/fleetserve/cluster-token",
+        "ca_file": "/etc/fleetserve/ca.crt",
+        "header_timeout_s": 5.0,
+        "max_header_bytes": 16384,
+        "max_connections": 100,
     },
 }
 COMMANDS = {ControllerSettings: "controller", GatewaySettings: "gateway", WorkerSettings: "worker"}

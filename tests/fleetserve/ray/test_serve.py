@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from fleetserve import procs
+from tests import helpers
 from tests.conftest import module_log_dir
 from tests.helpers import Load, LocalCluster, alive, descendants, ray_head_port, wait_until
 
@@ -75,18 +76,10 @@ def fleet_ray(cluster: LocalCluster, address: str, *args: str) -> subprocess.Com
 
 
 def engine_pid(port: int) -> int:
-    """The engine process serving on ``port`` (found by its exact command line)."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        engine = (
-            b"workers.fake.server" in cmdline or b"vllm.entrypoints.openai.api_server" in cmdline
-        )
-        if engine and str(port).encode() in cmdline:
-            return int(pid)
-    raise AssertionError(f"no engine on port {port}")
+    """The engine of the worker whose relay listens on ``port`` (the port it registered)."""
+    pid = helpers.engine_pid(helpers.listener_pid(port))
+    assert pid is not None, f"no engine behind port {port}"
+    return pid
 
 
 CLUSTER_FILE = """

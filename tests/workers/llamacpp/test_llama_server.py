@@ -11,12 +11,18 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
 from tests.conftest import GGUF_NAME, module_log_dir
-from tests.helpers import LocalCluster, drain_under_load, engine_pid, hf_greedy, wait_until
+from tests.helpers import (
+    LocalCluster,
+    assert_engine_refuses_everyone_but_gateways,
+    drain_under_load,
+    engine_pid,
+    hf_greedy,
+    wait_until,
+)
 from workers.llamacpp.source import server_binary
 
 pytestmark = [
@@ -44,9 +50,16 @@ def cluster(fleet_env: dict[str, str], gguf_f32: Path) -> Iterator[LocalCluster]
 
 def _engine_metric(cluster: LocalCluster, name: str) -> float:
     (worker,) = cluster.table().workers
-    text = httpx.get(worker.base_url.removesuffix("/v1") + "/metrics", timeout=5).text
+    with cluster.engine(worker.worker_id) as engine:
+        text = engine.get("/metrics").text
     (line,) = [x for x in text.splitlines() if x.startswith(name + " ")]
     return float(line.split()[1])
+
+
+def test_the_engine_refuses_every_route_around_the_gateway(cluster: LocalCluster) -> None:
+    """The red team's check (tests/test_security.py) on llama-server, on a Unix socket."""
+    (worker_id,) = cluster.worker_ids(NAME)
+    assert_engine_refuses_everyone_but_gateways(cluster, worker_id)
 
 
 def test_greedy_answers_are_the_hf_models_streaming_and_not(

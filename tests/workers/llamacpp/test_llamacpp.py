@@ -13,7 +13,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
@@ -122,8 +121,9 @@ def test_gguf_f32_answers_like_the_hf_model(cluster: LocalCluster, tiny_model: P
         assert gguf_streamed == gguf_text
 
 
-def _engine_load(base_url: str) -> tuple[int, int]:
-    text = httpx.get(base_url.removesuffix("/v1") + "/metrics", timeout=5).text
+def _engine_load(cluster: LocalCluster, worker_id: str) -> tuple[int, int]:
+    with cluster.engine(worker_id) as engine:
+        text = engine.get("/metrics").text
     values = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
     return int(float(values["vllm:num_requests_running"])), int(
         float(values["vllm:num_requests_waiting"])
@@ -134,7 +134,9 @@ def test_load_of_queued_requests_reaches_the_controller(cluster: LocalCluster) -
     (worker,) = [w for w in cluster.table().workers if GGUF_NAME in w.model_names]
     with Load(cluster.gateway_url, GGUF_NAME, concurrency=3, max_tokens=128) as load:
         # llama-cpp-python's server runs one request at a time: the others wait.
-        wait_until(lambda: _engine_load(worker.base_url) == (1, 2), 30, "1 running, 2 waiting")
+        wait_until(
+            lambda: _engine_load(cluster, worker.worker_id) == (1, 2), 30, "1 running, 2 waiting"
+        )
         wait_until(
             lambda: any(
                 w.load.waiting >= 1 for w in cluster.table().workers if GGUF_NAME in w.model_names
@@ -144,7 +146,7 @@ def test_load_of_queued_requests_reaches_the_controller(cluster: LocalCluster) -
         )
         load.wait_requests(6)
     assert not load.result.failed_before_first_chunk and not load.result.failed_mid_stream
-    wait_until(lambda: _engine_load(worker.base_url) == (0, 0), 30, "the queue to empty")
+    wait_until(lambda: _engine_load(cluster, worker.worker_id) == (0, 0), 30, "the queue to empty")
 
 
 def test_generated_tokens_reach_the_controller(cluster: LocalCluster) -> None:
@@ -156,7 +158,8 @@ def test_generated_tokens_reach_the_controller(cluster: LocalCluster) -> None:
         (now,) = [w for w in cluster.table().workers if w.worker_id == worker.worker_id]
         return now.load.generated_tokens
 
-    metrics = httpx.get(worker.base_url.removesuffix("/v1") + "/metrics", timeout=5).text
+    with cluster.engine(worker.worker_id) as engine:
+        metrics = engine.get("/metrics").text
     (line,) = [x for x in metrics.splitlines() if x.startswith("vllm:generation_tokens_total ")]
     before = int(float(line.split()[1]))  # the engine's own count now; heartbeats may lag it
     answer = cluster.client().completions.create(model=GGUF_NAME, prompt="hi", max_tokens=20)
