@@ -8,11 +8,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from fleetserve import paths
 from workers.vllm.demo_model import DEMO_MODEL_NAME, make_demo_model
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+# Properties, not timings: on a busy 2-core CI machine one example can take longer than
+# hypothesis's 200 ms deadline, or its generation look "too slow", through no fault of the code.
+settings.register_profile(
+    "fleetserve", deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
+)
+settings.load_profile("fleetserve")
 
 
 @pytest.fixture(scope="session")
