@@ -107,6 +107,17 @@ MaxConnections = Annotated[
 ]
 
 
+StartTimeout = Annotated[
+    float,
+    Field(
+        gt=0,
+        description="Seconds the engine has to load the model and answer (weights already on "
+        "disk: `fleetserve model pull`, which a worker runs first); past it the engine is "
+        "restarted. Kubernetes' rollout deadline is derived from it.",
+    ),
+]
+
+
 def _check_tls_pair(cert: str | None, key: str | None) -> None:
     if bool(cert) != bool(key):
         raise ValueError("HTTPS needs both tls_cert_file and tls_key_file")
@@ -218,6 +229,12 @@ class GatewaySettings(Strict):
         description="Give up (504) when a worker has not answered (streams: sent a first "
         "byte) within this long; the generation is aborted.",
     )
+    drain_timeout_s: float = Field(
+        constants.STOP_GRACE_S,
+        gt=0,
+        description="On SIGTERM, how long requests in flight (streams included) may go on "
+        "before the gateway closes them; Kubernetes gives it the request timeout.",
+    )
     keys_file: str | None = Field(
         None,
         description="YAML file of API keys, re-read when it changes and on SIGHUP. "
@@ -273,9 +290,11 @@ class WorkerSettings(Strict):
     ray_port: int = Field(
         constants.RAY_PORT,
         ge=1,
-        le=65534,
-        description="Port of the Ray head of a multi-node replica (its dashboard: port + 1).",
+        le=65535,
+        description="Port of the Ray head of a multi-node replica (its other ports, the "
+        "dashboard's included, are picked free on each node).",
     )
+    start_timeout_s: StartTimeout = constants.ENGINE_START_TIMEOUT_S
     controller_url: str = Field(
         f"http://{constants.DEFAULT_HOST}:{constants.DEFAULT_CONTROLLER_PORT}",
         description="The controller to register with.",
@@ -385,8 +404,33 @@ class Autoscaling(Strict):
         return self
 
 
+class GpuSelector(Strict):
+    """Which GPUs a model's replicas need, beyond their count."""
+
+    products: list[str] = Field(
+        default_factory=list,
+        description="Any of these GPU models, as NVIDIA's GPU feature discovery labels nodes "
+        "(nvidia.com/gpu.product, e.g. NVIDIA-H100-80GB-HBM3); `fleetserve up` compares them "
+        "with the names NVML gives, spaces read as dashes.",
+    )
+    min_memory_gib: float | None = Field(
+        None, gt=0, description="At least this much memory per GPU (nvidia.com/gpu.memory)."
+    )
+
+    def matches(self, name: str, memory_bytes: int) -> bool:
+        """True when a GPU called ``name`` (NVML's name) with ``memory_bytes`` qualifies."""
+        wanted = {p.replace(" ", "-").lower() for p in self.products}
+        if wanted and name.replace(" ", "-").lower() not in wanted:
+            return False
+        return self.min_memory_gib is None or memory_bytes >= self.min_memory_gib * 2**30
+
+
 class ModelSpec(Strict):
-    """One model of the cluster file and how to serve it."""
+    """One model of the cluster file and how to serve it.
+
+    Every field is honoured or refused, by name, on each deployment target
+    (fleetserve/targets.py): a new field must be classified there.
+    """
 
     name: ModelName
     aliases: list[ModelName] = Field(default_factory=list)
@@ -398,8 +442,27 @@ class ModelSpec(Strict):
     engine_args: dict[str, EngineArgValue] = Field(default_factory=dict)
     routing_policy: PolicyName = None
     autoscaling: Autoscaling | None = Field(
-        None, description="Where replicas are managed by Ray (`fleetserve ray deploy`)."
+        None,
+        description="Replicas between bounds on the running + waiting requests: Ray "
+        "(`fleetserve ray deploy`) and Kubernetes (`fleetserve render k8s`: KEDA).",
     )
+    nodes: int = Field(
+        1,
+        ge=1,
+        description="Nodes one replica spans (SkyPilot's cluster.yaml): its pipeline stages "
+        "spread over them, tensor parallel inside each, through vLLM's Ray executor.",
+    )
+    gpu: GpuSelector | None = Field(None, description="Which GPUs, beyond how many.")
+    start_timeout_s: StartTimeout = constants.ENGINE_START_TIMEOUT_S
+
+    @model_validator(mode="after")
+    def _stages_split_over_nodes(self) -> ModelSpec:
+        if self.pipeline_parallel_size % self.nodes:
+            raise ValueError(
+                f"pipeline_parallel_size {self.pipeline_parallel_size} does not split evenly "
+                f"over {self.nodes} nodes (one or more whole stages per node)"
+            )
+        return self
 
     def engine_flags(self) -> list[str]:
         """``{max_num_seqs: 8, enforce_eager: true}`` -> ``--max-num-seqs 8 --enforce-eager``."""

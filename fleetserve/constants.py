@@ -34,8 +34,11 @@ MAX_ATTEMPTS = 3
 # Request bodies larger than this are refused with 413 before any upstream call.
 MAX_BODY_BYTES = 8 * 1024 * 1024
 
-# vLLM on CPU, big models from a hub: loading can take many minutes.
-ENGINE_READY_TIMEOUT_S = 900.0
+# An engine's start-up budget (a setting: start_timeout_s), weights already on disk (the worker
+# pulls them first, with no deadline but the hub's answers). 405B in FP8 is ~410 GB: read from
+# network storage at ~250 MB/s that alone is ~28 minutes, then CUDA graphs and compilation.
+# Half that killed such a start and restarted it, forever.
+ENGINE_START_TIMEOUT_S = 3600.0
 # Engine restarts back off exponentially up to this, so a crash loop does not
 # burn the machine.
 ENGINE_RESTART_BACKOFF_MAX_S = 30.0

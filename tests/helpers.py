@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import os
 import random
+import re
 import signal
 import socket
 import stat
@@ -41,9 +42,9 @@ def free_port() -> int:
 
 
 def ray_head_port() -> int:
-    """A free port for a Ray head whose next port (fleetserve puts the dashboard there) is
-    free too, below the kernel's ephemeral range: Ray binds its own components to random
-    ephemeral ports, and one of them once took the dashboard's port of a free_port()."""
+    """A free port for a Ray head whose next port (where fleetserve once put the dashboard, and
+    SkyPilot's Ray sits for the default 6379) is free too, so that a test can take it, below
+    the kernel's ephemeral range: Ray binds its own components to random ephemeral ports."""
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     while True:
         port = random.randrange(20000, low - 1)  # Ray's worker ports end at 19999
@@ -54,6 +55,39 @@ def ray_head_port() -> int:
             return port
         except OSError:
             continue
+
+
+@contextlib.contextmanager
+def ports_taken(*ports: int) -> Iterator[list[int]]:
+    """Listen on each of ``ports`` on every address, as SkyPilot's own Ray does on the nodes it
+    launches (6380, dashboard 8266); a port some other process holds is taken already. Yields
+    the ports this test holds."""
+    held: list[socket.socket] = []
+    try:
+        for port in ports:
+            sock = socket.socket()
+            try:
+                sock.bind(("0.0.0.0", port))
+                sock.listen()
+            except OSError:
+                sock.close()
+                continue
+            held.append(sock)
+        yield [sock.getsockname()[1] for sock in held]
+    finally:
+        for sock in held:
+            sock.close()
+
+
+#: The ports SkyPilot's own Ray holds on every node it launches (sky/skylet/constants.py).
+SKYPILOT_RAY_PORTS = (6380, 8266)
+
+
+def ray_dashboard(head_log: str) -> str:
+    """The Ray dashboard a multi-node replica's head started (a free port, from its log)."""
+    found = re.search(r"its dashboard at (http://127\.0\.0\.1:\d+)", head_log)
+    assert found, "the head's log names no Ray dashboard"
+    return found.group(1)
 
 
 class LocalCluster(Cluster):

@@ -38,6 +38,7 @@ from tests.helpers import (
     LocalCluster,
     assert_engine_refuses_everyone_but_gateways,
     free_port,
+    ray_dashboard,
     ray_head_port,
     wait_until,
 )
@@ -215,10 +216,10 @@ def test_the_ray_dashboard_of_a_multinode_replica_is_not_on_the_nodes_address(
     try:
         cluster.wait_workers("spanning", 1, timeout_s=240)
         assert secured.gateway().completions.create(model="spanning", prompt="x", max_tokens=2)
-        dashboard = f"{ray_port + 1}/api/jobs/"
-        assert httpx.get(f"http://127.0.0.1:{dashboard}", timeout=10).status_code == 200
+        jobs = httpx.URL(ray_dashboard(ranks[0].log())).join("/api/jobs/")
+        assert httpx.get(jobs, timeout=10).status_code == 200
         with pytest.raises(httpx.ConnectError):  # the Jobs API would run any command
-            httpx.get(f"http://{node}:{dashboard}", timeout=10)
+            httpx.get(jobs.copy_with(host=node), timeout=10)
     finally:
         for rank in ranks:
             rank.stop(60)

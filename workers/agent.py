@@ -209,8 +209,10 @@ class Agent:
     async def _start_ray_head(self) -> bool:
         """Rank 0: start the Ray head and wait until every node of the replica has joined."""
         s = self.settings
+        ports = multinode.RayPorts.pick(s.nodes[0])
+        logger.info("Ray head on port %d, its dashboard at %s", s.ray_port, ports.dashboard_url)
         self._ray = procs.spawn_tree(
-            multinode.ray_start_command(s),
+            multinode.ray_start_command(s, ports),
             env=self._environment() | multinode.RAY_NODE_ENVIRONMENT,
         )
         started = last_progress = time.monotonic()
@@ -218,7 +220,7 @@ class Agent:
             if self._stop.is_set() or self._ray.poll() is not None:
                 logger.error("the Ray head stopped (code %s)", self._ray.poll())
                 return False
-            joined = await multinode.alive_nodes(self._http, s)
+            joined = await multinode.alive_nodes(self._http, ports)
             if joined >= len(s.nodes):
                 logger.info("Ray cluster at %s has all %d nodes", multinode.head_address(s), joined)
                 return True
@@ -239,8 +241,9 @@ class Agent:
         backoff_s = 1.0
         while not self._stop.is_set():
             logger.info("joining the Ray cluster at %s", multinode.head_address(self.settings))
+            me = self.settings.nodes[self.settings.node_rank]
             self._proc = procs.spawn_tree(
-                multinode.ray_start_command(self.settings),
+                multinode.ray_start_command(self.settings, multinode.RayPorts.pick(me)),
                 env=self._environment() | multinode.RAY_NODE_ENVIRONMENT,
             )
             while self._engine_alive() and not self._stop.is_set():
@@ -303,7 +306,7 @@ class Agent:
     async def _wait_ready(self) -> bool:
         assert self._engine_http is not None
         started = last_progress = time.monotonic()
-        while time.monotonic() - started < constants.ENGINE_READY_TIMEOUT_S:
+        while time.monotonic() - started < self.settings.start_timeout_s:
             if self._stop.is_set() or not self._engine_alive():
                 return False
             try:
@@ -324,7 +327,8 @@ class Agent:
                 )
             await asyncio.sleep(0.5)
         logger.error(
-            "engine not ready after %.0fs; restarting it", constants.ENGINE_READY_TIMEOUT_S
+            "engine not ready after %.0fs (start_timeout_s); restarting it",
+            self.settings.start_timeout_s,
         )
         if self._proc is not None:
             await asyncio.to_thread(procs.stop, self._proc, constants.REAPER_STOP_GRACE_S)

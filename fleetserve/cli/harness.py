@@ -164,7 +164,9 @@ class Cluster:
     path, never the token, on their command lines); without it they find the token
     where fleetserve/auth.py says, or run without one. With TLS settings (the controller's
     and gateway's certificates, the gateway's ``ca_file``), URLs are https and every
-    client here (workers, this harness) trusts ``ca_file``.
+    client here (workers, this harness) trusts ``ca_file``. ``controller_url``: a controller
+    that runs elsewhere, which workers join (start_controller and start_gateway are not
+    called then).
     """
 
     def __init__(
@@ -175,6 +177,7 @@ class Cluster:
         env: Mapping[str, str] | None = None,
         log_level: str | None = None,
         cluster_token_file: Path | None = None,
+        controller_url: str | None = None,
     ) -> None:
         self.log_dir = log_dir
         token_file = str(cluster_token_file) if cluster_token_file else None
@@ -188,7 +191,9 @@ class Cluster:
         self.env = dict(env or {})
         self._global = ["--log-level", log_level] if log_level else []
         scheme = "https" if controller.tls_cert_file else "http"
-        self.controller_url = f"{scheme}://{reachable(controller.host)}:{controller.port}"
+        self.controller_url = (
+            controller_url or f"{scheme}://{reachable(controller.host)}:{controller.port}"
+        )
         gateway.controller_url = gateway.controller_url or self.controller_url
         scheme = "https" if gateway.tls_cert_file else "http"
         self.gateway_url = f"{scheme}://{reachable(gateway.host)}:{gateway.port}"

@@ -6,6 +6,7 @@ import argparse
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
@@ -15,10 +16,11 @@ import httpx
 import yaml
 from rich.console import Console
 
-from fleetserve import env, paths
+from fleetserve import constants, env, paths
 from fleetserve.auth import ensure_token_file
 from fleetserve.cli.args import validation_context
 from fleetserve.cli.harness import Cluster, Component, ComponentFailed, reachable
+from fleetserve.cli.nodeplan import Stage, share_nodes
 from fleetserve.cli.status import make_console, workers_table
 from fleetserve.config import (
     ClusterConfig,
@@ -29,13 +31,15 @@ from fleetserve.config import (
     WorkerSettings,
     engine_args_from_flags,
     load_cluster_file,
+    load_keys_file,
     parse_cluster,
     slug,
 )
 from fleetserve.errors import ConfigError
+from fleetserve.targets import Target, check
 from workers.engines import Engine
 from workers.inventory import discover_machine, read_model_facts
-from workers.placement import ModelFacts, ReplicaNeed, ReplicaPlan, plan_placement
+from workers.placement import Machine, ModelFacts, ReplicaNeed, ReplicaPlan, plan_placement
 from workers.vllm.demo_model import DEMO_MODEL_NAME
 
 
@@ -55,14 +59,34 @@ def worker_settings(
         advertise_host=advertise_host,
         routing_policy=spec.routing_policy,
         engine_args=spec.engine_flags(),
+        start_timeout_s=spec.start_timeout_s,
     )
 
 
-def place_cluster(cluster: ClusterConfig, device: Device) -> list[tuple[ModelSpec, ReplicaPlan]]:
+def _check_gpus(specs: list[ModelSpec], machine: Machine) -> None:
+    """A model that names its GPUs runs on a machine whose GPUs are all of them (placement
+    does not tell GPU models apart: CUDA_VISIBLE_DEVICES narrows a mixed machine down)."""
+    for spec in specs:
+        if spec.gpu is None or not Engine.named(spec.engine).uses_accelerator:
+            continue
+        wrong = [g for g in machine.gpus if not spec.gpu.matches(g.name, g.memory_bytes)]
+        if wrong or not machine.gpus:
+            wanted = " or ".join(spec.gpu.products) or "any GPU"
+            memory = (
+                f" with {spec.gpu.min_memory_gib:g} GiB or more" if spec.gpu.min_memory_gib else ""
+            )
+            raise ConfigError(
+                f"model {spec.name} asks for {wanted}{memory} (gpu); this machine has "
+                f"{machine.describe()}"
+            )
+
+
+def place_cluster(specs: list[ModelSpec], device: Device) -> list[tuple[ModelSpec, ReplicaPlan]]:
     """Every replica to start, with where it runs; PlacementError if the machine is too small."""
     machine = discover_machine()
+    _check_gpus(specs, machine)
     needs = []
-    for spec in cluster.models:
+    for spec in specs:
         uses_accelerator = Engine.named(spec.engine).uses_accelerator
         read = uses_accelerator and (machine.gpus or Path(spec.source).is_dir())
         needs.append(
@@ -76,10 +100,10 @@ def place_cluster(cluster: ClusterConfig, device: Device) -> list[tuple[ModelSpe
             )
         )
     plans = plan_placement(needs, machine, device)
-    specs = {spec.name: spec for spec in cluster.models}
+    by_name = {spec.name: spec for spec in specs}
     for plan in plans:
-        Engine.named(specs[plan.model].engine).check_device(plan.device)
-    return [(specs[plan.model], plan) for plan in plans]
+        Engine.named(by_name[plan.model].engine).check_device(plan.device)
+    return [(by_name[plan.model], plan) for plan in plans]
 
 
 def _gateway_settings(g: GatewaySettings, log_dir: Path) -> GatewaySettings:
@@ -92,23 +116,42 @@ def _gateway_settings(g: GatewaySettings, log_dir: Path) -> GatewaySettings:
     return g.model_copy(update={"keys": [], "keys_file": str(keys_path)})
 
 
+@dataclass
+class NodePart:
+    """This machine's part of a cluster of several (`up --nodes`, `up --controller-url`)."""
+
+    controller_url: str | None  # the controller to join; None: this node starts it and a gateway
+    replicas: dict[str, int]  # whole replicas to start here, by model
+    stages: list[Stage] = field(default_factory=list)  # parts of replicas spanning nodes
+    ray_port: int = constants.RAY_PORT
+
+
 def run_local_cluster(
     cluster: ClusterConfig,
     device: Device = Device.AUTO,
     advertise_host: str | None = None,
     log_dir: Path | None = None,
+    part: NodePart | None = None,
 ) -> int:
     """Start everything, report workers as they become ready, stop it all on Ctrl-C.
 
-    Raises ConfigError (before starting anything) when the cluster cannot run here.
+    ``part``: start only this node's share of the file (and the controller and gateway
+    unless it joins one). Raises ConfigError (before starting anything) when the
+    cluster cannot run here.
     """
     console = make_console()
     for spec in cluster.models:
         Engine.named(spec.engine).check_installed()
-        if not spec.source:
-            with console.status("preparing the model (the demo model: made on first run)"):
-                spec.source = Engine.named(spec.engine).resolve_source(spec.source)
-    placed = place_cluster(cluster, device)
+        # The demo model is made, a hub model pulled (progress lines, a 401 refused here).
+        with console.status(f"preparing {spec.name} ({spec.source or 'the demo model'})"):
+            spec.source = Engine.named(spec.engine).resolve_source(spec.source)
+    counts = part.replicas if part else {spec.name: spec.replicas for spec in cluster.models}
+    specs = [
+        spec.model_copy(update={"replicas": counts[spec.name]})
+        for spec in cluster.models
+        if counts.get(spec.name)
+    ]
+    placed = place_cluster(specs, device) if specs else []
     log_dir = log_dir or paths.logs_dir() / datetime.now().strftime("%Y%m%d-%H%M%S")
     log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -116,8 +159,13 @@ def run_local_cluster(
     # Every component gets the cluster token: the one given ($FLEETSERVE_CLUSTER_TOKEN, which
     # they inherit: nodes of one cluster share it), else this machine's file, made once (0600).
     token_file = None if env.cluster_token() else ensure_token_file(paths.cluster_token_file())
+    joins = part.controller_url if part else None
     local = Cluster(
-        log_dir, cluster.controller, _gateway_settings(g, log_dir), cluster_token_file=token_file
+        log_dir,
+        cluster.controller,
+        _gateway_settings(g, log_dir),
+        cluster_token_file=token_file,
+        controller_url=joins,
     )
     # Workers listen where the gateway does; they register the address others reach them at.
     advertise_host = advertise_host or reachable(g.host)
@@ -130,8 +178,15 @@ def run_local_cluster(
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        local.start_controller()
-        local.start_gateway()
+        if joins is None:
+            local.start_controller()
+            local.start_gateway()
+            endpoint = f"http://{advertise_host}:{g.port}/v1"
+            console.print(
+                f"fleetserve gateway: [bold]{endpoint}[/bold]   controller: {local.controller_url}"
+            )
+        else:
+            console.print(f"workers of this node register with {joins}")
         for spec, plan in placed:
             name = f"worker-{slug(spec.name)}-{plan.replica}"
             settings = worker_settings(spec, g.host, advertise_host, plan.device)
@@ -139,17 +194,26 @@ def run_local_cluster(
             where = ",".join(map(str, plan.gpu_ids)) or plan.cpu_bind
             if where:
                 console.print(f"{name}: {plan.device} {where}")
-        endpoint = f"http://{advertise_host}:{g.port}/v1"
-        console.print(
-            f"fleetserve gateway: [bold]{endpoint}[/bold]   controller: {local.controller_url}"
-        )
+        by_name = {spec.name: spec for spec in cluster.models}
+        for stage in part.stages if part else []:
+            settings = worker_settings(by_name[stage.model], g.host, advertise_host, device)
+            settings.nodes, settings.node_rank = list(stage.nodes), stage.node_rank
+            settings.ray_port = part.ray_port if part else constants.RAY_PORT
+            name = f"worker-{slug(stage.model)}-{stage.replica}-node{stage.node_rank}"
+            local.add_replica(settings, name)
+            console.print(f"{name}: node {stage.node_rank} of {','.join(stage.nodes)}")
         console.print(f"logs: {log_dir}")
         if token_file is not None:
             console.print(
                 f"cluster token: {token_file} (this machine's fleetserve commands use it)"
             )
-        expected = sum(spec.replicas for spec in cluster.models)
-        _report_until_stopped(console, local, expected, lambda: stopping)
+        # Where the controller runs, every replica of the file registers with it; on a node
+        # that joined one, this node's: whole replicas and the first node of spanning ones.
+        expected, mine = sum(spec.replicas for spec in cluster.models), None
+        if part is not None and joins is not None:
+            expected = sum(counts.values()) + sum(s.node_rank == 0 for s in part.stages)
+            mine = advertise_host
+        _report_until_stopped(console, local, expected, lambda: stopping, mine)
     except ComponentFailed as exc:
         console.print(f"[red]{exc}[/red]", markup=False, highlight=False)
         return 1
@@ -161,8 +225,14 @@ def run_local_cluster(
 
 
 def _report_until_stopped(
-    console: Console, local: Cluster, expected: int, stopping: Callable[[], bool]
+    console: Console,
+    local: Cluster,
+    expected: int,
+    stopping: Callable[[], bool],
+    host: str | None = None,
 ) -> None:
+    """Print workers as they register, then a table once ``expected`` are ready (``host``:
+    only workers at that address count, on a node that joined another's controller)."""
     started = time.monotonic()
     seen: set[str] = set()
     announced_ready = False
@@ -182,7 +252,8 @@ def _report_until_stopped(
         except httpx.HTTPError:
             time.sleep(0.5)
             continue
-        for worker in table.workers:
+        workers = [w for w in table.workers if host is None or httpx.URL(w.base_url).host == host]
+        for worker in workers:
             if worker.worker_id not in seen:
                 seen.add(worker.worker_id)
                 elapsed = time.monotonic() - started
@@ -190,8 +261,9 @@ def _report_until_stopped(
                     f"[green]ready[/green] {worker.model_names[0]} ({worker.engine}) "
                     f"{worker.worker_id} at {worker.base_url}  after {elapsed:.0f}s"
                 )
-        ready = len(table.workers)
-        if ready >= expected and not announced_ready and local.gateway_routes(table):
+        ready = len(workers)
+        routed = host is not None or local.gateway_routes(table)
+        if ready >= expected and not announced_ready and routed:
             announced_ready = True
             console.print(workers_table(table))
             console.print("all workers ready; press Ctrl-C to stop")
@@ -230,6 +302,45 @@ def _one_model_cluster(args: argparse.Namespace) -> ClusterConfig:
     return parse_cluster({"models": [spec]}, origin="--source", context=validation_context())
 
 
+def _keys(cluster: ClusterConfig, extra: Path | None) -> None:
+    """`up --keys-file`: the gateway's keys. With keys in the cluster file too, both count
+    (SkyPilot's API_KEY next to the file's keys); alone, the file is re-read as it changes."""
+    g = cluster.gateway
+    if extra is None:
+        return
+    if not g.keys and not g.keys_file:
+        g.keys_file = str(extra)
+        return
+    inline = g.keys or load_keys_file(Path(g.keys_file or ""))
+    merged = KeysFile(keys=[*inline, *load_keys_file(extra)])  # names stay unique
+    g.keys_file = None
+    g.keys = merged.keys
+
+
+def _node_part(cluster: ClusterConfig, args: argparse.Namespace) -> NodePart | None:
+    """`--nodes`/`--node-rank` and `--controller-url`: this node's share of the file."""
+    if not args.nodes and not args.controller_url:
+        return None
+    nodes = WorkerSettings.model_validate(
+        {"served_name": "x", "nodes": args.nodes or ["127.0.0.1"]}
+    ).nodes  # split as SkyPilot gives them (newlines) or with commas
+    if not 0 <= args.node_rank < len(nodes):
+        raise ConfigError(f"--node-rank {args.node_rank} is not a position in --nodes {nodes}")
+    machine = discover_machine()
+    shares = share_nodes(
+        cluster.models,
+        nodes,
+        len(machine.gpus),
+        lambda spec: bool(machine.gpus) and Engine.named(spec.engine).uses_accelerator,
+    )
+    share = shares[args.node_rank]
+    controller_url = args.controller_url
+    if controller_url is None and args.node_rank > 0:
+        scheme = "https" if cluster.controller.tls_cert_file else "http"
+        controller_url = f"{scheme}://{nodes[0]}:{cluster.controller.port}"
+    return NodePart(controller_url, share.replicas, share.stages, args.ray_port)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     if args.file:
         if args.engine_args:
@@ -242,15 +353,21 @@ def cmd_up(args: argparse.Namespace) -> int:
         cluster = _one_model_cluster(args)
     else:
         cluster = default_cluster()
+    check(cluster, Target(args.target), str(args.file or "the cluster"))
     if args.port is not None:
         cluster.gateway.port = args.port
     if args.controller_port is not None:
         cluster.controller.port = args.controller_port
     if args.host is not None:
         cluster.gateway.host = cluster.controller.host = args.host
-    if args.keys_file is not None:
-        cluster.gateway.keys, cluster.gateway.keys_file = [], str(args.keys_file)
-    return run_local_cluster(cluster, args.device, args.advertise_host, args.log_dir)
+    _keys(cluster, args.keys_file)
+    part = _node_part(cluster, args)
+    advertise_host = args.advertise_host
+    if part is not None and args.nodes and advertise_host is None:
+        advertise_host = WorkerSettings.model_validate(
+            {"served_name": "x", "nodes": args.nodes, "node_rank": args.node_rank}
+        ).nodes[args.node_rank]
+    return run_local_cluster(cluster, args.device, advertise_host, args.log_dir, part)
 
 
 def register(sub: Any) -> None:
@@ -311,6 +428,39 @@ def register(sub: Any) -> None:
     up.add_argument(
         "--keys-file",
         type=Path,
-        help="The gateway's API keys (`fleetserve key new`), instead of the file's gateway.keys.",
+        help="The gateway's API keys (`fleetserve key new`); with keys in the cluster file too, "
+        "both are accepted.",
+    )
+    up.add_argument(
+        "--target",
+        choices=[t.value for t in (Target.LOCAL, Target.SKYPILOT, Target.SKYSERVE)],
+        default=Target.LOCAL.value,
+        help="Where this runs, for the fields it refuses (deploy/ runs it as skypilot or "
+        "skyserve). Default: local.",
+    )
+    several = up.add_argument_group(
+        "several nodes",
+        "Each node runs `up` with the same file; each starts its share of the replicas "
+        "(deploy/cluster.yaml).",
+    )
+    several.add_argument(
+        "--nodes",
+        action="append",
+        help="Every node's address, the head (controller and gateway) first; repeat, or one "
+        "comma/newline separated list ($SKYPILOT_NODE_IPS).",
+    )
+    several.add_argument(
+        "--node-rank", type=int, default=0, help="This node's position in --nodes (default 0)."
+    )
+    several.add_argument(
+        "--controller-url",
+        help="Join the cluster of this controller: start no controller or gateway, only this "
+        "node's workers (deploy/worker.yaml).",
+    )
+    several.add_argument(
+        "--ray-port",
+        type=int,
+        default=constants.RAY_PORT,
+        help="Port of the Ray head of each replica spanning nodes (default: %(default)s).",
     )
     up.set_defaults(func=cmd_up)

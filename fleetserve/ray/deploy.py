@@ -155,7 +155,7 @@ def deploy(
             console.print(f"removing {name} (not in the cluster file any more)")
             serve.delete(name, _blocking=False)
             internal_kv._internal_kv_del(_digest_key(name), namespace=NAMESPACE)
-    return _wait_running(wanted, console)
+    return _wait_running(wanted, max(spec.start_timeout_s for spec in cluster.models), console)
 
 
 def _digest(spec: ModelSpec, controller_url: str, has_gpus: bool) -> str:
@@ -183,11 +183,11 @@ def _our_apps() -> dict[str, Any]:
     return {name: app for name, app in apps.items() if name.startswith(APP_PREFIX)}
 
 
-def _wait_running(names: set[str], console: Console) -> int:
+def _wait_running(names: set[str], timeout_s: float, console: Console) -> int:
     """Report each application's state until all run; 1 if one failed or time ran out."""
     started = time.monotonic()
     last: dict[str, str] = {}
-    while time.monotonic() - started < constants.ENGINE_READY_TIMEOUT_S:
+    while time.monotonic() - started < timeout_s:
         apps = _our_apps()
         for name in sorted(names):
             app = apps.get(name)

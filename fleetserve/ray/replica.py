@@ -47,6 +47,7 @@ class FleetReplica:
         while status_port == port:
             status_port = free_port(node_ip)
         self._status_url = f"http://{node_ip}:{status_port}"
+        self._start_timeout_s = spec.start_timeout_s
         settings = worker_settings(spec, node_ip, node_ip).model_copy(
             update={
                 "controller_url": controller_url,
@@ -71,7 +72,8 @@ class FleetReplica:
         replica starts only now, so a deploy reports RUNNING when gateways can route to
         it, and a rolling update stops the next old replica only when its successor
         takes requests."""
-        deadline = time.monotonic() + constants.ENGINE_READY_TIMEOUT_S
+        budget_s = self._start_timeout_s
+        deadline = time.monotonic() + budget_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the worker exited with code {self.proc.returncode}")
@@ -82,7 +84,7 @@ class FleetReplica:
                 pass
             time.sleep(0.5)
         procs.stop(self.proc)
-        raise RuntimeError(f"worker not ready after {constants.ENGINE_READY_TIMEOUT_S:.0f}s")
+        raise RuntimeError(f"worker not ready after {budget_s:.0f}s (start_timeout_s)")
 
     def _run_worker(self, cmd: list[str], started: threading.Event) -> None:
         # The parent-death signal fires when the *thread* that started the child ends,

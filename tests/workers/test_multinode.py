@@ -16,7 +16,16 @@ import pytest
 
 from fleetserve import procs
 from tests.conftest import module_log_dir
-from tests.helpers import LocalCluster, alive, descendants, ray_head_port, wait_until
+from tests.helpers import (
+    SKYPILOT_RAY_PORTS,
+    LocalCluster,
+    alive,
+    descendants,
+    ports_taken,
+    ray_dashboard,
+    ray_head_port,
+    wait_until,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -39,17 +48,22 @@ def ray_nodes_alive(dashboard: str) -> int:
 
 
 def test_a_replica_on_two_nodes_serves_once_both_joined(cluster: LocalCluster) -> None:
+    """With the ports SkyPilot's own Ray holds on its nodes taken (6380 among them: the
+    dashboard of a head on the default 6379 once went there and failed to bind)."""
     ray_port = ray_head_port()
     flags = ["--nodes", NODES, "--ray-port", str(ray_port)]
-    head = cluster.add_worker("spanning", "fake", *flags, "--node-rank", "0")
-    wait_until(
-        lambda: "waiting for nodes to join the Ray cluster: 1/2" in head.log(), 90, "Ray head up"
-    )
-    assert not cluster.worker_ids("spanning")  # not served before every stage has its node
+    with ports_taken(*SKYPILOT_RAY_PORTS, ray_port + 1):
+        head = cluster.add_worker("spanning", "fake", *flags, "--node-rank", "0")
+        wait_until(
+            lambda: "waiting for nodes to join the Ray cluster: 1/2" in head.log(),
+            90,
+            "Ray head up",
+        )
+        assert not cluster.worker_ids("spanning")  # not served before every stage has its node
 
-    follower = cluster.add_worker("spanning", "fake", *flags, "--node-rank", "1")
-    (worker_id,) = cluster.wait_workers("spanning", 1, timeout_s=120)
-    assert ray_nodes_alive(f"http://127.0.0.1:{ray_port + 1}") == 2
+        follower = cluster.add_worker("spanning", "fake", *flags, "--node-rank", "1")
+        (worker_id,) = cluster.wait_workers("spanning", 1, timeout_s=120)
+    assert ray_nodes_alive(ray_dashboard(head.log())) == 2
     view = next(w for w in cluster.table().workers if w.worker_id == worker_id)
     assert (view.nodes, view.pipeline_parallel_size) == (2, 2)
 
