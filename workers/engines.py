@@ -28,6 +28,9 @@ class Engine(Registered):
     unix_socket: ClassVar[bool] = False
     #: The environment variable that gives the engine an API key of its own (the secret).
     api_key_variable: ClassVar[str | None] = None
+    #: True when a ``source`` of the form org/name is a Hugging Face hub model: the worker pulls
+    #: it (workers/hub.py) before the engine starts.
+    loads_hub_models: ClassVar[bool] = False
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
 from fleetserve.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -101,6 +103,7 @@ def pull(
     import httpx2  # huggingface_hub's HTTP client
     from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub.file_download import repo_folder_name
     from huggingface_hub.hf_api import RepoFile
     from huggingface_hub.utils import disable_progress_bars
 
@@ -113,16 +116,57 @@ def pull(
         api = HfApi()
         # The revision's files and sizes first: a 401 or 404 ends here, before any download.
         info = api.repo_info(source, revision=revision)
+        assert info.sha is not None
         tree = api.list_repo_tree(source, revision=info.sha, recursive=True)
         files = [f for f in tree if isinstance(f, RepoFile)]
-        blobs = Path(constants.HF_HUB_CACHE) / f"models--{source.replace('/', '--')}" / "blobs"
+        storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=source, repo_type="model")
         total = sum(f.size for f in files)
-        tracker = _Progress(source, files, blobs, total, progress, progress_every_s)
+        tracker = _Progress(source, files, storage / "blobs", total, progress, progress_every_s)
         with tracker:
+            for f in files:
+                _fetch(source, info.sha, f.path, f.size, storage)
+            # Every blob is there: this links the revision's snapshot and its ref, fetching nothing.
             path = Path(snapshot_download(source, revision=revision))
     except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, httpx2.HTTPError) as exc:
         raise ConfigError(_describe(exc, source, endpoint)) from None
     return Pulled(path, total, tracker.fetched)
+
+
+def _fetch(source: str, commit: str, filename: str, size: int, storage: Path) -> None:
+    """One file into ``storage/blobs``, resumed from what an earlier pull left.
+
+    huggingface_hub (2.x) downloads into a file of its own process's, removed on failure
+    and never reused, so a killed pull of a 400 GB model starts over. Here the part is
+    kept as ``<etag>.incomplete`` and continued with a Range request, under the lock
+    huggingface_hub takes for the same blob (two pods pulling onto one volume wait for
+    each other, where the file system's locks work).
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import get_hf_file_metadata, hf_hub_url, http_get
+    from huggingface_hub.utils import WeakFileLock, build_hf_headers
+
+    url = hf_hub_url(source, filename, revision=commit)
+    meta = get_hf_file_metadata(url)
+    if meta.etag is None:
+        raise ConfigError(f"{source}: the hub gave no ETag for {filename}")
+    blob = storage / "blobs" / meta.etag
+    if blob.exists():
+        return
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    lock = Path(constants.HF_HUB_CACHE) / ".locks" / storage.name / f"{meta.etag}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    headers = build_hf_headers()
+    if httpx.URL(meta.location).host != httpx.URL(url).host:
+        headers.pop("authorization", None)  # a signed CDN address: the token stays home
+    with WeakFileLock(lock):
+        if blob.exists():
+            return
+        part = blob.with_name(blob.name + ".incomplete")
+        with part.open("ab") as out:
+            http_get(
+                meta.location, out, resume_size=out.tell(), headers=headers, expected_size=size
+            )
+        part.rename(blob)
 
 
 def _size(path: Path) -> int:

@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat is noise
+    # one line per heartbeat (httpx), per hub request (huggingface_hub's httpx2): noise
+    for noisy in ("httpx", "httpx2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         result: int = args.func(args)
     except FleetserveError as exc:

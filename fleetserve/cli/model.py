@@ -1,4 +1,4 @@
-"""`fleetserve model ...`: GGUF conversion and the model cache listing."""
+"""`fleetserve model ...`: pull from a hub, GGUF conversion and the model cache listing."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import httpx
 from rich.table import Table
 
 from fleetserve.auth import ClusterToken, client_token
-from fleetserve.cli.args import add_controller_url
+from fleetserve.cli.args import add_controller_url, validation_context
 from fleetserve.cli.status import fetch_table, make_console
+from fleetserve.config import load_cluster_file
+from fleetserve.errors import ConfigError
+from workers.engines import Engine
 from workers.llamacpp.convert import QUANT_TYPES
 from workers.modelcache import CachedModel
 
@@ -26,6 +29,28 @@ def cmd_model_convert(args: argparse.Namespace) -> int:
     engine, slots = ("llama-server", " -- --parallel 4") if server_binary() else ("llamacpp", "")
     command = f"fleetserve worker --engine {engine} --served-name NAME --source {path}{slots}"
     print(f"serve it: {command}")
+    return 0
+
+
+def cmd_model_pull(args: argparse.Namespace) -> int:
+    from workers.hub import is_hub_id, pull
+
+    if args.file:
+        cluster = load_cluster_file(args.file, context=validation_context())
+        sources = [
+            spec.source
+            for spec in cluster.models
+            if Engine.named(spec.engine).loads_hub_models and is_hub_id(spec.source)
+        ]
+        if not sources:
+            print(f"{args.file}: no model to pull (local paths, the demo model, GGUF files)")
+    elif args.source:
+        sources = [args.source]
+    else:
+        raise ConfigError("give a model (org/name) or -f CLUSTER_FILE")
+    for source in dict.fromkeys(sources):
+        pulled = pull(source, args.revision, progress=print, progress_every_s=args.progress_every_s)
+        print(f"{source}: {pulled.path}")
     return 0
 
 
@@ -69,8 +94,31 @@ def cmd_model_list(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add `model convert` and `model list` to the CLI's subcommands."""
-    model = sub.add_parser("model", help="Models on disk: convert to GGUF, list the cache.")
+    model = sub.add_parser(
+        "model", help="Models on disk: pull from a hub, convert to GGUF, list the cache."
+    )
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND")
+    pull = model_sub.add_parser(
+        "pull",
+        help="Download a hub model's files into the cache, where engines read them.",
+        description="Fetches every file of a Hugging Face model (huggingface_hub: $HF_ENDPOINT, "
+        "$HF_TOKEN; an interrupted pull resumes where it stopped) into the Hugging Face "
+        "cache ($HF_HOME/hub), where vLLM finds a hub id. Workers pull their model before "
+        "starting the engine; on Kubernetes an init container does, and serving pods only "
+        "read. A gated or private model without a token, or a wrong name, fails at once.",
+    )
+    pull.add_argument("source", nargs="?", metavar="SOURCE", help="A hub id, org/name.")
+    pull.add_argument(
+        "-f", "--file", type=Path, help="Pull every hub model of this cluster file instead."
+    )
+    pull.add_argument("--revision", default="main", help="Branch, tag or commit (default: main).")
+    pull.add_argument(
+        "--progress-every-s",
+        type=float,
+        default=5.0,
+        help="Seconds between progress lines (default: %(default)s).",
+    )
+    pull.set_defaults(func=cmd_model_pull)
     convert = model_sub.add_parser(
         "convert",
         help="Make a GGUF file (llama.cpp) of a Hugging Face model directory.",

@@ -142,9 +142,9 @@ def run_local_cluster(
     console = make_console()
     for spec in cluster.models:
         Engine.named(spec.engine).check_installed()
-        # The demo model is made, a hub model pulled (progress lines, a 401 refused here).
-        with console.status(f"preparing {spec.name} ({spec.source or 'the demo model'})"):
-            spec.source = Engine.named(spec.engine).resolve_source(spec.source)
+        if not spec.source:
+            with console.status("preparing the model (the demo model: made on first run)"):
+                spec.source = Engine.named(spec.engine).resolve_source(spec.source)
     counts = part.replicas if part else {spec.name: spec.replicas for spec in cluster.models}
     specs = [
         spec.model_copy(update={"replicas": counts[spec.name]})
@@ -152,6 +152,8 @@ def run_local_cluster(
         if counts.get(spec.name)
     ]
     placed = place_cluster(specs, device) if specs else []
+    for spec in cluster.models:  # once it all fits: hub models pulled (a 401 refused here)
+        spec.source = Engine.named(spec.engine).resolve_source(spec.source)
     log_dir = log_dir or paths.logs_dir() / datetime.now().strftime("%Y%m%d-%H%M%S")
     log_dir.mkdir(parents=True, exist_ok=True)
 

@@ -33,10 +33,18 @@ class VllmEngine(Engine, name="vllm", default=True):
     unix_socket = True
     # guards only /v1, /v2, /inference and /cohere: the relay guards the rest
     api_key_variable = "VLLM_API_KEY"
+    loads_hub_models = True
 
     @classmethod
     def resolve_source(cls, source: str) -> str:
-        """No source: the tiny demo model, made locally on first use."""
+        """No source: the tiny demo model, made locally on first use. A hub id: its files pulled
+        into the cache first (vLLM reads them there), so a gated model without a token is
+        refused here, and the engine's start-up budget is not spent downloading."""
+        from workers.hub import is_hub_id, pull
+
+        if is_hub_id(source):
+            pull(source)
+            return source
         if source:
             return source
         from workers.vllm.demo_model import ensure_demo_model
