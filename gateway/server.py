@@ -55,7 +55,7 @@ class Gateway:
         # The watcher's HTTP session is opened by the lifespan; until then it has no table.
         self.watcher = RouteTableWatcher(settings.controller_url, session=None)
         self.upstreams = UpstreamPool()
-        self.proxy = Proxy(self.upstreams, self.metrics)
+        self.proxy = Proxy(self.upstreams, self.metrics, settings, lambda: self.watcher.routes)
         self.serving = Serving(settings, self.keys, self.watcher, self.proxy)
         self.admin = build_admin_app(self, self.lifespan)
 

@@ -35,6 +35,8 @@ class Target:
     port: int
     #: The engine's OpenAI path prefix (``/v1``), to which the request's path is appended.
     path_prefix: str
+    #: Its streams can be resumed exactly (token ids): see gateway/resume.py.
+    resumable: bool = False
 
     @classmethod
     def of(cls, worker: WorkerView) -> Target | None:
@@ -49,6 +51,7 @@ class Target:
             url.hostname,
             url.port or 80,
             url.path.rstrip("/").removesuffix("/v1"),
+            worker.resumable,
         )
 
 

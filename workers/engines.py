@@ -23,6 +23,9 @@ class Engine(Registered):
     default_capacity: ClassVar[int] = 256
     #: True when the engine runs on GPUs (or, on vLLM's CPU build, on bound cores).
     uses_accelerator: ClassVar[bool] = False
+    #: True when its streams carry token ids and it continues from a token-id prompt exactly
+    #: (``return_token_ids``): gateways resume streams that break on one such worker on another.
+    token_ids: ClassVar[bool] = False
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
@@ -56,6 +59,10 @@ class Engine(Registered):
 
     def capacity(self) -> int:
         return self.default_capacity
+
+    def resumable(self) -> bool:
+        """Streams it serves can be resumed on another worker of the model exactly."""
+        return self.token_ids
 
     def _flag(self, *flags: str) -> str | None:
         """The value of the first of ``flags`` in the user's engine args, if given."""

@@ -10,6 +10,8 @@ from workers.engines import Engine
 class FakeEngine(Engine, name="fake"):
     """Starts workers/fake/server.py; engine args are its flags (``--tokens-per-s 50``)."""
 
+    token_ids = True
+
     def command(self, port: int) -> list[str]:
         s = self.settings
         cmd = [sys.executable, "-m", "workers.fake.server", "--host", s.host, "--port", str(port)]
