@@ -199,6 +199,27 @@ class Proxy:
                     upstream.release()
                 self.release(worker_id)
 
+    def status(self, routes: RoutingTable) -> dict[str, Any]:
+        """This gateway's view of the workers (``GET /status``, ``fleetserve status``)."""
+        now = time.monotonic()
+        workers: dict[str, dict[str, Any]] = {}
+        for route in routes.by_name.values():
+            for target in route.workers:
+                workers[target.worker_id] = {"worker_id": target.worker_id, "model": route.model}
+        failing = self.breakers.states()
+        for worker_id in failing.keys() - workers.keys():  # left the table, still remembered
+            workers[worker_id] = {"worker_id": worker_id, "model": None}
+        for worker_id, view in workers.items():
+            view["circuit"] = self.breakers.state(worker_id, now).value
+            view["failures"] = failing.get(worker_id, (None, 0))[1]
+            view["in_flight"] = self.in_flight.get(worker_id, 0)
+        return {
+            "routing_table_version": routes.version,
+            "in_flight": self._metrics.in_flight,
+            "workers": sorted(workers.values(), key=lambda w: w["worker_id"]),
+            "retries_refused": self.budget.refused,
+        }
+
     # -- mid-stream ----------------------------------------------------------------------
 
     def stream_failed(self, stream: UpstreamStream) -> None:
@@ -215,7 +236,9 @@ class Proxy:
         """Continue ``stream`` (whose worker ``failed``) on another worker: the new worker's
         answer, or the end of an answer that was whole (bytes), or None (error event)."""
         resumable, model, meter = stream.resumable, stream.record.model, stream.record.meter
-        assert resumable is not None
+        if resumable is None:  # not to be resumed (see _attempt)
+            self._resume_outcome(model, "unsupported")
+            return None
         plan, log = resumable.plan, resumable.log
         log.parse()
         ended = log.finish_reason is not None or (

@@ -205,17 +205,15 @@ class UpstreamStream(Response):
         meter = self.record.meter
         if meter is not None:
             meter.drop_partial()  # an unfinished event of the broken stream
-        result = None
-        if self.resumable is not None:
-            self._resuming = asyncio.create_task(self._proxy.resume(self, failed))
-            try:
-                result = await self._resuming
-            except asyncio.CancelledError:
-                if not self._client_gone:
-                    raise
-                return None
-            finally:
-                self._resuming = None
+        self._resuming = asyncio.create_task(self._proxy.resume(self, failed))
+        try:
+            result = await self._resuming
+        except asyncio.CancelledError:
+            if not self._client_gone:
+                raise
+            return None
+        finally:
+            self._resuming = None
         if isinstance(result, Resumption):
             logger.info("stream of worker %s resumed on worker %s", failed, result.worker_id)
             self._proxy.release(failed)

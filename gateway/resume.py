@@ -216,13 +216,17 @@ class StreamLog:
 async def clean_prefix(
     ids: list[int], text: str, detokenize: Callable[[list[int]], Awaitable[str]]
 ) -> tuple[int, int]:
-    """``(k, chars)``: the longest ``ids[:k]`` whose text is a prefix of ``text`` (the client's),
-    and how many characters of ``text`` that is. Usually all of ``ids`` (one call)."""
+    """``(k, chars)``: the longest ``ids[:k]`` whose text is a prefix of ``text`` (what the client
+    has) and does not end inside a character, and how many characters of ``text`` that is.
+    Usually all of ``ids`` (one call), or all but the bytes of an unfinished character."""
+    pieces: dict[int, str] = {0: ""}
 
-    async def covered(k: int) -> int | None:
-        piece = await detokenize(ids[:k])
-        if piece.endswith("\ufffd"):
-            return None  # ends inside a character: continuing from there is not exact
+    async def piece(k: int) -> str:
+        if k not in pieces:
+            pieces[k] = await detokenize(ids[:k])
+        return pieces[k]
+
+    def fits(piece: str) -> int | None:
         if text.startswith(piece):
             return len(piece)
         # SentencePiece tokenizers (Llama 2, Mistral) drop the first token's leading space
@@ -231,20 +235,22 @@ async def clean_prefix(
             return len(piece) + 1
         return None
 
-    if not ids:
-        return 0, 0
-    whole = await covered(len(ids))
-    if whole is not None:
-        return len(ids), whole
-    good, chars, bad = 0, 0, len(ids)
-    while bad - good > 1:  # binary search: the text grows with k
-        middle = (good + bad) // 2
-        found = await covered(middle)
-        if found is None:
-            bad = middle
-        else:
-            good, chars = middle, found
-    return good, chars
+    async def reaches(k: int) -> bool:
+        """Grows with k: the text of ids[:k], but for an unfinished character, fits."""
+        return fits((await piece(k)).rstrip("\ufffd")) is not None
+
+    good = len(ids)
+    if not await reaches(good):  # held back more than a character: a stop string's start
+        good, bad = 0, len(ids)
+        while bad - good > 1:
+            middle = (good + bad) // 2
+            good, bad = (middle, bad) if await reaches(middle) else (good, middle)
+    for k in range(good, -1, -1):  # off an unfinished character (a few tokens at most)
+        found = await piece(k)
+        chars = None if found.endswith("\ufffd") else fits(found)
+        if chars is not None:
+            return k, chars
+    return 0, 0
 
 
 def resume_body(plan: ResumePlan, log: StreamLog, k: int, max_model_len: int | None) -> bytes:

@@ -248,6 +248,8 @@ class FakeServer:
                     choice["prompt_token_ids"] = prompt_ids if count == 1 else None
                 choice["token_ids"] = [token] if gen.token_ids else None
                 yield chunk(choice)
+            if fault is not None and count == fault.after_tokens and fault.kind == "reset":
+                raise EngineCrash("the fake engine's stream was cut after its last token")
             if include_usage:
                 yield chunk(None, usage=_usage(gen, count))
             yield b"data: [DONE]\n\n"

@@ -28,14 +28,29 @@ from fleetserve.registry import Registered
 
 BYTE_TOKENS = 256
 
-_WORDS = (
-    " the", " a", " fleet", " of", " tokens", " serves", " every", " request", ",", ".",
-    "\n", " resume", " exactly", " gateway", " worker", " stream", " once", " again",
-)  # fmt: skip
 #: Multi-byte characters the lm vocabulary spells byte by byte; distinct first bytes, so a
 #: character's first byte says which one it is.
 _CHARACTERS = ("é", "ж", "日", "語", "🙂")
 _BY_LEAD = {c.encode()[0]: c.encode() for c in _CHARACTERS}
+_WORDS = (
+    b" the", b" a", b" fleet", b" of", b" tokens", b" serves", b" every", b" request", b",",
+    b".", b"\n", b" resume", b" exactly", b" gateway", b" worker", b" stream", b" once",
+    b" again",
+    # a space and the first byte of a character, as byte-level BPE vocabularies have: its
+    # text streams at once, the character only with the next tokens
+    " 日".encode()[:2],
+)  # fmt: skip
+
+
+def _unfinished(data: bytes) -> bytes:
+    """The bytes of one of _CHARACTERS that ``data`` ends inside of (b"" if none)."""
+    for start in range(max(len(data) - 3, 0), len(data)):
+        full = _BY_LEAD.get(data[start])
+        if full is not None and len(data) - start < len(full) and full.startswith(data[start:]):
+            return data[start:]
+    return b""
+
+
 _MASK = (1 << 64) - 1
 
 
@@ -124,7 +139,7 @@ class HashingVocabulary(Vocabulary, name="lm"):
     def piece(self, token: int) -> bytes:
         if token < BYTE_TOKENS:
             return bytes([token])
-        return b"" if token == self.eos else _WORDS[token - BYTE_TOKENS].encode()
+        return b"" if token == self.eos else _WORDS[token - BYTE_TOKENS]
 
     def start(self, prompt: Sequence[int]) -> _LmState:
         state = _LmState(0, b"")
@@ -134,13 +149,7 @@ class HashingVocabulary(Vocabulary, name="lm"):
 
     def advance(self, state: _LmState, token: int) -> _LmState:
         digest = (state.hash * 0x100000001B3 + token + 1) & _MASK
-        partial = b""
-        if token < BYTE_TOKENS:
-            partial = state.partial + bytes([token])
-            full = _BY_LEAD.get(partial[0])
-            if full is None or not full.startswith(partial) or partial == full:
-                partial = b""
-        return _LmState(digest, partial)
+        return _LmState(digest, _unfinished(state.partial + self.piece(token)))
 
     def next_token(self, state: _LmState, eos_allowed: bool) -> int:
         if state.partial:  # finish the character
