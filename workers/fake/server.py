@@ -185,7 +185,8 @@ class FakeServer:
         finally:
             self.running -= 1
             self.finished += 1
-        text = self.vocabulary.detokenize(tokens)
+        stream = TextStream(self.vocabulary)  # as vLLM: an unfinished last character is left out
+        text = "".join(map(stream.text, tokens))
         finish = "stop" if tokens[-1] == self.vocabulary.eos else "length"
         ids = {"token_ids": tokens} if gen.token_ids else {}
         if gen.chat:
