@@ -227,17 +227,17 @@ class Proxy:
         self.breakers.failed(stream.worker_id)
         self._metrics.mid_stream_failures.inc((stream.worker_id,))
 
-    def _resume_outcome(self, model: str, outcome: str) -> None:
+    def _resume_outcome(self, model: str, outcome: str, why: str = "") -> None:
         self._metrics.resumes.inc((model, outcome))
         if outcome not in ("resumed", "ended"):
-            logger.warning("a stream of %s could not be resumed: %s", model, outcome)
+            logger.warning("a stream of %s was not resumed: %s %s", model, outcome, why)
 
     async def resume(self, stream: UpstreamStream, failed: str) -> Resumption | bytes | None:
         """Continue ``stream`` (whose worker ``failed``) on another worker: the new worker's
         answer, or the end of an answer that was whole (bytes), or None (error event)."""
         resumable, model, meter = stream.resumable, stream.record.model, stream.record.meter
         if resumable is None:  # not to be resumed (see _attempt)
-            self._resume_outcome(model, "unsupported")
+            self._resume_outcome(model, "unsupported", "(the request, or its worker's engine)")
             return None
         plan, log = resumable.plan, resumable.log
         log.parse()
@@ -253,8 +253,7 @@ class Proxy:
         if log.prompt is None:
             unsupported = "the engine sent no token ids"
         if unsupported is not None:
-            logger.warning("stream not resumed: %s", unsupported)
-            self._resume_outcome(model, "unsupported")
+            self._resume_outcome(model, "unsupported", f"({unsupported})")
             return None
         if resumable.resumes >= self._max_resumes:
             self._resume_outcome(model, "exhausted")

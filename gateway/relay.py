@@ -157,24 +157,25 @@ class UpstreamStream(Response):
         strip = resumable is not None and resumable.strip
         continuation = self._continuation
         last = b""
+        error = None
         try:
             while chunk:
-                self._chunks += 1
+                self._chunks += 1  # the idle watchdog's evidence
                 if continuation is not None:
                     chunk = continuation.feed(chunk)
                 if meter is not None:
                     chunk = meter.feed(chunk)  # whole events only; usage taken out if unasked
-                if chunk:
-                    if log is not None:
-                        if _ERROR_EVENT in chunk:
-                            chunk, error = _engine_error(chunk)
-                            if error is not None:
-                                await self._send(send, chunk, log, strip)
-                                return f"the engine failed: {error}"
-                        await self._send(send, chunk, log, strip)
-                    else:
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if log is not None and chunk:
+                    if _ERROR_EVENT in chunk:
+                        chunk, error = _engine_error(chunk)
+                    log.add(chunk)
                     last = chunk
+                    if strip:
+                        chunk = strip_token_ids(chunk)
+                if chunk:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if error is not None:
+                    return f"the engine failed: {error}"
                 chunk = await upstream.next_chunk()
         except UpstreamError as exc:
             return self._idle or str(exc) or type(exc).__name__
@@ -185,15 +186,6 @@ class UpstreamStream(Response):
         if log is not None and not last.endswith(_DONE):
             return "the stream ended before [DONE]"
         return None
-
-    @staticmethod
-    async def _send(send: Send, chunk: bytes, log: StreamLog, strip: bool) -> None:
-        if not chunk:
-            return
-        log.add(chunk)
-        if strip:
-            chunk = strip_token_ids(chunk)
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
     async def _recover(self, failure: str, send: Send) -> bytes | None:
         """After the worker failed mid-stream: the new worker's first chunk, or None once the

@@ -392,10 +392,10 @@ def drain_under_load(
     after: int = 0,
     timeout_s: float = 60,
 ) -> LoadResult:
-    """SIGTERM the first live worker of ``name`` once ``before`` requests of ``concurrency`` streaming
-    clients succeeded; it must drain (exit 0 within ``timeout_s``, say so) and leave no process
-    behind, and ``after`` more requests must then succeed (on the name's other workers). The
-    load's result, for more checks."""
+    """SIGTERM the first live worker of ``name`` once ``before`` requests of ``concurrency``
+    streaming clients succeeded; it must drain (exit 0 within ``timeout_s``, say so) and leave
+    no process behind, and ``after`` more requests must then succeed (on the name's other
+    workers). The load's result, for more checks."""
     victim = next(
         c for c in cluster.components if c.name.startswith(f"worker-{name}-") and c.alive()
     )
