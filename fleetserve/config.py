@@ -218,6 +218,43 @@ class GatewaySettings(Strict):
         description="Give up (504) when a worker has not answered (streams: sent a first "
         "byte) within this long; the generation is aborted.",
     )
+    stream_idle_timeout_s: float = Field(
+        constants.STREAM_IDLE_TIMEOUT_S,
+        gt=0,
+        description="A stream whose worker sends nothing for this long counts as broken: it "
+        "is resumed on another worker (or ends with an error event).",
+    )
+    max_resumes: int = Field(
+        constants.MAX_RESUMES,
+        ge=0,
+        description="How many times one stream may be resumed on another worker after its "
+        "worker failed mid-stream (0: never; the stream ends with an error event).",
+    )
+    retry_budget_ratio: float = Field(
+        constants.RETRY_BUDGET_RATIO,
+        ge=0,
+        le=1,
+        description="Retries and resumes allowed, as a fraction of the requests of the last "
+        "10 s: a cluster whose workers all fail is not hit with several times its load.",
+    )
+    retry_budget_min_per_s: float = Field(
+        constants.RETRY_BUDGET_MIN_PER_S,
+        ge=0,
+        description="Retries allowed per second beyond the budget's fraction (a quiet "
+        "gateway may still retry).",
+    )
+    circuit_failures: int = Field(
+        constants.CIRCUIT_FAILURES,
+        ge=1,
+        description="Failures in a row that open a worker's circuit (it gets no requests); "
+        "a refused connection opens it at once.",
+    )
+    circuit_open_s: float = Field(
+        constants.CIRCUIT_OPEN_S,
+        gt=0,
+        description="How long an open circuit keeps a worker out before one request probes "
+        "it (doubled after each failed probe, up to 60 s); a successful probe closes it.",
+    )
     keys_file: str | None = Field(
         None,
         description="YAML file of API keys, re-read when it changes and on SIGHUP. "

@@ -26,11 +26,46 @@ WATCH_DEADLINE_MARGIN_S = 10.0
 # After losing the controller, a gateway retries this often (serving its last table).
 WATCH_RETRY_S = 0.5
 
-# A worker that refused a connection or failed before the first byte is not
-# picked again for this long (the controller will expire it if it is dead).
-WORKER_COOLDOWN_S = 5.0
-# Tries per request, each on a different worker of the model.
+# Tries per request before its first byte, each on a different worker of the model.
 MAX_ATTEMPTS = 3
+
+# Circuit breakers (gateway/breaker.py). A worker is taken out after this many failures
+# in a row: one failure is a poisonous request as often as a sick worker, three in a row
+# (with no success between) are the worker. A refused connection takes it out at once.
+CIRCUIT_FAILURES = 3
+# ...for this long, then one request probes it: long enough for the controller to learn
+# that a dead worker is gone (its heartbeats stop), short enough to get a restarted one back.
+CIRCUIT_OPEN_S = 5.0
+# Each failed probe doubles the wait, up to this: a worker down for good costs one probe a
+# minute until the controller expires it.
+CIRCUIT_OPEN_MAX_S = 60.0
+# Circuits of workers that left are dropped once this many are kept.
+CIRCUITS_KEPT = 10_000
+# Retry budget: retries (and resumes) at most this fraction of requests, plus a floor per
+# second. 20% is Envoy's and Finagle's default: a cluster where every worker fails gets
+# 1.2x its load, not 3x (MAX_ATTEMPTS); the floor lets a quiet gateway retry at all.
+RETRY_BUDGET_RATIO = 0.2
+RETRY_BUDGET_MIN_PER_S = 2.0
+# ...counted over this window: long enough to smooth a burst of failures, short enough to
+# let retries through again soon after the cluster recovers.
+RETRY_BUDGET_WINDOW_S = 10.0
+# Retries of one request wait a random time up to base x 2^(n-1), at most the cap ("full
+# jitter"): the first retry goes to another worker almost at once (a dead worker's streams
+# resume within tens of ms); many requests retrying together spread out.
+RETRY_BACKOFF_BASE_S = 0.025
+RETRY_BACKOFF_MAX_S = 1.0
+
+# Mid-stream resume (gateway/resume.py). A stream whose worker sends nothing for this long
+# counts as broken. vLLM sends a chunk per decode step: even a saturated GPU engine, or one
+# stalled by a long prefill of other requests (chunked prefill bounds those), pauses for
+# seconds, not a minute; an engine hung on a GPU fault never sends again.
+STREAM_IDLE_TIMEOUT_S = 60.0
+# Resumes per stream: a stream whose new worker dies too is resumed again, up to this.
+MAX_RESUMES = 3
+# A stream's chunks are kept as received (nothing parsed while nothing fails) until they
+# reach this size, then parsed into their text and token ids: a long stream costs the
+# gateway its text, not every chunk's bytes.
+STREAM_LOG_COMPACT_BYTES = 64 * 1024
 # Request bodies larger than this are refused with 413 before any upstream call.
 MAX_BODY_BYTES = 8 * 1024 * 1024
 
@@ -107,6 +142,10 @@ TPOT_BUCKETS_S = (
 GATEWAY_ADDED_BUCKETS_S = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 )  # fmt: skip
+# Time to resume a broken stream (from the break to the new worker's first chunk): a
+# prefill of the prompt and the tokens so far, tens of ms on a GPU, seconds for a long
+# context or a busy engine.
+RESUME_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 # How long a worker agent's /metrics waits for the engine's own /metrics, which
 # it re-exports: a scrape must answer even when the engine is stuck.

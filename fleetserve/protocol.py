@@ -43,6 +43,11 @@ class WorkerInfo(Internal):
     gpu_ids: list[int] = Field(default_factory=list, description="Physical GPU indices used.")
     nodes: int = Field(1, ge=1, description="Nodes the replica spans.")
     capacity: int = Field(ge=1, description="Requests the engine runs at once.")
+    resumable: bool = Field(
+        False,
+        description="The engine streams token ids and takes token-id prompts (vLLM's "
+        "return_token_ids), so a gateway can resume a broken stream on such a worker exactly.",
+    )
     state: WorkerState = WorkerState.READY
     load: WorkerLoad = Field(default_factory=WorkerLoad)
     engine_secret: str | None = Field(

@@ -1,6 +1,6 @@
 """Everything the gateway serves besides the hot path: a plain FastAPI app.
 
-/v1/models, /health, /metrics, the chat page, and /openapi.json, which also
+/v1/models, /health, /status, /metrics, the chat page, and /openapi.json, which also
 describes the proxied routes (gateway/protocol.py) that never reach FastAPI.
 """
 
@@ -82,6 +82,11 @@ def build_admin_app(
             "routing_table_version": routes.version,
             "models": sorted(routes.by_name),
         }
+
+    @api.get("/status")
+    async def status() -> dict[str, Any]:
+        """This gateway's view of the workers: circuits and requests in flight."""
+        return gateway.proxy.status(gateway.watcher.routes)
 
     @api.get("/metrics")
     async def prometheus_metrics() -> Response:

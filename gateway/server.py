@@ -58,7 +58,7 @@ class Gateway:
             settings.controller_url, session=None, token=client_token(settings.cluster_token_file)
         )
         self.upstreams = UpstreamPool()
-        self.proxy = Proxy(self.upstreams, self.metrics)
+        self.proxy = Proxy(self.upstreams, self.metrics, settings, lambda: self.watcher.routes)
         self.serving = Serving(settings, self.keys, self.watcher, self.proxy)
         self.admin = build_admin_app(self, self.lifespan)
 

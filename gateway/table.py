@@ -41,6 +41,8 @@ class Target:
     auth: bytes = b""
     #: The header lines of a JSON request to it (UpstreamPool.post's ``headers``).
     headers: bytes = JSON_HEADERS
+    #: Its streams can be resumed exactly (token ids): see gateway/resume.py.
+    resumable: bool = False
 
     @classmethod
     def of(cls, worker: WorkerView) -> Target | None:
@@ -60,6 +62,7 @@ class Target:
             url.path.rstrip("/").removesuffix("/v1"),
             auth,
             JSON_HEADERS + auth,
+            worker.resumable,
         )
 
 

@@ -29,14 +29,13 @@ JSON_HEADERS = b"Content-Type: application/json\r\n"
 class UpstreamError(ConnectionError):
     """The engine failed: refused or lost connection, invalid HTTP, or (from the proxy) a 5xx.
 
-    ``worker_down`` False: the engine is up but failed this request (an HTTP 500);
-    try another worker, but do not take this one out of rotation for it, or one
-    poisonous request could cool down a whole model.
+    ``refused``: no connection could be made at all (nothing listens there): the
+    worker's circuit opens at once (gateway/breaker.py); other failures count.
     """
 
-    def __init__(self, message: str, worker_down: bool = True) -> None:
+    def __init__(self, message: str, refused: bool = False) -> None:
         super().__init__(message)
-        self.worker_down = worker_down
+        self.refused = refused
 
 
 class UpstreamResponse:
@@ -78,6 +77,11 @@ class UpstreamResponse:
         self._wake()
 
     # -- read by the proxy -----------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        """Nothing received is waiting to be read, and more is expected."""
+        return not self._chunks and not self.complete and self.error is None
 
     async def next_chunk(self) -> bytes:
         """The next piece of the body; b"" at its end. UpstreamError if the connection broke."""
@@ -201,6 +205,17 @@ class _Connection(asyncio.Protocol):
             self._transport.abort()
 
 
+async def _headers(response: UpstreamResponse) -> UpstreamResponse:
+    """``response`` once its head arrived. Cancelled before (a timeout, a client that left):
+    its connection is closed, so that the engine sees the disconnect and stops generating."""
+    try:
+        await response.headers_done
+    except asyncio.CancelledError:
+        response.close()
+        raise
+    return response
+
+
 class UpstreamPool:
     """Keep-alive connections per engine (host, port); one request at a time on each."""
 
@@ -224,7 +239,9 @@ class UpstreamPool:
                 self._connect_timeout_s,
             )
         except (OSError, TimeoutError) as exc:
-            raise UpstreamError(f"cannot connect to {key[0]}:{key[1]}: {exc}") from None
+            raise UpstreamError(
+                f"cannot connect to {key[0]}:{key[1]}: {exc}", refused=True
+            ) from None
         return connection
 
     async def post(
@@ -254,16 +271,13 @@ class UpstreamPool:
                 continue
             response = connection.send(head, body)
             try:
-                await response.headers_done
-                return response
+                return await _headers(response)
             except UpstreamError:
                 # The engine closed this idle keep-alive connection before our request
                 # reached it: not the engine's fault, try another connection.
                 if response.received_any:
                     raise
-        response = (await self._connect(key)).send(head, body)
-        await response.headers_done
-        return response
+        return await _headers((await self._connect(key)).send(head, body))
 
     def close(self) -> None:
         for connections in self._idle.values():

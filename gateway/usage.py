@@ -66,6 +66,10 @@ class UsageMeter:
                 self._on_usage(usage["total_tokens"])
         return parsed
 
+    def drop_partial(self) -> None:
+        """Forget an unfinished event: its stream broke, the rest comes from another worker."""
+        self._buffer = b""
+
     def finish(self) -> bytes:
         """The answer ended: what was still buffered (an unterminated last event)."""
         rest, self._buffer = self._buffer, b""

@@ -353,6 +353,7 @@ class Agent:
             gpu_ids=list(self.plan.gpu_ids),
             nodes=max(len(s.nodes), 1),
             capacity=self.engine.capacity(),
+            resumable=self.engine.resumable(),
             routing_policy=s.routing_policy,
             state=state,
             load=load,

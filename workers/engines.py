@@ -28,6 +28,9 @@ class Engine(Registered):
     unix_socket: ClassVar[bool] = False
     #: The environment variable that gives the engine an API key of its own (the secret).
     api_key_variable: ClassVar[str | None] = None
+    #: True when its streams carry token ids and it continues from a token-id prompt exactly
+    #: (``return_token_ids``): gateways resume streams that break on one such worker on another.
+    token_ids: ClassVar[bool] = False
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
@@ -64,6 +67,10 @@ class Engine(Registered):
 
     def capacity(self) -> int:
         return self.default_capacity
+
+    def resumable(self) -> bool:
+        """Streams it serves can be resumed on another worker of the model exactly."""
+        return self.token_ids
 
     def _flag(self, *flags: str) -> str | None:
         """The value of the first of ``flags`` in the user's engine args, if given."""

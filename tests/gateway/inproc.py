@@ -130,6 +130,10 @@ class GatewayUnderTest:
     app: Gateway
     #: Raw HTTP, for what the openai client would not send (bad bodies, no key).
     http: httpx.AsyncClient
+    #: Where it also listens on loopback (``serve=True``): httpx.ASGITransport hands a
+    #: response over only once the app finished it, so a test of a client that leaves half
+    #: way through a stream talks to this socket.
+    url: str | None = None
 
     def client(self, api_key: str = "unused") -> openai.AsyncOpenAI:
         # max_retries=0: a failure must show, not be hidden by the client's own retries.
@@ -160,15 +164,24 @@ class GatewayUnderTest:
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(settings: GatewaySettings) -> AsyncIterator[GatewayUnderTest]:
-    """``build_app(settings)`` with its lifespan open, behind an ``httpx.ASGITransport``."""
+async def running_gateway(
+    settings: GatewaySettings, serve: bool = False
+) -> AsyncIterator[GatewayUnderTest]:
+    """``build_app(settings)`` with its lifespan open, behind an ``httpx.ASGITransport`` (and
+    on a loopback port too with ``serve``)."""
     app = build_gateway_app(settings)
     transport = httpx.ASGITransport(app=app)
     async with (
         app.lifespan(app.admin),
         httpx.AsyncClient(transport=transport, base_url=GATEWAY_URL, timeout=WAIT_S) as http,
     ):
-        yield GatewayUnderTest(app, http)
+        server = LoopbackServer(app) if serve else None
+        url = await server.start() if server is not None else None
+        try:
+            yield GatewayUnderTest(app, http, url)
+        finally:
+            if server is not None:
+                await server.stop()
 
 
 @dataclass
@@ -182,6 +195,8 @@ class Workers:
     dead: list[str]
     #: The fake engine of each live worker, by worker id.
     engines: dict[str, FakeServer]
+    #: Each live worker's engine URL (its OpenAI base URL without ``/v1``).
+    urls: dict[str, str]
 
 
 @dataclass
@@ -223,10 +238,13 @@ class InProcessCluster:
             await eventually(caught_up, f"routing table v{version} at the gateway")
 
     @contextlib.asynccontextmanager
-    async def gateway(self, **settings: Any) -> AsyncIterator[GatewayUnderTest]:
-        """A gateway of this cluster with ``settings``, once it routes by the current table."""
+    async def gateway(
+        self, serve: bool = False, **settings: Any
+    ) -> AsyncIterator[GatewayUnderTest]:
+        """A gateway of this cluster with ``settings``, once it routes by the current table
+        (``serve``: on a loopback port too)."""
         config = GatewaySettings(controller_url=self.controller_url, **settings)
-        async with running_gateway(config) as gateway:
+        async with running_gateway(config, serve) as gateway:
             self.gateways.append(gateway)
             try:
                 await self.settle()
@@ -244,10 +262,14 @@ class InProcessCluster:
         routing_policy: str | None = None,
         tokens_per_s: float = 0.0,
         dead: int = 0,
+        vocabulary: str = "count",
+        resumable: bool = True,
     ) -> AsyncIterator[Workers]:
-        """``replicas`` workers of ``name``, each with a fake engine of its own, and ``dead``
-        workers whose port refuses connections, registered with ``routing_policy``; once every
-        gateway routes them. Deregistered (and gone from every gateway) on exit."""
+        """``replicas`` workers of ``name``, each with a fake engine of its own (``vocabulary``:
+        see workers/fake/tokens.py), and ``dead`` workers whose port refuses connections,
+        registered with ``routing_policy`` (``resumable``: as vLLM workers are; False as
+        llama.cpp's); once every gateway routes them. Deregistered (and gone from every
+        gateway) on exit."""
         names = [name, *aliases]
         servers: list[LoopbackServer] = []
         engines: dict[str, FakeServer] = {}
@@ -256,7 +278,7 @@ class InProcessCluster:
         with contextlib.ExitStack() as refusing:
             try:
                 for i in range(replicas):
-                    engine = FakeServer(names, tokens_per_s=tokens_per_s, ttft_s=0.0)
+                    engine = FakeServer(names, tokens_per_s, 0.0, vocabulary)
                     server = LoopbackServer(build_engine_app(engine))
                     servers.append(server)
                     worker_id = f"{name}-{i}"
@@ -273,12 +295,16 @@ class InProcessCluster:
                             base_url=f"{url}/v1",
                             engine="fake",
                             capacity=8,
+                            resumable=resumable,
                             routing_policy=routing_policy,
                         )
                     )
                     registered.append(worker_id)
                 await self.settle()
-                yield Workers(name, list(engines), [w for w in urls if w not in engines], engines)
+                live = {w: url for w, url in urls.items() if w in engines}
+                yield Workers(
+                    name, list(engines), [w for w in urls if w not in engines], engines, live
+                )
             finally:
                 for worker_id in registered:
                     await self.deregister(worker_id)

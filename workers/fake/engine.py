@@ -11,6 +11,7 @@ class FakeEngine(Engine, name="fake"):
     """Starts workers/fake/server.py; engine args are its flags (``--tokens-per-s 50``)."""
 
     unix_socket = True
+    token_ids = True
 
     def command(self, port: int) -> list[str]:
         s = self.settings

@@ -33,6 +33,7 @@ class VllmEngine(Engine, name="vllm", default=True):
     unix_socket = True
     # guards only /v1, /v2, /inference and /cohere: the relay guards the rest
     api_key_variable = "VLLM_API_KEY"
+    token_ids = True  # return_token_ids and token-id prompts: vLLM 0.10 and later
 
     @classmethod
     def resolve_source(cls, source: str) -> str:
@@ -88,6 +89,11 @@ class VllmEngine(Engine, name="vllm", default=True):
                 "this machine has GPUs but the installed vLLM is the CPU build: "
                 "pip install 'fleetserve[vllm]' for the CUDA build, or use --device cpu"
             )
+
+    def resumable(self) -> bool:
+        # A reasoning parser splits every chat answer into reasoning and content, which a
+        # resume (a completions request) cannot: such workers' streams are not resumed.
+        return self._flag("--reasoning-parser") is None
 
     def capacity(self) -> int:
         value = self._flag("--max-num-seqs")
