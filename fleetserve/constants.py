@@ -33,6 +33,9 @@ WORKER_COOLDOWN_S = 5.0
 MAX_ATTEMPTS = 3
 # Request bodies larger than this are refused with 413 before any upstream call.
 MAX_BODY_BYTES = 8 * 1024 * 1024
+# ...but audio uploads may be as large as OpenAI takes them (25 MB files), with room for the
+# form's other fields.
+MAX_AUDIO_BODY_BYTES = 26 * 1024 * 1024
 
 # vLLM on CPU, big models from a hub: loading can take many minutes.
 ENGINE_READY_TIMEOUT_S = 900.0

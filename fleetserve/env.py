@@ -26,6 +26,10 @@ API_KEYS = ("FLEETSERVE_API_KEY", "OPENAI_API_KEY")
 CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 #: Cores of vLLM's CPU build, one group per rank (vLLM's own variable; `up` sets it).
 CPU_THREADS_BIND = "VLLM_CPU_OMP_THREADS_BIND"
+#: Prefix of the secrets a registration may name (an attached server's API key): secret S is
+#: $FLEETSERVE_SECRET_S. Only these: a registration can never make a gateway send any other
+#: variable of its environment to an engine.
+SECRET_PREFIX = "FLEETSERVE_SECRET_"
 
 
 def home(environ: Mapping[str, str] = os.environ) -> Path | None:
@@ -56,3 +60,7 @@ def cuda_visible_devices(environ: Mapping[str, str] = os.environ) -> str | None:
 
 def cpu_threads_bind(environ: Mapping[str, str] = os.environ) -> str | None:
     return environ.get(CPU_THREADS_BIND)
+
+
+def secret(name: str, environ: Mapping[str, str] = os.environ) -> str | None:
+    return environ.get(SECRET_PREFIX + name) or None

@@ -23,7 +23,7 @@ from fleetserve.errors import OpenAIError, error_body
 from gateway.metrics import GatewayMetrics, RequestRecord
 from gateway.routing import RoutingContext
 from gateway.table import ModelRoute, Target
-from gateway.upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from gateway.upstream import JSON_HEADERS, UpstreamError, UpstreamPool, UpstreamResponse
 from gateway.usage import UsageMeter
 
 logger = logging.getLogger(__name__)
@@ -143,10 +143,13 @@ class Proxy:
         stream: bool,
         ctx: RoutingContext,
         record: RequestRecord,
+        headers: bytes = JSON_HEADERS,
+        method: str = "POST",
     ) -> Response:
         """Send ``body`` to a worker of ``route`` at ``path``; ``ctx``: what the policy sees.
 
-        ``record`` gets the time spent waiting on engines and the usage meter's findings.
+        ``record`` gets the time spent waiting on engines and the usage meter's findings;
+        ``headers``: the request's header lines (gateway/upstream.py).
         """
         now = time.monotonic()
         candidates = [t for t in route.workers if self._cooldown_until.get(t.worker_id, 0.0) <= now]
@@ -161,7 +164,7 @@ class Proxy:
                 self._metrics.retries.inc((record.model,))
             tried.add(target.worker_id)
             try:
-                return await self._attempt(target, path, body, stream, record)
+                return await self._attempt(target, path, body, stream, record, headers, method)
             except UpstreamError as exc:  # before the first byte: another worker may take it
                 last_error = str(exc) or type(exc).__name__
                 logger.warning(
@@ -185,7 +188,14 @@ class Proxy:
         )
 
     async def _attempt(
-        self, target: Target, path: str, body: bytes, stream: bool, record: RequestRecord
+        self,
+        target: Target,
+        path: str,
+        body: bytes,
+        stream: bool,
+        record: RequestRecord,
+        request_headers: bytes,
+        method: str,
     ) -> Response:
         worker_id = target.worker_id
         self.in_flight[worker_id] += 1
@@ -195,7 +205,12 @@ class Proxy:
         waiting_since = time.perf_counter()  # engine time: from here to its answer
         try:
             upstream = await self._upstreams.post(
-                target.host, target.port, target.path_prefix + path, body
+                target.host,
+                target.port,
+                target.path_prefix + path,
+                body,
+                method=method,
+                headers=request_headers,
             )
             if upstream.status >= 500:
                 raise UpstreamError(f"HTTP {upstream.status}", worker_down=upstream.status != 500)

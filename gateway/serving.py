@@ -1,39 +1,79 @@
-"""Serving one proxied OpenAI request: key, body, contract, quota, route, forward.
+"""Serving one proxied request: key, body, contract, quota, route, forward, fall back.
 
-In order: the API key (401), the body (413 past the limit), the request contract
-(400, gateway/protocol.py), one routing-table lookup (404 unknown model; 503 with
-no table yet), the key's model list and rates (403, 429), the usage rewrite for
-token counting (usage.py), then the proxy under the request timeout (504). Every
-error becomes OpenAI's envelope through fleetserve.errors.error_response.
+In order: the API key (401; ``Authorization: Bearer`` or ``x-api-key``), the body
+(413 past the limit), the request contract (400, gateway/protocol.py), one
+routing-table lookup (404 unknown model; 503 with no table yet), the key's model
+list and rates (403, 429), whether the model serves the endpoint (404, decided
+from what its workers registered), the usage rewrite for token counting
+(usage.py), then the proxy under the request timeout (504). Errors take the
+envelope of the route's API (OpenAI's, or Anthropic's on /v1/messages) through
+fleetserve.errors.error_response.
+
+The body is forwarded as received unless a rewrite is needed: a fallback model's
+name, an attached server's own name for the model, a response id naming the
+worker (below). Then it is encoded again (``ParsedRequest.encode``).
+
+Fallbacks: when the model has no ready worker (503), every worker tried failed
+before the first byte (502), or the engine answered 429 or 503, the request goes
+to the model's fallbacks in turn, those the key may use and that serve the
+endpoint; the answer names the model in ``x-fleetserve-model``. A stream that
+has started is the proxy's: it never switches models.
+
+Responses API state: an engine keeps the responses it made, so a request naming
+a previous response (``previous_response_id``), and retrieving or cancelling one,
+must reach the worker that made it, whichever gateway it comes to. vLLM takes a
+client's ``request_id`` as the response's id, so the gateway picks the worker
+first and mints the id with a tag naming it (``resp_<tag><random>``, see
+gateway/table.py ``response_tag``); every gateway finds the worker from the id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
+import uuid
 from typing import Any
 
 import orjson
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope
 
+from fleetserve import constants
 from fleetserve.config import ApiKey, GatewaySettings
 from fleetserve.errors import OpenAIError, error_response
+from fleetserve.protocol import RESPONSES
 from gateway.auth import KeyStore
-from gateway.metrics import NO_KEY, RequestRecord
-from gateway.protocol import Endpoint, ParsedRequest, parse_request
+from gateway.metrics import NO_KEY, GatewayMetrics, RequestRecord
+from gateway.protocol import (
+    RESPONSES_PREFIX,
+    Api,
+    Endpoint,
+    ParsedRequest,
+    parse_form,
+    parse_request,
+)
 from gateway.proxy import WORKER_HEADER, Proxy
 from gateway.routing import RoutingContext
-from gateway.table import RouteTableWatcher
+from gateway.table import ModelRoute, RouteTableWatcher, Target, response_tag
+from gateway.upstream import JSON_HEADERS
 from gateway.usage import UsageMeter
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("fleetserve.access")
 
+#: The model that answered (the asked one, or a fallback).
+MODEL_HEADER = "x-fleetserve-model"
 # Put in front of a streaming request's JSON object to get its usage from the engine.
 _INCLUDE_USAGE = b'{"stream_options":{"include_usage":true},'
+#: Engine answers that send a request to the model's fallbacks (busy or unavailable).
+_FALL_BACK_STATUSES = (429, 503)
+#: Gateway errors that do: no ready worker (503), every worker failed before the first byte.
+_FALL_BACK_ERRORS = (502, 503)
+#: Request headers of Anthropic's API that its engines read.
+_ANTHROPIC_HEADERS = (b"anthropic-version", b"anthropic-beta")
 
 
 def header(scope: Scope, wanted: bytes) -> str | None:
@@ -68,19 +108,24 @@ async def read_body(scope: Scope, receive: Receive, max_bytes: int) -> bytes:
 
 
 def metered(
-    body: bytes, request: ParsedRequest, charge: functools.partial[None] | None
+    body: bytes,
+    request: ParsedRequest,
+    endpoint: Endpoint,
+    charge: functools.partial[None] | None,
 ) -> tuple[bytes, UsageMeter]:
     """Count the answer's tokens (metrics; and ``charge`` them to a key's tokens budget).
 
-    Streams must then carry their usage: if the client did not ask for it, ask
-    the engine for ``stream_options.include_usage`` and take the usage event out
-    again.
+    Chat and completion streams carry their usage only when asked: if the client
+    did not ask for it, ask the engine for ``stream_options.include_usage`` and
+    take the usage event out again.
     """
     payload, stream = request.payload, request.stream
+    if not (stream and endpoint.stream_usage_option):
+        return body, UsageMeter(charge)
     options = payload.get("stream_options")
     asked = options is not None and options.get("include_usage") is True
-    meter = UsageMeter(charge, strip=stream and not asked)
-    if stream and not asked:
+    meter = UsageMeter(charge, strip=not asked)
+    if not asked:
         given = "stream_options" in payload  # even as null: then a second key would win
         payload["stream_options"] = {**(options or {}), "include_usage": True}
         start = body.lstrip()
@@ -93,16 +138,54 @@ def metered(
     return body, meter
 
 
+def _request_headers(scope: Scope, endpoint: Endpoint) -> bytes:
+    """The header lines to send the engine: the body's type, and what the API's engines read."""
+    if endpoint.multipart:
+        return b"Content-Type: " + (header(scope, b"content-type") or "").encode() + b"\r\n"
+    if endpoint.api is not Api.ANTHROPIC:
+        return JSON_HEADERS
+    lines = [JSON_HEADERS]
+    for name, value in scope["headers"]:
+        if name in _ANTHROPIC_HEADERS:
+            lines.append(name + b": " + value + b"\r\n")  # (an HTTP parser let no CR/LF in)
+    return b"".join(lines)
+
+
 class Serving:
     """The proxied routes' handler; one per gateway process."""
 
     def __init__(
-        self, settings: GatewaySettings, keys: KeyStore, watcher: RouteTableWatcher, proxy: Proxy
+        self,
+        settings: GatewaySettings,
+        keys: KeyStore,
+        watcher: RouteTableWatcher,
+        proxy: Proxy,
+        metrics: GatewayMetrics,
     ) -> None:
         self.settings = settings
         self.keys = keys
         self.watcher = watcher
         self.proxy = proxy
+        self.metrics = metrics
+
+    def _authenticate(self, scope: Scope) -> ApiKey | None:
+        if not self.keys.enabled:
+            return None
+        return self.keys.authenticate(header(scope, b"authorization"), header(scope, b"x-api-key"))
+
+    def _route(self, model: str) -> ModelRoute:
+        route = self.watcher.routes.by_name.get(model)
+        if route is None:
+            if self.watcher.routes.version is None:
+                raise OpenAIError(
+                    503,
+                    "the gateway has no routing table yet: is the controller up?",
+                    code="no_routing_table",
+                )
+            raise OpenAIError(
+                404, f"The model `{model}` does not exist.", code="model_not_found", param="model"
+            )
+        return route
 
     async def respond(
         self, scope: Scope, receive: Receive, endpoint: Endpoint, record: RequestRecord
@@ -110,51 +193,251 @@ class Serving:
         """The response to send (errors included); ``record`` learns what metrics need."""
         model = "-"
         try:
-            key = (
-                self.keys.authenticate(header(scope, b"authorization"))
-                if self.keys.enabled
-                else None
-            )
-            body = await read_body(scope, receive, self.settings.max_body_bytes)
-            request = parse_request(body, endpoint, self.settings.max_tokens_limit)
+            key = self._authenticate(scope)
+            if endpoint.multipart:
+                body = await read_body(scope, receive, self.settings.max_audio_body_bytes)
+                request = parse_form(body, header(scope, b"content-type"))
+            else:
+                body = await read_body(scope, receive, self.settings.max_body_bytes)
+                request = parse_request(body, endpoint, self.settings.max_tokens_limit)
             model = request.model
             if key is not None:
                 record.key = key.name
             record.stream = request.stream
-            route = self.watcher.routes.by_name.get(model)
-            if route is None:
-                if self.watcher.routes.version is None:
-                    raise OpenAIError(
-                        503,
-                        "the gateway has no routing table yet: is the controller up?",
-                        code="no_routing_table",
-                    )
-                raise OpenAIError(
-                    404,
-                    f"The model `{model}` does not exist.",
-                    code="model_not_found",
-                    param="model",
-                )
+            route = self._route(model)
             # Model names come from clients: only known ones become label values.
             record.model = model
             limits = self.keys.admit(key, model) if key is not None else {}
-            charge = self._charge(key)
-            body, record.meter = metered(body, request, charge)
+            served = route.by_endpoint.get(endpoint.path)
+            if served is None and route.endpoints:
+                raise OpenAIError(
+                    404,
+                    f"The model `{model}` does not serve {endpoint.path}; it serves "
+                    f"{', '.join(sorted(route.endpoints))}.",
+                    code="unsupported_endpoint",
+                    param="model",
+                )
+            body, record.meter = metered(body, request, endpoint, self._charge(key))
             session = header(scope, b"x-session-id") or request.payload.get("user")
             ctx = RoutingContext(
                 in_flight=self.proxy.in_flight,
                 payload=request.payload,
                 session=session if isinstance(session, str) else None,
             )
+            headers = _request_headers(scope, endpoint)
             async with asyncio.timeout(self.settings.request_timeout_s):
-                response = await self.proxy.forward(
-                    route, endpoint.path, body, request.stream, ctx, record
+                response = await self._answer(
+                    route, served, key, endpoint, request, body, headers, ctx, record
                 )
             for name, value in limits.items():
                 response.headers[name] = value
         except TimeoutError:
             timeout_s = self.settings.request_timeout_s
             message = f"no answer from a worker of `{model}` within {timeout_s}s"
+            response = error_response(OpenAIError(504, message, code="timeout"))
+        except Exception as exc:
+            response = error_response(exc, anthropic=endpoint.api is Api.ANTHROPIC)
+        record.status = response.status_code
+        if self.settings.access_log:
+            self._log_access(scope["path"], model, response, record)
+        return response
+
+    async def _answer(
+        self,
+        route: ModelRoute,
+        served: ModelRoute | None,
+        key: ApiKey | None,
+        endpoint: Endpoint,
+        request: ParsedRequest,
+        body: bytes,
+        headers: bytes,
+        ctx: RoutingContext,
+        record: RequestRecord,
+    ) -> Response:
+        """The model's answer, or its first fallback's that can give one."""
+        failure: Response | OpenAIError
+        try:
+            if served is None:  # a model with no worker left, kept for its fallbacks
+                raise self._no_worker(route.model)
+            response = await self._send(
+                served, request.model, endpoint, request, body, headers, ctx, record
+            )
+            if response.status_code not in _FALL_BACK_STATUSES or not route.fallbacks:
+                response.headers[MODEL_HEADER] = route.model
+                return response
+            failure = response
+        except OpenAIError as exc:
+            if exc.status not in _FALL_BACK_ERRORS or not route.fallbacks:
+                raise
+            failure = exc
+        for name in route.fallbacks:
+            fallback = self._fallback(name, key, endpoint)
+            if fallback is None:
+                continue
+            self.metrics.fallbacks.inc((route.model, fallback.model))
+            logger.info(
+                "%s could not answer (%s): trying %s",
+                route.model,
+                failure.status_code if isinstance(failure, Response) else failure.message,
+                fallback.model,
+            )
+            try:
+                response = await self._send(
+                    fallback, fallback.model, endpoint, request, body, headers, ctx, record
+                )
+            except OpenAIError as exc:
+                if exc.status not in _FALL_BACK_ERRORS:
+                    raise
+                failure = exc
+                continue
+            if response.status_code in _FALL_BACK_STATUSES:
+                failure = response
+                continue
+            record.model = fallback.model  # its quotas and metrics: the model that answered
+            response.headers[MODEL_HEADER] = fallback.model
+            return response
+        if isinstance(failure, OpenAIError):
+            raise failure
+        return failure
+
+    def _fallback(self, name: str, key: ApiKey | None, endpoint: Endpoint) -> ModelRoute | None:
+        """The route of fallback ``name`` for ``endpoint``, if the key may use it and it serves
+        the endpoint (or has no worker, and fallbacks of its own are not followed: None)."""
+        if key is not None and key.models is not None and name not in key.models:
+            return None
+        route = self.watcher.routes.by_name.get(name)
+        return route.by_endpoint.get(endpoint.path) if route is not None else None
+
+    @staticmethod
+    def _no_worker(model: str) -> OpenAIError:
+        return OpenAIError(
+            503,
+            f"no healthy worker for model `{model}` right now; try again shortly",
+            code="no_healthy_worker",
+        )
+
+    async def _send(
+        self,
+        route: ModelRoute,
+        name: str,
+        endpoint: Endpoint,
+        request: ParsedRequest,
+        body: bytes,
+        headers: bytes,
+        ctx: RoutingContext,
+        record: RequestRecord,
+    ) -> Response:
+        """Forward to a worker of ``route``, whose engines know the model as ``name``."""
+        pinned = endpoint.path == RESPONSES
+        if not pinned and not route.upstreams:  # the usual case: any worker takes the same bytes
+            if name != request.payload.get("model"):
+                body = request.encode(body, model=name)
+            return await self.proxy.forward(
+                route, endpoint.path, body, request.stream, ctx, record, headers
+            )
+        # Pick a worker first: what it needs decides the bytes (an attached server's name and
+        # key; a response id naming it), then forward to it and those that take the same bytes.
+        candidates = route.workers
+        previous = request.payload.get("previous_response_id") if pinned else None
+        if isinstance(previous, str) and previous:
+            candidates = (self._stored(previous, "previous_response_id", route)[1],)
+        tried: set[str] = set()
+        failure: OpenAIError = self._no_worker(route.model)
+        for _ in range(constants.MAX_ATTEMPTS):
+            pool = [t for t in candidates if t.worker_id not in tried]
+            if not pool:
+                break
+            target = route.policy.pick(pool, ctx)
+            upstream = route.upstreams.get(target.worker_id)
+            group = (
+                (target,)
+                if pinned
+                else tuple(t for t in pool if route.upstreams.get(t.worker_id) == upstream)
+            )
+            fields: dict[str, str] = {}
+            wanted = upstream.model if upstream and upstream.model else name
+            if wanted != request.payload.get("model"):
+                fields["model"] = wanted
+            if pinned:
+                fields["request_id"] = f"resp_{response_tag(target.worker_id)}{uuid.uuid4().hex}"
+            try:
+                return await self.proxy.forward(
+                    dataclasses.replace(route, workers=group),
+                    endpoint.path,
+                    request.encode(body, **fields) if fields else body,
+                    request.stream,
+                    ctx,
+                    record,
+                    headers + upstream.headers if upstream else headers,
+                )
+            except OpenAIError as exc:
+                if exc.status not in _FALL_BACK_ERRORS:
+                    raise
+                failure = exc
+                tried.update(t.worker_id for t in group)
+        raise failure
+
+    def _stored(
+        self, response_id: str, param: str, route: ModelRoute | None = None
+    ) -> tuple[ModelRoute, Target]:
+        """The worker that stored response ``response_id`` (of ``route``'s model, if given);
+        404 when no worker of this cluster made it or that worker is gone."""
+        found = self.watcher.routes.by_response_tag.get(response_id[5:17])
+        if found is None or not response_id.startswith("resp_"):
+            raise OpenAIError(
+                404,
+                f"Response with id '{response_id}' not found (no worker has it: it was not made "
+                "here, or the worker that made it is gone).",
+                code="response_not_found",
+                param=param,
+            )
+        if route is not None and found[0].model != route.model:
+            raise OpenAIError(
+                400,
+                f"Response '{response_id}' was made by model `{found[0].model}`, not "
+                f"`{route.model}`.",
+                code="invalid_value",
+                param=param,
+            )
+        return found
+
+    async def respond_stored(
+        self, scope: Scope, receive: Receive, record: RequestRecord
+    ) -> Response:
+        """GET /v1/responses/{id} and POST /v1/responses/{id}/cancel: to the worker that has it."""
+        model = "-"
+        try:
+            response_id, _, action = scope["path"][len(RESPONSES_PREFIX) :].partition("/")
+            method = scope["method"]
+            if not response_id or (method, action) not in (("GET", ""), ("POST", "cancel")):
+                raise OpenAIError(404, "Not Found", code="not_found")
+            key = self._authenticate(scope)
+            if key is not None:
+                record.key = key.name
+            await read_body(scope, receive, self.settings.max_body_bytes)  # none expected
+            route, target = self._stored(response_id, "response_id")
+            model = record.model = route.model
+            limits = self.keys.admit(key, model) if key is not None else {}
+            query = scope.get("query_string", b"").decode("latin-1")
+            record.stream = method == "GET" and "stream=true" in query.lower()
+            path = scope["path"] + (f"?{query}" if query else "")
+            upstream = route.upstreams.get(target.worker_id)
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                response = await self.proxy.forward(
+                    dataclasses.replace(route, workers=(target,)),
+                    path,
+                    b"",
+                    record.stream,
+                    RoutingContext(in_flight=self.proxy.in_flight),
+                    record,
+                    JSON_HEADERS + upstream.headers if upstream else JSON_HEADERS,
+                    method,
+                )
+            for name, value in limits.items():
+                response.headers[name] = value
+        except TimeoutError:
+            timeout_s = self.settings.request_timeout_s
+            message = f"no answer from the worker of the response within {timeout_s}s"
             response = error_response(OpenAIError(504, message, code="timeout"))
         except Exception as exc:
             response = error_response(exc)
@@ -172,6 +455,7 @@ class Serving:
         entry: dict[str, Any] = {
             "path": path,
             "model": model,
+            "answered_by": response.headers.get(MODEL_HEADER),
             "status": response.status_code,
             "worker": response.headers.get(WORKER_HEADER),
             "key": record.key if record.key != NO_KEY else None,
