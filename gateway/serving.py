@@ -207,7 +207,6 @@ class Serving:
             route = self._route(model)
             # Model names come from clients: only known ones become label values.
             record.model = model
-            limits = self.keys.admit(key, model) if key is not None else {}
             served = route.by_endpoint.get(endpoint.path)
             if served is None and route.endpoints:
                 raise OpenAIError(
@@ -217,6 +216,7 @@ class Serving:
                     code="unsupported_endpoint",
                     param="model",
                 )
+            limits = self.keys.admit(key, model) if key is not None else {}
             body, record.meter = metered(body, request, endpoint, self._charge(key))
             session = header(scope, b"x-session-id") or request.payload.get("user")
             ctx = RoutingContext(

@@ -33,7 +33,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import anthropic
 import httpx
+import httpx2
 import openai
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
@@ -44,6 +46,7 @@ from fleetserve.config import ControllerSettings, GatewaySettings
 from fleetserve.protocol import Registration, RouteTable
 from gateway.server import Gateway
 from gateway.server import build_app as build_gateway_app
+from workers.fake.engine import FakeEngine
 from workers.fake.server import FakeServer
 from workers.fake.server import build_app as build_engine_app
 
@@ -130,6 +133,8 @@ class GatewayUnderTest:
     app: Gateway
     #: Raw HTTP, for what the openai client would not send (bad bodies, no key).
     http: httpx.AsyncClient
+    #: The same, in httpx2 (the HTTP package of anthropic 2.x, which takes no httpx client).
+    http2: httpx2.AsyncClient
 
     def client(self, api_key: str = "unused") -> openai.AsyncOpenAI:
         # max_retries=0: a failure must show, not be hidden by the client's own retries.
@@ -139,6 +144,12 @@ class GatewayUnderTest:
             # openai 3 is typed for httpx2's client and takes httpx's as well (its "legacy" one)
             http_client=self.http,  # type: ignore[arg-type]
             max_retries=0,
+        )
+
+    def anthropic(self, api_key: str = "unused") -> anthropic.AsyncAnthropic:
+        """Anthropic's own client (it sends the key as x-api-key, and anthropic-version)."""
+        return anthropic.AsyncAnthropic(
+            base_url=GATEWAY_URL, api_key=api_key, http_client=self.http2, max_retries=0
         )
 
     async def routing_table_version(self) -> int | None:
@@ -167,8 +178,11 @@ async def running_gateway(settings: GatewaySettings) -> AsyncIterator[GatewayUnd
     async with (
         app.lifespan(app.admin),
         httpx.AsyncClient(transport=transport, base_url=GATEWAY_URL, timeout=WAIT_S) as http,
+        httpx2.AsyncClient(
+            transport=httpx2.ASGITransport(app=app), base_url=GATEWAY_URL, timeout=WAIT_S
+        ) as http2,
     ):
-        yield GatewayUnderTest(app, http)
+        yield GatewayUnderTest(app, http, http2)
 
 
 @dataclass
@@ -244,10 +258,13 @@ class InProcessCluster:
         routing_policy: str | None = None,
         tokens_per_s: float = 0.0,
         dead: int = 0,
+        fallbacks: tuple[str, ...] = (),
+        **registration: Any,
     ) -> AsyncIterator[Workers]:
         """``replicas`` workers of ``name``, each with a fake engine of its own, and ``dead``
-        workers whose port refuses connections, registered with ``routing_policy``; once every
-        gateway routes them. Deregistered (and gone from every gateway) on exit."""
+        workers whose port refuses connections, registered with ``routing_policy`` and
+        ``fallbacks`` (and more ``registration`` fields); once every gateway routes them.
+        Deregistered (and gone from every gateway) on exit."""
         names = [name, *aliases]
         servers: list[LoopbackServer] = []
         engines: dict[str, FakeServer] = {}
@@ -274,6 +291,8 @@ class InProcessCluster:
                             engine="fake",
                             capacity=8,
                             routing_policy=routing_policy,
+                            fallbacks=list(fallbacks),
+                            **{"endpoints": list(FakeEngine.served_endpoints), **registration},
                         )
                     )
                     registered.append(worker_id)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import sys
 
+from fleetserve.protocol import CHAT, COMPLETIONS
 from workers.engines import Engine
 
 
 class FakeEngine(Engine, name="fake"):
     """Starts workers/fake/server.py; engine args are its flags (``--tokens-per-s 50``)."""
+
+    served_endpoints = (CHAT, COMPLETIONS, "/v1/audio/transcriptions", "/v1/audio/translations")
 
     def command(self, port: int) -> list[str]:
         s = self.settings
