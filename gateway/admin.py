@@ -69,7 +69,10 @@ def build_admin_app(
         """Every served name and alias, with the endpoints each serves."""
         return JSONResponse({"object": "list", "data": [model_entry(n) for n in visible(request)]})
 
-    @api.get("/v1/models/{model:path}")
+    @api.get(
+        "/v1/models/{model:path}",
+        responses={"404": {"description": ERRORS["404"], "model": ErrorResponse}},
+    )
     async def model(model: str, request: Request) -> JSONResponse:
         """One served name or alias (404 if unknown, or if the key may not use it)."""
         if model not in visible(request):

@@ -58,15 +58,21 @@ class LocalCluster(Cluster):
     """Controller and gateway on free loopback ports, and workers added on demand."""
 
     def __init__(
-        self, log_dir: Path, env: dict[str, str], heartbeat_interval_s: float = 1.0
+        self,
+        log_dir: Path,
+        env: dict[str, str],
+        heartbeat_interval_s: float = 1.0,
+        **gateway: Any,
     ) -> None:
+        """``gateway``: more settings of the gateway (keys, access_log...)."""
         controller = ControllerSettings(
             port=free_port(),
             heartbeat_interval_s=heartbeat_interval_s,
             # a busy 2-core CI machine can stall a process for seconds
             expiry_after_s=5 * heartbeat_interval_s,
         )
-        super().__init__(log_dir, controller, GatewaySettings(port=free_port()), env)
+        settings = GatewaySettings(port=free_port(), **gateway)
+        super().__init__(log_dir, controller, settings, env)
         self.controller_port = controller.port
         self.gateway_port = self.gateway_settings.port
         self.start_controller()
