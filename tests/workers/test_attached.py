@@ -105,9 +105,7 @@ def cluster(fleet_env: dict[str, str], servers: list[Server]) -> Iterator[LocalC
 
 
 def _worker_of(cluster: LocalCluster, server: Server) -> str:
-    (worker,) = [
-        w.worker_id for w in cluster.table().workers if w.base_url == f"{server.url}/v1"
-    ]
+    (worker,) = [w.worker_id for w in cluster.table().workers if w.base_url == f"{server.url}/v1"]
     return worker
 
 
@@ -164,7 +162,7 @@ def test_a_killed_server_leaves_the_table_and_comes_back_when_restarted(
         wait_until(
             lambda: victim_worker not in cluster.worker_ids(NAME), 30, "the dead server to leave"
         )
-        print(f"out of the table after {time.monotonic() - killed:.1f}s")  # ~1 heartbeat
+        print(f"out of the table {time.monotonic() - killed:.1f}s after the kill")  # ~1 heartbeat
         load.wait_requests(6)  # on the other replica
         # back: the same server on the same port, as its supervisor would restart it
         victim.start()
@@ -175,7 +173,8 @@ def test_a_killed_server_leaves_the_table_and_comes_back_when_restarted(
     assert not result.failed_mid_stream or all("mid-stream" in e for e in result.failed_mid_stream)
     assert len(result.failed_before_first_chunk) == 0, result.failed_before_first_chunk
     assert result.workers.get(survivor_worker, 0) > 0
-    assert victim_worker in {_complete(cluster, f"again {i}") for i in range(10)}
+    # (the gateway may still cool down the worker that refused connections: a few seconds)
+    wait_until(lambda: _complete(cluster) == victim_worker, 30, "a request to reach it again")
     # the worker took it out itself at its first failed check, not the controller's expiry
     log = next(c for c in cluster.components if c.name == f"worker-{NAME}-0").log()
     log += next(c for c in cluster.components if c.name == f"worker-{NAME}-1").log()
