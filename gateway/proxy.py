@@ -211,6 +211,7 @@ class Proxy:
                 body,
                 method=method,
                 headers=request_headers,
+                tls=target.tls,
             )
             if upstream.status >= 500:
                 raise UpstreamError(f"HTTP {upstream.status}", worker_down=upstream.status != 500)

@@ -44,20 +44,24 @@ class Target:
     port: int
     #: The engine's OpenAI path prefix (``/v1``), to which the request's path is appended.
     path_prefix: str
+    #: HTTPS (an attached server, e.g. a hosted provider).
+    tls: bool = False
 
     @classmethod
     def of(cls, worker: WorkerView) -> Target | None:
         url = urlsplit(worker.base_url)
-        if url.scheme != "http" or not url.hostname:
+        if url.scheme not in ("http", "https") or not url.hostname:
             logger.warning("worker %s: unsupported URL %r", worker.worker_id, worker.base_url)
             return None
+        tls = url.scheme == "https"
         return cls(
             worker.worker_id,
             worker.capacity,
             worker.load,
             url.hostname,
-            url.port or 80,
+            url.port or (443 if tls else 80),
             url.path.rstrip("/").removesuffix("/v1"),
+            tls,
         )
 
 

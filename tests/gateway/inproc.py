@@ -95,7 +95,8 @@ class _Uvicorn(uvicorn.Server):
 class LoopbackServer:
     """An ASGI app served by uvicorn on a free loopback port, from the running event loop."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, **options: Any) -> None:
+        """``options``: more of uvicorn's settings (ssl_certfile...)."""
         config = uvicorn.Config(
             app,
             host="127.0.0.1",
@@ -106,8 +107,10 @@ class LoopbackServer:
             access_log=False,
             # a request the gateway gave up on (504) may still be generating: cut it short
             timeout_graceful_shutdown=1,
+            **options,
         )
         self._server = _Uvicorn(config)
+        self._scheme = "https" if "ssl_certfile" in options else "http"
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> str:
@@ -118,7 +121,7 @@ class LoopbackServer:
             task.result()  # raises what stopped it
             raise RuntimeError("uvicorn stopped at start-up")
         port = self._server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
+        return f"{self._scheme}://127.0.0.1:{port}"
 
     async def stop(self) -> None:
         if self._task is not None:

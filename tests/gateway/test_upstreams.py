@@ -1,7 +1,9 @@
 """Attached servers as the gateway sees them, in-process: their own name for the model (the
-gateway rewrites `model` only for them) and their API key, which each gateway reads from its
-own secrets (never from the routing table). The agent side, with real servers started
-outside fleetserve, is in tests/workers/test_attached.py and tests/test_api_vllm.py.
+gateway rewrites `model` only for them), their API key, which each gateway reads from its
+own secrets (never from the routing table), and HTTPS (a hosted provider; here a loopback
+server with a certificate of a test CA that the gateway is told to trust). The agent side,
+with real servers started outside fleetserve, is in tests/workers/test_attached.py and
+tests/test_api_vllm.py.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import trustme
 
 from fleetserve.protocol import Registration
 from tests.gateway.inproc import InProcessCluster, LoopbackServer
@@ -133,3 +136,35 @@ async def test_the_key_of_a_server_reaches_it_from_the_gateways_own_secrets(
             assert unavailable.value.status_code == 503 and len(heads) == 1
     assert "needs the secret UPSTREAM_TEST" in caplog.text
     assert SECRET not in caplog.text
+
+
+async def test_an_https_server_is_reached_over_tls(
+    cluster: InProcessCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    authority = trustme.CA()
+    certificate = authority.issue_cert("127.0.0.1")
+    certificate.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))  # read by OpenSSL
+    engine = FakeServer(["local-name"], tokens_per_s=0, ttft_s=0)
+    server = LoopbackServer(
+        build_engine_app(engine),
+        ssl_certfile=str(tmp_path / "server.pem"),
+        ssl_keyfile=str(tmp_path / "server.pem"),
+    )
+    url = await server.start()
+    assert url.startswith("https://")
+    try:
+        async with attached(cluster, "tls-0", url), cluster.gateway() as gateway:
+            client = gateway.client()
+            for stream in (False, True):
+                raw = await client.chat.completions.with_raw_response.create(
+                    model="local-name",
+                    messages=[{"role": "user", "content": "hi"}],
+                    max_tokens=3,
+                    stream=stream,
+                )
+                assert raw.headers["x-fleetserve-worker"] == "tls-0"
+        assert engine.finished == 2
+    finally:
+        await server.stop()

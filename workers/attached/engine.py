@@ -38,9 +38,9 @@ class AttachedEngine(Engine, name="openai"):
         s = self.settings
         assert s.url is not None  # (settings validation: engine openai needs a url)
         url = urlsplit(s.url)
-        if url.scheme != "http" or not url.hostname:
+        if url.scheme not in ("http", "https") or not url.hostname:
             raise ConfigError(
-                f"--url {s.url!r}: an http:// base URL of the server, e.g. http://10.0.0.7:8000/v1"
+                f"--url {s.url!r}: the server's OpenAI base URL, e.g. http://10.0.0.7:8000/v1"
             )
         self._key: str | None = None
         if s.upstream_key:

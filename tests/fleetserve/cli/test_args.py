@@ -30,9 +30,11 @@ EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "request_timeout_s": 30.0,
         "keys_file": "/etc/fleetserve/keys.yaml",
         "keys": [ApiKey(name="k", key_sha256="0" * 64)],  # not a flag: `up` writes a keys file
+        "max_audio_body_bytes": 2048,
+        "secrets_dir": "/etc/fleetserve/secrets",
     },
     WorkerSettings: {
-        "engine": "fake",
+        "engine": "openai",
         "source": "/models/m",
         "served_name": "m",
         "aliases": ["a", "b"],
@@ -51,6 +53,13 @@ EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "ray_address": "10.0.0.1:6379",
         "exit_when_engine_dies": True,
         "status_port": 8081,
+        "fallbacks": ["m2", "m3"],
+        "url": "https://api.example.com/v1",
+        "upstream_model": "their/name:7b",
+        "upstream_key": "EXAMPLE_KEY",
+        "secrets_dir": "/etc/fleetserve/secrets",
+        "endpoints": ["/v1/chat/completions", "/v1/embeddings"],
+        "capacity": 12,
     },
 }
 COMMANDS = {ControllerSettings: "controller", GatewaySettings: "gateway", WorkerSettings: "worker"}
