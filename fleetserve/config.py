@@ -33,6 +33,43 @@ ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$", max
 SecretName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+$", max_length=100)]
 #: The engine whose workers attach a server someone else runs (workers/attached/).
 ATTACHED_ENGINE = "openai"
+
+# Settings of a model that the cluster file (ModelSpec) and `fleetserve worker` share.
+Fallbacks = Annotated[
+    list[ModelName],
+    Field(
+        default_factory=list,
+        description="Models to send a request to, in order, when this one has no ready worker, "
+        "every worker tried failed, or the engine answered 429/503.",
+    ),
+]
+UpstreamModel = Annotated[
+    str | None,
+    Field(
+        description="engine openai: the server's own name for the model, if not the served "
+        "name (gateways rewrite `model` to it)."
+    ),
+]
+UpstreamKey = Annotated[
+    SecretName | None,
+    Field(
+        description="engine openai: the name S of the secret holding the server's API key, read "
+        "from $FLEETSERVE_SECRET_S (or the file S in --secrets-dir) by the worker and by each "
+        "gateway; the key itself never leaves the machine that has it."
+    ),
+]
+Endpoints = Annotated[
+    list[str],
+    Field(
+        default_factory=list,
+        description="engine openai: the paths the server serves, where it publishes no "
+        "/openapi.json (default: /v1/chat/completions and /v1/completions).",
+    ),
+]
+Capacity = Annotated[
+    int | None,
+    Field(ge=1, description="Requests the engine runs at once (default: from its flags)."),
+]
 EngineArgValue = str | int | float | bool
 
 #: Validation context keys of the registered names, given by the callers that own the
@@ -235,39 +272,20 @@ class WorkerSettings(Strict):
     routing_policy: PolicyName = Field(
         None, description="How gateways pick among this model's workers."
     )
-    fallbacks: list[ModelName] = Field(
-        default_factory=list,
-        description="Models to send a request to, in order, when this one has no ready worker, "
-        "every worker tried failed, or the engine answered 429/503 (repeat the flag).",
-    )
+    fallbacks: Fallbacks
     url: str | None = Field(
         None,
         description="engine openai: the OpenAI base URL of a server someone else runs (vLLM, "
-        "SGLang, TGI, llama-server, Ollama...), e.g. http://10.0.0.7:8000/v1; nothing is "
-        "started, the worker watches it and registers it.",
+        "SGLang, TGI, llama-server, Ollama, a hosted provider...), e.g. "
+        "http://10.0.0.7:8000/v1; nothing is started, the worker watches it and registers it.",
     )
-    upstream_model: str | None = Field(
-        None,
-        description="engine openai: the server's own name for the model, if not --served-name "
-        "(gateways rewrite `model` to it).",
-    )
-    upstream_key: SecretName | None = Field(
-        None,
-        description="engine openai: the name S of the secret holding the server's API key, read "
-        "from $FLEETSERVE_SECRET_S (or the file S in --secrets-dir) by this worker and by each "
-        "gateway; the key itself never leaves the machine that has it.",
-    )
+    upstream_model: UpstreamModel = None
+    upstream_key: UpstreamKey = None
     secrets_dir: str | None = Field(
         None, description="Directory of secret files (see --upstream-key)."
     )
-    endpoints: list[str] = Field(
-        default_factory=list,
-        description="engine openai: the paths the server serves, where it publishes no "
-        "/openapi.json (default: /v1/chat/completions and /v1/completions).",
-    )
-    capacity: int | None = Field(
-        None, ge=1, description="Requests the engine runs at once (default: from its flags)."
-    )
+    endpoints: Endpoints
+    capacity: Capacity = None
     ray_address: str | None = Field(
         None,
         description="Place the engine's ranks on this running Ray cluster (vLLM's Ray "
@@ -380,19 +398,16 @@ class ModelSpec(Strict):
     replicas: int = Field(1, ge=1)
     engine_args: dict[str, EngineArgValue] = Field(default_factory=dict)
     routing_policy: PolicyName = None
-    fallbacks: list[ModelName] = Field(
-        default_factory=list,
-        description="Models to try, in order, when this one cannot answer (see the README).",
-    )
+    fallbacks: Fallbacks
     url: list[str] | None = Field(
         None,
         description="engine openai: the OpenAI base URL of a server someone else runs, or a "
         "list of them (one replica each).",
     )
-    upstream_model: str | None = None
-    upstream_key: SecretName | None = None
-    endpoints: list[str] = Field(default_factory=list)
-    capacity: int | None = Field(None, ge=1)
+    upstream_model: UpstreamModel = None
+    upstream_key: UpstreamKey = None
+    endpoints: Endpoints
+    capacity: Capacity = None
     autoscaling: Autoscaling | None = Field(
         None, description="Where replicas are managed by Ray (`fleetserve ray deploy`)."
     )

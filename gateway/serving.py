@@ -35,6 +35,7 @@ import functools
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -138,6 +139,20 @@ def metered(
     return body, meter
 
 
+@dataclass(slots=True)
+class Call:
+    """One request on its way to an engine: what every attempt (and fallback) sends."""
+
+    endpoint: Endpoint
+    request: ParsedRequest
+    #: The body as received (or with the usage option added: see ``metered``).
+    body: bytes
+    #: Its header lines for the engine (gateway/upstream.py).
+    headers: bytes
+    ctx: RoutingContext
+    record: RequestRecord
+
+
 def _request_headers(scope: Scope, endpoint: Endpoint) -> bytes:
     """The header lines to send the engine: the body's type, and what the API's engines read."""
     if endpoint.multipart:
@@ -224,11 +239,9 @@ class Serving:
                 payload=request.payload,
                 session=session if isinstance(session, str) else None,
             )
-            headers = _request_headers(scope, endpoint)
+            call = Call(endpoint, request, body, _request_headers(scope, endpoint), ctx, record)
             async with asyncio.timeout(self.settings.request_timeout_s):
-                response = await self._answer(
-                    route, served, key, endpoint, request, body, headers, ctx, record
-                )
+                response = await self._answer(route, served, key, call)
             for name, value in limits.items():
                 response.headers[name] = value
         except TimeoutError:
@@ -243,25 +256,14 @@ class Serving:
         return response
 
     async def _answer(
-        self,
-        route: ModelRoute,
-        served: ModelRoute | None,
-        key: ApiKey | None,
-        endpoint: Endpoint,
-        request: ParsedRequest,
-        body: bytes,
-        headers: bytes,
-        ctx: RoutingContext,
-        record: RequestRecord,
+        self, route: ModelRoute, served: ModelRoute | None, key: ApiKey | None, call: Call
     ) -> Response:
         """The model's answer, or its first fallback's that can give one."""
         failure: Response | OpenAIError
         try:
             if served is None:  # a model with no worker left, kept for its fallbacks
                 raise self._no_worker(route.model)
-            response = await self._send(
-                served, request.model, endpoint, request, body, headers, ctx, record
-            )
+            response = await self._send(served, call.request.model, call)
             if response.status_code not in _FALL_BACK_STATUSES or not route.fallbacks:
                 response.headers[MODEL_HEADER] = route.model
                 return response
@@ -271,7 +273,7 @@ class Serving:
                 raise
             failure = exc
         for name in route.fallbacks:
-            fallback = self._fallback(name, key, endpoint)
+            fallback = self._fallback(name, key, call.endpoint)
             if fallback is None:
                 continue
             self.metrics.fallbacks.inc((route.model, fallback.model))
@@ -282,9 +284,7 @@ class Serving:
                 fallback.model,
             )
             try:
-                response = await self._send(
-                    fallback, fallback.model, endpoint, request, body, headers, ctx, record
-                )
+                response = await self._send(fallback, fallback.model, call)
             except OpenAIError as exc:
                 if exc.status not in _FALL_BACK_ERRORS:
                     raise
@@ -293,7 +293,7 @@ class Serving:
             if response.status_code in _FALL_BACK_STATUSES:
                 failure = response
                 continue
-            record.model = fallback.model  # its quotas and metrics: the model that answered
+            call.record.model = fallback.model  # quotas and metrics: the model that answered
             response.headers[MODEL_HEADER] = fallback.model
             return response
         if isinstance(failure, OpenAIError):
@@ -316,24 +316,15 @@ class Serving:
             code="no_healthy_worker",
         )
 
-    async def _send(
-        self,
-        route: ModelRoute,
-        name: str,
-        endpoint: Endpoint,
-        request: ParsedRequest,
-        body: bytes,
-        headers: bytes,
-        ctx: RoutingContext,
-        record: RequestRecord,
-    ) -> Response:
+    async def _send(self, route: ModelRoute, name: str, call: Call) -> Response:
         """Forward to a worker of ``route``, whose engines know the model as ``name``."""
-        pinned = endpoint.path == RESPONSES
+        path, request, body = call.endpoint.path, call.request, call.body
+        pinned = path == RESPONSES
         if not pinned and not route.upstreams:  # the usual case: any worker takes the same bytes
             if name != request.payload.get("model"):
                 body = request.encode(body, model=name)
             return await self.proxy.forward(
-                route, endpoint.path, body, request.stream, ctx, record, headers
+                route, path, body, request.stream, call.ctx, call.record, call.headers
             )
         # Pick a worker first: what it needs decides the bytes (an attached server's name and
         # key; a response id naming it), then forward to it and those that take the same bytes.
@@ -347,7 +338,7 @@ class Serving:
             pool = [t for t in candidates if t.worker_id not in tried]
             if not pool:
                 break
-            target = route.policy.pick(pool, ctx)
+            target = route.policy.pick(pool, call.ctx)
             upstream = route.upstreams.get(target.worker_id)
             group = (
                 (target,)
@@ -363,12 +354,12 @@ class Serving:
             try:
                 return await self.proxy.forward(
                     dataclasses.replace(route, workers=group),
-                    endpoint.path,
+                    path,
                     request.encode(body, **fields) if fields else body,
                     request.stream,
-                    ctx,
-                    record,
-                    headers + upstream.headers if upstream else headers,
+                    call.ctx,
+                    call.record,
+                    call.headers + upstream.headers if upstream else call.headers,
                 )
             except OpenAIError as exc:
                 if exc.status not in _FALL_BACK_ERRORS:
