@@ -34,7 +34,8 @@ _TYPE_BY_STATUS = {
 }
 
 
-# Anthropic's error types (https://docs.anthropic.com/en/api/errors); 503 is its "overloaded".
+# Anthropic's error types (https://docs.anthropic.com/en/api/errors); a 503 (no healthy worker)
+# is what it calls "overloaded" (its own 529).
 _ANTHROPIC_TYPE_BY_STATUS = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -43,6 +44,7 @@ _ANTHROPIC_TYPE_BY_STATUS = {
     413: "request_too_large",
     429: "rate_limit_error",
     503: "overloaded_error",
+    504: "timeout_error",
     529: "overloaded_error",
 }
 

@@ -247,7 +247,9 @@ class Serving:
         except TimeoutError:
             timeout_s = self.settings.request_timeout_s
             message = f"no answer from a worker of `{model}` within {timeout_s}s"
-            response = error_response(OpenAIError(504, message, code="timeout"))
+            response = error_response(
+                OpenAIError(504, message, code="timeout"), anthropic=endpoint.api is Api.ANTHROPIC
+            )
         except Exception as exc:
             response = error_response(exc, anthropic=endpoint.api is Api.ANTHROPIC)
         record.status = response.status_code

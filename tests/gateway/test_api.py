@@ -9,6 +9,7 @@ vLLM (embeddings, responses, Anthropic messages, tokenize) run in tests/test_api
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import anthropic
@@ -17,6 +18,7 @@ import openai
 import pytest
 
 from fleetserve.config import ApiKey, hash_key
+from fleetserve.protocol import Registration
 from gateway.protocol import ENDPOINTS
 from gateway.table import response_tag
 from tests.gateway.inproc import GatewayUnderTest, InProcessCluster
@@ -170,6 +172,36 @@ async def test_failing_and_missing_workers_are_api_error_and_overloaded_for_anth
     assert failed.value.body["error"]["type"] == "api_error"  # type: ignore[index]
     assert unavailable.value.status_code == 503
     assert unavailable.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+
+
+async def test_a_request_timeout_is_anthropics_timeout_error(cluster: InProcessCluster) -> None:
+    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the gateway gives up and closes the connection
+        writer.close()
+
+    silent = await asyncio.start_server(never_answers, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    registration = Registration(
+        worker_id="silent-0",
+        model_names=["silent"],
+        base_url=f"http://127.0.0.1:{port}/v1",
+        engine="fake",
+        capacity=1,
+        endpoints=["/v1/messages"],
+    )
+    async with silent:
+        await cluster.register(registration)
+        try:
+            async with cluster.gateway(request_timeout_s=0.3) as gateway:
+                with pytest.raises(anthropic.APIStatusError) as late:
+                    await gateway.anthropic().messages.create(
+                        model="silent", max_tokens=4, messages=[{"role": "user", "content": "hi"}]
+                    )
+        finally:
+            await cluster.deregister("silent-0")
+            await cluster.settle()
+    assert late.value.status_code == 504
+    assert late.value.body["error"]["type"] == "timeout_error"  # type: ignore[index]
 
 
 # -- keys -----------------------------------------------------------------------------------
