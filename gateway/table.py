@@ -119,8 +119,11 @@ class RoutingTable:
         self.policies: dict[str, RoutingPolicy] = {}
         #: response_tag(worker id) -> the route of the worker's model and the worker (ready).
         self.by_response_tag: dict[str, tuple[ModelRoute, Target]] = {}
+        #: Workers not routed to: this gateway lacks the secret they name (logged once).
+        self.missing_secrets: set[str] = set()
         if table is None:
             return
+        missing_before = previous.missing_secrets if previous else set()
         old = previous.policies if previous else {}
         views = {model.name: model for model in table.models}
         by_model: dict[str, dict[str, list[Target]]] = {}  # model -> name -> ready workers
@@ -137,6 +140,16 @@ class RoutingTable:
                 upstream = _upstream(worker, secret)
                 if upstream is None:
                     target = None
+                    self.missing_secrets.add(worker.worker_id)
+                    if worker.worker_id not in missing_before:
+                        logger.error(
+                            "worker %s needs the secret %s, which this gateway does not have "
+                            "(set $FLEETSERVE_SECRET_%s or put it in the secrets directory): "
+                            "not routing to it",
+                            worker.worker_id,
+                            worker.upstream_key,
+                            worker.upstream_key,
+                        )
                 else:
                     upstreams.setdefault(model, {})[worker.worker_id] = upstream
             for name in worker.model_names:
@@ -181,14 +194,7 @@ def _upstream(worker: WorkerView, secret: Callable[[str], str | None]) -> Upstre
     headers = b""
     if worker.upstream_key:
         key = secret(worker.upstream_key)
-        if key is None or not key.isprintable():
-            logger.error(
-                "worker %s needs the secret %s, which this gateway does not have (set "
-                "$FLEETSERVE_SECRET_%s or put it in the secrets directory): not routing to it",
-                worker.worker_id,
-                worker.upstream_key,
-                worker.upstream_key,
-            )
+        if key is None or not key.isprintable():  # (not printable: it could end the header)
             return None
         headers = f"Authorization: Bearer {key}\r\n".encode("latin-1", "replace")
     return Upstream(worker.upstream_model, headers)

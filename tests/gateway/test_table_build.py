@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from fleetserve.protocol import ModelView, RouteTable, WorkerState, WorkerView
 from gateway.routing import LeastLoadPolicy, RoundRobinPolicy, SessionPolicy
 from gateway.table import RoutingTable, Upstream, response_tag
@@ -96,8 +98,19 @@ def test_a_kept_model_routes_to_its_fallbacks_and_attached_servers_get_their_key
     )
     local = table.by_name["local"]
     assert [t.worker_id for t in local.workers] == ["up"]  # no KEY_B here: not routed to
+    assert table.missing_secrets == {"up2"}
     assert local.upstreams["up"] == Upstream("theirs", b"Authorization: Bearer sk-a\r\n")
     for name in ("gone", "gone-alias"):
         kept = table.by_name[name]
         assert (kept.model, kept.workers, kept.fallbacks) == ("gone", (), ("local",))
         assert kept.endpoints == frozenset() and kept.by_endpoint == {}
+
+
+def test_a_missing_secret_is_logged_once_not_at_every_version(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    lacking = _worker("up", "local").model_copy(update={"upstream_key": "KEY_B"})
+    first = RoutingTable(_table(1, [lacking]), secret=lambda _: None)
+    again = RoutingTable(_table(2, [lacking]), first, secret=lambda _: None)
+    RoutingTable(_table(3, [lacking]), again, secret=lambda _: None)
+    assert caplog.text.count("needs the secret KEY_B") == 1
