@@ -67,6 +67,7 @@ access_logger = logging.getLogger("fleetserve.access")
 
 #: The model that answered (the asked one, or a fallback).
 MODEL_HEADER = "x-fleetserve-model"
+_MODEL_HEADER = MODEL_HEADER.encode()
 # Put in front of a streaming request's JSON object to get its usage from the engine.
 _INCLUDE_USAGE = b'{"stream_options":{"include_usage":true},'
 #: Engine answers that send a request to the model's fallbacks (busy or unavailable).
@@ -241,7 +242,10 @@ class Serving:
             )
             call = Call(endpoint, request, body, _request_headers(scope, endpoint), ctx, record)
             async with asyncio.timeout(self.settings.request_timeout_s):
-                response = await self._answer(route, served, key, call)
+                if served is not None and not route.fallbacks:
+                    response = await self._send(served, model, call)
+                else:
+                    response = await self._with_fallbacks(route, served, key, call)
             for name, value in limits.items():
                 response.headers[name] = value
         except TimeoutError:
@@ -257,7 +261,7 @@ class Serving:
             self._log_access(scope["path"], model, response, record)
         return response
 
-    async def _answer(
+    async def _with_fallbacks(
         self, route: ModelRoute, served: ModelRoute | None, key: ApiKey | None, call: Call
     ) -> Response:
         """The model's answer, or its first fallback's that can give one."""
@@ -267,7 +271,6 @@ class Serving:
                 raise self._no_worker(route.model)
             response = await self._send(served, call.request.model, call)
             if response.status_code not in _FALL_BACK_STATUSES or not route.fallbacks:
-                response.headers[MODEL_HEADER] = route.model
                 return response
             failure = response
         except OpenAIError as exc:
@@ -296,15 +299,15 @@ class Serving:
                 failure = response
                 continue
             call.record.model = fallback.model  # quotas and metrics: the model that answered
-            response.headers[MODEL_HEADER] = fallback.model
             return response
         if isinstance(failure, OpenAIError):
             raise failure
         return failure
 
     def _fallback(self, name: str, key: ApiKey | None, endpoint: Endpoint) -> ModelRoute | None:
-        """The route of fallback ``name`` for ``endpoint``, if the key may use it and it serves
-        the endpoint (or has no worker, and fallbacks of its own are not followed: None)."""
+        """The route of fallback ``name`` for ``endpoint``; None where the key may not use it or
+        it does not serve the endpoint (a model kept only for its own fallbacks serves none:
+        fallbacks are one level deep)."""
         if key is not None and key.models is not None and name not in key.models:
             return None
         route = self.watcher.routes.by_name.get(name)
@@ -319,7 +322,13 @@ class Serving:
         )
 
     async def _send(self, route: ModelRoute, name: str, call: Call) -> Response:
-        """Forward to a worker of ``route``, whose engines know the model as ``name``."""
+        """Forward to a worker of ``route``, whose engines know the model as ``name``; the
+        answer names the model (``MODEL_HEADER``)."""
+        response = await self._forward(route, name, call)
+        response.raw_headers.append((_MODEL_HEADER, route.model.encode()))
+        return response
+
+    async def _forward(self, route: ModelRoute, name: str, call: Call) -> Response:
         path, request, body = call.endpoint.path, call.request, call.body
         pinned = path == RESPONSES
         if not pinned and not route.upstreams:  # the usual case: any worker takes the same bytes

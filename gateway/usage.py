@@ -73,9 +73,13 @@ class UsageMeter:
             usage = inner.get("usage") if isinstance(inner, dict) else None
             if not isinstance(usage, dict):
                 return parsed
-        prompt = _count(usage, "prompt_tokens", "input_tokens")
-        completion = _count(usage, "completion_tokens", "output_tokens")
-        total = _count(usage, "total_tokens")
+        # OpenAI's names, else the Responses and Anthropic APIs' (inline: every answer passes)
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+        completion = usage.get("completion_tokens", usage.get("output_tokens"))
+        total = usage.get("total_tokens")
+        prompt = prompt if type(prompt) is int and prompt >= 0 else None
+        completion = completion if type(completion) is int and completion >= 0 else None
+        total = total if type(total) is int and total >= 0 else None
         if prompt is None and completion is None and total is None:
             return parsed
         if prompt is not None:
@@ -93,15 +97,6 @@ class UsageMeter:
         """The answer ended: what was still buffered (an unterminated last event)."""
         rest, self._buffer = self._buffer, b""
         return rest
-
-
-def _count(usage: dict[str, Any], *names: str) -> int | None:
-    """The first of ``names`` in ``usage`` that is a count of tokens."""
-    for name in names:
-        value = usage.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-    return None
 
 
 def _data(event: bytes) -> bytes | None:
