@@ -155,11 +155,10 @@ class Call:
 
 
 def _request_headers(scope: Scope, endpoint: Endpoint) -> bytes:
-    """The header lines to send the engine: the body's type, and what the API's engines read."""
+    """The header lines to send the engine of a form or of Anthropic's API: the body's type,
+    and the headers Anthropic's engines read."""
     if endpoint.multipart:
         return b"Content-Type: " + (header(scope, b"content-type") or "").encode() + b"\r\n"
-    if endpoint.api is not Api.ANTHROPIC:
-        return JSON_HEADERS
     lines = [JSON_HEADERS]
     for name, value in scope["headers"]:
         if name in _ANTHROPIC_HEADERS:
@@ -184,32 +183,28 @@ class Serving:
         self.proxy = proxy
         self.metrics = metrics
 
-    def _authenticate(self, scope: Scope) -> ApiKey | None:
-        if not self.keys.enabled:
-            return None
+    def _authenticate(self, scope: Scope) -> ApiKey:
         return self.keys.authenticate(header(scope, b"authorization"), header(scope, b"x-api-key"))
 
-    def _route(self, model: str) -> ModelRoute:
-        route = self.watcher.routes.by_name.get(model)
-        if route is None:
-            if self.watcher.routes.version is None:
-                raise OpenAIError(
-                    503,
-                    "the gateway has no routing table yet: is the controller up?",
-                    code="no_routing_table",
-                )
-            raise OpenAIError(
-                404, f"The model `{model}` does not exist.", code="model_not_found", param="model"
+    def _unknown(self, model: str) -> OpenAIError:
+        if self.watcher.routes.version is None:
+            return OpenAIError(
+                503,
+                "the gateway has no routing table yet: is the controller up?",
+                code="no_routing_table",
             )
-        return route
+        return OpenAIError(
+            404, f"The model `{model}` does not exist.", code="model_not_found", param="model"
+        )
 
     async def respond(
         self, scope: Scope, receive: Receive, endpoint: Endpoint, record: RequestRecord
     ) -> Response:
         """The response to send (errors included); ``record`` learns what metrics need."""
         model = "-"
+        # (the chat path is the hot path: helpers are called only where it needs them)
         try:
-            key = self._authenticate(scope)
+            key = self._authenticate(scope) if self.keys.enabled else None
             if endpoint.multipart:
                 body = await read_body(scope, receive, self.settings.max_audio_body_bytes)
                 request = parse_form(body, header(scope, b"content-type"))
@@ -220,7 +215,9 @@ class Serving:
             if key is not None:
                 record.key = key.name
             record.stream = request.stream
-            route = self._route(model)
+            route = self.watcher.routes.by_name.get(model)
+            if route is None:
+                raise self._unknown(model)
             # Model names come from clients: only known ones become label values.
             record.model = model
             served = route.by_endpoint.get(endpoint.path)
@@ -240,7 +237,12 @@ class Serving:
                 payload=request.payload,
                 session=session if isinstance(session, str) else None,
             )
-            call = Call(endpoint, request, body, _request_headers(scope, endpoint), ctx, record)
+            headers = (
+                JSON_HEADERS
+                if endpoint.api is Api.OPENAI and not endpoint.multipart
+                else _request_headers(scope, endpoint)
+            )
+            call = Call(endpoint, request, body, headers, ctx, record)
             async with asyncio.timeout(self.settings.request_timeout_s):
                 if served is not None and not route.fallbacks:
                     response = await self._send(served, model, call)
@@ -324,21 +326,24 @@ class Serving:
     async def _send(self, route: ModelRoute, name: str, call: Call) -> Response:
         """Forward to a worker of ``route``, whose engines know the model as ``name``; the
         answer names the model (``MODEL_HEADER``)."""
-        response = await self._forward(route, name, call)
+        path, request, body = call.endpoint.path, call.request, call.body
+        # the usual case: every worker takes the same bytes
+        if path != RESPONSES and not route.upstreams:
+            if name != request.payload.get("model"):  # a fallback
+                body = request.encode(body, model=name)
+            response = await self.proxy.forward(
+                route, path, body, request.stream, call.ctx, call.record, call.headers
+            )
+        else:
+            response = await self._pick_then_forward(route, name, call)
         response.raw_headers.append((_MODEL_HEADER, route.model.encode()))
         return response
 
-    async def _forward(self, route: ModelRoute, name: str, call: Call) -> Response:
+    async def _pick_then_forward(self, route: ModelRoute, name: str, call: Call) -> Response:
+        """Pick a worker first: what it needs decides the bytes (an attached server's name and
+        key; a response id naming it); then forward to it and those that take the same bytes."""
         path, request, body = call.endpoint.path, call.request, call.body
         pinned = path == RESPONSES
-        if not pinned and not route.upstreams:  # the usual case: any worker takes the same bytes
-            if name != request.payload.get("model"):
-                body = request.encode(body, model=name)
-            return await self.proxy.forward(
-                route, path, body, request.stream, call.ctx, call.record, call.headers
-            )
-        # Pick a worker first: what it needs decides the bytes (an attached server's name and
-        # key; a response id naming it), then forward to it and those that take the same bytes.
         candidates = route.workers
         previous = request.payload.get("previous_response_id") if pinned else None
         if isinstance(previous, str) and previous:
@@ -413,7 +418,7 @@ class Serving:
             method = scope["method"]
             if not response_id or (method, action) not in (("GET", ""), ("POST", "cancel")):
                 raise OpenAIError(404, "Not Found", code="not_found")
-            key = self._authenticate(scope)
+            key = self._authenticate(scope) if self.keys.enabled else None
             if key is not None:
                 record.key = key.name
             await read_body(scope, receive, self.settings.max_body_bytes)  # none expected
