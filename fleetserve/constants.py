@@ -68,6 +68,9 @@ MAX_RESUMES = 3
 STREAM_LOG_COMPACT_BYTES = 64 * 1024
 # Request bodies larger than this are refused with 413 before any upstream call.
 MAX_BODY_BYTES = 8 * 1024 * 1024
+# ...but audio uploads may be as large as OpenAI takes them (25 MB files), with room for the
+# form's other fields.
+MAX_AUDIO_BODY_BYTES = 26 * 1024 * 1024
 
 # vLLM on CPU, big models from a hub: loading can take many minutes.
 ENGINE_READY_TIMEOUT_S = 900.0

@@ -155,6 +155,11 @@ class GatewayMetrics(Collector):
             "Attempts sent to another worker after one failed before the first byte.",
             ["model"],
         )
+        self.fallbacks = _Counters(
+            "fleetserve_gateway_fallbacks",
+            "Requests sent to a fallback model, by the model asked for and the fallback tried.",
+            ["model", "fallback"],
+        )
         self.upstream_failures = _Counters(
             "fleetserve_gateway_upstream_failures",
             "Upstream attempts that failed before the first byte (then retried elsewhere).",
@@ -201,6 +206,7 @@ class GatewayMetrics(Collector):
             self.prompt_tokens,
             self.completion_tokens,
             self.retries,
+            self.fallbacks,
             self.upstream_failures,
             self.mid_stream_failures,
             self.resumes,

@@ -31,7 +31,7 @@ from gateway.relay import WORKER_HEADER, Resumable, Resumption, UpstreamStream
 from gateway.resume import Continuation, ResumePlan, StreamLog, clean_prefix, resume_body
 from gateway.routing import RoutingContext
 from gateway.table import ModelRoute, RoutingTable, Target
-from gateway.upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from gateway.upstream import JSON_HEADERS, UpstreamError, UpstreamPool, UpstreamResponse
 
 logger = logging.getLogger(__name__)
 
@@ -79,16 +79,24 @@ class Proxy:
         self._metrics.in_flight -= 1
 
     async def _post(
-        self, target: Target, path: str, body: bytes, method: str = "POST"
+        self,
+        target: Target,
+        path: str,
+        body: bytes,
+        method: str = "POST",
+        headers: bytes = JSON_HEADERS,
     ) -> UpstreamResponse:
-        """One request to ``target``'s engine (every call to an engine goes through here)."""
+        """One request to ``target``'s engine (every call to an engine goes through here);
+        ``headers``: the request's own header lines, to which the engine's secret is added."""
         return await self._upstreams.post(
             target.host,
             target.port,
             target.path_prefix + path,
             body,
             method=method,
-            headers=target.headers,
+            # the usual JSON request's lines and secret are encoded once per table version
+            headers=target.headers if headers is JSON_HEADERS else headers + target.auth,
+            tls=target.tls,
         )
 
     async def _retry_allowed(self, model: str, retry: int) -> bool:
@@ -107,17 +115,20 @@ class Proxy:
         stream: bool,
         ctx: RoutingContext,
         record: RequestRecord,
+        headers: bytes = JSON_HEADERS,
+        method: str = "POST",
     ) -> Response:
         """Send ``body`` to a worker of ``route`` at ``path``; ``ctx``: what the policy sees.
 
-        ``record`` gets the time spent waiting on engines and the usage meter's findings.
+        ``record`` gets the time spent waiting on engines and the usage meter's findings;
+        ``headers``: the request's header lines (gateway/upstream.py).
         """
         now = time.monotonic()
         self.budget.request(now)
         breakers = self.breakers
         candidates = [t for t in route.workers if breakers.available(t.worker_id, now)]
         resumes = stream and self._max_resumes and path in _RESUMABLE_PATHS
-        plan = ResumePlan(ctx.payload, path == _CHAT) if resumes else None
+        plan = ResumePlan(ctx.payload, path == _CHAT, route.model) if resumes else None
         tried: set[str] = set()
         last_error = ""
         for _ in range(constants.MAX_ATTEMPTS):
@@ -133,7 +144,9 @@ class Proxy:
             tried.add(target.worker_id)
             breakers.picked(target.worker_id)
             try:
-                return await self._attempt(target, route, path, body, stream, ctx, record, plan)
+                return await self._attempt(
+                    target, route, path, body, stream, ctx, record, plan, headers, method
+                )
             except UpstreamError as exc:  # before the first byte: another worker may take it
                 last_error = str(exc) or type(exc).__name__
                 logger.warning(
@@ -167,6 +180,8 @@ class Proxy:
         ctx: RoutingContext,
         record: RequestRecord,
         plan: ResumePlan | None,
+        request_headers: bytes,
+        method: str,
     ) -> Response:
         worker_id = target.worker_id
         self._acquire(worker_id)
@@ -179,7 +194,7 @@ class Proxy:
             resumable = Resumable(plan, StreamLog(), route, ctx, strip)
         waiting_since = time.perf_counter()  # engine time: from here to its answer
         try:
-            upstream = await self._post(target, path, body)
+            upstream = await self._post(target, path, body, method, request_headers)
             if upstream.status >= 500:
                 raise UpstreamError(f"HTTP {upstream.status}")
             meter = record.meter

@@ -104,19 +104,17 @@ class ResumePlan:
     """What resuming one streaming request takes: read from it once (cheaply: most of it is
     read only if its stream breaks)."""
 
-    __slots__ = ("chat", "client_token_ids", "payload", "unsupported")
+    __slots__ = ("chat", "client_token_ids", "model", "payload", "unsupported")
 
-    def __init__(self, payload: dict[str, Any], chat: bool) -> None:
+    def __init__(self, payload: dict[str, Any], chat: bool, model: str | None = None) -> None:
+        """``model``: the engines' name for it, where the payload names another (a fallback)."""
         self.payload = payload
         self.chat = chat
+        self.model = model or str(payload["model"])
         #: The client asked for token ids itself (then the prompt's are not taken out).
         self.client_token_ids = payload.get("return_token_ids") is True
         #: Why it cannot be resumed exactly (None: it can).
         self.unsupported = _reason(payload, chat)
-
-    @property
-    def model(self) -> str:
-        return str(self.payload["model"])
 
     @property
     def max_tokens(self) -> int | None:

@@ -5,7 +5,9 @@ server (an engine's OpenAI endpoint) and relays the answer's bytes. A general
 client (aiohttp) spent about a third of the gateway's CPU building and writing
 each request (see README, Performance); this one writes a request in a single
 ``transport.write`` and parses answers with httptools, the parser uvicorn
-uses. Everything else (the controller watch) keeps using aiohttp.
+uses. Everything else (the controller watch) keeps using aiohttp. Engines are
+reached over plain HTTP, or TLS for an attached server behind https (a hosted
+provider), verified against the system's CA certificates (or $SSL_CERT_FILE's).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import ssl
 import typing
 from collections.abc import AsyncIterator
 
@@ -24,6 +27,8 @@ logger = logging.getLogger(__name__)
 _HIGH_WATER_BYTES = 1 << 20
 #: The header lines of a JSON request (what the proxied OpenAI routes send).
 JSON_HEADERS = b"Content-Type: application/json\r\n"
+#: An engine's address: host, port, and whether it speaks TLS.
+_Key = tuple[str, int, bool]
 
 
 class UpstreamError(ConnectionError):
@@ -116,7 +121,7 @@ class UpstreamResponse:
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self, pool: UpstreamPool, key: tuple[str, int]) -> None:
+    def __init__(self, pool: UpstreamPool, key: _Key) -> None:
         self.loop = asyncio.get_running_loop()
         self._pool = pool
         self._key = key
@@ -220,22 +225,32 @@ class UpstreamPool:
     """Keep-alive connections per engine (host, port); one request at a time on each."""
 
     def __init__(self, connect_timeout_s: float = 5.0) -> None:
-        self._idle: dict[tuple[str, int], list[_Connection]] = collections.defaultdict(list)
+        self._idle: dict[_Key, list[_Connection]] = collections.defaultdict(list)
         self._connect_timeout_s = connect_timeout_s
+        self._tls: ssl.SSLContext | None = None  # made when a first engine needs it
 
-    def forget(self, key: tuple[str, int], connection: _Connection) -> None:
+    def forget(self, key: _Key, connection: _Connection) -> None:
         idle = self._idle.get(key)
         if idle and connection in idle:
             idle.remove(connection)
 
-    def put_back(self, key: tuple[str, int], connection: _Connection) -> None:
+    def put_back(self, key: _Key, connection: _Connection) -> None:
         self._idle[key].append(connection)
 
-    async def _connect(self, key: tuple[str, int]) -> _Connection:
+    async def _connect(self, key: _Key) -> _Connection:
         loop = asyncio.get_running_loop()
+        host, port, tls = key
+        if tls and self._tls is None:
+            self._tls = ssl.create_default_context()
         try:
             _, connection = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(self, key), key[0], key[1]),
+                loop.create_connection(
+                    lambda: _Connection(self, key),
+                    host,
+                    port,
+                    ssl=self._tls if tls else None,
+                    server_hostname=host if tls else None,
+                ),
                 self._connect_timeout_s,
             )
         except (OSError, TimeoutError) as exc:
@@ -253,13 +268,15 @@ class UpstreamPool:
         *,
         method: str = "POST",
         headers: bytes = JSON_HEADERS,
+        tls: bool = False,
     ) -> UpstreamResponse:
         """Send a request; returns once the answer's status line and headers arrived.
 
         ``headers``: header lines, each ending in CRLF, encoded once by the caller (the
         content type of ``body`` among them); Host and Content-Length are added here.
+        ``tls``: the engine speaks HTTPS.
         """
-        key = (host, port)
+        key = (host, port, tls)
         head = (
             f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {len(body)}\r\n"
         ).encode("latin-1")

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+from gateway.protocol import ENDPOINTS
 from tests.conftest import module_log_dir
 from tests.helpers import Component, Load, LocalCluster, wait_until
 
@@ -154,20 +155,23 @@ bodies = st.one_of(
 @settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(body=bodies, path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
+@given(body=bodies, path=st.sampled_from(sorted(ENDPOINTS)))
 def test_fuzzed_bodies_never_get_a_500(cluster: LocalCluster, body: bytes, path: str) -> None:
+    """Every routed path (the fake engine serves chat, completions and audio: the others are
+    the capability error; audio routes get JSON here: 400)."""
     response = httpx.post(cluster.gateway_url + path, content=body, timeout=30)
     assert response.status_code < 500, response.text  # healthy workers: no error is ours
     if response.status_code >= 400:
-        error = response.json()["error"]
+        error = response.json()["error"]  # OpenAI's envelope, or Anthropic's on /v1/messages
         assert error["message"] and error["type"]
 
 
 def test_the_api_keeps_to_its_own_openapi_schema(cluster: LocalCluster) -> None:
     """schemathesis draws requests from /openapi.json: no 5xx, every answer as documented."""
     schema = schemathesis.openapi.from_url(f"{cluster.gateway_url}/openapi.json")
-    operations = [op.ok() for op in schema.include(path_regex="^/v1/").get_all_operations()]
-    assert len(operations) == 3  # chat, completions, models
+    api = "^/(v1/|v2/|tokenize|detokenize|pooling|classify)"  # not /health, /metrics...
+    operations = [op.ok() for op in schema.include(path_regex=api).get_all_operations()]
+    assert len(operations) == len(ENDPOINTS) + 2  # every routed path, models, models/{model}
 
     # (schemathesis's own pytest plugin does not run under pytest 9 yet: drive its strategies)
     @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))

@@ -12,6 +12,10 @@ Lifecycle of one replica:
 4. if the engine dies: deregister at once, restart it with backoff;
 5. on SIGTERM/SIGINT: drain (out of the routing table), let in-flight
    requests finish, deregister, stop the engine.
+
+An attached server (engine openai, workers/attached/) is not started: the agent
+asks it whether it answers on every heartbeat instead of watching a process,
+deregisters it when it stops answering and registers it again when it is back.
 """
 
 from __future__ import annotations
@@ -86,6 +90,11 @@ class Agent:
         self._socket_dir: Path | None = None
         self._relay: EngineRelay | None = None
         self._engine_http: httpx.AsyncClient | None = None  # the agent's own way to the engine
+        self._engine_url = ""  # its root URL, as _engine_http reaches it
+        #: An attached server's state, from its last health check.
+        self._answering = False
+        #: The routes the engine serves, learnt once it is ready.
+        self._endpoints: list[str] = []
 
     # -- the main loop -------------------------------------------------------
 
@@ -124,9 +133,16 @@ class Agent:
         cannot be listened on."""
         s = self.settings
         secret = {"Authorization": f"Bearer {self.engine_secret}"}
+        if self.engine.attached:  # someone else's server, behind its own key if any
+            self._engine_url, self._base_url = self.engine.urls()
+            self._engine_http = httpx.AsyncClient(
+                base_url=self._engine_url, headers=self.engine.request_headers(), timeout=5.0
+            )
+            return True
         if not self.engine.unix_socket:
             self._port = s.port or free_port(s.host)
             url = f"http://{s.host if s.host != '0.0.0.0' else '127.0.0.1'}:{self._port}"
+            self._engine_url = url
             self._engine_http = httpx.AsyncClient(base_url=url, headers=secret, timeout=5.0)
             return True
         # mkdtemp: a directory only this user may enter (0700), whatever the socket's own mode
@@ -139,9 +155,10 @@ class Agent:
             logger.error("cannot listen on %s:%d: %s", s.host, s.port, exc)
             self.exit_code = 2
             return False
+        self._engine_url = "http://engine"
         self._engine_http = httpx.AsyncClient(
             transport=httpx.AsyncHTTPTransport(uds=self.engine.socket),
-            base_url="http://engine",
+            base_url=self._engine_url,
             headers=secret,
             timeout=5.0,
         )
@@ -157,6 +174,11 @@ class Agent:
                 await self._serve()
             if self._stop.is_set():
                 break
+            if self.engine.attached:
+                logger.warning(
+                    "%s stopped answering: waiting for it to answer again", self._base_url
+                )
+                continue
             code = self._proc.poll() if self._proc else None
             if self.settings.exit_when_engine_dies:
                 logger.error("engine exited (code %s); exiting (the supervisor replaces us)", code)
@@ -267,6 +289,8 @@ class Agent:
             await asyncio.wait_for(self._stop.wait(), seconds)
 
     def _engine_alive(self) -> bool:
+        if self.engine.attached:
+            return self._answering
         return self._proc is not None and self._proc.poll() is None
 
     @property
@@ -278,6 +302,9 @@ class Agent:
 
     def _start_engine(self) -> None:
         s = self.settings
+        if self.engine.attached:  # someone else runs it: nothing to start
+            logger.info("attaching the %s server at %s", self.engine.name, self._base_url)
+            return
         advertise = s.advertise_host or (socket.gethostname() if s.host == "0.0.0.0" else s.host)
         self._base_url = f"http://{advertise}:{self._port}/v1"
         if self.engine.socket:  # a restart: the last engine's socket file is in the way
@@ -303,23 +330,24 @@ class Agent:
     async def _wait_ready(self) -> bool:
         assert self._engine_http is not None
         started = last_progress = time.monotonic()
+        attached = self.engine.attached
         while time.monotonic() - started < constants.ENGINE_READY_TIMEOUT_S:
-            if self._stop.is_set() or not self._engine_alive():
+            if self._stop.is_set() or not (attached or self._engine_alive()):
                 return False
-            try:
-                if (await self._engine_http.get("/health")).status_code == 200:
-                    logger.info(
-                        "engine ready after %.1fs at %s", time.monotonic() - started, self._base_url
-                    )
-                    return True
-            except httpx.HTTPError:
-                pass
+            if await self._answers():
+                self._answering = True
+                logger.info(
+                    "engine ready after %.1fs at %s", time.monotonic() - started, self._base_url
+                )
+                return True
             if time.monotonic() - last_progress >= _PROGRESS_EVERY_S:
                 last_progress = time.monotonic()
                 logger.info(
-                    "loading %s with %s ... %.0fs",
-                    self.settings.source or self.settings.served_name,
-                    self.engine.name,
+                    "%s ... %.0fs",
+                    f"waiting for {self._base_url} to answer"
+                    if attached
+                    else f"loading {self.settings.source or self.settings.served_name} "
+                    f"with {self.engine.name}",
                     last_progress - started,
                 )
             await asyncio.sleep(0.5)
@@ -329,6 +357,16 @@ class Agent:
         if self._proc is not None:
             await asyncio.to_thread(procs.stop, self._proc, constants.REAPER_STOP_GRACE_S)
         return False
+
+    async def _answers(self, timeout_s: float = 5.0) -> bool:
+        """Whether the engine's health check answers 200."""
+        assert self._engine_http is not None
+        url = self.engine.health_url(self._engine_url)
+        try:
+            response = await self._engine_http.get(url, timeout=timeout_s)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
 
     async def _read_load(self, timeout_s: float = 5.0) -> WorkerLoad | None:
         metrics = await self.engine_metrics(timeout_s)
@@ -352,12 +390,17 @@ class Agent:
             device=self.plan.device or "",
             gpu_ids=list(self.plan.gpu_ids),
             nodes=max(len(s.nodes), 1),
-            capacity=self.engine.capacity(),
+            capacity=s.capacity or self.engine.capacity(),
             resumable=self.engine.resumable(),
             routing_policy=s.routing_policy,
             state=state,
             load=load,
-            engine_secret=self.engine_secret,
+            # an attached server's key is the gateways' own (upstream_key): no relay, no secret
+            engine_secret=None if self.engine.attached else self.engine_secret,
+            endpoints=self._endpoints,
+            fallbacks=s.fallbacks,
+            upstream_model=s.upstream_model,
+            upstream_key=s.upstream_key,
         )
 
     def _auth(self) -> dict[str, str] | None:
@@ -419,6 +462,9 @@ class Agent:
         registered = False
         next_beat = 0.0
         last_load = WorkerLoad()
+        assert self._engine_http is not None
+        self._endpoints = await self.engine.endpoints(self._engine_http, self._engine_url)
+        logger.info("the engine serves %s", ", ".join(self._endpoints))
         while not self._stop.is_set():
             if not self._engine_alive():
                 if registered:
@@ -426,6 +472,10 @@ class Agent:
                 return
             if time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + self.heartbeat_interval_s
+                if self.engine.attached:  # out of the table at the first check it fails
+                    self._answering = await self._answers(self.heartbeat_interval_s / 2)
+                    if not self._answering:
+                        continue
                 # A saturated engine answers /metrics slowly: the heartbeat must not wait for
                 # it (the controller would expire a busy worker); the last load stands in.
                 load = await self._read_load(self.heartbeat_interval_s / 2) or last_load
@@ -450,7 +500,12 @@ class Agent:
             logger.warning("cannot tell the controller we drain: %s", exc)
         started = time.monotonic()
         await asyncio.sleep(constants.DRAIN_MIN_S)
-        while time.monotonic() - started < constants.DRAIN_TIMEOUT_S and self._engine_alive():
+        # (an attached server keeps running: its requests in flight are not cut off)
+        while (
+            not self.engine.attached
+            and time.monotonic() - started < constants.DRAIN_TIMEOUT_S
+            and self._engine_alive()
+        ):
             load = await self._read_load()
             if load is not None and load.running + load.waiting == 0:
                 break

@@ -33,7 +33,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import anthropic
 import httpx
+import httpx2
 import openai
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
@@ -44,6 +46,7 @@ from fleetserve.config import ControllerSettings, GatewaySettings
 from fleetserve.protocol import Registration, RouteTable
 from gateway.server import Gateway
 from gateway.server import build_app as build_gateway_app
+from workers.fake.engine import FakeEngine
 from workers.fake.server import FakeServer
 from workers.fake.server import build_app as build_engine_app
 
@@ -92,7 +95,8 @@ class _Uvicorn(uvicorn.Server):
 class LoopbackServer:
     """An ASGI app served by uvicorn on a free loopback port, from the running event loop."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, **options: Any) -> None:
+        """``options``: more of uvicorn's settings (ssl_certfile...)."""
         config = uvicorn.Config(
             app,
             host="127.0.0.1",
@@ -103,8 +107,10 @@ class LoopbackServer:
             access_log=False,
             # a request the gateway gave up on (504) may still be generating: cut it short
             timeout_graceful_shutdown=1,
+            **options,
         )
         self._server = _Uvicorn(config)
+        self._scheme = "https" if "ssl_certfile" in options else "http"
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> str:
@@ -115,7 +121,7 @@ class LoopbackServer:
             task.result()  # raises what stopped it
             raise RuntimeError("uvicorn stopped at start-up")
         port = self._server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
+        return f"{self._scheme}://127.0.0.1:{port}"
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -130,6 +136,8 @@ class GatewayUnderTest:
     app: Gateway
     #: Raw HTTP, for what the openai client would not send (bad bodies, no key).
     http: httpx.AsyncClient
+    #: The same, in httpx2 (the HTTP package of anthropic 2.x, which takes no httpx client).
+    http2: httpx2.AsyncClient
     #: Where it also listens on loopback (``serve=True``): httpx.ASGITransport hands a
     #: response over only once the app finished it, so a test of a client that leaves half
     #: way through a stream talks to this socket.
@@ -143,6 +151,12 @@ class GatewayUnderTest:
             # openai 3 is typed for httpx2's client and takes httpx's as well (its "legacy" one)
             http_client=self.http,  # type: ignore[arg-type]
             max_retries=0,
+        )
+
+    def anthropic(self, api_key: str = "unused") -> anthropic.AsyncAnthropic:
+        """Anthropic's own client (it sends the key as x-api-key, and anthropic-version)."""
+        return anthropic.AsyncAnthropic(
+            base_url=GATEWAY_URL, api_key=api_key, http_client=self.http2, max_retries=0
         )
 
     async def routing_table_version(self) -> int | None:
@@ -174,11 +188,14 @@ async def running_gateway(
     async with (
         app.lifespan(app.admin),
         httpx.AsyncClient(transport=transport, base_url=GATEWAY_URL, timeout=WAIT_S) as http,
+        httpx2.AsyncClient(
+            transport=httpx2.ASGITransport(app=app), base_url=GATEWAY_URL, timeout=WAIT_S
+        ) as http2,
     ):
         server = LoopbackServer(app) if serve else None
         url = await server.start() if server is not None else None
         try:
-            yield GatewayUnderTest(app, http, url)
+            yield GatewayUnderTest(app, http, http2, url)
         finally:
             if server is not None:
                 await server.stop()
@@ -264,12 +281,14 @@ class InProcessCluster:
         dead: int = 0,
         vocabulary: str = "count",
         resumable: bool = True,
+        fallbacks: tuple[str, ...] = (),
+        **registration: Any,
     ) -> AsyncIterator[Workers]:
         """``replicas`` workers of ``name``, each with a fake engine of its own (``vocabulary``:
         see workers/fake/tokens.py), and ``dead`` workers whose port refuses connections,
         registered with ``routing_policy`` (``resumable``: as vLLM workers are; False as
-        llama.cpp's); once every gateway routes them. Deregistered (and gone from every
-        gateway) on exit."""
+        llama.cpp's) and ``fallbacks`` (and more ``registration`` fields); once every gateway
+        routes them. Deregistered (and gone from every gateway) on exit."""
         names = [name, *aliases]
         servers: list[LoopbackServer] = []
         engines: dict[str, FakeServer] = {}
@@ -297,6 +316,8 @@ class InProcessCluster:
                             capacity=8,
                             resumable=resumable,
                             routing_policy=routing_policy,
+                            fallbacks=list(fallbacks),
+                            **{"endpoints": list(FakeEngine.served_endpoints), **registration},
                         )
                     )
                     registered.append(worker_id)

@@ -84,12 +84,19 @@ class FakeServer:
     """The state and behaviour of one fake OpenAI server."""
 
     def __init__(
-        self, names: list[str], tokens_per_s: float, ttft_s: float, vocabulary: str = "count"
+        self,
+        names: list[str],
+        tokens_per_s: float,
+        ttft_s: float,
+        vocabulary: str = "count",
+        reject_status: int = 0,
     ) -> None:
         self.names = names
         self.token_interval_s = 1.0 / tokens_per_s if tokens_per_s > 0 else 0.0
         self.ttft_s = ttft_s
         self.vocabulary = Vocabulary.named(vocabulary)()
+        #: Answer every generation with this status (429: an engine over its limits); 0: never.
+        self.reject_status = reject_status
         self.running = 0
         self.finished = 0
         self.generated = 0  # output tokens, as vLLM's generation_tokens_total counts them
@@ -268,6 +275,28 @@ class FakeServer:
             return _error(400, "tokens must be a list of token ids")
         return _json({"prompt": self.vocabulary.detokenize(tokens)})
 
+    async def generate(self, request: Request) -> Response:
+        """``handle``, unless the engine is told to refuse (``reject_status``)."""
+        if self.reject_status:
+            return _error(self.reject_status, "the fake engine refuses (--reject-status)")
+        return await self.handle(request)
+
+    async def transcribe(self, request: Request) -> Response:
+        """/v1/audio/transcriptions and /translations: a multipart form with the audio file; the
+        "transcript" says what arrived (real audio models cannot be made without a model hub)."""
+        if self.reject_status:
+            return _error(self.reject_status, "the fake engine refuses (--reject-status)")
+        async with request.form(max_part_size=1024 * 1024) as form:
+            model, upload = form.get("model"), form.get("file")
+            if model not in self.names:
+                return _error(404, f"The model `{model}` does not exist.", "model_not_found")
+            if isinstance(upload, str) or upload is None:
+                return _error(400, "the form has no file")
+            audio = await upload.read()
+            fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        text = f"{len(audio)} bytes of {upload.filename} ({request.url.path.rsplit('/', 1)[1]})"
+        return _json({"text": text, "fields": fields})
+
     async def models(self, _: Request) -> Response:
         data = [
             {"id": name, "object": "model", "owned_by": "fleetserve-fake"} for name in self.names
@@ -294,9 +323,11 @@ def _usage(gen: _Generation, completion_tokens: int) -> dict[str, int]:
 def build_app(engine: FakeServer) -> Starlette:
     return Starlette(
         routes=[
-            Route("/v1/chat/completions", engine.handle, methods=["POST"]),
-            Route("/v1/completions", engine.handle, methods=["POST"]),
+            Route("/v1/chat/completions", engine.generate, methods=["POST"]),
+            Route("/v1/completions", engine.generate, methods=["POST"]),
             Route("/detokenize", engine.detokenize, methods=["POST"]),
+            Route("/v1/audio/transcriptions", engine.transcribe, methods=["POST"]),
+            Route("/v1/audio/translations", engine.transcribe, methods=["POST"]),
             Route("/v1/models", engine.models),
             Route("/metrics", engine.metrics),
             Route("/health", engine.health),
@@ -321,8 +352,13 @@ def main(argv: list[str] | None = None) -> None:
         help="count: ' tok0 tok1 ...' whatever the prompt; lm: words and multi-byte "
         "characters drawn from the prompt (see workers/fake/tokens.py).",
     )
+    parser.add_argument(
+        "--reject-status", type=int, default=0, help="Refuse every request with it (429, 503)."
+    )
     args = parser.parse_args(argv)
-    engine = FakeServer(args.served_name, args.tokens_per_s, args.ttft_s, args.vocabulary)
+    engine = FakeServer(
+        args.served_name, args.tokens_per_s, args.ttft_s, args.vocabulary, args.reject_status
+    )
     serve(build_app(engine), host=args.host, port=args.port, uds=args.uds)
 
 

@@ -6,9 +6,12 @@ import importlib.metadata
 import importlib.util
 import sys
 
+import httpx
+
 from fleetserve.config import Device
 from fleetserve.errors import ConfigError
-from workers.engines import Engine
+from fleetserve.protocol import DEFAULT_ENDPOINTS
+from workers.engines import Engine, openapi_endpoints
 
 
 def vllm_is_cpu_build() -> bool:
@@ -98,3 +101,16 @@ class VllmEngine(Engine, name="vllm", default=True):
     def capacity(self) -> int:
         value = self._flag("--max-num-seqs")
         return int(value) if value else self.default_capacity
+
+    def environment(self) -> dict[str, str]:
+        environment = super().environment()
+        # The Responses API's store: `previous_response_id` and GET /v1/responses/{id} need it.
+        # vLLM keeps every response in memory, unbounded, until the engine stops (README).
+        environment.setdefault("VLLM_ENABLE_RESPONSES_API_STORE", "1")
+        return environment
+
+    async def endpoints(self, http: httpx.AsyncClient, engine_url: str) -> list[str]:
+        """vLLM registers the routes of the model's tasks (generate, embed, score,
+        transcription...): its /openapi.json lists them (not with --disable-fastapi-docs)."""
+        found = await openapi_endpoints(http, f"{engine_url}/openapi.json")
+        return found if found is not None else list(DEFAULT_ENDPOINTS)

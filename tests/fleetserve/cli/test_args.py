@@ -44,9 +44,11 @@ EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "header_timeout_s": 5.0,
         "max_header_bytes": 16384,
         "max_connections": 100,
+        "max_audio_body_bytes": 2048,
+        "secrets_dir": "/etc/fleetserve/secrets",
     },
     WorkerSettings: {
-        "engine": "fake",
+        "engine": "openai",
         "source": "/models/m",
         "served_name": "m",
         "aliases": ["a", "b"],
@@ -70,6 +72,13 @@ EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "header_timeout_s": 5.0,
         "max_header_bytes": 16384,
         "max_connections": 100,
+        "fallbacks": ["m2", "m3"],
+        "url": "https://api.example.com/v1",
+        "upstream_model": "their/name:7b",
+        "upstream_key": "EXAMPLE_KEY",
+        "secrets_dir": "/etc/fleetserve/secrets",
+        "endpoints": ["/v1/chat/completions", "/v1/embeddings"],
+        "capacity": 12,
     },
 }
 COMMANDS = {ControllerSettings: "controller", GatewaySettings: "gateway", WorkerSettings: "worker"}
