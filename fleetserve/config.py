@@ -162,6 +162,11 @@ class GatewaySettings(Strict):
     keys: list[ApiKey] = Field(
         default_factory=list, description="API keys written in the cluster file."
     )
+    routing_policy: PolicyName = Field(
+        None,
+        description="The policy for models whose workers name none (default: kv_events for "
+        "models whose engines publish KV-cache events, else least_load).",
+    )
 
     @model_validator(mode="after")
     def _one_source_of_keys(self) -> GatewaySettings:

@@ -45,6 +45,19 @@ class WorkerInfo(Internal):
     capacity: int = Field(ge=1, description="Requests the engine runs at once.")
     state: WorkerState = WorkerState.READY
     load: WorkerLoad = Field(default_factory=WorkerLoad)
+    engine_secret: str | None = Field(
+        None,
+        repr=False,  # never in a log line or a traceback
+        description="What gateways send the engine (Authorization: Bearer), which refuses "
+        "every request without it. Registered and served to gateways only with the cluster "
+        "token (/routes); blanked in every other view (/workers, `fleetserve status`).",
+    )
+    kv_events_url: str | None = Field(
+        None,
+        description="Where the worker's agent serves its engine's KV-cache events and "
+        "tokenizer to gateways (workers/kvevents.py), with the engine's secret; None: the "
+        "engine publishes none.",
+    )
 
 
 class Registration(WorkerInfo):

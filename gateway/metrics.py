@@ -102,6 +102,8 @@ class RequestRecord:
     answered: float = 0.0
     status: int = 0
     meter: UsageMeter | None = None
+    #: Seconds spent tokenizing the prompt for routing (0: the policy did not ask).
+    tokenize_s: float = 0.0
 
 
 class GatewayMetrics(Collector):
@@ -163,7 +165,14 @@ class GatewayMetrics(Collector):
             "Streams a worker broke after they started (the client got an error event).",
             ["worker"],
         )
+        self.tokenize = _Histograms(
+            "fleetserve_gateway_tokenize_seconds",
+            "Time spent tokenizing a prompt for cache-aware routing (kv_events policy only).",
+            ["model"],
+            constants.GATEWAY_ADDED_BUCKETS_S,
+        )
         self._families: list[_Counters | _Histograms] = [
+            self.tokenize,
             self.requests,
             self.duration,
             self.ttft,
@@ -191,6 +200,8 @@ class GatewayMetrics(Collector):
         model = record.model
         self.requests.inc((model, str(record.status), record.key))
         self.duration.observe((model, "true" if record.stream else "false"), ended - record.started)
+        if record.tokenize_s:
+            self.tokenize.observe((model,), record.tokenize_s)
         if not record.answered:
             return  # refused before any engine was asked
         self.added.observe((model,), max(0.0, record.answered - record.started - record.upstream_s))

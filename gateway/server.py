@@ -25,6 +25,7 @@ from fleetserve import constants, env
 from fleetserve.config import GatewaySettings
 from gateway.admin import build_admin_app
 from gateway.auth import KeyStore
+from gateway.kvindex import KvEvents
 from gateway.metrics import GatewayMetrics, RequestRecord
 from gateway.protocol import ENDPOINTS
 from gateway.proxy import Proxy
@@ -53,10 +54,15 @@ class Gateway:
                 settings.port,
             )
         # The watcher's HTTP session is opened by the lifespan; until then it has no table.
-        self.watcher = RouteTableWatcher(settings.controller_url, session=None)
+        self.watcher = RouteTableWatcher(
+            settings.controller_url, session=None, default_policy=settings.routing_policy
+        )
         self.upstreams = UpstreamPool()
         self.proxy = Proxy(self.upstreams, self.metrics)
-        self.serving = Serving(settings, self.keys, self.watcher, self.proxy)
+        self.kv = KvEvents()  # the engines' KV caches, from their events (kv_events policy)
+        self.metrics.registry.register(self.kv)
+        self.watcher.listeners.append(self.kv.update)
+        self.serving = Serving(settings, self.keys, self.watcher, self.proxy, self.kv)
         self.admin = build_admin_app(self, self.lifespan)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -80,7 +86,7 @@ class Gateway:
         async with aiohttp.ClientSession(
             connector=connector, timeout=timeout, auto_decompress=False
         ) as session:
-            self.watcher.session = session
+            self.watcher.session = self.kv.session = session
             tasks = [
                 asyncio.create_task(self.watcher.run()),
                 asyncio.create_task(self._watch_keys_file()),
@@ -94,6 +100,7 @@ class Gateway:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                await self.kv.close()
                 self.upstreams.close()
 
     async def _watch_keys_file(self) -> None:

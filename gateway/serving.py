@@ -22,6 +22,7 @@ from starlette.types import Message, Receive, Scope
 from fleetserve.config import ApiKey, GatewaySettings
 from fleetserve.errors import OpenAIError, error_response
 from gateway.auth import KeyStore
+from gateway.kvindex import KvEvents
 from gateway.metrics import NO_KEY, RequestRecord
 from gateway.protocol import Endpoint, ParsedRequest, parse_request
 from gateway.proxy import WORKER_HEADER, Proxy
@@ -97,8 +98,14 @@ class Serving:
     """The proxied routes' handler; one per gateway process."""
 
     def __init__(
-        self, settings: GatewaySettings, keys: KeyStore, watcher: RouteTableWatcher, proxy: Proxy
+        self,
+        settings: GatewaySettings,
+        keys: KeyStore,
+        watcher: RouteTableWatcher,
+        proxy: Proxy,
+        kv: KvEvents | None = None,
     ) -> None:
+        self.kv = kv
         self.settings = settings
         self.keys = keys
         self.watcher = watcher
@@ -145,11 +152,16 @@ class Serving:
                 in_flight=self.proxy.in_flight,
                 payload=request.payload,
                 session=session if isinstance(session, str) else None,
+                model=route.model,
+                kv=self.kv,
             )
-            async with asyncio.timeout(self.settings.request_timeout_s):
-                response = await self.proxy.forward(
-                    route, endpoint.path, body, request.stream, ctx, record
-                )
+            try:
+                async with asyncio.timeout(self.settings.request_timeout_s):
+                    response = await self.proxy.forward(
+                        route, endpoint.path, body, request.stream, ctx, record
+                    )
+            finally:
+                record.tokenize_s = ctx.tokenize_s
             for name, value in limits.items():
                 response.headers[name] = value
         except TimeoutError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -65,7 +66,13 @@ class ModelRoute:
 class RoutingTable:
     """One version of the controller's table, as the hot path reads it."""
 
-    def __init__(self, table: RouteTable | None = None, previous: RoutingTable | None = None):
+    def __init__(
+        self,
+        table: RouteTable | None = None,
+        previous: RoutingTable | None = None,
+        default_policy: str | None = None,
+    ):
+        """``default_policy``: for models whose registrations name none (the gateway's)."""
         self.version: int | None = table.version if table else None
         self.epoch = table.epoch if table else ""
         self.workers = len(table.workers) if table else 0
@@ -77,6 +84,12 @@ class RoutingTable:
             return
         old = previous.policies if previous else {}
         wanted = {model.name: model.routing_policy for model in table.models}
+        # A model whose engines publish KV events routes by them unless told otherwise.
+        for worker in table.workers:
+            model = worker.model_names[0]
+            if wanted.get(model) is None:
+                kv_default = constants.KV_EVENTS_DEFAULT_POLICY if worker.kv_events_url else None
+                wanted[model] = default_policy or kv_default or wanted.get(model)
         by_model: dict[str, dict[str, list[Target]]] = {}  # model -> name -> ready workers
         for worker in table.workers:
             names = by_model.setdefault(worker.model_names[0], {})
@@ -112,16 +125,23 @@ class RouteTableWatcher:
         controller_url: str,
         session: aiohttp.ClientSession | None,
         deadline_s: float = constants.WATCH_TIMEOUT_S + constants.WATCH_DEADLINE_MARGIN_S,
+        default_policy: str | None = None,
     ) -> None:
         """``deadline_s``: how long one long poll may take before the controller counts as down."""
         self._url = controller_url.rstrip("/") + "/routes"
         #: Set before run() (the gateway's lifespan opens it).
         self.session = session
         self.deadline_s = deadline_s
+        self.default_policy = default_policy
         self.routes = RoutingTable()
+        #: Called with each new table, as received and as routed (the KV event streams
+        #: follow the workers of models routed by their events).
+        self.listeners: list[Callable[[RouteTable, RoutingTable], None]] = []
 
     def apply(self, table: RouteTable) -> None:
-        self.routes = routes = RoutingTable(table, self.routes)
+        self.routes = routes = RoutingTable(table, self.routes, self.default_policy)
+        for listener in self.listeners:
+            listener(table, routes)
         logger.info(
             "routing table v%d from controller %s: %d workers, models %s",
             table.version,

@@ -16,9 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -39,6 +42,7 @@ from fleetserve.protocol import (
 from workers import multinode
 from workers.engines import Engine
 from workers.inventory import discover_machine, read_model_facts
+from workers.kvevents import KvEventService
 from workers.load import parse_load
 from workers.placement import ModelFacts, ReplicaNeed, ReplicaPlan, plan_placement
 from workers.status_server import StatusServer
@@ -71,6 +75,10 @@ class Agent:
         self._controller = settings.controller_url.rstrip("/")
         self.registered = False
         self.engine_restarts = 0
+        #: What gateways send to read the engine's KV events: this worker's only.
+        self.engine_secret = secrets.token_urlsafe(constants.SECRET_BYTES)
+        self.kv_events: KvEventService | None = None
+        self._kv_dir: Path | None = None
 
     # -- the main loop -------------------------------------------------------
 
@@ -99,6 +107,8 @@ class Agent:
 
     async def _serve_engine(self) -> None:
         """Start, register and supervise the engine, restarting it with backoff, until stopped."""
+        if self.engine.publishes_kv_events:
+            await self._start_kv_events()
         backoff_s = 1.0
         while not self._stop.is_set():
             started = time.monotonic()
@@ -118,6 +128,21 @@ class Agent:
             self.engine_restarts += 1
             await self._sleep(backoff_s)
             backoff_s = min(backoff_s * 2, constants.ENGINE_RESTART_BACKOFF_MAX_S)
+
+    async def _start_kv_events(self) -> None:
+        """The engine publishes on a socket only this user reaches; gateways read through us."""
+        # mkdtemp: a directory only this user may enter (0700), whatever the socket's mode
+        self._kv_dir = Path(tempfile.mkdtemp(prefix="fleetserve-kv-"))
+        source = Path(self.settings.source)
+        self.kv_events = KvEventService(
+            self._kv_dir, self.engine_secret, source if source.is_dir() else None
+        )
+        await self.kv_events.start(self.settings.host)
+        self.engine.kv_events_config = self.kv_events.engine_config()
+
+    def _advertised_host(self) -> str:
+        s = self.settings
+        return s.advertise_host or (socket.gethostname() if s.host == "0.0.0.0" else s.host)
 
     def _place(self) -> ReplicaPlan:
         """This replica's GPUs (or cores), checked against the model before anything starts."""
@@ -227,12 +252,14 @@ class Agent:
     def _start_engine(self) -> None:
         s = self.settings
         port = s.port or free_port(s.host)
-        advertise = s.advertise_host or (socket.gethostname() if s.host == "0.0.0.0" else s.host)
+        advertise = self._advertised_host()
         self._engine_url = f"http://{s.host if s.host != '0.0.0.0' else '127.0.0.1'}:{port}"
         self._base_url = f"http://{advertise}:{port}/v1"
         cmd = self.engine.command(port)
         logger.info("starting %s engine: %s", self.engine.name, " ".join(cmd))
         self._proc = procs.spawn_tree(cmd, env=self._environment())
+        if self.kv_events is not None:
+            self.kv_events.engine_started()
 
     async def _wait_ready(self) -> bool:
         started = last_progress = time.monotonic()
@@ -290,6 +317,12 @@ class Agent:
             routing_policy=s.routing_policy,
             state=state,
             load=load,
+            engine_secret=self.engine_secret,
+            kv_events_url=(
+                f"http://{self._advertised_host()}:{self.kv_events.port}"
+                if self.kv_events is not None
+                else None
+            ),
         )
 
     async def _register(self, load: WorkerLoad, state: WorkerState = WorkerState.READY) -> bool:
@@ -373,6 +406,10 @@ class Agent:
             if proc is not None and proc.poll() is None:
                 logger.info("stopping the %s", what)
                 await asyncio.to_thread(procs.stop, proc, constants.REAPER_STOP_GRACE_S)
+        if self.kv_events is not None:
+            await self.kv_events.stop()
+        if self._kv_dir is not None:
+            shutil.rmtree(self._kv_dir, ignore_errors=True)
         logger.info("worker %s stopped", self.worker_id)
 
 

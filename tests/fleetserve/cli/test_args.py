@@ -30,6 +30,7 @@ EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "request_timeout_s": 30.0,
         "keys_file": "/etc/fleetserve/keys.yaml",
         "keys": [ApiKey(name="k", key_sha256="0" * 64)],  # not a flag: `up` writes a keys file
+        "routing_policy": "prefix_tree",
     },
     WorkerSettings: {
         "engine": "fake",
