@@ -149,12 +149,17 @@ class Run:
     ttft_p99_ms: float
     hit_rate: float
     errors: int
+    #: the busiest engine's share of the requests
+    busiest: float
+    #: the router's CPU time per request (every process of it)
+    cpu_ms: float
 
 
 @dataclass
 class System:
     name: str
     urls: list[str]  # OpenAI base URLs (several: requests alternate between them)
+    pids: list[int]  # the router's processes
     runs: dict[str, list[Run]] = field(default_factory=dict)
 
 
@@ -169,13 +174,25 @@ def _counter(text: str, name: str) -> float:
     )
 
 
-def cache_counters(engines: list[str]) -> tuple[float, float]:
+def engine_counters(engines: list[str]) -> tuple[float, float, list[float]]:
+    """Prefix-cache hits and queries (tokens), and each engine's finished requests."""
     hits = queries = 0.0
+    finished = []
     for engine in engines:
         text = httpx.get(f"{engine}/metrics", timeout=30).text
         hits += _counter(text, "vllm:prefix_cache_hits_total")
         queries += _counter(text, "vllm:prefix_cache_queries_total")
-    return hits, queries
+        finished.append(_counter(text, "vllm:request_success_total"))
+    return hits, queries, finished
+
+
+def cpu_s(pids: list[int]) -> float:
+    """User and system CPU seconds of ``pids`` so far."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 async def load(
@@ -218,11 +235,14 @@ def measure(
     reset_caches(engines)
     body = WORKLOADS[workload](seed)
     asyncio.run(load(system.urls, body, args.concurrency, args.warmup))
-    hits0, queries0 = cache_counters(engines)
+    hits0, queries0, finished0 = engine_counters(engines)
+    cpu0 = cpu_s(system.pids)
     started = time.perf_counter()
     outcomes = asyncio.run(load(system.urls, body, args.concurrency, args.duration))
     elapsed = time.perf_counter() - started
-    hits, queries = cache_counters(engines)
+    cpu = cpu_s(system.pids) - cpu0
+    hits, queries, finished = engine_counters(engines)
+    split = [after - before for before, after in zip(finished0, finished, strict=True)]
     ok = [o for o in outcomes if o.ok and o.first_byte is not None]
     errors = [o for o in outcomes if not o.ok]
     if errors:
@@ -234,13 +254,15 @@ def measure(
         _pct(ttfts, 0.99) * 1000,
         (hits - hits0) / max(queries - queries0, 1.0),
         len(errors),
+        max(split) / max(sum(split), 1.0),
+        1000 * cpu / max(len(outcomes), 1),
     )
 
 
 # -- the systems -----------------------------------------------------------------------
 
 
-def start_gateway(cluster: Cluster, name: str, policy: str) -> str:
+def start_gateway(cluster: Cluster, name: str, policy: str) -> tuple[str, int]:
     settings = GatewaySettings(
         host="127.0.0.1",
         port=free_port("127.0.0.1"),
@@ -252,7 +274,7 @@ def start_gateway(cluster: Cluster, name: str, policy: str) -> str:
     gateway.wait_http(f"{url}/health")
     table = cluster.table()
     wait_until(lambda: cluster.gateway_routes(table, url), 60, f"{name} to route")
-    return url
+    return url, gateway.pid
 
 
 def start_router(
@@ -298,40 +320,32 @@ def kv_blocks(gateway: str) -> dict[str, float]:
 def late_gateway(
     cluster: Cluster, first: str, engines: list[str], args: argparse.Namespace
 ) -> tuple[float, bool]:
-    """Start a kv_events gateway under load: seconds until its index equals ``first``'s
-    (within 2%, under load), and whether they are equal once the load stops."""
+    """A kv_events gateway started while ``first`` (a gateway URL) is under load: seconds
+    from its start until its index is within 2% of ``first``'s for every worker, and
+    whether the two are equal once the load stopped."""
     reset_caches(engines)
-    body = shared_workload(99)
-    result: dict[str, float] = {}
+    converged = float("nan")
 
-    async def scenario() -> None:
-        task = asyncio.create_task(load([first + "/v1"], body, args.concurrency, args.warmup + 15))
+    async def scenario() -> str:
+        nonlocal converged
+        body = shared_workload(99)
+        running = asyncio.create_task(load([first + "/v1"], body, args.concurrency, 30))
         await asyncio.sleep(args.warmup)
         started = time.perf_counter()
-        late = await asyncio.to_thread(start_gateway, cluster, "gateway-late", "kv_events")
-        result["url_started"] = time.perf_counter() - started
-        while time.perf_counter() - started < 60:
-            a, b = (
-                await asyncio.to_thread(kv_blocks, first),
-                await asyncio.to_thread(kv_blocks, late),
-            )
-            if (
-                a
-                and a.keys() == b.keys()
-                and all(abs(a[w] - b[w]) <= 0.02 * max(a[w], 1) for w in a)
-            ):
-                result["converged"] = time.perf_counter() - started
+        late, _ = await asyncio.to_thread(start_gateway, cluster, "gateway-late", "kv_events")
+        while not running.done():
+            a = await asyncio.to_thread(kv_blocks, first)
+            b = await asyncio.to_thread(kv_blocks, late)
+            if a and a.keys() == b.keys() and all(abs(a[w] - b[w]) <= 0.02 * a[w] for w in a):
+                converged = time.perf_counter() - started
                 break
-            await asyncio.sleep(0.2)
-        result["late"] = 0.0
-        cluster_late[0] = late
-        await task
+            await asyncio.sleep(0.1)
+        await running
+        return late
 
-    cluster_late: list[str] = [""]
-    asyncio.run(scenario())
-    time.sleep(1.0)
-    equal = kv_blocks(first) == kv_blocks(cluster_late[0])
-    return result.get("converged", float("nan")), equal
+    late = asyncio.run(scenario())
+    time.sleep(1.0)  # the last events
+    return converged, kv_blocks(first) == kv_blocks(late)
 
 
 # -- main --------------------------------------------------------------------------------
@@ -373,11 +387,11 @@ def main() -> None:
         routers: list[subprocess.Popen[bytes]] = []
         try:
             engines = [w.base_url.removesuffix("/v1") for w in cluster.table().workers]
-            systems = [
-                System(p, [start_gateway(cluster, f"gateway-{p}", p) + "/v1"])
-                for p in POLICIES
-                if p in wanted
-            ]
+            systems = []
+            for policy in POLICIES:
+                if policy in wanted:
+                    url, pid = start_gateway(cluster, f"gateway-{policy}", policy)
+                    systems.append(System(policy, [url + "/v1"], [pid]))
             for kind in ("sglang-router", "vllm-router"):
                 started = (
                     start_router(args.routers_venv, kind, engines, log_dir)
@@ -385,15 +399,14 @@ def main() -> None:
                     else None
                 )
                 if started is not None:
-                    systems.append(System(f"{kind} cache_aware", [started[0] + "/v1"]))
-                    routers.append(started[1])
-            if args.two_gateways and "kv_events" in wanted:
-                second = start_gateway(cluster, "gateway-kv_events-2", "kv_events")
+                    url, proc = started
+                    systems.append(System(f"{kind} cache_aware", [url + "/v1"], [proc.pid]))
+                    routers.append(proc)
+            kv = next((system for system in systems if system.name == "kv_events"), None)
+            if args.two_gateways and kv is not None:
+                url, pid = start_gateway(cluster, "gateway-kv_events-2", "kv_events")
                 systems.append(
-                    System(
-                        "kv_events, 2 gateways",
-                        [systems[POLICIES.index("kv_events")].urls[0], second + "/v1"],
-                    )
+                    System("kv_events, 2 gateways", [kv.urls[0], url + "/v1"], [*kv.pids, pid])
                 )
             load_before = os.getloadavg()
             for round_ in range(args.rounds):
@@ -406,18 +419,14 @@ def main() -> None:
                         system.runs.setdefault(workload, []).append(run)
                         console.print(
                             f"round {round_ + 1} {workload:9} {system.name:28} {run.rps:6.1f} req/s"
-                            f"  hit {run.hit_rate:.1%}  TTFT p99 {run.ttft_p99_ms:.0f} ms",
+                            f"  hit {run.hit_rate:.1%}  TTFT p99 {run.ttft_p99_ms:.0f} ms"
+                            f"  busiest {run.busiest:.0%}  CPU {run.cpu_ms:.2f} ms/req",
                             style="dim",
                         )
             load_after = os.getloadavg()
             convergence = None
-            if args.two_gateways and "kv_events" in wanted:
-                convergence = late_gateway(
-                    cluster,
-                    systems[POLICIES.index("kv_events")].urls[0].removesuffix("/v1"),
-                    engines,
-                    args,
-                )
+            if args.two_gateways and kv is not None:
+                convergence = late_gateway(cluster, kv.urls[0].removesuffix("/v1"), engines, args)
         finally:
             for proc in routers:
                 proc.terminate()
@@ -435,6 +444,8 @@ def main() -> None:
             "TTFT p50 ms",
             "TTFT p99 ms",
             "hit rate",
+            "busiest engine",
+            "router CPU ms/req",
             "errors",
             "req/s per round",
         ):
@@ -450,6 +461,8 @@ def main() -> None:
                 f"{med(r.ttft_p50_ms for r in runs):.0f}",
                 f"{med(r.ttft_p99_ms for r in runs):.0f}",
                 f"{med(r.hit_rate for r in runs):.1%}",
+                f"{med(r.busiest for r in runs):.0%}",
+                f"{med(r.cpu_ms for r in runs):.2f}",
                 str(sum(r.errors for r in runs)),
                 " / ".join(f"{r.rps:.1f}" for r in runs),
             )

@@ -146,3 +146,10 @@ PREFIX_TREE_MAX_BLOCKS = 262_144
 # The policy of a model whose engines publish KV events, unless its registration names one:
 # the one that won bench/routing.py (README, Routing policies).
 KV_EVENTS_DEFAULT_POLICY = "kv_events"
+# The gateway keeps the token ids of long stretches of prompt text (between two special
+# tokens: a system prompt, an earlier turn), this many characters of them at most (~100 MB),
+# least recently used out first: a 1200-token system prompt costs 0.7 ms to encode, and
+# nothing to find again.
+TOKENIZE_CACHE_CHARS = 16 * 1024 * 1024
+# ...of at least this many characters (shorter ones cost less to encode than to keep).
+TOKENIZE_CACHE_MIN_CHARS = 256

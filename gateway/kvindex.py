@@ -171,15 +171,18 @@ class KvEvents(Collector):
         url = f"{worker.kv_events_url}/kv/events"
         backoff_s = constants.KV_RECONNECT_S
         while True:
+            dead_after_s = constants.KV_STREAM_DEAD_S
             try:
-                async with self.session.get(url, headers=_auth(worker)) as response:
+                async with asyncio.timeout(dead_after_s):
+                    response = await self.session.get(url, headers=_auth(worker))
+                try:
                     if response.status != 200:
-                        raise aiohttp.ClientResponseError(
-                            response.request_info, (), status=response.status
-                        )
-                    async for line in _lines(response, constants.KV_STREAM_DEAD_S):
+                        raise ConnectionError(f"HTTP {response.status}")
+                    async for line in _lines(response, dead_after_s):
                         self._apply(worker.worker_id, line)
                         backoff_s = constants.KV_RECONNECT_S  # it works: start over if it breaks
+                finally:
+                    response.close()  # never back to the pool: the agent may still be writing
                 raise ConnectionError("the stream ended")
             except (aiohttp.ClientError, ConnectionError, TimeoutError, ValueError) as exc:
                 self.reconnects += 1

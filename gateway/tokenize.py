@@ -15,6 +15,13 @@ What vLLM 0.32 does, and so what this does:
 - completions: the prompt encoded with ``add_special_tokens`` true unless the request says;
   a prompt given as token ids is used as it is.
 
+What is cached: a chat template puts special tokens between messages, and a tokenizer
+encodes the text between two added tokens on its own (it splits there first), so the
+tokens of a long stretch (a system prompt) are kept, by its text, in a least-recently-used
+table of at most TOKENIZE_CACHE_CHARS characters: a request that repeats one encodes only the
+rest. Where splitting there could differ from the whole encoding (a normalizer, added
+tokens that strip the spaces next to them), every request is encoded whole.
+
 Where it differs (the rendering is then only approximate): a content part that is not
 text (an image: vLLM adds placeholder tokens), templates that expect OpenAI-style content
 lists (vLLM detects them and passes lists; this always joins the text parts with a
@@ -28,6 +35,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from array import array
+from collections import OrderedDict
 from datetime import datetime
 from typing import Any, NoReturn
 
@@ -35,6 +45,8 @@ import jinja2
 import jinja2.ext
 import jinja2.sandbox
 import tokenizers
+
+from fleetserve import constants
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +59,9 @@ class PromptTokenizer:
     def __init__(self, files: dict[str, str]) -> None:
         """``files``: the model's tokenizer files by name (tokenizer.json is required)."""
         self.tokenizer = tokenizers.Tokenizer.from_str(files["tokenizer.json"])
+        self._split, self._added = _added_token_split(json.loads(files["tokenizer.json"]))
+        self._segments: OrderedDict[str, array[int]] = OrderedDict()
+        self._cached_chars = 0
         config: dict[str, Any] = json.loads(files.get("tokenizer_config.json") or "{}")
         special_map: dict[str, Any] = json.loads(files.get("special_tokens_map.json") or "{}")
         self.special = {
@@ -66,8 +81,7 @@ class PromptTokenizer:
             return prompt
         if not isinstance(prompt, str):
             return None
-        special = payload.get("add_special_tokens", True) is not False
-        return list(self.tokenizer.encode(prompt, add_special_tokens=special).ids)
+        return self._encode(prompt, payload.get("add_special_tokens", True) is not False)
 
     def _chat(self, payload: dict[str, Any]) -> list[int] | None:
         if self.template is None:
@@ -97,8 +111,52 @@ class PromptTokenizer:
         except (jinja2.TemplateError, TypeError, ValueError) as exc:
             logger.debug("chat template failed for routing (the engine decides): %s", exc)
             return None
-        special = payload.get("add_special_tokens") is True
-        return list(self.tokenizer.encode(text, add_special_tokens=special).ids)
+        return self._encode(text, payload.get("add_special_tokens") is True)
+
+    def _encode(self, text: str, special: bool) -> list[int]:
+        """``text``'s token ids; long stretches between added tokens from the cache."""
+        if self._split is None or special:  # a post-processor's tokens: encode it whole
+            return list(self.tokenizer.encode(text, add_special_tokens=special).ids)
+        ids: list[int] = []
+        for piece in self._split.split(text):
+            if not piece:
+                continue
+            added = self._added.get(piece)
+            if added is not None:
+                ids.append(added)
+            elif len(piece) < constants.TOKENIZE_CACHE_MIN_CHARS:
+                ids += self.tokenizer.encode(piece, add_special_tokens=False).ids
+            else:
+                ids += self._segment(piece)
+        return ids
+
+    def _segment(self, piece: str) -> array[int]:
+        segments = self._segments
+        cached = segments.get(piece)
+        if cached is not None:
+            segments.move_to_end(piece)
+            return cached
+        cached = segments[piece] = array(
+            "q", self.tokenizer.encode(piece, add_special_tokens=False).ids
+        )
+        self._cached_chars += len(piece)
+        while self._cached_chars > constants.TOKENIZE_CACHE_CHARS:
+            gone, _ = segments.popitem(last=False)
+            self._cached_chars -= len(gone)
+        return cached
+
+
+def _added_token_split(spec: dict[str, Any]) -> tuple[re.Pattern[str] | None, dict[str, int]]:
+    """A pattern splitting text at its added tokens (kept, as groups), and their ids; no
+    pattern where encoding the stretches apart could differ from encoding the whole."""
+    tokens = spec.get("added_tokens") or []
+    added = {t["content"]: t["id"] for t in tokens}
+    plain = all(not (t.get("lstrip") or t.get("rstrip") or t.get("single_word")) for t in tokens)
+    if not added or not plain or spec.get("normalizer") is not None:
+        return None, added
+    # longest first: at one position the longest added token wins, as in the tokenizer
+    alternatives = "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True))
+    return re.compile(f"({alternatives})"), added
 
 
 def _token_text(value: Any) -> str | None:
