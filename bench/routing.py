@@ -52,7 +52,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fleetserve.cli.args import settings_argv
-from fleetserve.cli.harness import Cluster, free_port, wait_until
+from fleetserve.cli.harness import Cluster, descendants, free_port, wait_until
 from fleetserve.cli.loadgen import Outcome, closed_loop, for_duration
 from fleetserve.config import GatewaySettings, WorkerSettings
 from workers.vllm.demo_model import ensure_demo_model
@@ -277,37 +277,77 @@ def start_gateway(cluster: Cluster, name: str, policy: str) -> tuple[str, int]:
     return url, gateway.pid
 
 
+ROUTERS = {  # system name -> (router, module, policy)
+    "sglang-router": ("sglang-router", "sglang_router.launch_router", "cache_aware"),
+    "vllm-router": ("vllm-router", "vllm_router.launch_router", "cache_aware"),
+    "vllm-router-kv": ("vllm-router", "vllm_router.launch_router", "kv_aware"),
+}
+
+
+def engine_event_sockets(cluster: Cluster) -> list[str]:
+    """Where each engine publishes its KV events (the workers' order), from its command line:
+    vllm-router's kv_aware subscribes to them itself (bench only: the sockets are the
+    worker's user's alone, and this bench runs as that user)."""
+    sockets = []
+    for worker in cluster.workers:
+        pid = next(
+            p
+            for p in descendants(worker.pid)
+            if b"vllm.entrypoints" in Path(f"/proc/{p}/cmdline").read_bytes()
+        )
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        config = orjson.loads(argv[argv.index(b"--kv-events-config") + 1])
+        sockets.append(config["endpoint"])
+    return sockets
+
+
 def start_router(
-    venv: Path, kind: str, engines: list[str], log_dir: Path
+    venv: Path,
+    system: str,
+    engines: list[str],
+    cluster: Cluster,
+    args: argparse.Namespace,
+    log_dir: Path,
 ) -> tuple[str, subprocess.Popen[bytes]] | None:
-    """sglang-router (cache_aware) or vllm-router, from ``venv``; None if not installed."""
+    """An external router, from ``venv``; None if not installed."""
+    kind, module, policy = ROUTERS[system]
     python = venv / "bin" / "python"
-    module = {
-        "sglang-router": "sglang_router.launch_router",
-        "vllm-router": "vllm_router.launch_router",
-    }[kind]
-    if (
-        not python.exists()
-        or subprocess.run(
-            [python, "-c", f"import {module.split('.')[0]}"], capture_output=True
+    found = (
+        python.exists()
+        and not (
+            subprocess.run([python, "-c", f"import {module.split('.')[0]}"], capture_output=True)
         ).returncode
-    ):
+    )
+    if not found:
         print(f"{kind} is not installed in {venv}: left out (see this file's docstring)")
         return None
     port = free_port("127.0.0.1")
-    argv = [str(python), "-m", module, "--worker-urls", *engines, "--policy", "cache_aware"]
+    argv = [str(python), "-m", module, "--worker-urls", *engines, "--policy", policy]
     argv += ["--host", "127.0.0.1", "--port", str(port)]
-    log = (log_dir / f"{kind}.log").open("wb")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=False)
+    env = dict(os.environ)
+    if policy == "kv_aware":  # its events straight from the engines, tokenizing as they do
+        for engine, socket in zip(engines, engine_event_sockets(cluster), strict=True):
+            argv += ["--kv-event-source", f"{engine}={socket}"]
+        argv += ["--kv-event-block-size", str(args.block_size), "--kv-event-model", MODEL]
+        env["VLLM_ROUTER_TOKENIZER"] = str(ensure_demo_model())
+    log = (log_dir / f"{system}.log").open("wb")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{system} exited: see {log.name}")
         try:
             return httpx.get(f"{url}/v1/models", timeout=2).status_code == 200
         except httpx.HTTPError:
-            return proc.poll() is not None and False
+            return False
 
-    wait_until(up, 120, f"{kind} to answer")
+    try:
+        wait_until(up, 300, f"{system} to answer")
+    except (RuntimeError, TimeoutError):
+        proc.kill()
+        print(Path(log.name).read_text()[-3000:])
+        raise
     return url, proc
 
 
@@ -357,7 +397,7 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workloads", default="shared,multiturn,uniform")
-    parser.add_argument("--systems", default=",".join([*POLICIES, "sglang-router", "vllm-router"]))
+    parser.add_argument("--systems", default=",".join([*POLICIES, *ROUTERS]))
     parser.add_argument("--kv-cache-mb", type=int, default=48, help="KV cache per engine.")
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=8)
@@ -392,15 +432,20 @@ def main() -> None:
                 if policy in wanted:
                     url, pid = start_gateway(cluster, f"gateway-{policy}", policy)
                     systems.append(System(policy, [url + "/v1"], [pid]))
-            for kind in ("sglang-router", "vllm-router"):
-                started = (
-                    start_router(args.routers_venv, kind, engines, log_dir)
-                    if kind in wanted
-                    else None
-                )
+            for name in ROUTERS:
+                try:
+                    started = (
+                        start_router(args.routers_venv, name, engines, cluster, args, log_dir)
+                        if name in wanted
+                        else None
+                    )
+                except (RuntimeError, TimeoutError) as exc:
+                    console.print(f"{name} left out: {exc}")
+                    continue
                 if started is not None:
                     url, proc = started
-                    systems.append(System(f"{kind} cache_aware", [url + "/v1"], [proc.pid]))
+                    label = f"{ROUTERS[name][0]} {ROUTERS[name][2]}"
+                    systems.append(System(label, [url + "/v1"], [proc.pid]))
                     routers.append(proc)
             kv = next((system for system in systems if system.name == "kv_events"), None)
             if args.two_gateways and kv is not None:

@@ -84,12 +84,13 @@ class RoutingTable:
             return
         old = previous.policies if previous else {}
         wanted = {model.name: model.routing_policy for model in table.models}
-        # A model whose engines publish KV events routes by them unless told otherwise.
+        # Models whose registrations name no policy: the gateway's default, else kv_events
+        # where their engines publish KV events, else the registry's default.
         for worker in table.workers:
             model = worker.model_names[0]
             if wanted.get(model) is None:
-                kv_default = constants.KV_EVENTS_DEFAULT_POLICY if worker.kv_events_url else None
-                wanted[model] = default_policy or kv_default or wanted.get(model)
+                kv = constants.KV_EVENTS_DEFAULT_POLICY if worker.kv_events_url else None
+                wanted[model] = default_policy or kv
         by_model: dict[str, dict[str, list[Target]]] = {}  # model -> name -> ready workers
         for worker in table.workers:
             names = by_model.setdefault(worker.model_names[0], {})
