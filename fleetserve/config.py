@@ -243,6 +243,15 @@ class WorkerSettings(Strict):
         "the engine is ready and registered: a readiness probe), /live, and /metrics (the "
         "agent's and the engine's); none: no server.",
     )
+    kv_events_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Port on --host where the agent serves its engine's KV-cache events and "
+        "tokenizer to gateways (engines that publish them: vllm), with the worker's secret; "
+        "0: a free port. Fix it where a firewall or NetworkPolicy lists the ports gateways "
+        "may reach.",
+    )
 
     @field_validator("nodes", mode="before")
     @classmethod

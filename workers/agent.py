@@ -107,7 +107,7 @@ class Agent:
 
     async def _serve_engine(self) -> None:
         """Start, register and supervise the engine, restarting it with backoff, until stopped."""
-        if self.engine.publishes_kv_events:
+        if self.engine.kv_events_wanted():
             await self._start_kv_events()
         backoff_s = 1.0
         while not self._stop.is_set():
@@ -137,7 +137,7 @@ class Agent:
         self.kv_events = KvEventService(
             self._kv_dir, self.engine_secret, source if source.is_dir() else None
         )
-        await self.kv_events.start(self.settings.host)
+        await self.kv_events.start(self.settings.host, self.settings.kv_events_port)
         self.engine.kv_events_config = self.kv_events.engine_config()
 
     def _advertised_host(self) -> str:

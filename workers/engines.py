@@ -61,6 +61,16 @@ class Engine(Registered):
     def capacity(self) -> int:
         return self.default_capacity
 
+    def kv_events_wanted(self) -> bool:
+        """The agent should have the engine publish KV events: it can, and the user neither
+        set where (``--kv-events-config``) nor turned prefix caching off."""
+        args = self.settings.engine_args
+        return (
+            self.publishes_kv_events
+            and self._flag("--kv-events-config") is None
+            and "--no-enable-prefix-caching" not in args
+        )
+
     def _flag(self, *flags: str) -> str | None:
         """The value of the first of ``flags`` in the user's engine args, if given."""
         args = self.settings.engine_args

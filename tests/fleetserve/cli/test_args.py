@@ -52,6 +52,7 @@ EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "ray_address": "10.0.0.1:6379",
         "exit_when_engine_dies": True,
         "status_port": 8081,
+        "kv_events_port": 8082,
     },
 }
 COMMANDS = {ControllerSettings: "controller", GatewaySettings: "gateway", WorkerSettings: "worker"}
