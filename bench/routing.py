@@ -284,9 +284,29 @@ ROUTERS = {  # system name -> (router, module, policy)
 }
 
 
+def loopback_event_relays(endpoints: list[str]) -> list[str]:
+    """A ZeroMQ relay per engine socket to a loopback TCP port (vllm-router takes only
+    tcp:// sources): bench only, fleetserve's engines never publish on TCP."""
+    import threading
+
+    import zmq
+
+    context = zmq.Context.instance()
+    relayed = []
+    for endpoint in endpoints:
+        sub = context.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(endpoint)
+        pub = context.socket(zmq.PUB)
+        port = pub.bind_to_random_port("tcp://127.0.0.1")
+        threading.Thread(target=zmq.proxy, args=(sub, pub), daemon=True).start()
+        relayed.append(f"tcp://127.0.0.1:{port}")
+    return relayed
+
+
 def engine_event_sockets(cluster: Cluster) -> list[str]:
     """Where each engine publishes its KV events (the workers' order), from its command line:
-    vllm-router's kv_aware subscribes to them itself (bench only: the sockets are the
+    vllm-router's kv_aware subscribes to them too (bench only: the sockets are the
     worker's user's alone, and this bench runs as that user)."""
     sockets = []
     for worker in cluster.workers:
@@ -324,9 +344,12 @@ def start_router(
     port = free_port("127.0.0.1")
     argv = [str(python), "-m", module, "--worker-urls", *engines, "--policy", policy]
     argv += ["--host", "127.0.0.1", "--port", str(port)]
+    # each its own metrics port: both routers default to 29000
+    argv += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port("127.0.0.1"))]
     env = dict(os.environ)
     if policy == "kv_aware":  # its events straight from the engines, tokenizing as they do
-        for engine, socket in zip(engines, engine_event_sockets(cluster), strict=True):
+        sockets = loopback_event_relays(engine_event_sockets(cluster))
+        for engine, socket in zip(engines, sockets, strict=True):
             argv += ["--kv-event-source", f"{engine}={socket}"]
         argv += ["--kv-event-block-size", str(args.block_size), "--kv-event-model", MODEL]
         env["VLLM_ROUTER_TOKENIZER"] = str(ensure_demo_model())

@@ -101,7 +101,7 @@ def test_the_gateways_block_keys_are_the_engines_blocks(cluster: LocalCluster) -
         ],
         "max_tokens": 2,
     }
-    completion = {"model": MODEL, "prompt": "Once upon a time, " * 30, "max_tokens": 2}
+    completion = {"model": MODEL, "prompt": "Once upon a time, " * 50, "max_tokens": 2}
     for path, body in (("/chat/completions", chat), ("/completions", completion)):
         before = _held(worker)
         usage = _post(cluster, path, body)["usage"]
