@@ -139,6 +139,11 @@ KV_STREAM_MAX_LINE_BYTES = 64 * 1024 * 1024
 # Cache-aware routing (gateway/routing.py): the moving average of the blocks a request makes
 # its engine compute, which prices a queued request, follows the last ~20 requests.
 CACHE_AWARE_COST_SMOOTHING = 0.05
+# ...and a block the engine must compute weighs this many blocks waited for. At 1, 8
+# clients' conversations spilled to the other engine whenever 4 more requests queued on
+# theirs (bench/routing.py multiturn: 77% hits against sglang-router's 84%, which never
+# spills below 64 requests of difference); at 4 a spill needs a queue 4 times as costly.
+CACHE_AWARE_MISS_WEIGHT = 4
 # prefix_tree: the prompt in chunks of this many characters (~16 tokens of English), and at
 # most this many chunks remembered (~200 bytes each: ~50 MB), least recently used out first.
 PREFIX_TREE_BLOCK_CHARS = 64

@@ -218,15 +218,17 @@ class CacheAwarePolicy(RoutingPolicy):
     The prompt is cut into blocks; ``cost(worker)`` estimates the blocks the worker must
     compute before this request's first token:
 
-        cost = blocks of this prompt it does not hold
+        cost = CACHE_AWARE_MISS_WEIGHT x blocks of this prompt it does not hold
              + (its requests in flight from this gateway + queued in its engine)
                x (blocks an average request made its engine compute, + 1)
 
     and the request goes to the lowest cost; ties to the worker holding fewer blocks (more
     room in its cache), then at random. A cached prefix keeps its requests while the queue
     in front of them costs less than computing the prefix elsewhere; past that it spills,
-    and the prefix is then cached on both. With nothing cached anywhere (a uniform load),
-    the rule is least load.
+    and the prefix is then cached on both. A block computed again weighs more than a block
+    waited for: the whole engine spends it (every request there waits), and in a full cache
+    it evicts a block of another prefix, computed again later. With nothing cached anywhere
+    (a uniform load), the rule is least load.
     """
 
     def __init__(self, rng: random.Random | None = None) -> None:
@@ -250,7 +252,8 @@ class CacheAwarePolicy(RoutingPolicy):
         best: list[tuple[float, int, int]] = []  # (cost, held blocks, index)
         for i, worker in enumerate(candidates):
             queue = ctx.in_flight.get(worker.worker_id, 0) + worker.load.waiting
-            cost = len(keys) - matched[i] + queue * per_request
+            cost: float = constants.CACHE_AWARE_MISS_WEIGHT * (len(keys) - matched[i])
+            cost += queue * per_request
             best.append((cost, self.held_blocks(worker, ctx), i))
         lowest = min(best)[:2]
         index = self._rng.choice([i for cost, held, i in best if (cost, held) == lowest])

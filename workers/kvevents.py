@@ -77,7 +77,8 @@ class BlockIndex:
         return len(self._keys)
 
     def apply(self, batch: Any) -> list[KvMessage]:
-        """A decoded ``KVEventBatch`` (``[ts, events, dp_rank]``): the changes to send."""
+        """A decoded ``KVEventBatch`` (``[ts, events, dp_rank]``): the changes to send, one
+        message per run of events of one kind (vLLM sends an eviction per block)."""
         out: list[KvMessage] = []
         for event in batch[1]:
             kind = event.get("type") if isinstance(event, dict) else None
@@ -95,6 +96,8 @@ class BlockIndex:
             elif kind == "AllBlocksCleared":
                 self._keys.clear()
                 out.append(KvMessage(type=KvMessageType.CLEARED))
+            if len(out) > 1 and out[-1].type is out[-2].type and out[-1].keys:
+                out[-2].keys += out.pop().keys
         return out
 
     def _stored(self, event: dict[str, Any]) -> list[int]:

@@ -157,10 +157,10 @@ def test_kv_events_goes_where_the_engine_holds_the_prefix() -> None:
     ctx = _prompt_ctx(kv, prompt + "?")
     assert policy.pick([a, b], ctx) is b
     assert ctx.tokenize_s > 0  # tokenized once, and timed
-    # a request queued in b's engine costs (mean cost + 1) blocks: 12 cached blocks outweigh
-    # a few, not many
-    assert policy.pick([a, b], _prompt_ctx(kv, prompt, {"b": 2})) is b
-    assert policy.pick([a, b], _prompt_ctx(kv, prompt, {"b": 12})) is a
+    # a request queued in b's engine costs (mean cost + 1) blocks, a block to compute
+    # CACHE_AWARE_MISS_WEIGHT: 12 cached blocks outweigh a few, not many
+    assert policy.pick([a, b], _prompt_ctx(kv, prompt, {"b": 8})) is b
+    assert policy.pick([a, b], _prompt_ctx(kv, prompt, {"b": 40})) is a
 
 
 def test_kv_events_counts_what_it_just_sent_until_the_events_come() -> None:
