@@ -53,7 +53,7 @@ from rich.table import Table
 
 from fleetserve.cli.args import settings_argv
 from fleetserve.cli.harness import Cluster, descendants, free_port, wait_until
-from fleetserve.cli.loadgen import Outcome, closed_loop, for_duration
+from fleetserve.cli.loadgen import Outcome, closed_loop, for_duration, post_sender
 from fleetserve.config import GatewaySettings, WorkerSettings
 from workers.vllm.demo_model import ensure_demo_model
 
@@ -200,26 +200,14 @@ async def load(
 ) -> list[Outcome]:
     """Closed-loop streaming chat requests, alternating over ``urls``."""
     turn = itertools.count()
-    headers = {"content-type": "application/json"}
     timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0), timeout=timeout
     ) as session:
+        senders = [post_sender(session, f"{url}/chat/completions", body, True) for url in urls]
 
         async def send(index: int) -> Outcome:
-            outcome = Outcome()
-            url = urls[next(turn) % len(urls)] + "/chat/completions"
-            try:
-                async with session.post(url, data=body(index), headers=headers) as response:
-                    async for _ in response.content.iter_any():
-                        if outcome.first_byte is None:
-                            outcome.first_byte = time.perf_counter()
-                    if response.status != 200:
-                        outcome.error = f"HTTP {response.status}"
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                outcome.error = f"{type(exc).__name__}: {exc}"
-            outcome.ended = time.perf_counter()
-            return outcome
+            return await senders[next(turn) % len(senders)](index)
 
         return await closed_loop(send, concurrency, for_duration(duration_s))
 
