@@ -158,3 +158,5 @@ KV_EVENTS_DEFAULT_POLICY = "kv_events"
 TOKENIZE_CACHE_CHARS = 16 * 1024 * 1024
 # ...of at least this many characters (shorter ones cost less to encode than to keep).
 TOKENIZE_CACHE_MIN_CHARS = 256
+# ...once seen twice: the last this many stretches seen once are remembered (by hash).
+TOKENIZE_CACHE_SEEN = 65_536

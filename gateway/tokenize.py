@@ -17,10 +17,11 @@ What vLLM 0.32 does, and so what this does:
 
 What is cached: a chat template puts special tokens between messages, and a tokenizer
 encodes the text between two added tokens on its own (it splits there first), so the
-tokens of a long stretch (a system prompt) are kept, by its text, in a least-recently-used
-table of at most TOKENIZE_CACHE_CHARS characters: a request that repeats one encodes only the
-rest. Where splitting there could differ from the whole encoding (a normalizer, added
-tokens that strip the spaces next to them), every request is encoded whole.
+tokens of a long stretch seen twice (a system prompt, an earlier turn) are kept, by its
+text, in a least-recently-used table of at most TOKENIZE_CACHE_CHARS characters: a request
+that repeats one encodes only the rest. Where splitting there could differ from the whole
+encoding (a normalizer, added tokens that strip the spaces next to them), every request is
+encoded whole.
 
 Where it differs (the rendering is then only approximate): a content part that is not
 text (an image: vLLM adds placeholder tokens), templates that expect OpenAI-style content
@@ -61,6 +62,7 @@ class PromptTokenizer:
         self.tokenizer = tokenizers.Tokenizer.from_str(files["tokenizer.json"])
         self._split, self._added = _added_token_split(json.loads(files["tokenizer.json"]))
         self._segments: OrderedDict[str, array[int]] = OrderedDict()
+        self._seen_once: OrderedDict[int, None] = OrderedDict()  # hashes of stretches
         self._cached_chars = 0
         config: dict[str, Any] = json.loads(files.get("tokenizer_config.json") or "{}")
         special_map: dict[str, Any] = json.loads(files.get("special_tokens_map.json") or "{}")
@@ -136,6 +138,13 @@ class PromptTokenizer:
         if cached is not None:
             segments.move_to_end(piece)
             return cached
+        seen, digest = self._seen_once, hash(piece)
+        if digest not in seen:  # kept from its second time on: a unique prompt costs nothing
+            seen[digest] = None
+            if len(seen) > constants.TOKENIZE_CACHE_SEEN:
+                seen.popitem(last=False)
+            return array("q", self.tokenizer.encode(piece, add_special_tokens=False).ids)
+        del seen[digest]
         cached = segments[piece] = array(
             "q", self.tokenizer.encode(piece, add_special_tokens=False).ids
         )
