@@ -160,3 +160,9 @@ TOKENIZE_CACHE_CHARS = 16 * 1024 * 1024
 TOKENIZE_CACHE_MIN_CHARS = 256
 # ...once seen twice: the last this many stretches seen once are remembered (by hash).
 TOKENIZE_CACHE_SEEN = 65_536
+# kv_events encodes a long prompt's first this many characters first: if no engine holds its
+# first block, the prompt is a miss everywhere and the rest is not encoded (a 2000-character
+# unique prompt: 0.9 ms -> 0.2 ms). The first block must end this many tokens before the cut,
+# where encoding the head alone could end differently from encoding the whole.
+KV_PROBE_CHARS = 512
+KV_PROBE_MARGIN_TOKENS = 16

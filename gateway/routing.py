@@ -26,6 +26,7 @@ from fleetserve.registry import Registered
 
 if TYPE_CHECKING:
     from gateway.kvindex import KvEvents
+    from gateway.tokenize import PromptTokenizer
 
 PREFIX_CHARS = 256  # about a system prompt's worth of leading text decides prefix affinity
 
@@ -60,17 +61,42 @@ class RoutingContext:
     tokenize_s: float = 0.0
 
     @functools.cached_property
+    def _prompt(self) -> tuple[PromptTokenizer, str | list[int], bool] | None:
+        tokenizer = self.kv.tokenizer(self.model) if self.kv is not None else None
+        if tokenizer is None:
+            return None
+        started = time.perf_counter()
+        prompt = tokenizer.prompt(self.payload)
+        self.tokenize_s += time.perf_counter() - started
+        return None if prompt is None else (tokenizer, *prompt)
+
+    def prompt_head(self, max_chars: int) -> tuple[list[int], bool] | None:
+        """The token ids of the prompt's first ``max_chars`` characters, and whether that is
+        the whole prompt (if not, the last few ids may differ from the whole encoding's)."""
+        if self._prompt is None:
+            return None
+        tokenizer, text, special = self._prompt
+        if isinstance(text, list) or len(text) <= max_chars:
+            return self.prompt_tokens or [], True
+        started = time.perf_counter()
+        head = tokenizer.encode(text[:max_chars], special)
+        self.tokenize_s += time.perf_counter() - started
+        return head, False
+
+    @functools.cached_property
     def prompt_tokens(self) -> list[int] | None:
         """The prompt's token ids as the engine will see them; None without a tokenizer.
 
         Computed on first use only: policies that never ask never pay for it.
         """
-        tokenizer = self.kv.tokenizer(self.model) if self.kv is not None else None
-        if tokenizer is None:
+        if self._prompt is None:
             return None
+        tokenizer, text, special = self._prompt
+        if isinstance(text, list):
+            return text
         started = time.perf_counter()
-        tokens = tokenizer.tokens(self.payload)
-        self.tokenize_s = time.perf_counter() - started
+        tokens = tokenizer.encode(text, special)
+        self.tokenize_s += time.perf_counter() - started
         return tokens
 
     @functools.cached_property
@@ -278,12 +304,24 @@ class KvEventsPolicy(CacheAwarePolicy, name="kv_events"):
     def match(self, candidates: Sequence[C], ctx: RoutingContext) -> tuple[list[int], list[int]]:
         kv = ctx.kv
         sizes = {kv.index.block_size.get(w.worker_id) for w in candidates} if kv else set()
-        tokens = ctx.prompt_tokens if kv is not None and sizes != {None} else None
-        if kv is None or tokens is None:
-            return [], [0] * len(candidates)
+        misses: tuple[list[int], list[int]] = ([], [0] * len(candidates))
+        if kv is None or sizes == {None}:
+            return misses
         size = max(s for s in sizes if s is not None)  # one model: one block size
-        keys = block_keys(tokens, size)
         now = time.monotonic()
+        # The first block first: a prompt nobody holds the start of is a miss everywhere,
+        # and the rest of it need not be encoded (a long unique prompt: most of the cost).
+        head = ctx.prompt_head(constants.KV_PROBE_CHARS)
+        if head is None:
+            return misses
+        tokens, whole = head
+        if not whole:
+            first = block_keys(tokens[:size], size)
+            settled = len(tokens) >= size + constants.KV_PROBE_MARGIN_TOKENS
+            if settled and not any(kv.index.matched(w.worker_id, first, now) for w in candidates):
+                return first, [0] * len(candidates)
+            tokens = ctx.prompt_tokens or []
+        keys = block_keys(tokens, size)
         return keys, [kv.index.matched(w.worker_id, keys, now) for w in candidates]
 
     def sent(self, worker: C, keys: list[int], ctx: RoutingContext) -> None:

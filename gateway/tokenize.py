@@ -74,18 +74,28 @@ class PromptTokenizer:
 
     def tokens(self, payload: dict[str, Any]) -> list[int] | None:
         """The prompt's token ids, or None when this request's prompt cannot be rendered."""
+        prompt = self.prompt(payload)
+        if prompt is None:
+            return None
+        text, special = prompt
+        return text if isinstance(text, list) else self.encode(text, special)
+
+    def prompt(self, payload: dict[str, Any]) -> tuple[str | list[int], bool] | None:
+        """The text the engine will encode (or its token ids), and whether with the special
+        tokens of the tokenizer's post-processor; None when it cannot be rendered."""
         if "messages" in payload:
-            return self._chat(payload)
+            text = self._chat(payload)
+            return None if text is None else (text, payload.get("add_special_tokens") is True)
         prompt = payload.get("prompt")
         if isinstance(prompt, list) and prompt:  # a batch, or token ids: the first prompt
             prompt = prompt[0] if not isinstance(prompt[0], int) else prompt
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return prompt
+            return prompt, False
         if not isinstance(prompt, str):
             return None
-        return self._encode(prompt, payload.get("add_special_tokens", True) is not False)
+        return prompt, payload.get("add_special_tokens", True) is not False
 
-    def _chat(self, payload: dict[str, Any]) -> list[int] | None:
+    def _chat(self, payload: dict[str, Any]) -> str | None:
         if self.template is None:
             return None
         messages = []
@@ -102,7 +112,7 @@ class PromptTokenizer:
         kwargs = payload.get("chat_template_kwargs")
         continue_final = payload.get("continue_final_message") is True
         try:
-            text = self.template.render(
+            text: str = self.template.render(
                 messages=messages,
                 tools=payload.get("tools"),
                 documents=payload.get("documents"),
@@ -113,9 +123,9 @@ class PromptTokenizer:
         except (jinja2.TemplateError, TypeError, ValueError) as exc:
             logger.debug("chat template failed for routing (the engine decides): %s", exc)
             return None
-        return self._encode(text, payload.get("add_special_tokens") is True)
+        return text
 
-    def _encode(self, text: str, special: bool) -> list[int]:
+    def encode(self, text: str, special: bool) -> list[int]:
         """``text``'s token ids; long stretches between added tokens from the cache."""
         if self._split is None or special:  # a post-processor's tokens: encode it whole
             return list(self.tokenizer.encode(text, add_special_tokens=special).ids)

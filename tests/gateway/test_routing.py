@@ -130,8 +130,11 @@ def test_session_affinity_by_session_and_least_load_without() -> None:
 class _Tokenizer:
     """Stands in for gateway/tokenize.py's PromptTokenizer: one token per character."""
 
-    def tokens(self, payload: dict[str, object]) -> list[int]:
-        return [ord(c) for c in str(payload["prompt"])]
+    def prompt(self, payload: dict[str, object]) -> tuple[str, bool]:
+        return str(payload["prompt"]), True
+
+    def encode(self, text: str, special: bool) -> list[int]:
+        return [ord(c) for c in text]
 
 
 def _kv(block_size: int = 4) -> KvEvents:
@@ -213,3 +216,18 @@ def test_prefix_tree_keeps_prefixes_home_and_spreads_new_ones() -> None:
         system = f"You are assistant number {i}. " * 20
         ctx = RoutingContext(in_flight=in_flight, payload=_chat(system, "another question"))
         assert policy.pick(workers, ctx).worker_id == homes[i]
+
+
+def test_kv_events_encodes_only_the_head_of_a_long_prompt_nobody_holds() -> None:
+    kv = _kv()
+    a, b = _view("a"), _view("b")
+    policy = KvEventsPolicy(random.Random(0))
+    long_prompt = "a long prompt nobody sent before " * 100  # 3300 characters
+    ctx = _prompt_ctx(kv, long_prompt)
+    policy.pick([a, b], ctx)
+    assert "prompt_tokens" not in vars(ctx)  # the head said: a miss everywhere
+    # the same prompt again: its first block is now pending where it went; encoded whole
+    again = _prompt_ctx(kv, long_prompt)
+    first = policy.pick([a, b], again)
+    assert "prompt_tokens" in vars(again)
+    assert policy.pick([a, b], _prompt_ctx(kv, long_prompt)) is first

@@ -111,7 +111,7 @@ def test_cached_stretches_encode_as_the_whole_text_does(tiny_model: Path) -> Non
         repeated = text + rng.choice(["", " tail", "<|user|>more"])
         for sample in (text, repeated, text):  # the second and third reuse cached stretches
             assert (
-                ours._encode(sample, False)
+                ours.encode(sample, False)
                 == ours.tokenizer.encode(sample, add_special_tokens=False).ids
             )
 
