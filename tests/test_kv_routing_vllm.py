@@ -69,7 +69,7 @@ def _snapshot(worker: WorkerView) -> dict[str, object]:
 
 
 def _held(worker: WorkerView) -> set[int]:
-    keys = _snapshot(worker)["keys"]
+    keys = _snapshot(worker).get("keys", [])  # left out when empty
     assert isinstance(keys, list)
     return set(keys)
 
