@@ -323,6 +323,11 @@ class GatewaySettings(Strict):
     header_timeout_s: HeaderTimeout = constants.HEADER_TIMEOUT_S
     max_header_bytes: MaxHeaderBytes = constants.MAX_HEADER_BYTES
     max_connections: MaxConnections = constants.MAX_CONNECTIONS
+    routing_policy: PolicyName = Field(
+        None,
+        description="The policy for models whose workers name none (default: kv_events for "
+        "models whose engines publish KV-cache events, else least_load).",
+    )
 
     @model_validator(mode="after")
     def _one_source_of_keys(self) -> GatewaySettings:
@@ -423,6 +428,15 @@ class WorkerSettings(Strict):
     header_timeout_s: HeaderTimeout = constants.HEADER_TIMEOUT_S
     max_header_bytes: MaxHeaderBytes = constants.MAX_HEADER_BYTES
     max_connections: MaxConnections = constants.MAX_CONNECTIONS
+    kv_events_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Port on --host where the agent serves its engine's KV-cache events and "
+        "tokenizer to gateways (engines that publish them: vllm), with the worker's secret; "
+        "0: a free port. Fix it where a firewall or NetworkPolicy lists the ports gateways "
+        "may reach.",
+    )
 
     @field_validator("nodes", mode="before")
     @classmethod

@@ -186,3 +186,56 @@ LINGER_S = 2.0
 # An engine relay keeps a gateway's idle connection this long (nginx's keepalive_timeout): the
 # hop between hosts is the one worth keeping warm.
 RELAY_KEEP_ALIVE_S = 75.0
+
+# -- Cache-aware routing from the engines' KV events (workers/kvevents.py, gateway/kvindex.py) --
+# A gateway's KV event stream is pinged after this long without an event, and a gateway that
+# hears nothing (not even a ping) for KV_STREAM_DEAD_S reconnects and gets a new snapshot.
+KV_STREAM_PING_S = 5.0
+KV_STREAM_DEAD_S = 3 * KV_STREAM_PING_S
+# Changes queued for one gateway's stream: a gateway this far behind is cut off and gets a
+# snapshot when it reconnects (cheaper than queueing without bound for a stuck reader).
+KV_STREAM_QUEUE = 10_000
+# vLLM's replay socket answers at once from memory; past this it is gone.
+KV_REPLAY_TIMEOUT_S = 5.0
+# A stream that broke is opened again after this long, doubling up to KV_RECONNECT_MAX_S.
+KV_RECONNECT_S = 0.5
+KV_RECONNECT_MAX_S = 10.0
+# A gateway counts the blocks of a request it sent as held by that engine for this long, until
+# the engine's own events say so (they come once it computed them: a prefill, plus any queue).
+KV_PENDING_S = 10.0
+# ...for at most this many blocks per worker (pruned of expired ones past it).
+KV_PENDING_MAX = 100_000
+# A model's tokenizer files, fetched once per gateway from one of its workers.
+KV_TOKENIZER_FETCH_TIMEOUT_S = 60.0
+# One event line at most (a snapshot: ~20 bytes per block; 64 MiB is ~3 million blocks).
+KV_STREAM_MAX_LINE_BYTES = 64 * 1024 * 1024
+# Cache-aware routing (gateway/routing.py): the moving average of the blocks a request makes
+# its engine compute, which prices a queued request, follows the last ~20 requests.
+CACHE_AWARE_COST_SMOOTHING = 0.05
+# ...and a block the engine must compute weighs this many blocks waited for. At 1, 8
+# clients' conversations spilled to the other engine whenever 4 more requests queued on
+# theirs (bench/routing.py multiturn: 77% hits against sglang-router's 84%, which never
+# spills below 64 requests of difference); at 4 a spill needs a queue 4 times as costly.
+CACHE_AWARE_MISS_WEIGHT = 4
+# prefix_tree: the prompt in chunks of this many characters (~16 tokens of English), and at
+# most this many chunks remembered (~200 bytes each: ~50 MB), least recently used out first.
+PREFIX_TREE_BLOCK_CHARS = 64
+PREFIX_TREE_MAX_BLOCKS = 262_144
+# The policy of a model whose engines publish KV events, unless its registration names one:
+# the one that won bench/routing.py (README, Routing policies).
+KV_EVENTS_DEFAULT_POLICY = "kv_events"
+# The gateway keeps the token ids of long stretches of prompt text (between two special
+# tokens: a system prompt, an earlier turn), this many characters of them at most (~100 MB),
+# least recently used out first: a 1200-token system prompt costs 0.7 ms to encode, and
+# nothing to find again.
+TOKENIZE_CACHE_CHARS = 16 * 1024 * 1024
+# ...of at least this many characters (shorter ones cost less to encode than to keep).
+TOKENIZE_CACHE_MIN_CHARS = 256
+# ...once seen twice: the last this many stretches seen once are remembered (by hash).
+TOKENIZE_CACHE_SEEN = 65_536
+# kv_events encodes a long prompt's first this many characters first: if no engine holds its
+# first block, the prompt is a miss everywhere and the rest is not encoded (a 2000-character
+# unique prompt: 0.9 ms -> 0.2 ms). The first block must end this many tokens before the cut,
+# where encoding the head alone could end differently from encoding the whole.
+KV_PROBE_CHARS = 512
+KV_PROBE_MARGIN_TOKENS = 16

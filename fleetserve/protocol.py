@@ -99,6 +99,12 @@ class WorkerInfo(Internal):
         description="The name of the secret holding the engine's API key (an attached server). "
         "Only the name travels: each gateway reads the key from its own environment or files.",
     )
+    kv_events_url: str | None = Field(
+        None,
+        description="Where the worker's agent serves its engine's KV-cache events and "
+        "tokenizer to gateways (workers/kvevents.py), with the engine's secret; None: the "
+        "engine publishes none.",
+    )
 
 
 class Registration(WorkerInfo):

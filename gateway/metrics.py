@@ -104,6 +104,8 @@ class RequestRecord:
     answered: float = 0.0
     status: int = 0
     meter: UsageMeter | None = None
+    #: Seconds spent tokenizing the prompt for routing (0: the policy did not ask).
+    tokenize_s: float = 0.0
 
 
 class GatewayMetrics(Collector):
@@ -197,7 +199,14 @@ class GatewayMetrics(Collector):
         )
         #: Set by the proxy: the circuit of every worker that failed lately.
         self.circuits: CircuitBreakers | None = None
+        self.tokenize = _Histograms(
+            "fleetserve_gateway_tokenize_seconds",
+            "Time spent tokenizing a prompt for cache-aware routing (kv_events policy only).",
+            ["model"],
+            constants.GATEWAY_ADDED_BUCKETS_S,
+        )
         self._families: list[_Counters | _Histograms] = [
+            self.tokenize,
             self.requests,
             self.duration,
             self.ttft,
@@ -251,6 +260,8 @@ class GatewayMetrics(Collector):
         model = record.model
         self.requests.inc((model, str(record.status), record.key))
         self.duration.observe((model, "true" if record.stream else "false"), ended - record.started)
+        if record.tokenize_s:
+            self.tokenize.observe((model,), record.tokenize_s)
         if not record.answered:
             return  # refused before any engine was asked
         self.added.observe((model,), max(0.0, record.answered - record.started - record.upstream_s))

@@ -28,6 +28,7 @@ from fleetserve.config import GatewaySettings
 from fleetserve.errors import OpenAIError, error_response
 from gateway.admin import build_admin_app
 from gateway.auth import KeyStore
+from gateway.kvindex import KvEvents
 from gateway.metrics import GatewayMetrics, RequestRecord
 from gateway.protocol import ENDPOINTS, RESPONSES_PREFIX
 from gateway.proxy import Proxy
@@ -64,10 +65,14 @@ class Gateway:
             session=None,
             token=client_token(settings.cluster_token_file),
             secrets_dir=settings.secrets_dir,
+            default_policy=settings.routing_policy,
         )
         self.upstreams = UpstreamPool()
         self.proxy = Proxy(self.upstreams, self.metrics, settings, lambda: self.watcher.routes)
-        self.serving = Serving(settings, self.keys, self.watcher, self.proxy, self.metrics)
+        self.kv = KvEvents()  # the engines' KV caches, from their events (kv_events policy)
+        self.metrics.registry.register(self.kv)
+        self.watcher.listeners.append(self.kv.update)
+        self.serving = Serving(settings, self.keys, self.watcher, self.proxy, self.metrics, self.kv)
         self.admin = build_admin_app(self, self.lifespan)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -105,7 +110,7 @@ class Gateway:
         async with aiohttp.ClientSession(
             connector=connector, timeout=timeout, auto_decompress=False
         ) as session:
-            self.watcher.session = session
+            self.watcher.session = self.kv.session = session
             tasks = [
                 asyncio.create_task(self.watcher.run()),
                 asyncio.create_task(self._watch_keys_file()),
@@ -119,6 +124,7 @@ class Gateway:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                await self.kv.close()
                 self.upstreams.close()
 
     async def _watch_keys_file(self) -> None:

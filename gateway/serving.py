@@ -47,6 +47,7 @@ from fleetserve.config import ApiKey, GatewaySettings
 from fleetserve.errors import OpenAIError, error_response
 from fleetserve.protocol import RESPONSES
 from gateway.auth import KeyStore
+from gateway.kvindex import KvEvents
 from gateway.metrics import NO_KEY, GatewayMetrics, RequestRecord
 from gateway.protocol import (
     RESPONSES_PREFIX,
@@ -176,7 +177,9 @@ class Serving:
         watcher: RouteTableWatcher,
         proxy: Proxy,
         metrics: GatewayMetrics,
+        kv: KvEvents | None = None,
     ) -> None:
+        self.kv = kv
         self.settings = settings
         self.keys = keys
         self.watcher = watcher
@@ -236,6 +239,8 @@ class Serving:
                 in_flight=self.proxy.in_flight,
                 payload=request.payload,
                 session=session if isinstance(session, str) else None,
+                model=route.model,
+                kv=self.kv,
             )
             headers = (
                 JSON_HEADERS
@@ -243,11 +248,14 @@ class Serving:
                 else _request_headers(scope, endpoint)
             )
             call = Call(endpoint, request, body, headers, ctx, record)
-            async with asyncio.timeout(self.settings.request_timeout_s):
-                if served is not None and not route.fallbacks:
-                    response = await self._send(served, model, call)
-                else:
-                    response = await self._with_fallbacks(route, served, key, call)
+            try:
+                async with asyncio.timeout(self.settings.request_timeout_s):
+                    if served is not None and not route.fallbacks:
+                        response = await self._send(served, model, call)
+                    else:
+                        response = await self._with_fallbacks(route, served, key, call)
+            finally:
+                record.tokenize_s = call.ctx.tokenize_s
             for name, value in limits.items():
                 response.headers[name] = value
         except TimeoutError:
@@ -327,6 +335,8 @@ class Serving:
         """Forward to a worker of ``route``, whose engines know the model as ``name``; the
         answer names the model (``MODEL_HEADER``)."""
         path, request, body = call.endpoint.path, call.request, call.body
+        if call.ctx.model != route.model:  # a fallback: its policy reads its own tokenizer
+            call.ctx = dataclasses.replace(call.ctx, model=route.model)
         # the usual case: every worker takes the same bytes
         if path != RESPONSES and not route.upstreams:
             if name != request.payload.get("model"):  # a fallback

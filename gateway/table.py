@@ -122,8 +122,10 @@ class RoutingTable:
         table: RouteTable | None = None,
         previous: RoutingTable | None = None,
         secret: Callable[[str], str | None] = read_secret,
+        default_policy: str | None = None,
     ):
-        """``secret``: reads an attached server's key by the secret's name (None: missing)."""
+        """``secret``: reads an attached server's key by the secret's name (None: missing);
+        ``default_policy``: for models whose registrations name none (the gateway's)."""
         self.version: int | None = table.version if table else None
         self.epoch = table.epoch if table else ""
         self.workers = len(table.workers) if table else 0
@@ -140,6 +142,14 @@ class RoutingTable:
         missing_before = previous.missing_secrets if previous else set()
         old = previous.policies if previous else {}
         views = {model.name: model for model in table.models}
+        wanted = {model.name: model.routing_policy for model in table.models}
+        # Models whose registrations name no policy: the gateway's default, else kv_events
+        # where their engines publish KV events, else the registry's default.
+        for worker in table.workers:
+            model = worker.model_names[0]
+            if wanted.get(model) is None:
+                kv = constants.KV_EVENTS_DEFAULT_POLICY if worker.kv_events_url else None
+                wanted[model] = default_policy or kv
         by_model: dict[str, dict[str, list[Target]]] = {}  # model -> name -> ready workers
         endpoints: dict[str, frozenset[str]] = {}  # worker_id -> the paths it serves
         served: dict[str, set[str]] = {}  # model -> the paths any of its workers serves
@@ -175,8 +185,7 @@ class RoutingTable:
                 by_model[kept.name] = {name: [] for name in [kept.name, *kept.aliases]}
         for model, names in by_model.items():
             view = views.get(model)
-            wanted = view.routing_policy if view else None
-            policy = self.policies[model] = _policy(model, wanted, old.get(model))
+            policy = self.policies[model] = _policy(model, wanted.get(model), old.get(model))
             shared = tuple(names[model])
             for name, ready in names.items():
                 if name in self.by_name:
@@ -232,6 +241,7 @@ class RouteTableWatcher:
         deadline_s: float = constants.WATCH_TIMEOUT_S + constants.WATCH_DEADLINE_MARGIN_S,
         token: ClusterToken | None = None,
         secrets_dir: str | None = None,
+        default_policy: str | None = None,
     ) -> None:
         """``deadline_s``: how long one long poll may take before the controller counts as down;
         ``token``: the cluster token the controller asks for (its table holds engine secrets);
@@ -242,12 +252,21 @@ class RouteTableWatcher:
         #: Set before run() (the gateway's lifespan opens it).
         self.session = session
         self.deadline_s = deadline_s
+        self.default_policy = default_policy
         self.routes = RoutingTable()
+        #: Called with each new table, as received and as routed (the KV event streams
+        #: follow the workers of models routed by their events).
+        self.listeners: list[Callable[[RouteTable, RoutingTable], None]] = []
 
     def apply(self, table: RouteTable) -> None:
         self.routes = routes = RoutingTable(
-            table, self.routes, lambda name: read_secret(name, self._secrets_dir)
+            table,
+            self.routes,
+            lambda name: read_secret(name, self._secrets_dir),
+            self.default_policy,
         )
+        for listener in self.listeners:
+            listener(table, routes)
         logger.info(
             "routing table v%d from controller %s: %d workers, models %s",
             table.version,

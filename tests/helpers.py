@@ -155,6 +155,12 @@ class LocalCluster(Cluster):
         lines = [line for line in metrics.splitlines() if line.startswith(sample)]
         return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
 
+    def gateway_metric(self, sample: str) -> float:
+        """The value of ``sample`` (name and labels, as exposed) on the gateway; 0 if absent."""
+        metrics = httpx.get(f"{self.gateway_url}/metrics", timeout=5).text
+        lines = [line for line in metrics.splitlines() if line.startswith(sample)]
+        return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
     def client(self, **kwargs: Any) -> openai.OpenAI:
         # max_retries=0: a failure must show, not be hidden by the client's own retries.
         return openai.OpenAI(

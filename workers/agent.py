@@ -50,6 +50,7 @@ from fleetserve.protocol import (
 from workers import multinode
 from workers.engines import Engine
 from workers.inventory import discover_machine, read_model_facts
+from workers.kvevents import KvEventService
 from workers.load import parse_load
 from workers.placement import ModelFacts, ReplicaNeed, ReplicaPlan, plan_placement
 from workers.relay import EngineRelay
@@ -84,8 +85,9 @@ class Agent:
         self.registered = False
         self.engine_restarts = 0
         self.limits = HttpLimits.of(settings)
-        #: What the relay asks of every request, and the engine's own key: this worker's only.
-        self.engine_secret = new_secret()
+        #: What the relay and the KV event service ask of every request, and the engine's own
+        #: key: this worker's only.
+        self.engine_secret = env.engine_secret() or new_secret()
         self._port = 0  # where gateways reach the engine (the relay's port), fixed at start
         self._socket_dir: Path | None = None
         self._relay: EngineRelay | None = None
@@ -95,6 +97,9 @@ class Agent:
         self._answering = False
         #: The routes the engine serves, learnt once it is ready.
         self._endpoints: list[str] = []
+        #: Serves the engine's KV events to gateways (engines that publish them).
+        self.kv_events: KvEventService | None = None
+        self._kv_dir: Path | None = None
 
     # -- the main loop -------------------------------------------------------
 
@@ -166,6 +171,8 @@ class Agent:
 
     async def _serve_engine(self) -> None:
         """Start, register and supervise the engine, restarting it with backoff, until stopped."""
+        if self.engine.kv_events_wanted():
+            await self._start_kv_events()
         backoff_s = 1.0
         while not self._stop.is_set():
             started = time.monotonic()
@@ -190,6 +197,21 @@ class Agent:
             self.engine_restarts += 1
             await self._sleep(backoff_s)
             backoff_s = min(backoff_s * 2, constants.ENGINE_RESTART_BACKOFF_MAX_S)
+
+    async def _start_kv_events(self) -> None:
+        """The engine publishes on a socket only this user reaches; gateways read through us."""
+        # mkdtemp: a directory only this user may enter (0700), whatever the socket's mode
+        self._kv_dir = Path(tempfile.mkdtemp(prefix="fleetserve-kv-"))
+        source = Path(self.settings.source)
+        self.kv_events = KvEventService(
+            self._kv_dir, self.engine_secret, source if source.is_dir() else None
+        )
+        await self.kv_events.start(self.settings.host, self.settings.kv_events_port)
+        self.engine.kv_events_config = self.kv_events.engine_config()
+
+    def _advertised_host(self) -> str:
+        s = self.settings
+        return s.advertise_host or (socket.gethostname() if s.host == "0.0.0.0" else s.host)
 
     def _place(self) -> ReplicaPlan:
         """This replica's GPUs (or cores), checked against the model before anything starts."""
@@ -217,6 +239,7 @@ class Agent:
         """The environment of the engine and of Ray's processes: no cluster token in it."""
         environment = self.engine.environment() | self.plan.environment()
         environment.pop(env.CLUSTER_TOKEN, None)
+        environment.pop(env.ENGINE_SECRET, None)
         bind = env.cpu_threads_bind()
         if bind is not None:  # `up` (or the user) bound the whole machine
             environment[env.CPU_THREADS_BIND] = bind
@@ -305,8 +328,7 @@ class Agent:
         if self.engine.attached:  # someone else runs it: nothing to start
             logger.info("attaching the %s server at %s", self.engine.name, self._base_url)
             return
-        advertise = s.advertise_host or (socket.gethostname() if s.host == "0.0.0.0" else s.host)
-        self._base_url = f"http://{advertise}:{self._port}/v1"
+        self._base_url = f"http://{self._advertised_host()}:{self._port}/v1"
         if self.engine.socket:  # a restart: the last engine's socket file is in the way
             Path(self.engine.socket).unlink(missing_ok=True)
         cmd = self.engine.command(self._port)
@@ -315,6 +337,8 @@ class Agent:
             environment[self.engine.api_key_variable] = self.engine_secret
         logger.info("starting %s engine: %s", self.engine.name, " ".join(cmd))
         self._proc = procs.spawn_tree(cmd, env=environment)
+        if self.kv_events is not None:
+            self.kv_events.engine_started()
 
     async def engine_metrics(self, timeout_s: float) -> bytes | None:
         """The engine's own /metrics page, None when it does not answer (200) in time."""
@@ -401,6 +425,11 @@ class Agent:
             fallbacks=s.fallbacks,
             upstream_model=s.upstream_model,
             upstream_key=s.upstream_key,
+            kv_events_url=(
+                f"http://{self._advertised_host()}:{self.kv_events.port}"
+                if self.kv_events is not None
+                else None
+            ),
         )
 
     def _auth(self) -> dict[str, str] | None:
@@ -524,6 +553,10 @@ class Agent:
             await self._engine_http.aclose()
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
+        if self.kv_events is not None:
+            await self.kv_events.stop()
+        if self._kv_dir is not None:
+            shutil.rmtree(self._kv_dir, ignore_errors=True)
         logger.info("worker %s stopped", self.worker_id)
 
 

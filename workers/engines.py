@@ -59,11 +59,15 @@ class Engine(Registered):
     #: True for a server someone else runs (workers/attached/): the agent starts nothing and
     #: watches it instead.
     attached: ClassVar[bool] = False
+    #: True when the engine can publish its KV-cache events (workers/kvevents.py).
+    publishes_kv_events: ClassVar[bool] = False
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
         #: The Unix socket to listen on (``unix_socket`` engines; the agent sets it).
         self.socket: str | None = None
+        #: Where to publish KV-cache events (``publishes_kv_events`` engines; the agent sets it).
+        self.kv_events_config: str | None = None
 
     @classmethod
     def resolve_source(cls, source: str) -> str:
@@ -115,6 +119,16 @@ class Engine(Registered):
     def urls(self) -> tuple[str, str]:
         """An attached server's root URL (/metrics...) and OpenAI base URL (.../v1)."""
         raise NotImplementedError
+
+    def kv_events_wanted(self) -> bool:
+        """The agent should have the engine publish KV events: it can, and the user neither
+        set where (``--kv-events-config``) nor turned prefix caching off."""
+        args = self.settings.engine_args
+        return (
+            self.publishes_kv_events
+            and self._flag("--kv-events-config") is None
+            and "--no-enable-prefix-caching" not in args
+        )
 
     def _flag(self, *flags: str) -> str | None:
         """The value of the first of ``flags`` in the user's engine args, if given."""

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from fleetserve.protocol import ModelView, RouteTable, WorkerState, WorkerView
-from gateway.routing import LeastLoadPolicy, RoundRobinPolicy, SessionPolicy
+from gateway.routing import (
+    KvEventsPolicy,
+    LeastLoadPolicy,
+    PrefixTreePolicy,
+    RoundRobinPolicy,
+    SessionPolicy,
+)
 from gateway.table import RoutingTable, Upstream, response_tag
 
 
@@ -114,3 +120,18 @@ def test_a_missing_secret_is_logged_once_not_at_every_version(
     again = RoutingTable(_table(2, [lacking]), first, secret=lambda _: None)
     RoutingTable(_table(3, [lacking]), again, secret=lambda _: None)
     assert caplog.text.count("needs the secret KEY_B") == 1
+
+
+def test_a_model_whose_engines_publish_kv_events_routes_by_them_unless_told_otherwise() -> None:
+    publishing = _worker("a", "m").model_copy(update={"kv_events_url": "http://10.0.0.1:9000"})
+    workers = [publishing, _worker("bb", "plain")]
+    table = RoutingTable(_table(1, workers, m=None, plain=None))
+    assert isinstance(table.by_name["m"].policy, KvEventsPolicy)
+    assert isinstance(table.by_name["plain"].policy, LeastLoadPolicy)
+    # the gateway's --routing-policy, for models that name none
+    gateway_default = RoutingTable(_table(1, workers, m=None, plain=None), None, default_policy="prefix_tree")
+    assert isinstance(gateway_default.by_name["m"].policy, PrefixTreePolicy)
+    assert isinstance(gateway_default.by_name["plain"].policy, PrefixTreePolicy)
+    # the registration's own choice wins
+    named = RoutingTable(_table(1, workers, m="session", plain=None), None, default_policy="prefix_tree")
+    assert isinstance(named.by_name["m"].policy, SessionPolicy)

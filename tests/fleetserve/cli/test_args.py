@@ -46,6 +46,7 @@ EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "max_connections": 100,
         "max_audio_body_bytes": 2048,
         "secrets_dir": "/etc/fleetserve/secrets",
+        "routing_policy": "prefix_tree",
     },
     WorkerSettings: {
         "engine": "openai",
@@ -79,6 +80,7 @@ EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "secrets_dir": "/etc/fleetserve/secrets",
         "endpoints": ["/v1/chat/completions", "/v1/embeddings"],
         "capacity": 12,
+        "kv_events_port": 8082,
     },
 }
 COMMANDS = {ControllerSettings: "controller", GatewaySettings: "gateway", WorkerSettings: "worker"}
