@@ -44,6 +44,12 @@ EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "header_timeout_s": 5.0,
         "max_header_bytes": 16384,
         "max_connections": 100,
+        "stream_idle_timeout_s": 12.5,
+        "max_resumes": 3,
+        "retry_budget_ratio": 0.5,
+        "retry_budget_min_per_s": 2.0,
+        "circuit_failures": 7,
+        "circuit_open_s": 4.0,
     },
     WorkerSettings: {
         "engine": "fake",
