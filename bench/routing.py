@@ -442,7 +442,11 @@ def main() -> None:
         )
         with console.status("starting 2 vLLM-CPU workers"):
             cluster = Cluster.one_model(
-                log_dir, worker, 2, env={"VLLM_SERVER_DEV_MODE": "1", env.ENGINE_SECRET: ENGINE_SECRET}, log_level="WARNING"
+                log_dir,
+                worker,
+                2,
+                env={"VLLM_SERVER_DEV_MODE": "1", env.ENGINE_SECRET: ENGINE_SECRET},
+                log_level="WARNING",
             )
         routers: list[subprocess.Popen[bytes]] = []
         try:

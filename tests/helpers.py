@@ -212,6 +212,20 @@ class Answer:
         )
         return {"model": model, **field, "max_tokens": self.max_tokens, **extra}
 
+    def direct(self, cluster: Cluster, model: str, extra: dict[str, Any], timeout_s: float) -> str:
+        """What a live worker of ``model`` answers to the same request, asked directly (with
+        its engine's secret, as gateways ask): the uninterrupted answer."""
+        (live,) = [w for w in cluster.routes().workers if model in w.model_names][:1]
+        path = "/chat/completions" if self.kind == "chat" else "/completions"
+        response = httpx.post(
+            live.base_url + path,
+            json=self.body(model, extra),
+            headers={"Authorization": f"Bearer {live.engine_secret}"},
+            timeout=timeout_s,
+        )
+        choice = response.json()["choices"][0]
+        return str(choice["message"]["content"] if self.kind == "chat" else choice["text"])
+
 
 class Load:
     """Closed-loop load through the gateway with the `openai` client, from a background

@@ -84,14 +84,8 @@ def test_kill_restart_drain_under_load(cluster: LocalCluster) -> None:
     )
     assert resumed == cut and len(surely_cut) <= resumed <= len(maybe_cut) and resumed >= 1
     # every answer that was on the victim when it died is the uninterrupted answer
-    (live,) = [w for w in cluster.table().workers if "echo" in w.model_names][:1]
     for answer in maybe_cut:
-        path = "/chat/completions" if answer.kind == "chat" else "/completions"
-        direct = httpx.post(live.base_url + path, json=answer.body("echo", {}), timeout=30).json()
-        choice = direct["choices"][0]
-        assert answer.text == (
-            choice["message"]["content"] if answer.kind == "chat" else choice["text"]
-        )
+        assert answer.text == answer.direct(cluster, "echo", {}, timeout_s=30)
     # put the cluster back to three workers for the next test
     for _ in range(2):
         cluster.add_worker("echo", "fake", engine_args=SLOW)

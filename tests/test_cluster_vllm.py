@@ -306,12 +306,8 @@ def test_sigkill_under_streaming_load_fails_nothing_and_every_answer_is_exact(
         if a.worker == probe.worker and a.started < probe.started < a.ended
     ]
     print(f"{len(load.answers)} answers; cut by the kills: the 2 probes and {len(cut)} more")
-    (live,) = [w for w in cluster.table().workers if MODEL in w.model_names][:1]
     for answer in (early, late, *cut):
-        path = "/chat/completions" if answer.kind == "chat" else "/completions"
-        direct = httpx.post(live.base_url + path, json=answer.body(MODEL, GREEDY), timeout=120)
-        choice = direct.json()["choices"][0]
-        expected = choice["message"]["content"] if answer.kind == "chat" else choice["text"]
+        expected = answer.direct(cluster, MODEL, GREEDY, timeout_s=120)
         assert answer.text == expected, f"{answer.kind} of {answer.max_tokens} tokens differs"
     metrics = httpx.get(f"{cluster.gateway_url}/metrics", timeout=5).text
     resumed = f'fleetserve_gateway_resumes_total{{model="{MODEL}",outcome="resumed"}}'

@@ -324,7 +324,6 @@ class Agent:
     # -- engine --------------------------------------------------------------
 
     def _start_engine(self) -> None:
-        s = self.settings
         if self.engine.attached:  # someone else runs it: nothing to start
             logger.info("attaching the %s server at %s", self.engine.name, self._base_url)
             return

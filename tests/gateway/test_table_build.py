@@ -129,9 +129,13 @@ def test_a_model_whose_engines_publish_kv_events_routes_by_them_unless_told_othe
     assert isinstance(table.by_name["m"].policy, KvEventsPolicy)
     assert isinstance(table.by_name["plain"].policy, LeastLoadPolicy)
     # the gateway's --routing-policy, for models that name none
-    gateway_default = RoutingTable(_table(1, workers, m=None, plain=None), None, default_policy="prefix_tree")
+    gateway_default = RoutingTable(
+        _table(1, workers, m=None, plain=None), None, default_policy="prefix_tree"
+    )
     assert isinstance(gateway_default.by_name["m"].policy, PrefixTreePolicy)
     assert isinstance(gateway_default.by_name["plain"].policy, PrefixTreePolicy)
     # the registration's own choice wins
-    named = RoutingTable(_table(1, workers, m="session", plain=None), None, default_policy="prefix_tree")
+    named = RoutingTable(
+        _table(1, workers, m="session", plain=None), None, default_policy="prefix_tree"
+    )
     assert isinstance(named.by_name["m"].policy, SessionPolicy)

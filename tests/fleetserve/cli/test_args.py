@@ -47,6 +47,12 @@ EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "max_audio_body_bytes": 2048,
         "secrets_dir": "/etc/fleetserve/secrets",
         "routing_policy": "prefix_tree",
+        "stream_idle_timeout_s": 12.5,
+        "max_resumes": 3,
+        "retry_budget_ratio": 0.5,
+        "retry_budget_min_per_s": 2.0,
+        "circuit_failures": 7,
+        "circuit_open_s": 4.0,
     },
     WorkerSettings: {
         "engine": "openai",
