@@ -58,15 +58,23 @@ def rss_mb(pid: int, key: str = "VmRSS") -> float:
 
 
 def start_stack(
-    engine: str, processes: int, tokens_per_s: float, log_dir: Path, workers: int = 1
+    engine: str,
+    processes: int,
+    tokens_per_s: float,
+    log_dir: Path,
+    workers: int = 1,
+    max_resumes: int | None = None,
 ) -> Cluster:
-    """Controller, gateway and ``workers`` workers of the benchmark's model."""
+    """Controller, gateway and ``workers`` workers of the benchmark's model (``max_resumes``:
+    the gateway's; 0 turns stream resume off, to measure what it costs)."""
     if engine == "vllm":
         source, flags = str(ensure_demo_model()), []
     else:
         source, flags = "", ["--tokens-per-s", str(tokens_per_s)]
     settings = WorkerSettings(engine=engine, source=source, served_name=MODEL, engine_args=flags)
     gateway = GatewaySettings(processes=processes)
+    if max_resumes is not None:
+        gateway.max_resumes = max_resumes
     return Cluster.one_model(log_dir, settings, workers, gateway, log_level="WARNING")
 
 
@@ -284,6 +292,11 @@ def main() -> None:
         help="Ways to the model to compare; the first is the baseline of the ratios.",
     )
     parser.add_argument(
+        "--max-resumes",
+        type=int,
+        help="The gateway's --max-resumes (0: stream resume off, the normal path without it).",
+    )
+    parser.add_argument(
         "--soak", type=int, metavar="CLIENTS", help="Hold this many streams instead."
     )
     args = parser.parse_args()
@@ -293,7 +306,13 @@ def main() -> None:
     console = Console(width=160)
     with tempfile.TemporaryDirectory(prefix="fleetserve-bench-") as tmp:
         with console.status("starting controller, gateway and worker"):
-            stack = start_stack(args.engine, args.processes, args.tokens_per_s, Path(tmp))
+            stack = start_stack(
+                args.engine,
+                args.processes,
+                args.tokens_per_s,
+                Path(tmp),
+                max_resumes=args.max_resumes,
+            )
         try:
             (run_soak if args.soak else run_overhead)(args, stack, console)
         finally:

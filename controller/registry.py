@@ -67,8 +67,9 @@ class Registry:
         self.missed_heartbeats_by_model: Counter[str] = Counter()
         self._clock = clock
         self._workers: dict[str, _Entry] = {}
-        #: Served model name -> the routing policy of its newest registration.
-        self._policies: dict[str, str | None] = {}
+        #: Served model name -> the model as its newest registration describes it (routing
+        #: policy, fallbacks, aliases); kept after its last worker left, see table().
+        self._models: dict[str, ModelView] = {}
         self._changed = asyncio.Event()
 
     # -- changes -------------------------------------------------------------
@@ -95,7 +96,12 @@ class Registry:
                 registration.routing_policy or "(default)",
                 ", ".join(sorted(p or "(default)" for p in others)),
             )
-        self._policies[model] = registration.routing_policy
+        self._models[model] = ModelView(
+            name=model,
+            routing_policy=registration.routing_policy,
+            fallbacks=registration.fallbacks,
+            aliases=registration.model_names[1:],
+        )
         self._workers[registration.worker_id] = _Entry(registration, self._clock())
         self.registrations_total += 1
         self.registrations_by_model[model] += 1
@@ -186,8 +192,12 @@ class Registry:
             )
             for entry in self._workers.values()
         ]
-        served = sorted({entry.model for entry in self._workers.values()})
-        models = [ModelView(name=name, routing_policy=self._policies.get(name)) for name in served]
+        served = {entry.model for entry in self._workers.values()}
+        # A model with fallbacks stays in the table when its last worker leaves (its engine
+        # died, it is being replaced): gateways then send its requests to the fallbacks.
+        models = [
+            view for name, view in sorted(self._models.items()) if name in served or view.fallbacks
+        ]
         return RouteTable(epoch=self.epoch, version=self.version, workers=workers, models=models)
 
     async def wait_for_change(

@@ -28,6 +28,48 @@ from fleetserve import constants
 from fleetserve.errors import ConfigError
 
 ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$", max_length=200)]
+#: The name of a secret (an attached server's API key): an environment variable's suffix
+#: (FLEETSERVE_SECRET_<name>) and a file name in a secrets directory.
+SecretName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+$", max_length=100)]
+#: The engine whose workers attach a server someone else runs (workers/attached/).
+ATTACHED_ENGINE = "openai"
+
+# Settings of a model that the cluster file (ModelSpec) and `fleetserve worker` share.
+Fallbacks = Annotated[
+    list[ModelName],
+    Field(
+        default_factory=list,
+        description="Models to send a request to, in order, when this one has no ready worker, "
+        "every worker tried failed, or the engine answered 429/503.",
+    ),
+]
+UpstreamModel = Annotated[
+    str | None,
+    Field(
+        description="engine openai: the server's own name for the model, if not the served "
+        "name (gateways rewrite `model` to it)."
+    ),
+]
+UpstreamKey = Annotated[
+    SecretName | None,
+    Field(
+        description="engine openai: the name S of the secret holding the server's API key, read "
+        "from $FLEETSERVE_SECRET_S (or the file S in --secrets-dir) by the worker and by each "
+        "gateway; the key itself never leaves the machine that has it."
+    ),
+]
+Endpoints = Annotated[
+    list[str],
+    Field(
+        default_factory=list,
+        description="engine openai: the paths the server serves, where it publishes no "
+        "/openapi.json (default: /v1/chat/completions and /v1/completions).",
+    ),
+]
+Capacity = Annotated[
+    int | None,
+    Field(ge=1, description="Requests the engine runs at once (default: from its flags)."),
+]
 EngineArgValue = str | int | float | bool
 
 #: Validation context keys of the registered names, given by the callers that own the
@@ -216,6 +258,17 @@ class GatewaySettings(Strict):
     max_body_bytes: int = Field(
         constants.MAX_BODY_BYTES, gt=0, description="Larger request bodies get 413."
     )
+    max_audio_body_bytes: int = Field(
+        constants.MAX_AUDIO_BODY_BYTES,
+        gt=0,
+        description="Larger audio uploads (/v1/audio/..., multipart) get 413.",
+    )
+    secrets_dir: str | None = Field(
+        None,
+        description="Directory of secret files (a Kubernetes Secret's mount): the API key of "
+        "an attached server whose registration names secret S is the file S there, or else "
+        "$FLEETSERVE_SECRET_S.",
+    )
     processes: int = Field(
         1, ge=1, description="Gateway processes sharing the port, each watching the controller."
     )
@@ -235,6 +288,43 @@ class GatewaySettings(Strict):
         description="On SIGTERM, how long requests in flight (streams included) may go on "
         "before the gateway closes them; Kubernetes gives it the request timeout.",
     )
+    stream_idle_timeout_s: float = Field(
+        constants.STREAM_IDLE_TIMEOUT_S,
+        gt=0,
+        description="A stream whose worker sends nothing for this long counts as broken: it "
+        "is resumed on another worker (or ends with an error event).",
+    )
+    max_resumes: int = Field(
+        constants.MAX_RESUMES,
+        ge=0,
+        description="How many times one stream may be resumed on another worker after its "
+        "worker failed mid-stream (0: never; the stream ends with an error event).",
+    )
+    retry_budget_ratio: float = Field(
+        constants.RETRY_BUDGET_RATIO,
+        ge=0,
+        le=1,
+        description="Retries and resumes allowed, as a fraction of the requests of the last "
+        "10 s: a cluster whose workers all fail is not hit with several times its load.",
+    )
+    retry_budget_min_per_s: float = Field(
+        constants.RETRY_BUDGET_MIN_PER_S,
+        ge=0,
+        description="Retries allowed per second beyond the budget's fraction (a quiet "
+        "gateway may still retry).",
+    )
+    circuit_failures: int = Field(
+        constants.CIRCUIT_FAILURES,
+        ge=1,
+        description="Failures in a row that open a worker's circuit (it gets no requests); "
+        "a refused connection opens it at once.",
+    )
+    circuit_open_s: float = Field(
+        constants.CIRCUIT_OPEN_S,
+        gt=0,
+        description="How long an open circuit keeps a worker out before one request probes "
+        "it (doubled after each failed probe, up to 60 s); a successful probe closes it.",
+    )
     keys_file: str | None = Field(
         None,
         description="YAML file of API keys, re-read when it changes and on SIGHUP. "
@@ -250,6 +340,11 @@ class GatewaySettings(Strict):
     header_timeout_s: HeaderTimeout = constants.HEADER_TIMEOUT_S
     max_header_bytes: MaxHeaderBytes = constants.MAX_HEADER_BYTES
     max_connections: MaxConnections = constants.MAX_CONNECTIONS
+    routing_policy: PolicyName = Field(
+        None,
+        description="The policy for models whose workers name none (default: kv_events for "
+        "models whose engines publish KV-cache events, else least_load).",
+    )
 
     @model_validator(mode="after")
     def _one_source_of_keys(self) -> GatewaySettings:
@@ -314,6 +409,20 @@ class WorkerSettings(Strict):
     routing_policy: PolicyName = Field(
         None, description="How gateways pick among this model's workers."
     )
+    fallbacks: Fallbacks
+    url: str | None = Field(
+        None,
+        description="engine openai: the OpenAI base URL of a server someone else runs (vLLM, "
+        "SGLang, TGI, llama-server, Ollama, a hosted provider...), e.g. "
+        "http://10.0.0.7:8000/v1; nothing is started, the worker watches it and registers it.",
+    )
+    upstream_model: UpstreamModel = None
+    upstream_key: UpstreamKey = None
+    secrets_dir: str | None = Field(
+        None, description="Directory of secret files (see --upstream-key)."
+    )
+    endpoints: Endpoints
+    capacity: Capacity = None
     ray_address: str | None = Field(
         None,
         description="Place the engine's ranks on this running Ray cluster (vLLM's Ray "
@@ -338,6 +447,15 @@ class WorkerSettings(Strict):
     header_timeout_s: HeaderTimeout = constants.HEADER_TIMEOUT_S
     max_header_bytes: MaxHeaderBytes = constants.MAX_HEADER_BYTES
     max_connections: MaxConnections = constants.MAX_CONNECTIONS
+    kv_events_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Port on --host where the agent serves its engine's KV-cache events and "
+        "tokenizer to gateways (engines that publish them: vllm), with the worker's secret; "
+        "0: a free port. Fix it where a firewall or NetworkPolicy lists the ports gateways "
+        "may reach.",
+    )
 
     @field_validator("nodes", mode="before")
     @classmethod
@@ -348,6 +466,11 @@ class WorkerSettings(Strict):
         if isinstance(value, list):
             value = [n for item in value for n in re.split(r"[\s,]+", str(item)) if n]
         return value
+
+    @model_validator(mode="after")
+    def _url_with_attached_engine(self) -> WorkerSettings:
+        _check_attached(self.engine, self.url, self.endpoints)
+        return self
 
     @model_validator(mode="after")
     def _nodes_consistent(self) -> WorkerSettings:
@@ -369,6 +492,16 @@ class WorkerSettings(Strict):
     @property
     def model_names(self) -> list[str]:
         return [self.served_name, *self.aliases]
+
+
+def _check_attached(engine: str | None, url: str | list[str] | None, endpoints: list[str]) -> None:
+    from fleetserve.protocol import ROUTED_PATHS
+
+    if (engine == ATTACHED_ENGINE) != bool(url):
+        raise ValueError(f"url goes with engine {ATTACHED_ENGINE!r}, and that engine needs a url")
+    for path in endpoints:
+        if path not in ROUTED_PATHS:
+            raise ValueError(f"endpoint {path!r} is not one the gateway routes: {ROUTED_PATHS}")
 
 
 class Autoscaling(Strict):
@@ -441,6 +574,16 @@ class ModelSpec(Strict):
     replicas: int = Field(1, ge=1)
     engine_args: dict[str, EngineArgValue] = Field(default_factory=dict)
     routing_policy: PolicyName = None
+    fallbacks: Fallbacks
+    url: list[str] | None = Field(
+        None,
+        description="engine openai: the OpenAI base URL of a server someone else runs, or a "
+        "list of them (one replica each).",
+    )
+    upstream_model: UpstreamModel = None
+    upstream_key: UpstreamKey = None
+    endpoints: Endpoints
+    capacity: Capacity = None
     autoscaling: Autoscaling | None = Field(
         None,
         description="Replicas between bounds on the running + waiting requests: Ray "
@@ -462,6 +605,24 @@ class ModelSpec(Strict):
                 f"pipeline_parallel_size {self.pipeline_parallel_size} does not split evenly "
                 f"over {self.nodes} nodes (one or more whole stages per node)"
             )
+        return self
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _one_url_or_several(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _a_replica_per_url(self) -> ModelSpec:
+        _check_attached(self.engine, self.url, self.endpoints)
+        if self.url:
+            if "replicas" in self.model_fields_set and self.replicas != len(self.url):
+                raise ValueError(
+                    f"replicas is {self.replicas} but {len(self.url)} url(s) are given: an "
+                    "attached model has one replica per url"
+                )
+            if self.replicas != len(self.url):  # (an assignment validates the model again)
+                self.replicas = len(self.url)
         return self
 
     def engine_flags(self) -> list[str]:
@@ -513,6 +674,13 @@ class ClusterConfig(Strict):
                         f"model {owner[name]!r}"
                     )
                 owner[name] = spec.name
+        for spec in self.models:
+            for fallback in spec.fallbacks:
+                if fallback not in owner or owner[fallback] == spec.name:
+                    raise ValueError(
+                        f"fallback {fallback!r} of model {spec.name!r} is not another model "
+                        "of this cluster"
+                    )
         return self
 
 

@@ -26,13 +26,51 @@ WATCH_DEADLINE_MARGIN_S = 10.0
 # After losing the controller, a gateway retries this often (serving its last table).
 WATCH_RETRY_S = 0.5
 
-# A worker that refused a connection or failed before the first byte is not
-# picked again for this long (the controller will expire it if it is dead).
-WORKER_COOLDOWN_S = 5.0
-# Tries per request, each on a different worker of the model.
+# Tries per request before its first byte, each on a different worker of the model.
 MAX_ATTEMPTS = 3
+
+# Circuit breakers (gateway/breaker.py). A worker is taken out after this many failures
+# in a row: one failure is a poisonous request as often as a sick worker, three in a row
+# (with no success between) are the worker. A refused connection takes it out at once.
+CIRCUIT_FAILURES = 3
+# ...for this long, then one request probes it: long enough for the controller to learn
+# that a dead worker is gone (its heartbeats stop), short enough to get a restarted one back.
+CIRCUIT_OPEN_S = 5.0
+# Each failed probe doubles the wait, up to this: a worker down for good costs one probe a
+# minute until the controller expires it.
+CIRCUIT_OPEN_MAX_S = 60.0
+# Circuits of workers that left are dropped once this many are kept.
+CIRCUITS_KEPT = 10_000
+# Retry budget: retries (and resumes) at most this fraction of requests, plus a floor per
+# second. 20% is Envoy's and Finagle's default: a cluster where every worker fails gets
+# 1.2x its load, not 3x (MAX_ATTEMPTS); the floor lets a quiet gateway retry at all.
+RETRY_BUDGET_RATIO = 0.2
+RETRY_BUDGET_MIN_PER_S = 2.0
+# ...counted over this window: long enough to smooth a burst of failures, short enough to
+# let retries through again soon after the cluster recovers.
+RETRY_BUDGET_WINDOW_S = 10.0
+# Retries of one request wait a random time up to base x 2^(n-1), at most the cap ("full
+# jitter"): the first retry goes to another worker almost at once (a dead worker's streams
+# resume within tens of ms); many requests retrying together spread out.
+RETRY_BACKOFF_BASE_S = 0.025
+RETRY_BACKOFF_MAX_S = 1.0
+
+# Mid-stream resume (gateway/resume.py). A stream whose worker sends nothing for this long
+# counts as broken. vLLM sends a chunk per decode step: even a saturated GPU engine, or one
+# stalled by a long prefill of other requests (chunked prefill bounds those), pauses for
+# seconds, not a minute; an engine hung on a GPU fault never sends again.
+STREAM_IDLE_TIMEOUT_S = 60.0
+# Resumes per stream: a stream whose new worker dies too is resumed again, up to this.
+MAX_RESUMES = 3
+# A stream's chunks are kept as received (nothing parsed while nothing fails) until they
+# reach this size, then parsed into their text and token ids: a long stream costs the
+# gateway its text, not every chunk's bytes.
+STREAM_LOG_COMPACT_BYTES = 64 * 1024
 # Request bodies larger than this are refused with 413 before any upstream call.
 MAX_BODY_BYTES = 8 * 1024 * 1024
+# ...but audio uploads may be as large as OpenAI takes them (25 MB files), with room for the
+# form's other fields.
+MAX_AUDIO_BODY_BYTES = 26 * 1024 * 1024
 
 # An engine's start-up budget (a setting: start_timeout_s), weights already on disk (the worker
 # pulls them first, with no deadline but the hub's answers). 405B in FP8 is ~410 GB: read from
@@ -110,6 +148,10 @@ TPOT_BUCKETS_S = (
 GATEWAY_ADDED_BUCKETS_S = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 )  # fmt: skip
+# Time to resume a broken stream (from the break to the new worker's first chunk): a
+# prefill of the prompt and the tokens so far, tens of ms on a GPU, seconds for a long
+# context or a busy engine.
+RESUME_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 # How long a worker agent's /metrics waits for the engine's own /metrics, which
 # it re-exports: a scrape must answer even when the engine is stuck.
@@ -147,3 +189,56 @@ LINGER_S = 2.0
 # An engine relay keeps a gateway's idle connection this long (nginx's keepalive_timeout): the
 # hop between hosts is the one worth keeping warm.
 RELAY_KEEP_ALIVE_S = 75.0
+
+# -- Cache-aware routing from the engines' KV events (workers/kvevents.py, gateway/kvindex.py) --
+# A gateway's KV event stream is pinged after this long without an event, and a gateway that
+# hears nothing (not even a ping) for KV_STREAM_DEAD_S reconnects and gets a new snapshot.
+KV_STREAM_PING_S = 5.0
+KV_STREAM_DEAD_S = 3 * KV_STREAM_PING_S
+# Changes queued for one gateway's stream: a gateway this far behind is cut off and gets a
+# snapshot when it reconnects (cheaper than queueing without bound for a stuck reader).
+KV_STREAM_QUEUE = 10_000
+# vLLM's replay socket answers at once from memory; past this it is gone.
+KV_REPLAY_TIMEOUT_S = 5.0
+# A stream that broke is opened again after this long, doubling up to KV_RECONNECT_MAX_S.
+KV_RECONNECT_S = 0.5
+KV_RECONNECT_MAX_S = 10.0
+# A gateway counts the blocks of a request it sent as held by that engine for this long, until
+# the engine's own events say so (they come once it computed them: a prefill, plus any queue).
+KV_PENDING_S = 10.0
+# ...for at most this many blocks per worker (pruned of expired ones past it).
+KV_PENDING_MAX = 100_000
+# A model's tokenizer files, fetched once per gateway from one of its workers.
+KV_TOKENIZER_FETCH_TIMEOUT_S = 60.0
+# One event line at most (a snapshot: ~20 bytes per block; 64 MiB is ~3 million blocks).
+KV_STREAM_MAX_LINE_BYTES = 64 * 1024 * 1024
+# Cache-aware routing (gateway/routing.py): the moving average of the blocks a request makes
+# its engine compute, which prices a queued request, follows the last ~20 requests.
+CACHE_AWARE_COST_SMOOTHING = 0.05
+# ...and a block the engine must compute weighs this many blocks waited for. At 1, 8
+# clients' conversations spilled to the other engine whenever 4 more requests queued on
+# theirs (bench/routing.py multiturn: 77% hits against sglang-router's 84%, which never
+# spills below 64 requests of difference); at 4 a spill needs a queue 4 times as costly.
+CACHE_AWARE_MISS_WEIGHT = 4
+# prefix_tree: the prompt in chunks of this many characters (~16 tokens of English), and at
+# most this many chunks remembered (~200 bytes each: ~50 MB), least recently used out first.
+PREFIX_TREE_BLOCK_CHARS = 64
+PREFIX_TREE_MAX_BLOCKS = 262_144
+# The policy of a model whose engines publish KV events, unless its registration names one:
+# the one that won bench/routing.py (README, Routing policies).
+KV_EVENTS_DEFAULT_POLICY = "kv_events"
+# The gateway keeps the token ids of long stretches of prompt text (between two special
+# tokens: a system prompt, an earlier turn), this many characters of them at most (~100 MB),
+# least recently used out first: a 1200-token system prompt costs 0.7 ms to encode, and
+# nothing to find again.
+TOKENIZE_CACHE_CHARS = 16 * 1024 * 1024
+# ...of at least this many characters (shorter ones cost less to encode than to keep).
+TOKENIZE_CACHE_MIN_CHARS = 256
+# ...once seen twice: the last this many stretches seen once are remembered (by hash).
+TOKENIZE_CACHE_SEEN = 65_536
+# kv_events encodes a long prompt's first this many characters first: if no engine holds its
+# first block, the prompt is a miss everywhere and the rest is not encoded (a 2000-character
+# unique prompt: 0.9 ms -> 0.2 ms). The first block must end this many tokens before the cut,
+# where encoding the head alone could end differently from encoding the whole.
+KV_PROBE_CHARS = 512
+KV_PROBE_MARGIN_TOKENS = 16

@@ -29,6 +29,14 @@ CPU_THREADS_BIND = "VLLM_CPU_OMP_THREADS_BIND"
 #: The cluster token (fleetserve/auth.py), when no --cluster-token-file gives it: one token, or
 #: several separated by commas or whitespace (rotation; the first is the one sent).
 CLUSTER_TOKEN = "FLEETSERVE_CLUSTER_TOKEN"
+#: A worker's engine secret, instead of the fresh one it makes at start: for a router other
+#: than fleetserve's gateways in front of the workers, which sends one key to every worker
+#: (bench/routing.py gives it to sglang-router and vllm-router as their --api-key).
+ENGINE_SECRET = "FLEETSERVE_ENGINE_SECRET"
+#: Prefix of the secrets a registration may name (an attached server's API key): secret S is
+#: $FLEETSERVE_SECRET_S. Only these: a registration can never make a gateway send any other
+#: variable of its environment to an engine.
+SECRET_PREFIX = "FLEETSERVE_SECRET_"
 
 
 def home(environ: Mapping[str, str] = os.environ) -> Path | None:
@@ -61,5 +69,13 @@ def cluster_token(environ: Mapping[str, str] = os.environ) -> str | None:
     return environ.get(CLUSTER_TOKEN) or None
 
 
+def engine_secret(environ: Mapping[str, str] = os.environ) -> str | None:
+    return environ.get(ENGINE_SECRET) or None
+
+
 def cpu_threads_bind(environ: Mapping[str, str] = os.environ) -> str | None:
     return environ.get(CPU_THREADS_BIND)
+
+
+def secret(name: str, environ: Mapping[str, str] = os.environ) -> str | None:
+    return environ.get(SECRET_PREFIX + name) or None

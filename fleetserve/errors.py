@@ -3,7 +3,9 @@
 ``{"error": {"message", "type", "param", "code"}}``: :func:`error_response` turns
 any exception into it. The FastAPI apps install it as their exception handlers
 (:func:`install_error_handlers`) and the gateway's hot path, which runs outside
-FastAPI, calls it directly, so no handler formats an error by hand.
+FastAPI, calls it directly, so no handler formats an error by hand. On the routes
+of Anthropic's API the same errors take Anthropic's envelope
+(``{"type": "error", "error": {"type", "message"}}``), with its error types.
 """
 
 from __future__ import annotations
@@ -29,6 +31,21 @@ _TYPE_BY_STATUS = {
     413: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
+}
+
+
+# Anthropic's error types (https://docs.anthropic.com/en/api/errors); a 503 (no healthy worker)
+# is what it calls "overloaded" (its own 529).
+_ANTHROPIC_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
 }
 
 
@@ -82,10 +99,18 @@ def as_openai_error(exc: BaseException) -> OpenAIError:
     return OpenAIError(500, "internal error", code="internal_error")
 
 
-def error_response(exc: BaseException) -> Response:
-    """The response for any exception, in OpenAI's envelope."""
+def anthropic_error_body(status: int, message: str) -> dict[str, Any]:
+    kind = _ANTHROPIC_TYPE_BY_STATUS.get(status, "api_error" if status >= 500 else None)
+    return {"type": "error", "error": {"type": kind or "invalid_request_error", "message": message}}
+
+
+def error_response(exc: BaseException, anthropic: bool = False) -> Response:
+    """The response for any exception, in OpenAI's envelope (``anthropic``: Anthropic's)."""
     error = as_openai_error(exc)
-    body = orjson.dumps(error_body(error.status, error.message, error.code, error.param))
+    if anthropic:
+        body = orjson.dumps(anthropic_error_body(error.status, error.message))
+    else:
+        body = orjson.dumps(error_body(error.status, error.message, error.code, error.param))
     return Response(
         body, status_code=error.status, media_type="application/json", headers=error.headers
     )

@@ -9,6 +9,33 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+#: Every model-addressed path the gateway routes, by the ``model`` of the request. A worker
+#: registers those its engine serves (vLLM: read from its /openapi.json, which lists the routes
+#: of the model's tasks; the other engines: a list of their own).
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+RESPONSES = "/v1/responses"
+ROUTED_PATHS = (
+    CHAT,
+    COMPLETIONS,
+    RESPONSES,
+    "/v1/embeddings",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/v1/rerank",
+    "/v2/rerank",
+    "/v1/score",
+    "/tokenize",
+    "/detokenize",
+    "/pooling",
+    "/classify",
+    "/v1/audio/transcriptions",
+    "/v1/audio/translations",
+)
+#: What a worker serves when its registration does not say (fleetserve before endpoints were
+#: registered): the two paths the gateway always routed.
+DEFAULT_ENDPOINTS = (CHAT, COMPLETIONS)
+
 
 class Internal(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -43,6 +70,11 @@ class WorkerInfo(Internal):
     gpu_ids: list[int] = Field(default_factory=list, description="Physical GPU indices used.")
     nodes: int = Field(1, ge=1, description="Nodes the replica spans.")
     capacity: int = Field(ge=1, description="Requests the engine runs at once.")
+    resumable: bool = Field(
+        False,
+        description="The engine streams token ids and takes token-id prompts (vLLM's "
+        "return_token_ids), so a gateway can resume a broken stream on such a worker exactly.",
+    )
     state: WorkerState = WorkerState.READY
     load: WorkerLoad = Field(default_factory=WorkerLoad)
     engine_secret: str | None = Field(
@@ -52,6 +84,27 @@ class WorkerInfo(Internal):
         "every request without it. Registered and served to gateways only with the cluster "
         "token (/routes); blanked in every other view (/workers, `fleetserve status`).",
     )
+    endpoints: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_ENDPOINTS),
+        description="The routed paths (ROUTED_PATHS) the engine serves.",
+    )
+    upstream_model: str | None = Field(
+        None,
+        description="The engine's own name for the model, where it differs from the served "
+        "name (an attached server): gateways rewrite `model` to it.",
+    )
+    upstream_key: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_]+$",  # a file name in a secrets directory: no path
+        description="The name of the secret holding the engine's API key (an attached server). "
+        "Only the name travels: each gateway reads the key from its own environment or files.",
+    )
+    kv_events_url: str | None = Field(
+        None,
+        description="Where the worker's agent serves its engine's KV-cache events and "
+        "tokenizer to gateways (workers/kvevents.py), with the engine's secret; None: the "
+        "engine publishes none.",
+    )
 
 
 class Registration(WorkerInfo):
@@ -59,6 +112,11 @@ class Registration(WorkerInfo):
         None,
         description="How gateways pick among the model's workers (None: the gateways' "
         "default). A property of the model: the newest registration's wins.",
+    )
+    fallbacks: list[str] = Field(
+        default_factory=list,
+        description="Models to try, in order, when this one cannot answer. A property of the "
+        "model, as routing_policy.",
     )
 
 
@@ -86,6 +144,10 @@ class ModelView(Internal):
 
     name: str
     routing_policy: str | None = None
+    fallbacks: list[str] = Field(default_factory=list)
+    #: Its other names (published for a model with fallbacks and no worker left, which
+    #: gateways keep routing to its fallbacks).
+    aliases: list[str] = Field(default_factory=list)
 
 
 class RouteTable(Internal):

@@ -2,7 +2,8 @@
 
 ``class LeastLoadPolicy(RoutingPolicy, name="least_load", default=True)`` adds the
 class to its family's registry; a family is the first class that subclasses
-:class:`Registered` without a name. The CLI's choices, the cluster file's checks
+:class:`Registered` without a name (further classes without a name are shared bases of
+members). The CLI's choices, the cluster file's checks
 and ``--help`` are generated from the registry, so a name is written once, and a
 family has exactly one default.
 """
@@ -23,10 +24,11 @@ class Registered:
         cls, name: str | None = None, default: bool = False, **kwargs: object
     ) -> None:
         super().__init_subclass__(**kwargs)
-        if name is None:  # the root of a family
-            cls.registry = {}
-            cls.default_name = ""
-            return
+        if name is None:
+            if Registered in cls.__bases__:  # the root of a family
+                cls.registry = {}
+                cls.default_name = ""
+            return  # else a base class for members (gateway/routing.py: CacheAwarePolicy)
         if name in cls.registry:
             raise TypeError(f"{cls.kind} {name!r} is registered twice")
         if default and cls.default_name:

@@ -48,6 +48,10 @@ _K8S_TLS = (
 _K8S_LISTEN = (
     "pods listen on every address; the Service and NetworkPolicies decide who reaches them"
 )
+_K8S_ATTACHED = (
+    "attached servers (engine openai) are not rendered: run `fleetserve worker --engine openai "
+    "--url` where it reaches them"
+)
 _SKY_LISTEN = (
     "nodes listen on every address: the nodes' network and the YAML's resources.ports decide "
     "who reaches them"
@@ -56,9 +60,7 @@ _SKY_LISTEN = (
 MODEL_FIELDS: dict[str, Refusals] = {
     "name": EVERYWHERE,
     "aliases": EVERYWHERE,
-    "engine": {
-        Target.KUBERNETES: "the images carry no llama.cpp build: engines vllm and fake only",
-    },
+    "engine": EVERYWHERE,
     "source": EVERYWHERE,
     "tensor_parallel_size": EVERYWHERE,
     "pipeline_parallel_size": EVERYWHERE,  # k8s: every stage in one pod (TP x PP GPUs)
@@ -83,6 +85,16 @@ MODEL_FIELDS: dict[str, Refusals] = {
         "custom resources and deploy them apart",
     },
     "start_timeout_s": EVERYWHERE,
+    "fallbacks": EVERYWHERE,
+    "url": {
+        Target.KUBERNETES: _K8S_ATTACHED,
+        Target.RAY: "Ray replicas are interchangeable: an attached server per url is not; run "
+        "`fleetserve up` or `fleetserve worker --engine openai --url` beside them",
+    },
+    "upstream_model": {Target.KUBERNETES: _K8S_ATTACHED},
+    "upstream_key": {Target.KUBERNETES: _K8S_ATTACHED},
+    "endpoints": EVERYWHERE,
+    "capacity": EVERYWHERE,
 }
 
 GATEWAY_FIELDS: dict[str, Refusals] = {
@@ -108,6 +120,15 @@ GATEWAY_FIELDS: dict[str, Refusals] = {
     "header_timeout_s": EVERYWHERE,
     "max_header_bytes": EVERYWHERE,
     "max_connections": EVERYWHERE,
+    "max_audio_body_bytes": EVERYWHERE,
+    "secrets_dir": {Target.KUBERNETES: _K8S_SECRET},
+    "routing_policy": EVERYWHERE,
+    "stream_idle_timeout_s": EVERYWHERE,
+    "max_resumes": EVERYWHERE,
+    "retry_budget_ratio": EVERYWHERE,
+    "retry_budget_min_per_s": EVERYWHERE,
+    "circuit_failures": EVERYWHERE,
+    "circuit_open_s": EVERYWHERE,
 }
 
 CONTROLLER_FIELDS: dict[str, Refusals] = {

@@ -1,6 +1,6 @@
 """Everything the gateway serves besides the hot path: a plain FastAPI app.
 
-/v1/models, /health, /metrics, the chat page, and /openapi.json, which also
+/v1/models, /health, /status, /metrics, the chat page, and /openapi.json, which also
 describes the proxied routes (gateway/protocol.py) that never reach FastAPI.
 """
 
@@ -20,8 +20,15 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fleetserve.errors import install_error_handlers
-from gateway.protocol import ENDPOINTS, ERRORS, Endpoint, ErrorResponse
+from fleetserve.errors import OpenAIError, install_error_handlers
+from gateway.protocol import (
+    ENDPOINTS,
+    ERRORS,
+    AnthropicErrorResponse,
+    Api,
+    Endpoint,
+    ErrorResponse,
+)
 
 if TYPE_CHECKING:
     from gateway.server import Gateway
@@ -61,18 +68,44 @@ def build_admin_app(
     install_error_handlers(api)
     _install_openapi(api)
 
-    @api.get("/v1/models")
-    async def models(request: Request) -> JSONResponse:
-        """Every served name and alias (those the caller's key may use, when keys are on)."""
+    def visible(request: Request) -> list[str]:
+        """The served names and aliases the caller's key may use (all when keys are off)."""
         names = sorted(gateway.watcher.routes.by_name)
         if gateway.keys.enabled:
-            key = gateway.keys.authenticate(request.headers.get("authorization"))
+            key = gateway.keys.authenticate(
+                request.headers.get("authorization"), request.headers.get("x-api-key")
+            )
             names = [name for name in names if key.models is None or name in key.models]
-        data = [
-            {"id": name, "object": "model", "created": 0, "owned_by": "fleetserve"}
-            for name in names
-        ]
-        return JSONResponse({"object": "list", "data": data})
+        return names
+
+    def model_entry(name: str) -> dict[str, Any]:
+        route = gateway.watcher.routes.by_name[name]
+        return {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "fleetserve",
+            # fleetserve's own: the routes the model's workers serve, and its fallbacks
+            "endpoints": sorted(route.endpoints),
+            "fallbacks": list(route.fallbacks),
+        }
+
+    @api.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        """Every served name and alias, with the endpoints each serves."""
+        return JSONResponse({"object": "list", "data": [model_entry(n) for n in visible(request)]})
+
+    @api.get(
+        "/v1/models/{model:path}",
+        responses={"404": {"description": ERRORS["404"], "model": ErrorResponse}},
+    )
+    async def model(model: str, request: Request) -> JSONResponse:
+        """One served name or alias (404 if unknown, or if the key may not use it)."""
+        if model not in visible(request):
+            raise OpenAIError(
+                404, f"The model `{model}` does not exist.", code="model_not_found", param="model"
+            )
+        return JSONResponse(model_entry(model))
 
     @api.get("/health")
     async def health() -> dict[str, Any]:
@@ -82,6 +115,11 @@ def build_admin_app(
             "routing_table_version": routes.version,
             "models": sorted(routes.by_name),
         }
+
+    @api.get("/status")
+    async def status() -> dict[str, Any]:
+        """This gateway's view of the workers: circuits and requests in flight."""
+        return gateway.proxy.status(gateway.watcher.routes)
 
     @api.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -97,8 +135,11 @@ def build_admin_app(
 
 
 def _operation(endpoint: Endpoint) -> dict[str, Any]:
+    envelope = AnthropicErrorResponse if endpoint.api is Api.ANTHROPIC else ErrorResponse
     error = {
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+        "content": {
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{envelope.__name__}"}}
+        }
     }
     responses: dict[str, Any] = {
         "200": {
@@ -108,16 +149,14 @@ def _operation(endpoint: Endpoint) -> dict[str, Any]:
     }
     responses.update({code: {"description": text, **error} for code, text in ERRORS.items()})
     schema = f"#/components/schemas/{endpoint.schema.__name__}"
+    media = "multipart/form-data" if endpoint.multipart else "application/json"
     return {
         "post": {
             "summary": endpoint.summary,
-            "operationId": endpoint.summary.lower().replace(" ", "_"),
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": {"$ref": schema}}},
-            },
+            "operationId": endpoint.path.strip("/").replace("/", "_"),
+            "requestBody": {"required": True, "content": {media: {"schema": {"$ref": schema}}}},
             "responses": responses,
-            "security": [{"bearer": []}, {}],
+            "security": [{"bearer": []}, {"api_key": []}, {}],
         }
     }
 
@@ -128,13 +167,16 @@ def _install_openapi(api: FastAPI) -> None:
             schema = get_openapi(title=api.title, version=api.version, routes=api.routes)
             components = schema.setdefault("components", {})
             schemas = components.setdefault("schemas", {})
-            models: list[type[BaseModel]] = [e.schema for e in ENDPOINTS.values()]
-            models.append(ErrorResponse)
+            models: list[type[BaseModel]] = list({e.schema: None for e in ENDPOINTS.values()})
+            models += [ErrorResponse, AnthropicErrorResponse]
             for model in models:
                 defs = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 schemas.update(defs.pop("$defs", {}))
                 schemas[model.__name__] = defs
-            components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            components["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "api_key": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+            }
             for path, endpoint in ENDPOINTS.items():
                 schema["paths"][path] = _operation(endpoint)
             api.openapi_schema = schema

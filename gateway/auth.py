@@ -74,15 +74,21 @@ class KeyStore:
         if self._path is not None and self._stamp() != self._file_stamp:
             self.reload()
 
-    def authenticate(self, authorization: str | None) -> ApiKey:
-        """The key of an ``Authorization: Bearer KEY`` header; 401 if missing or unknown."""
-        if not authorization or not authorization.startswith("Bearer "):
+    def authenticate(self, authorization: str | None, api_key: str | None = None) -> ApiKey:
+        """The key of an ``Authorization: Bearer KEY`` header, or else of an ``x-api-key: KEY``
+        header (Anthropic's way, which its SDK and many agents use); 401 if missing or unknown."""
+        if authorization and authorization.startswith("Bearer "):
+            given = authorization.removeprefix("Bearer ")
+        elif api_key:
+            given = api_key
+        else:
             raise OpenAIError(
                 401,
-                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY' "
+                "(or 'x-api-key: YOUR_KEY').",
                 code="missing_api_key",
             )
-        presented = hash_key(authorization.removeprefix("Bearer ").strip())
+        presented = hash_key(given.strip())
         key = self._by_hash.get(presented)
         if key is None or not hmac.compare_digest(key.key_sha256, presented):
             raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key")

@@ -28,12 +28,14 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from fleetserve import constants
+from gateway.breaker import Circuit, CircuitBreakers
 from gateway.usage import UsageMeter
 
 Labels = tuple[str, ...]
 
 #: The ``key`` label of requests when the gateway has no keys or the key was refused.
 NO_KEY = "none"
+_CIRCUIT_VALUES = {Circuit.CLOSED: 0, Circuit.HALF_OPEN: 1, Circuit.OPEN: 2}
 
 
 class _Counters:
@@ -102,6 +104,8 @@ class RequestRecord:
     answered: float = 0.0
     status: int = 0
     meter: UsageMeter | None = None
+    #: Seconds spent tokenizing the prompt for routing (0: the policy did not ask).
+    tokenize_s: float = 0.0
 
 
 class GatewayMetrics(Collector):
@@ -153,6 +157,11 @@ class GatewayMetrics(Collector):
             "Attempts sent to another worker after one failed before the first byte.",
             ["model"],
         )
+        self.fallbacks = _Counters(
+            "fleetserve_gateway_fallbacks",
+            "Requests sent to a fallback model, by the model asked for and the fallback tried.",
+            ["model", "fallback"],
+        )
         self.upstream_failures = _Counters(
             "fleetserve_gateway_upstream_failures",
             "Upstream attempts that failed before the first byte (then retried elsewhere).",
@@ -160,10 +169,44 @@ class GatewayMetrics(Collector):
         )
         self.mid_stream_failures = _Counters(
             "fleetserve_gateway_upstream_mid_stream_failures",
-            "Streams a worker broke after they started (the client got an error event).",
+            "Streams a worker broke after they started (resumed on another worker where "
+            "possible: see fleetserve_gateway_resumes_total).",
             ["worker"],
         )
+        self.resumes = _Counters(
+            "fleetserve_gateway_resumes",
+            "Streams that broke mid-way, by outcome: resumed (another worker took over), "
+            "ended (the answer was whole, only its end was lost); else the client got an "
+            "error event: unsupported (cannot resume exactly), budget (retry budget spent), "
+            "no_worker, exhausted (resumed max_resumes times), failed (every try failed).",
+            ["model", "outcome"],
+        )
+        self.replayed_tokens = _Counters(
+            "fleetserve_gateway_resume_replayed_tokens",
+            "Generated tokens sent again, as prompt, to the worker resuming a stream.",
+            ["model"],
+        )
+        self.resume_time = _Histograms(
+            "fleetserve_gateway_resume_seconds",
+            "Time to resume a stream: from its break to the new worker's first chunk.",
+            ["model"],
+            constants.RESUME_BUCKETS_S,
+        )
+        self.retries_refused = _Counters(
+            "fleetserve_gateway_retries_refused",
+            "Retries and resumes the retry budget refused (the request failed instead).",
+            ["model"],
+        )
+        #: Set by the proxy: the circuit of every worker that failed lately.
+        self.circuits: CircuitBreakers | None = None
+        self.tokenize = _Histograms(
+            "fleetserve_gateway_tokenize_seconds",
+            "Time spent tokenizing a prompt for cache-aware routing (kv_events policy only).",
+            ["model"],
+            constants.GATEWAY_ADDED_BUCKETS_S,
+        )
         self._families: list[_Counters | _Histograms] = [
+            self.tokenize,
             self.requests,
             self.duration,
             self.ttft,
@@ -172,8 +215,13 @@ class GatewayMetrics(Collector):
             self.prompt_tokens,
             self.completion_tokens,
             self.retries,
+            self.fallbacks,
             self.upstream_failures,
             self.mid_stream_failures,
+            self.resumes,
+            self.replayed_tokens,
+            self.resume_time,
+            self.retries_refused,
         ]
         self.registry.register(self)
 
@@ -185,12 +233,35 @@ class GatewayMetrics(Collector):
         )
         for family in self._families:
             yield family.family()
+        yield from self._circuit_families()
+
+    def _circuit_families(self) -> Iterator[Metric]:
+        states = self.circuits.states() if self.circuits is not None else {}
+        state = GaugeMetricFamily(
+            "fleetserve_gateway_worker_circuit_state",
+            "Circuit of each worker that failed lately: 0 closed, 1 half-open (one probe "
+            "request may go), 2 open (no requests); workers with no recent failure are absent.",
+            labels=["worker"],
+        )
+        for worker, (circuit, _) in sorted(states.items()):
+            state.add_metric([worker], _CIRCUIT_VALUES[circuit])
+        yield state
+        opened = CounterMetricFamily(
+            "fleetserve_gateway_circuit_opened",
+            "Times a worker's circuit opened (taken out of rotation after failures).",
+            labels=["worker"],
+        )
+        for worker, count in sorted((self.circuits.opened if self.circuits else {}).items()):
+            opened.add_metric([worker], count)
+        yield opened
 
     def record(self, record: RequestRecord, ended: float) -> None:
         """Account one finished request (streams: after their last byte)."""
         model = record.model
         self.requests.inc((model, str(record.status), record.key))
         self.duration.observe((model, "true" if record.stream else "false"), ended - record.started)
+        if record.tokenize_s:
+            self.tokenize.observe((model,), record.tokenize_s)
         if not record.answered:
             return  # refused before any engine was asked
         self.added.observe((model,), max(0.0, record.answered - record.started - record.upstream_s))

@@ -1,10 +1,11 @@
 """The gateway process: its ASGI entry point and what it owns for its lifetime.
 
-The proxied OpenAI routes (gateway/protocol.py) are the hot path: they are
-served straight from ASGI (no framework routing, middleware or validation
-layers) by gateway/serving.py. Everything else is the FastAPI app of
-gateway/admin.py behind it. The lifespan opens the routing-table watch, the
-engines' connection pool and the keys-file poll, and closes them.
+The proxied routes (gateway/protocol.py) are the hot path: they are served
+straight from ASGI (no framework routing, middleware or validation layers) by
+gateway/serving.py, and so are the routes of a stored response (Responses API).
+Everything else is the FastAPI app of gateway/admin.py behind it. The lifespan
+opens the routing-table watch, the engines' connection pool and the keys-file
+poll, and closes them.
 """
 
 from __future__ import annotations
@@ -24,16 +25,21 @@ from starlette.types import Receive, Scope, Send
 from fleetserve import constants, env
 from fleetserve.auth import client_tls, client_token
 from fleetserve.config import GatewaySettings
+from fleetserve.errors import OpenAIError, error_response
 from gateway.admin import build_admin_app
 from gateway.auth import KeyStore
+from gateway.kvindex import KvEvents
 from gateway.metrics import GatewayMetrics, RequestRecord
-from gateway.protocol import ENDPOINTS
+from gateway.protocol import ENDPOINTS, RESPONSES_PREFIX
 from gateway.proxy import Proxy
 from gateway.serving import Serving
 from gateway.table import RouteTableWatcher
 from gateway.upstream import UpstreamPool
 
 logger = logging.getLogger(__name__)
+
+#: Paths of Anthropic's API: those the gateway does not route get Anthropic's 404.
+MESSAGES_PREFIX = "/v1/messages"
 
 
 class Gateway:
@@ -55,24 +61,43 @@ class Gateway:
             )
         # The watcher's HTTP session is opened by the lifespan; until then it has no table.
         self.watcher = RouteTableWatcher(
-            settings.controller_url, session=None, token=client_token(settings.cluster_token_file)
+            settings.controller_url,
+            session=None,
+            token=client_token(settings.cluster_token_file),
+            secrets_dir=settings.secrets_dir,
+            default_policy=settings.routing_policy,
         )
         self.upstreams = UpstreamPool()
-        self.proxy = Proxy(self.upstreams, self.metrics)
-        self.serving = Serving(settings, self.keys, self.watcher, self.proxy)
+        self.proxy = Proxy(self.upstreams, self.metrics, settings, lambda: self.watcher.routes)
+        self.kv = KvEvents()  # the engines' KV caches, from their events (kv_events policy)
+        self.metrics.registry.register(self.kv)
+        self.watcher.listeners.append(self.kv.update)
+        self.serving = Serving(settings, self.keys, self.watcher, self.proxy, self.metrics, self.kv)
         self.admin = build_admin_app(self, self.lifespan)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            endpoint = ENDPOINTS.get(scope["path"])
+        if scope["type"] == "http":
+            path = scope["path"]
+            endpoint = ENDPOINTS.get(path) if scope["method"] == "POST" else None
             if endpoint is not None:
                 record = RequestRecord(time.perf_counter())
                 response = await self.serving.respond(scope, receive, endpoint, record)
-                try:
-                    await response(scope, receive, send)
-                finally:
-                    self.metrics.record(record, time.perf_counter())
+            elif path.startswith(RESPONSES_PREFIX):
+                record = RequestRecord(time.perf_counter())
+                response = await self.serving.respond_stored(scope, receive, record)
+            elif path == MESSAGES_PREFIX or path.startswith(MESSAGES_PREFIX + "/"):
+                # Anthropic's API, a path or method not routed: its own 404
+                error = OpenAIError(404, f"{scope['method']} {path} is not served here")
+                await error_response(error, anthropic=True)(scope, receive, send)
                 return
+            else:
+                await self.admin(scope, receive, send)
+                return
+            try:
+                await response(scope, receive, send)
+            finally:
+                self.metrics.record(record, time.perf_counter())
+            return
         await self.admin(scope, receive, send)
 
     @contextlib.asynccontextmanager
@@ -85,7 +110,7 @@ class Gateway:
         async with aiohttp.ClientSession(
             connector=connector, timeout=timeout, auto_decompress=False
         ) as session:
-            self.watcher.session = session
+            self.watcher.session = self.kv.session = session
             tasks = [
                 asyncio.create_task(self.watcher.run()),
                 asyncio.create_task(self._watch_keys_file()),
@@ -99,6 +124,7 @@ class Gateway:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                await self.kv.close()
                 self.upstreams.close()
 
     async def _watch_keys_file(self) -> None:

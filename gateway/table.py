@@ -4,15 +4,23 @@ No controller call per request: a request does one dictionary lookup in the
 in-memory table. The table is built once per version of the controller's: one
 entry per served model (its policy, one instance for all its names, so an alias
 and its model share one round-robin counter) and its ready workers with their
-addresses parsed. If the controller is unreachable the last table stays in use.
+addresses parsed, the endpoints they serve and its fallbacks. If the controller
+is unreachable the last table stays in use.
+
+An attached server's API key is read here, from this gateway's own environment
+or secrets directory, by the secret's name in the registration; it is kept only
+as the header line that carries it (``Upstream.headers``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -20,6 +28,7 @@ import aiohttp
 from fleetserve import constants
 from fleetserve.auth import ClusterToken
 from fleetserve.protocol import RouteTable, WorkerLoad, WorkerState, WorkerView
+from fleetserve.secrets import read_secret
 from gateway.routing import RoutingPolicy
 from gateway.upstream import JSON_HEADERS
 
@@ -41,29 +50,52 @@ class Target:
     auth: bytes = b""
     #: The header lines of a JSON request to it (UpstreamPool.post's ``headers``).
     headers: bytes = JSON_HEADERS
+    #: Its streams can be resumed exactly (token ids): see gateway/resume.py.
+    resumable: bool = False
+    #: HTTPS (an attached server, e.g. a hosted provider).
+    tls: bool = False
 
     @classmethod
     def of(cls, worker: WorkerView) -> Target | None:
         """Built once per routing-table version, header bytes included (none per request)."""
         url = urlsplit(worker.base_url)
-        if url.scheme != "http" or not url.hostname:
+        if url.scheme not in ("http", "https") or not url.hostname:
             logger.warning("worker %s: unsupported URL %r", worker.worker_id, worker.base_url)
             return None
         secret = worker.engine_secret
         auth = f"Authorization: Bearer {secret}\r\n".encode("latin-1") if secret else b""
+        tls = url.scheme == "https"
         return cls(
             worker.worker_id,
             worker.capacity,
             worker.load,
             url.hostname,
-            url.port or 80,
+            url.port or (443 if tls else 80),
             url.path.rstrip("/").removesuffix("/v1"),
             auth,
             JSON_HEADERS + auth,
+            worker.resumable,
+            tls,
         )
 
 
 @dataclass(frozen=True, slots=True)
+class Upstream:
+    """What a request to an attached server needs besides its address."""
+
+    #: The server's own name for the model, when it is not the served name (None: as asked).
+    model: str | None
+    #: Header lines to send it (its API key), each ending in CRLF; b"" for none.
+    headers: bytes
+
+
+def response_tag(worker_id: str) -> str:
+    """What a response id minted for ``worker_id`` starts with (after ``resp_``): 12 hex
+    digits, so that any gateway finds the worker that stored the response."""
+    return hashlib.blake2b(worker_id.encode(), digest_size=6).hexdigest()
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class ModelRoute:
     """What a requested name routes to: its model, the model's policy, the ready workers."""
 
@@ -71,12 +103,29 @@ class ModelRoute:
     policy: RoutingPolicy
     #: Ready workers serving the name (every worker of the model, unless an alias is new).
     workers: tuple[Target, ...]
+    #: Every routed path a worker of the model serves (ready or not); empty for a model
+    #: with no worker left (kept for its fallbacks).
+    endpoints: frozenset[str] = frozenset()
+    #: Models to try in turn when this one cannot answer.
+    fallbacks: tuple[str, ...] = ()
+    #: worker_id -> its Upstream, for the workers that need one (attached servers).
+    upstreams: dict[str, Upstream] = field(default_factory=dict)
+    #: path -> this route narrowed to the workers serving the path (itself when all do).
+    by_endpoint: dict[str, ModelRoute] = field(default_factory=dict)
 
 
 class RoutingTable:
     """One version of the controller's table, as the hot path reads it."""
 
-    def __init__(self, table: RouteTable | None = None, previous: RoutingTable | None = None):
+    def __init__(
+        self,
+        table: RouteTable | None = None,
+        previous: RoutingTable | None = None,
+        secret: Callable[[str], str | None] = read_secret,
+        default_policy: str | None = None,
+    ):
+        """``secret``: reads an attached server's key by the secret's name (None: missing);
+        ``default_policy``: for models whose registrations name none (the gateway's)."""
         self.version: int | None = table.version if table else None
         self.epoch = table.epoch if table else ""
         self.workers = len(table.workers) if table else 0
@@ -84,19 +133,58 @@ class RoutingTable:
         self.by_name: dict[str, ModelRoute] = {}
         #: Served model -> its policy, carried over from version to version while unchanged.
         self.policies: dict[str, RoutingPolicy] = {}
+        #: response_tag(worker id) -> the route of the worker's model and the worker (ready).
+        self.by_response_tag: dict[str, tuple[ModelRoute, Target]] = {}
+        #: Workers not routed to: this gateway lacks the secret they name (logged once).
+        self.missing_secrets: set[str] = set()
         if table is None:
             return
+        missing_before = previous.missing_secrets if previous else set()
         old = previous.policies if previous else {}
+        views = {model.name: model for model in table.models}
         wanted = {model.name: model.routing_policy for model in table.models}
-        by_model: dict[str, dict[str, list[Target]]] = {}  # model -> name -> ready workers
+        # Models whose registrations name no policy: the gateway's default, else kv_events
+        # where their engines publish KV events, else the registry's default.
         for worker in table.workers:
-            names = by_model.setdefault(worker.model_names[0], {})
+            model = worker.model_names[0]
+            if wanted.get(model) is None:
+                kv = constants.KV_EVENTS_DEFAULT_POLICY if worker.kv_events_url else None
+                wanted[model] = default_policy or kv
+        by_model: dict[str, dict[str, list[Target]]] = {}  # model -> name -> ready workers
+        endpoints: dict[str, frozenset[str]] = {}  # worker_id -> the paths it serves
+        served: dict[str, set[str]] = {}  # model -> the paths any of its workers serves
+        upstreams: dict[str, dict[str, Upstream]] = {}  # model -> worker_id -> Upstream
+        for worker in table.workers:
+            model = worker.model_names[0]
+            names = by_model.setdefault(model, {})
+            endpoints[worker.worker_id] = frozenset(worker.endpoints)
+            served.setdefault(model, set()).update(worker.endpoints)
             target = Target.of(worker) if worker.state is WorkerState.READY else None
+            if target is not None and (worker.upstream_model or worker.upstream_key):
+                upstream = _upstream(worker, secret)
+                if upstream is None:
+                    target = None
+                    self.missing_secrets.add(worker.worker_id)
+                    if worker.worker_id not in missing_before:
+                        logger.error(
+                            "worker %s needs the secret %s, which this gateway does not have "
+                            "(set $FLEETSERVE_SECRET_%s or put it in the secrets directory): "
+                            "not routing to it",
+                            worker.worker_id,
+                            worker.upstream_key,
+                            worker.upstream_key,
+                        )
+                else:
+                    upstreams.setdefault(model, {})[worker.worker_id] = upstream
             for name in worker.model_names:
                 ready = names.setdefault(name, [])
                 if target is not None:
                     ready.append(target)
+        for kept in table.models:  # a model with fallbacks and no worker left
+            if kept.name not in by_model and kept.fallbacks:
+                by_model[kept.name] = {name: [] for name in [kept.name, *kept.aliases]}
         for model, names in by_model.items():
+            view = views.get(model)
             policy = self.policies[model] = _policy(model, wanted.get(model), old.get(model))
             shared = tuple(names[model])
             for name, ready in names.items():
@@ -104,7 +192,35 @@ class RoutingTable:
                     logger.warning("name %s is served by %s and by another model", name, model)
                     continue
                 workers = shared if len(ready) == len(shared) else tuple(ready)
-                self.by_name[name] = ModelRoute(model, policy, workers)
+                route = self.by_name[name] = ModelRoute(
+                    model,
+                    policy,
+                    workers,
+                    frozenset(served.get(model, ())),
+                    tuple(view.fallbacks) if view else (),
+                    upstreams.get(model, {}),
+                )
+                for path in route.endpoints:
+                    able = tuple(t for t in workers if path in endpoints[t.worker_id])
+                    route.by_endpoint[path] = (
+                        route
+                        if len(able) == len(workers)
+                        else dataclasses.replace(route, workers=able, by_endpoint={})
+                    )
+                if name == model:
+                    for target in shared:
+                        self.by_response_tag[response_tag(target.worker_id)] = (route, target)
+
+
+def _upstream(worker: WorkerView, secret: Callable[[str], str | None]) -> Upstream | None:
+    """How to reach an attached server; None (not routed here) if this gateway lacks its key."""
+    headers = b""
+    if worker.upstream_key:
+        key = secret(worker.upstream_key)
+        if key is None or not key.isprintable():  # (not printable: it could end the header)
+            return None
+        headers = f"Authorization: Bearer {key}\r\n".encode("latin-1", "replace")
+    return Upstream(worker.upstream_model, headers)
 
 
 def _policy(model: str, name: str | None, previous: RoutingPolicy | None) -> RoutingPolicy:
@@ -124,18 +240,33 @@ class RouteTableWatcher:
         session: aiohttp.ClientSession | None,
         deadline_s: float = constants.WATCH_TIMEOUT_S + constants.WATCH_DEADLINE_MARGIN_S,
         token: ClusterToken | None = None,
+        secrets_dir: str | None = None,
+        default_policy: str | None = None,
     ) -> None:
-        """``deadline_s``: how long one long poll may take before the controller counts as down.
-        ``token``: the cluster token the controller asks for (its table holds engine secrets)."""
+        """``deadline_s``: how long one long poll may take before the controller counts as down;
+        ``token``: the cluster token the controller asks for (its table holds engine secrets);
+        ``secrets_dir``: where attached servers' keys are (else this process's environment)."""
         self._url = controller_url.rstrip("/") + "/routes"
         self._token = token
+        self._secrets_dir = secrets_dir
         #: Set before run() (the gateway's lifespan opens it).
         self.session = session
         self.deadline_s = deadline_s
+        self.default_policy = default_policy
         self.routes = RoutingTable()
+        #: Called with each new table, as received and as routed (the KV event streams
+        #: follow the workers of models routed by their events).
+        self.listeners: list[Callable[[RouteTable, RoutingTable], None]] = []
 
     def apply(self, table: RouteTable) -> None:
-        self.routes = routes = RoutingTable(table, self.routes)
+        self.routes = routes = RoutingTable(
+            table,
+            self.routes,
+            lambda name: read_secret(name, self._secrets_dir),
+            self.default_policy,
+        )
+        for listener in self.listeners:
+            listener(table, routes)
         logger.info(
             "routing table v%d from controller %s: %d workers, models %s",
             table.version,

@@ -5,7 +5,9 @@ server (an engine's OpenAI endpoint) and relays the answer's bytes. A general
 client (aiohttp) spent about a third of the gateway's CPU building and writing
 each request (see README, Performance); this one writes a request in a single
 ``transport.write`` and parses answers with httptools, the parser uvicorn
-uses. Everything else (the controller watch) keeps using aiohttp.
+uses. Everything else (the controller watch) keeps using aiohttp. Engines are
+reached over plain HTTP, or TLS for an attached server behind https (a hosted
+provider), verified against the system's CA certificates (or $SSL_CERT_FILE's).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import ssl
 import typing
 from collections.abc import AsyncIterator
 
@@ -24,19 +27,20 @@ logger = logging.getLogger(__name__)
 _HIGH_WATER_BYTES = 1 << 20
 #: The header lines of a JSON request (what the proxied OpenAI routes send).
 JSON_HEADERS = b"Content-Type: application/json\r\n"
+#: An engine's address: host, port, and whether it speaks TLS.
+_Key = tuple[str, int, bool]
 
 
 class UpstreamError(ConnectionError):
     """The engine failed: refused or lost connection, invalid HTTP, or (from the proxy) a 5xx.
 
-    ``worker_down`` False: the engine is up but failed this request (an HTTP 500);
-    try another worker, but do not take this one out of rotation for it, or one
-    poisonous request could cool down a whole model.
+    ``refused``: no connection could be made at all (nothing listens there): the
+    worker's circuit opens at once (gateway/breaker.py); other failures count.
     """
 
-    def __init__(self, message: str, worker_down: bool = True) -> None:
+    def __init__(self, message: str, refused: bool = False) -> None:
         super().__init__(message)
-        self.worker_down = worker_down
+        self.refused = refused
 
 
 class UpstreamResponse:
@@ -79,6 +83,11 @@ class UpstreamResponse:
 
     # -- read by the proxy -----------------------------------------------------
 
+    @property
+    def idle(self) -> bool:
+        """Nothing received is waiting to be read, and more is expected."""
+        return not self._chunks and not self.complete and self.error is None
+
     async def next_chunk(self) -> bytes:
         """The next piece of the body; b"" at its end. UpstreamError if the connection broke."""
         while not self._chunks:
@@ -112,7 +121,7 @@ class UpstreamResponse:
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self, pool: UpstreamPool, key: tuple[str, int]) -> None:
+    def __init__(self, pool: UpstreamPool, key: _Key) -> None:
         self.loop = asyncio.get_running_loop()
         self._pool = pool
         self._key = key
@@ -201,30 +210,53 @@ class _Connection(asyncio.Protocol):
             self._transport.abort()
 
 
+async def _headers(response: UpstreamResponse) -> UpstreamResponse:
+    """``response`` once its head arrived. Cancelled before (a timeout, a client that left):
+    its connection is closed, so that the engine sees the disconnect and stops generating."""
+    try:
+        await response.headers_done
+    except asyncio.CancelledError:
+        response.close()
+        raise
+    return response
+
+
 class UpstreamPool:
     """Keep-alive connections per engine (host, port); one request at a time on each."""
 
     def __init__(self, connect_timeout_s: float = 5.0) -> None:
-        self._idle: dict[tuple[str, int], list[_Connection]] = collections.defaultdict(list)
+        self._idle: dict[_Key, list[_Connection]] = collections.defaultdict(list)
         self._connect_timeout_s = connect_timeout_s
+        self._tls: ssl.SSLContext | None = None  # made when a first engine needs it
 
-    def forget(self, key: tuple[str, int], connection: _Connection) -> None:
+    def forget(self, key: _Key, connection: _Connection) -> None:
         idle = self._idle.get(key)
         if idle and connection in idle:
             idle.remove(connection)
 
-    def put_back(self, key: tuple[str, int], connection: _Connection) -> None:
+    def put_back(self, key: _Key, connection: _Connection) -> None:
         self._idle[key].append(connection)
 
-    async def _connect(self, key: tuple[str, int]) -> _Connection:
+    async def _connect(self, key: _Key) -> _Connection:
         loop = asyncio.get_running_loop()
+        host, port, tls = key
+        if tls and self._tls is None:
+            self._tls = ssl.create_default_context()
         try:
             _, connection = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(self, key), key[0], key[1]),
+                loop.create_connection(
+                    lambda: _Connection(self, key),
+                    host,
+                    port,
+                    ssl=self._tls if tls else None,
+                    server_hostname=host if tls else None,
+                ),
                 self._connect_timeout_s,
             )
         except (OSError, TimeoutError) as exc:
-            raise UpstreamError(f"cannot connect to {key[0]}:{key[1]}: {exc}") from None
+            raise UpstreamError(
+                f"cannot connect to {key[0]}:{key[1]}: {exc}", refused=True
+            ) from None
         return connection
 
     async def post(
@@ -236,13 +268,15 @@ class UpstreamPool:
         *,
         method: str = "POST",
         headers: bytes = JSON_HEADERS,
+        tls: bool = False,
     ) -> UpstreamResponse:
         """Send a request; returns once the answer's status line and headers arrived.
 
         ``headers``: header lines, each ending in CRLF, encoded once by the caller (the
         content type of ``body`` among them); Host and Content-Length are added here.
+        ``tls``: the engine speaks HTTPS.
         """
-        key = (host, port)
+        key = (host, port, tls)
         head = (
             f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {len(body)}\r\n"
         ).encode("latin-1")
@@ -254,16 +288,13 @@ class UpstreamPool:
                 continue
             response = connection.send(head, body)
             try:
-                await response.headers_done
-                return response
+                return await _headers(response)
             except UpstreamError:
                 # The engine closed this idle keep-alive connection before our request
                 # reached it: not the engine's fault, try another connection.
                 if response.received_any:
                     raise
-        response = (await self._connect(key)).send(head, body)
-        await response.headers_done
-        return response
+        return await _headers((await self._connect(key)).send(head, body))
 
     def close(self) -> None:
         for connections in self._idle.values():

@@ -9,10 +9,18 @@ import orjson
 
 
 class UsageMeter:
-    """Reads ``usage.total_tokens`` from an answer and reports it as soon as it passes.
+    """Reads an answer's token usage and reports it as soon as it passes.
 
     (Before the stream's ``[DONE]`` reaches the client: a client's next request
     must already see the tokens counted.)
+
+    Each API puts usage somewhere else: OpenAI's ``usage`` (prompt, completion and
+    total tokens; embeddings and the pooling routes have only prompt tokens), the
+    Responses API's ``usage`` and, streaming, its ``response.completed`` event's
+    ``response.usage`` (input and output tokens), Anthropic's ``usage`` and,
+    streaming, ``message_start``'s ``message.usage`` then ``message_delta``'s
+    ``usage``, whose counts are running totals: each report charges only what is
+    new since the last.
 
     For streams it looks at whole SSE events only where an event mentions
     ``"usage"`` (cheap for the others), and drops the usage-only event when the
@@ -26,6 +34,7 @@ class UsageMeter:
         #: From the answer's ``usage``, once it passed (for the gateway's metrics).
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self._charged = 0
 
     def feed(self, chunk: bytes) -> bytes:
         """A piece of a stream in; the bytes to pass on to the client out."""
@@ -39,8 +48,9 @@ class UsageMeter:
             return complete
         kept = []
         for event in complete.split(b"\n\n")[:-1]:
-            if event.startswith(b"data: {") and b'"usage"' in event:
-                parsed = self._read(event[len(b"data: ") :])
+            payload = _data(event)
+            if payload is not None and b'"usage"' in payload:
+                parsed = self._read(payload)
                 if self._strip and parsed is not None and not parsed.get("choices"):
                     continue
             kept.append(event + b"\n\n")
@@ -58,15 +68,45 @@ class UsageMeter:
         if not isinstance(parsed, dict):
             return None
         usage = parsed.get("usage")
-        if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
-            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-            self.prompt_tokens = prompt if isinstance(prompt, int) else 0
-            self.completion_tokens = completion if isinstance(completion, int) else 0
-            if self._on_usage is not None:
-                self._on_usage(usage["total_tokens"])
+        if not isinstance(usage, dict):  # Responses' response.completed, Anthropic's message_start
+            inner = parsed.get("response") or parsed.get("message")
+            usage = inner.get("usage") if isinstance(inner, dict) else None
+            if not isinstance(usage, dict):
+                return parsed
+        # OpenAI's names, else the Responses and Anthropic APIs' (inline: every answer passes)
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+        completion = usage.get("completion_tokens", usage.get("output_tokens"))
+        total = usage.get("total_tokens")
+        prompt = prompt if type(prompt) is int and prompt >= 0 else None
+        completion = completion if type(completion) is int and completion >= 0 else None
+        total = total if type(total) is int and total >= 0 else None
+        if prompt is None and completion is None and total is None:
+            return parsed
+        if prompt is not None:
+            self.prompt_tokens = prompt
+        if completion is not None:
+            self.completion_tokens = completion
+        if total is None:
+            total = self.prompt_tokens + self.completion_tokens
+        if self._on_usage is not None and total > self._charged:
+            self._on_usage(total - self._charged)
+        self._charged = max(self._charged, total)
         return parsed
+
+    def drop_partial(self) -> None:
+        """Forget an unfinished event: its stream broke, the rest comes from another worker."""
+        self._buffer = b""
 
     def finish(self) -> bytes:
         """The answer ended: what was still buffered (an unterminated last event)."""
         rest, self._buffer = self._buffer, b""
         return rest
+
+
+def _data(event: bytes) -> bytes | None:
+    """The JSON of an SSE event's data line (after an "event: <type>" line in the Responses and
+    Anthropic APIs)."""
+    if event.startswith(b"data: {"):
+        return event[len(b"data: ") :]
+    found = event.find(b"\ndata: {")
+    return event[found + len(b"\ndata: ") :] if found >= 0 else None

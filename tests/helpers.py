@@ -189,6 +189,12 @@ class LocalCluster(Cluster):
         lines = [line for line in metrics.splitlines() if line.startswith(sample)]
         return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
 
+    def gateway_metric(self, sample: str) -> float:
+        """The value of ``sample`` (name and labels, as exposed) on the gateway; 0 if absent."""
+        metrics = httpx.get(f"{self.gateway_url}/metrics", timeout=5).text
+        lines = [line for line in metrics.splitlines() if line.startswith(sample)]
+        return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
     def client(self, **kwargs: Any) -> openai.OpenAI:
         # max_retries=0: a failure must show, not be hidden by the client's own retries.
         return openai.OpenAI(
@@ -219,24 +225,76 @@ class LoadResult:
             self.failed_before_first_chunk.append(outcome.error or "")
 
 
+@dataclass
+class Answer:
+    """One request a Load sent and what came back (``record=True``)."""
+
+    kind: str  # "chat" or "completion"
+    prompt: str
+    max_tokens: int
+    text: str
+    worker: str
+    started: float
+    ended: float
+
+    def body(self, model: str, extra: dict[str, Any]) -> dict[str, Any]:
+        """The request, as a JSON body for the answer's own endpoint (non-streaming)."""
+        field: dict[str, Any] = (
+            {"messages": [{"role": "user", "content": self.prompt}]}
+            if self.kind == "chat"
+            else {"prompt": self.prompt}
+        )
+        return {"model": model, **field, "max_tokens": self.max_tokens, **extra}
+
+    def direct(self, cluster: Cluster, model: str, extra: dict[str, Any], timeout_s: float) -> str:
+        """What a live worker of ``model`` answers to the same request, asked directly (with
+        its engine's secret, as gateways ask): the uninterrupted answer."""
+        (live,) = [w for w in cluster.routes().workers if model in w.model_names][:1]
+        path = "/chat/completions" if self.kind == "chat" else "/completions"
+        response = httpx.post(
+            live.base_url + path,
+            json=self.body(model, extra),
+            headers={"Authorization": f"Bearer {live.engine_secret}"},
+            timeout=timeout_s,
+        )
+        choice = response.json()["choices"][0]
+        return str(choice["message"]["content"] if self.kind == "chat" else choice["text"])
+
+
 class Load:
     """Closed-loop load through the gateway with the `openai` client, from a background
-    thread until stopped; half the clients stream."""
+    thread until stopped; half the clients stream (all of them with ``all_stream``).
+
+    ``completions``: half the clients ask /v1/completions instead of chat; ``max_tokens``
+    a (low, high) range spreads the answers' lengths; ``extra``: more fields for every
+    request (``temperature: 0``); ``record``: every answer is kept in ``answers``.
+    """
 
     def __init__(
         self,
         base_url: str,
         model: str,
         concurrency: int = 4,
-        max_tokens: int = 16,
+        max_tokens: int | tuple[int, int] = 16,
         messages: list[dict[str, str]] | None = None,
+        *,
+        all_stream: bool = False,
+        completions: bool = False,
+        extra: dict[str, Any] | None = None,
+        record: bool = False,
     ) -> None:
         self.base_url = base_url
         self.model = model
         self.concurrency = concurrency
         self.max_tokens = max_tokens
         self.messages = messages
+        self.all_stream = all_stream
+        self.completions = completions
+        self.extra = extra or {}
+        self.record = record
+        self.answers: list[Answer] = []
         self.result = LoadResult()
+        self._sent = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
 
@@ -270,30 +328,72 @@ class Load:
 
             await closed_loop(send, self.concurrency, self._stop.is_set, self.result.add)
 
+    def _next_max_tokens(self) -> int:
+        self._sent += 1
+        if isinstance(self.max_tokens, int):
+            return self.max_tokens
+        low, high = self.max_tokens
+        return low + (self._sent * 37) % (high - low + 1)  # spread, and the same every run
+
     async def _request(self, client: openai.AsyncOpenAI, index: int) -> Outcome:
-        messages = self.messages or [{"role": "user", "content": f"client {index} says hello"}]
-        stream = index % 2 == 0  # half the clients stream
+        chat = not (self.completions and index % 2)
+        prompt = f"client {index} request {self._sent} says hello"
+        messages = self.messages or [{"role": "user", "content": prompt}]
+        stream = self.all_stream or index % 2 == 0  # half the clients stream
+        max_tokens = self._next_max_tokens()
         outcome = Outcome()
+        pieces: list[str] = []
         try:
-            response = await client.chat.completions.with_raw_response.create(
+            create = (
+                client.chat.completions.with_raw_response.create
+                if chat
+                else client.completions.with_raw_response.create
+            )
+            request: dict[str, Any] = {"messages": messages} if chat else {"prompt": prompt}
+            response = await create(  # type: ignore[call-overload]
                 model=self.model,
-                messages=messages,  # type: ignore[arg-type]
-                max_tokens=self.max_tokens,
+                max_tokens=max_tokens,
                 stream=stream,
+                extra_body=self.extra,
+                **request,
             )
             parsed = response.parse()
             if inspect.isawaitable(parsed):
                 parsed = await parsed
             if stream:
-                async for _ in parsed:
+                async for chunk in parsed:
                     outcome.chunks += 1
+                    pieces.append(_chunk_text(chunk))
             else:
-                assert parsed.choices[0].message.content is not None
+                choice = parsed.choices[0]
+                text = choice.message.content if chat else choice.text
+                assert text is not None
+                pieces.append(text)
             outcome.worker = response.headers.get("x-fleetserve-worker", "?")
         except Exception as exc:
             outcome.error = f"{type(exc).__name__}: {exc}"
         outcome.ended = time.perf_counter()
+        if self.record and outcome.ok:
+            kind = "chat" if chat else "completion"
+            text = "".join(pieces)
+            answer = Answer(
+                kind,
+                messages[-1]["content"] if chat else prompt,
+                max_tokens,
+                text,
+                outcome.worker or "?",
+                outcome.started,
+                outcome.ended,
+            )
+            self.answers.append(answer)
         return outcome
+
+
+def _chunk_text(chunk: Any) -> str:
+    if not chunk.choices:
+        return ""
+    choice = chunk.choices[0]
+    return str((choice.delta.content or "") if hasattr(choice, "delta") else choice.text)
 
 
 @dataclass
@@ -370,11 +470,13 @@ def drain_under_load(
     after: int = 0,
     timeout_s: float = 60,
 ) -> LoadResult:
-    """SIGTERM the first worker of ``name`` once ``before`` requests of ``concurrency`` streaming
-    clients succeeded; it must drain (exit 0 within ``timeout_s``, say so) and leave no process
-    behind, and ``after`` more requests must then succeed (on the name's other workers). The
-    load's result, for more checks."""
-    victim = next(c for c in cluster.components if c.name == f"worker-{name}-0")
+    """SIGTERM the first live worker of ``name`` once ``before`` requests of ``concurrency``
+    streaming clients succeeded; it must drain (exit 0 within ``timeout_s``, say so) and leave
+    no process behind, and ``after`` more requests must then succeed (on the name's other
+    workers). The load's result, for more checks."""
+    victim = next(
+        c for c in cluster.components if c.name.startswith(f"worker-{name}-") and c.alive()
+    )
     tree = descendants(victim.pid)
     with Load(cluster.gateway_url, name, concurrency=concurrency, max_tokens=max_tokens) as load:
         load.wait_requests(before)

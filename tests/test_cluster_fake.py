@@ -69,8 +69,9 @@ def test_errors_are_openai_shaped(cluster: LocalCluster) -> None:
     assert httpx.get(f"{cluster.gateway_url}/v1/nothing").json()["error"]["code"] == "not_found"
 
 
-def test_dead_worker_is_retried_then_cooled_down(cluster: LocalCluster) -> None:
-    """A registered worker whose port refuses connections: 502 after trying it, then 503."""
+def test_dead_worker_is_retried_then_taken_out(cluster: LocalCluster) -> None:
+    """A registered worker whose port refuses connections: 502 after trying it, then 503
+    (its circuit opened at once)."""
     ghost = Registration(
         worker_id="ghost-1",
         model_names=["ghost"],
@@ -157,6 +158,8 @@ def test_fleetserve_status_shows_workers(cluster: LocalCluster) -> None:
             "status",
             "--controller-url",
             cluster.controller_url,
+            "--gateway-url",
+            cluster.gateway_url,
         ],
         capture_output=True,
         text=True,
@@ -164,8 +167,9 @@ def test_fleetserve_status_shows_workers(cluster: LocalCluster) -> None:
         check=True,
     ).stdout
     for worker_id in cluster.worker_ids("echo") | cluster.worker_ids("other"):
-        assert worker_id in out
-    assert "echo (echo-alias)" in out
+        line = next(line for line in out.splitlines() if worker_id in line)
+        assert line.rstrip(" │").endswith("closed")  # the gateway's circuit for it
+    assert "echo (echo-alias)" in out and "circuit" in out
 
 
 def test_fleetserve_status_watch_shows_tokens_per_second_under_load(

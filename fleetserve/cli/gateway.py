@@ -7,7 +7,7 @@ import logging
 import os
 from typing import Any
 
-from fleetserve import constants, env
+from fleetserve import env
 from fleetserve.cli.args import add_settings_arguments, settings_from
 from fleetserve.config import GatewaySettings
 from fleetserve.errors import ConfigError
@@ -36,7 +36,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         "tls_cert_file": settings.tls_cert_file,
         "tls_key_file": settings.tls_key_file,
         # Let streams in flight finish (workers drain before the gateway stops in `up`).
-        "graceful_s": constants.STOP_GRACE_S,
+        "graceful_s": settings.drain_timeout_s,
     }
     if settings.processes == 1:
         serve(build_app(settings), **options)

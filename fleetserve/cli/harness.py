@@ -16,7 +16,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -92,12 +92,18 @@ class Component:
     """One `fleetserve ARGS` process, its output in ``log_dir/NAME.log``."""
 
     def __init__(
-        self, name: str, args: list[str], log_dir: Path, env: Mapping[str, str] | None = None
+        self,
+        name: str,
+        args: list[str],
+        log_dir: Path,
+        env: Mapping[str, str] | None = None,
+        wrapper: Sequence[str] = (),
     ) -> None:
+        """``wrapper``: a command that runs it (``valgrind --tool=callgrind``, for bench/)."""
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("ab")
-        cmd = [sys.executable, "-m", "fleetserve.cli", *args]
+        cmd = [*wrapper, sys.executable, "-m", "fleetserve.cli", *args]
         environment = {**os.environ, **(env or {})}
         self.proc = procs.spawn(cmd, env=environment, stdout=self._log, stderr=subprocess.STDOUT)
 
@@ -355,4 +361,8 @@ class Cluster:
             worker.stop(WORKER_STOP_GRACE_S, signalled=True)
         for component in reversed(self.components):
             if component.alive():
-                component.stop()
+                # the gateway's streams may run their drain_timeout_s (workers drained already)
+                grace_s = constants.STOP_GRACE_S
+                if component is self.gateway:
+                    grace_s = max(grace_s, self.gateway_settings.drain_timeout_s + 5)
+                component.stop(grace_s)

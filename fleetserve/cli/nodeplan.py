@@ -6,7 +6,8 @@ starts its own share. Replicas spanning nodes (``nodes: N``) take N whole nodes 
 first in the node order, so the head (rank 0) holds the first of them when there are
 any. Whole replicas then go where they fit: GPU replicas first-fit by free GPUs,
 replicas without GPUs (the fake engine, vLLM's CPU build on GPU-less nodes) to the
-node with the fewest replicas, so a CPU cluster spreads them.
+node with the fewest replicas, so a CPU cluster spreads them. Attached servers (``url``)
+are watched from the head, each replica from its own url in the file's order.
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ def share_nodes(
                 f"{gpus_per_node}; spread its pipeline stages over nodes (nodes: N)"
             )
         for _ in range(spec.replicas):
-            if on_gpus:
+            if spec.url:  # attached servers: watched from the head, replica i from url i
+                target: int | None = 0
+            elif on_gpus:
                 fits = [i for i in free if gpus_per_node - shares[i].gpus_used >= ranks]
                 target = fits[0] if fits else None
             else:

@@ -1,4 +1,9 @@
-"""`fleetserve status`: models and workers as the controller sees them, optionally live."""
+"""`fleetserve status`: models and workers as the controller sees them, optionally live, and
+each worker's circuit as one gateway sees it (``--gateway-url``: the gateway's ``/status``).
+
+Circuits are per gateway process (gateway/breaker.py): each gateway takes a failing worker
+out on its own evidence, so the command asks the gateway the user names, not the controller.
+"""
 
 from __future__ import annotations
 
@@ -47,6 +52,23 @@ def describe_failure(controller_url: str, exc: httpx.HTTPError) -> str:
     return f"cannot reach the controller at {controller_url}: {exc}"
 
 
+#: worker id -> what a gateway knows of it (its /status: circuit, failures, in flight).
+GatewayView = dict[str, dict[str, Any]]
+
+
+def fetch_gateway_view(gateway_url: str | None, ca_file: str | None = None) -> GatewayView | None:
+    """The gateway's view of the workers; None without a gateway URL; {} if unreachable."""
+    if not gateway_url:
+        return None
+    try:
+        status = httpx.get(
+            f"{gateway_url.rstrip('/')}/status", verify=client_tls(ca_file), timeout=5.0
+        ).json()
+    except (httpx.HTTPError, ValueError):
+        return {}
+    return {w["worker_id"]: w for w in status.get("workers", [])}
+
+
 class TokenRates:
     """Output tokens/s per worker, from the token counters its heartbeats carry."""
 
@@ -76,14 +98,31 @@ def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
-def workers_table(table: RouteTable, rates: dict[str, float] | None = None) -> Table:
+def _circuit(gateway: GatewayView, worker_id: str) -> str:
+    seen = gateway.get(worker_id)
+    if seen is None:
+        return "?"  # unreachable gateway, or a worker it does not route yet
+    failures = f" ({seen['failures']} failed)" if seen.get("failures") else ""
+    return f"{seen['circuit']}{failures}"
+
+
+def workers_table(
+    table: RouteTable, rates: dict[str, float] | None = None, gateway: GatewayView | None = None
+) -> Table:
     rates = rates or {}
     view = Table(title=f"workers (routing table v{table.version})")
     columns = ("model (aliases)", "worker", "state", "engine", "TP x PP", "devices", "endpoint")
-    for column in (*columns, "run/wait", "KV", "tok/s"):
+    for column in (
+        *columns,
+        "run/wait",
+        "KV",
+        "tok/s",
+        *(["circuit"] if gateway is not None else []),
+    ):
         view.add_column(column, no_wrap=True)
     for w in sorted(table.workers, key=lambda w: (w.model_names[0], w.worker_id)):
         aliases = f" ({', '.join(w.model_names[1:])})" if len(w.model_names) > 1 else ""
+        circuit = [_circuit(gateway, w.worker_id)] if gateway is not None else []
         view.add_row(
             w.model_names[0] + aliases,
             w.worker_id,
@@ -95,7 +134,10 @@ def workers_table(table: RouteTable, rates: dict[str, float] | None = None) -> T
             f"{w.load.running}/{w.load.waiting}",
             f"{100 * w.load.kv_cache_usage:.0f}%",
             _rate(rates.get(w.worker_id)),
+            *circuit,
         )
+    if gateway == {}:
+        view.caption = "circuit: the gateway did not answer"
     return view
 
 
@@ -120,8 +162,11 @@ def models_table(table: RouteTable, rates: dict[str, float]) -> Table:
     return view
 
 
-def _view(table: RouteTable, rates: dict[str, float]) -> Group:
-    return Group(models_table(table, rates), workers_table(table, rates))
+def _view(
+    table: RouteTable, rates: dict[str, float], gateway_url: str | None, ca_file: str | None
+) -> Group:
+    gateway = fetch_gateway_view(gateway_url, ca_file)
+    return Group(models_table(table, rates), workers_table(table, rates, gateway))
 
 
 def print_status(
@@ -130,8 +175,10 @@ def print_status(
     watch_s: float | None = None,
     token: ClusterToken | None = None,
     ca_file: str | None = None,
+    gateway_url: str | None = None,
 ) -> int:
-    """Print the picture once, or (``watch_s``) redraw it every ``watch_s`` until Ctrl-C."""
+    """Print the picture once, or (``watch_s``) redraw it every ``watch_s`` until Ctrl-C;
+    with ``gateway_url``, each worker's circuit as that gateway sees it."""
     url = controller_url.rstrip("/")
     rates = TokenRates()
     if watch_s is None:
@@ -140,14 +187,15 @@ def print_status(
         except httpx.HTTPError as exc:
             console.print(f"[red]{describe_failure(url, exc)}[/red]")
             return 1
-        console.print(_view(table, {}))
+        console.print(_view(table, {}, gateway_url, ca_file))
         return 0
     with Live(console=console, auto_refresh=False) as live:
         try:
             while True:
                 try:
                     table = fetch_table(url, token, ca_file)
-                    live.update(_view(table, rates.update(table, time.monotonic())), refresh=True)
+                    view = _view(table, rates.update(table, time.monotonic()), gateway_url, ca_file)
+                    live.update(view, refresh=True)
                 except httpx.HTTPError as exc:
                     live.update(f"[red]{describe_failure(url, exc)}[/red]")
                     live.refresh()
@@ -159,7 +207,9 @@ def print_status(
 
 def cmd_status(args: argparse.Namespace) -> int:
     token = client_token(args.cluster_token_file)
-    return print_status(make_console(), args.controller_url, args.watch, token, args.ca_file)
+    return print_status(
+        make_console(), args.controller_url, args.watch, token, args.ca_file, args.gateway_url
+    )
 
 
 def register(sub: Any) -> None:
@@ -172,5 +222,11 @@ def register(sub: Any) -> None:
         const=2.0,
         metavar="SECONDS",
         help="Redraw every SECONDS (default 2) with tokens/s, until Ctrl-C.",
+    )
+    status.add_argument(
+        "--gateway-url",
+        metavar="URL",
+        help="Also show each worker's circuit (closed, half_open, open: taken out after "
+        "failures) as the gateway at URL sees it; each gateway keeps its own.",
     )
     status.set_defaults(func=cmd_status)

@@ -44,9 +44,13 @@ from workers.vllm.demo_model import DEMO_MODEL_NAME
 
 
 def worker_settings(
-    spec: ModelSpec, host: str, advertise_host: str | None, device: Device | None = None
+    spec: ModelSpec,
+    host: str,
+    advertise_host: str | None,
+    device: Device | None = None,
+    replica: int = 0,
 ) -> WorkerSettings:
-    """The settings of one replica of ``spec`` (its controller: whoever starts it)."""
+    """The settings of replica ``replica`` of ``spec`` (its controller: whoever starts it)."""
     return WorkerSettings(
         engine=spec.engine,
         source=spec.source,
@@ -58,6 +62,12 @@ def worker_settings(
         host=host,
         advertise_host=advertise_host,
         routing_policy=spec.routing_policy,
+        fallbacks=spec.fallbacks,
+        url=spec.url[replica] if spec.url else None,  # an attached server per replica
+        upstream_model=spec.upstream_model,
+        upstream_key=spec.upstream_key,
+        endpoints=spec.endpoints,
+        capacity=spec.capacity,
         engine_args=spec.engine_flags(),
         start_timeout_s=spec.start_timeout_s,
     )
@@ -142,7 +152,7 @@ def run_local_cluster(
     console = make_console()
     for spec in cluster.models:
         Engine.named(spec.engine).check_installed()
-        if not spec.source:
+        if not spec.source and not spec.url:
             with console.status("preparing the model (the demo model: made on first run)"):
                 spec.source = Engine.named(spec.engine).resolve_source(spec.source)
     counts = part.replicas if part else {spec.name: spec.replicas for spec in cluster.models}
@@ -191,7 +201,7 @@ def run_local_cluster(
             console.print(f"workers of this node register with {joins}")
         for spec, plan in placed:
             name = f"worker-{slug(spec.name)}-{plan.replica}"
-            settings = worker_settings(spec, g.host, advertise_host, plan.device)
+            settings = worker_settings(spec, g.host, advertise_host, plan.device, plan.replica)
             local.add_replica(settings, name, plan.environment())
             where = ",".join(map(str, plan.gpu_ids)) or plan.cpu_bind
             if where:

@@ -118,6 +118,12 @@ def deploy(
     cluster: ClusterConfig, controller_url: str, address: str | None, console: Console
 ) -> int:
     """Deploy (or update) every model of ``cluster``; remove models no longer in it."""
+    attached = [spec.name for spec in cluster.models if spec.url]
+    if attached:  # a Ray replica runs an engine; nothing of an attached server's runs on Ray
+        raise ConfigError(
+            f"{', '.join(attached)}: attached servers (engine openai) are not Ray deployments; "
+            "run `fleetserve worker --engine openai --url ...` for each, next to the cluster"
+        )
     import ray
     from ray import serve
     from ray.experimental import internal_kv

@@ -101,3 +101,24 @@ def test_the_routing_policy_is_the_models_and_the_newest_registration_wins(
     assert [(m.name, m.routing_policy) for m in registry.table().models] == [("m", "session")]
     assert "registers routing policy session, other workers registered round_robin" in caplog.text
     assert "routing_policy" not in registry.table().workers[0].model_dump()  # not per worker
+
+
+def test_a_model_with_fallbacks_stays_in_the_table_after_its_last_worker() -> None:
+    """So that gateways keep sending its requests to its fallbacks (its engine died, it is
+    being replaced); a model without fallbacks leaves with its last worker."""
+    registry = Registry(expiry_after_s=6, warmup_s=3, clock=Clock())
+    with_fallbacks = _worker("a1", "a", "a-alias").model_copy(update={"fallbacks": ["b"]})
+    registry.register(with_fallbacks)
+    registry.register(_worker("b1", "b"))
+    assert [(m.name, m.fallbacks, m.aliases) for m in registry.table().models] == [
+        ("a", ["b"], ["a-alias"]),
+        ("b", [], []),
+    ]
+    registry.deregister("a1")
+    registry.deregister("b1")
+    table = registry.table()
+    assert table.workers == [] and [m.name for m in table.models] == ["a"]
+    # the newest registration says: without fallbacks now, it leaves with its workers
+    registry.register(_worker("a2", "a"))
+    registry.deregister("a2")
+    assert registry.table().models == []

@@ -32,6 +32,7 @@ from tests.deploy.test_prometheus_rules import (
 from tests.helpers import LocalCluster, descendants, free_port, wait_until
 
 TOKENS_PER_S = 200.0  # the fake engine's pace: sets what time per output token must read
+RESUMED_TOKENS = 1000  # the stream whose engine is killed after its first chunk
 KEY = "sk-test-prometheus"
 
 
@@ -45,7 +46,7 @@ class Traffic:
     completion_tokens: int = 0
     ghost_id: str = ""
     killed_worker: str = ""
-    broken_streams: int = 0
+    resumed_streams: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -125,9 +126,14 @@ def _send_traffic(url: str, cluster: LocalCluster, traffic: Traffic) -> None:
     wait_until(ghost_failed, 30, "the gateway to try the ghost worker", every_s=0)
     httpx.delete(f"{cluster.controller_url}/workers/{ghost.worker_id}")
 
-    # An engine killed while it streams: the client gets an error event, the agent restarts it.
+    # An engine killed while it streams: the other worker takes the stream over (resume), the
+    # client reads one whole answer; the agent restarts the engine.
     chunks = client.chat.completions.create(
-        model="echo", messages=messages, max_tokens=4000, stream=True
+        model="echo",
+        messages=messages,
+        max_tokens=RESUMED_TOKENS,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     first = next(iter(chunks))
     assert first.choices
@@ -139,10 +145,15 @@ def _send_traffic(url: str, cluster: LocalCluster, traffic: Traffic) -> None:
         if c.name.startswith("worker-") and traffic.killed_worker in c.log()
     )
     os.kill(descendants(worker.pid)[-1], signal.SIGKILL)  # agent -> reaper -> engine
-    with pytest.raises(openai.APIError):
-        for _ in chunks:
-            pass
-    traffic.broken_streams += 1
+    usage = None
+    for chunk in chunks:
+        usage = chunk.usage or usage
+    assert usage is not None and usage.completion_tokens == RESUMED_TOKENS
+    traffic.prompt_tokens += usage.prompt_tokens
+    traffic.completion_tokens += usage.completion_tokens
+    traffic.ok += 1
+    traffic.streams += 1
+    traffic.resumed_streams += 1
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +235,7 @@ def test_every_target_is_up(setup: Setup) -> None:
 def test_gateway_counts_requests_by_model_status_and_key(setup: Setup) -> None:
     t = setup.traffic
     requests = "fleetserve_gateway_requests_total"
-    eventually(setup, f'sum({requests}{{model="echo",status="200",key="team-a"}})', t.ok + 1)
+    eventually(setup, f'sum({requests}{{model="echo",status="200",key="team-a"}})', t.ok)
     eventually(setup, f'sum({requests}{{model="unknown",status="404",key="team-a"}})', 1)
     # the names clients made up never become label values
     assert query(setup, f'{requests}{{model="nope"}}') == []
@@ -233,7 +244,7 @@ def test_gateway_counts_requests_by_model_status_and_key(setup: Setup) -> None:
 def test_gateway_counts_the_tokens_the_client_was_told(setup: Setup) -> None:
     t = setup.traffic
     eventually(setup, 'sum(fleetserve_gateway_prompt_tokens_total{key="team-a"})', t.prompt_tokens)
-    # the broken stream's tokens are not counted (no usage report): the ones the client saw are
+    # the resumed stream's: the whole answer's, as its usage told the client
     eventually(
         setup,
         'sum(fleetserve_gateway_completion_tokens_total{key="team-a"})',
@@ -246,12 +257,12 @@ def test_latency_histograms_split_gateway_time_from_engine_time(setup: Setup) ->
     eventually(
         setup,
         'sum(fleetserve_gateway_time_to_first_token_seconds_count{model="echo"})',
-        t.streams + t.broken_streams,
+        t.streams,
     )
     eventually(
         setup,
         'sum(fleetserve_gateway_request_duration_seconds_count{model="echo"})',
-        t.ok + t.broken_streams,
+        t.ok,
     )
 
     def mean(metric: str) -> float:
@@ -294,7 +305,12 @@ def test_retries_and_upstream_failures_by_worker(setup: Setup) -> None:
     eventually(
         setup,
         f'sum(fleetserve_gateway_upstream_mid_stream_failures_total{{worker="{t.killed_worker}"}})',
-        t.broken_streams,
+        t.resumed_streams,
+    )
+    eventually(
+        setup,
+        'sum(fleetserve_gateway_resumes_total{model="echo",outcome="resumed"})',
+        t.resumed_streams,
     )
     eventually(setup, "sum(fleetserve_gateway_in_flight_requests)", 0)
 

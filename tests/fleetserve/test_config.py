@@ -58,7 +58,7 @@ def test_a_full_cluster_file_loads(tmp_path: Path) -> None:
         (
             "[{name: a, engine: nope}]",
             "models[0].engine: unknown engine 'nope'; choose one of "
-            "['fake', 'llama-server', 'llamacpp', 'vllm']",
+            "['fake', 'llama-server', 'llamacpp', 'openai', 'vllm']",
         ),
         (
             "[{name: a, engine: fake}, {name: b, engine: fake, aliases: [a]}]",
@@ -69,6 +69,25 @@ def test_a_full_cluster_file_loads(tmp_path: Path) -> None:
             "model name 'a' of model 'a' is already used",
         ),
         ("[]", "models: List should have at least 1 item"),
+        (
+            "[{name: a, engine: openai}]",
+            "url goes with engine 'openai', and that engine needs a url",
+        ),
+        ("[{name: a, engine: fake, url: 'http://x/v1'}]", "url goes with engine 'openai'"),
+        (
+            "[{name: a, engine: openai, url: [http://x/v1, http://y/v1], replicas: 3}]",
+            "replicas is 3 but 2 url(s) are given",
+        ),
+        (
+            "[{name: a, engine: openai, url: http://x/v1, endpoints: [/v1/chat]}]",
+            "endpoint '/v1/chat' is not one the gateway routes",
+        ),
+        (
+            "[{name: a, engine: openai, url: http://x/v1, upstream_key: 'my key'}]",
+            "models[0].upstream_key: String should match pattern",
+        ),
+        ("[{name: a, engine: fake, fallbacks: [b]}]", "fallback 'b' of model 'a' is not another"),
+        ("[{name: a, engine: fake, fallbacks: [a]}]", "fallback 'a' of model 'a' is not another"),
         ("[{name: 'bad name', engine: fake}]", "models[0].name: String should match pattern"),
     ],
 )
@@ -76,6 +95,42 @@ def test_invalid_files_say_what_is_wrong(tmp_path: Path, models: str, message: s
     with pytest.raises(ConfigError) as error:
         load_cluster_file(_write(tmp_path, f"models: {models}\n"), context=validation_context())
     assert message in str(error.value)
+
+
+def test_attached_servers_and_fallbacks_in_a_cluster_file(tmp_path: Path) -> None:
+    cluster = load_cluster_file(
+        _write(
+            tmp_path,
+            """
+models:
+  - name: big
+    engine: fake
+    fallbacks: [small, small-alias]
+  - name: small
+    aliases: [small-alias]
+    engine: openai
+    url: [http://10.0.0.7:11434/v1, http://10.0.0.8:11434/v1]
+    upstream_model: qwen2.5:0.5b
+    upstream_key: OLLAMA_KEY
+    capacity: 4
+    endpoints: [/v1/chat/completions, /v1/embeddings]
+""",
+        ),
+        context=validation_context(),
+    )
+    big, small = cluster.models
+    assert big.fallbacks == ["small", "small-alias"]
+    assert small.replicas == 2  # one per url
+    from fleetserve.cli.up import worker_settings
+
+    second = worker_settings(small, "127.0.0.1", None, replica=1)
+    assert (second.url, second.upstream_model, second.upstream_key, second.capacity) == (
+        "http://10.0.0.8:11434/v1",
+        "qwen2.5:0.5b",
+        "OLLAMA_KEY",
+        4,
+    )
+    assert worker_settings(big, "127.0.0.1", None).fallbacks == ["small", "small-alias"]
 
 
 def test_unknown_top_level_key_and_bad_yaml(tmp_path: Path) -> None:

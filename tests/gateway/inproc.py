@@ -33,7 +33,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import anthropic
 import httpx
+import httpx2
 import openai
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
@@ -44,6 +46,7 @@ from fleetserve.config import ControllerSettings, GatewaySettings
 from fleetserve.protocol import Registration, RouteTable
 from gateway.server import Gateway
 from gateway.server import build_app as build_gateway_app
+from workers.fake.engine import FakeEngine
 from workers.fake.server import FakeServer
 from workers.fake.server import build_app as build_engine_app
 
@@ -92,7 +95,8 @@ class _Uvicorn(uvicorn.Server):
 class LoopbackServer:
     """An ASGI app served by uvicorn on a free loopback port, from the running event loop."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, **options: Any) -> None:
+        """``options``: more of uvicorn's settings (ssl_certfile...)."""
         config = uvicorn.Config(
             app,
             host="127.0.0.1",
@@ -103,8 +107,10 @@ class LoopbackServer:
             access_log=False,
             # a request the gateway gave up on (504) may still be generating: cut it short
             timeout_graceful_shutdown=1,
+            **options,
         )
         self._server = _Uvicorn(config)
+        self._scheme = "https" if "ssl_certfile" in options else "http"
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> str:
@@ -115,7 +121,7 @@ class LoopbackServer:
             task.result()  # raises what stopped it
             raise RuntimeError("uvicorn stopped at start-up")
         port = self._server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
+        return f"{self._scheme}://127.0.0.1:{port}"
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -130,6 +136,12 @@ class GatewayUnderTest:
     app: Gateway
     #: Raw HTTP, for what the openai client would not send (bad bodies, no key).
     http: httpx.AsyncClient
+    #: The same, in httpx2 (the HTTP package of anthropic 2.x, which takes no httpx client).
+    http2: httpx2.AsyncClient
+    #: Where it also listens on loopback (``serve=True``): httpx.ASGITransport hands a
+    #: response over only once the app finished it, so a test of a client that leaves half
+    #: way through a stream talks to this socket.
+    url: str | None = None
 
     def client(self, api_key: str = "unused") -> openai.AsyncOpenAI:
         # max_retries=0: a failure must show, not be hidden by the client's own retries.
@@ -139,6 +151,12 @@ class GatewayUnderTest:
             # openai 3 is typed for httpx2's client and takes httpx's as well (its "legacy" one)
             http_client=self.http,  # type: ignore[arg-type]
             max_retries=0,
+        )
+
+    def anthropic(self, api_key: str = "unused") -> anthropic.AsyncAnthropic:
+        """Anthropic's own client (it sends the key as x-api-key, and anthropic-version)."""
+        return anthropic.AsyncAnthropic(
+            base_url=GATEWAY_URL, api_key=api_key, http_client=self.http2, max_retries=0
         )
 
     async def routing_table_version(self) -> int | None:
@@ -160,15 +178,27 @@ class GatewayUnderTest:
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(settings: GatewaySettings) -> AsyncIterator[GatewayUnderTest]:
-    """``build_app(settings)`` with its lifespan open, behind an ``httpx.ASGITransport``."""
+async def running_gateway(
+    settings: GatewaySettings, serve: bool = False
+) -> AsyncIterator[GatewayUnderTest]:
+    """``build_app(settings)`` with its lifespan open, behind an ``httpx.ASGITransport`` (and
+    on a loopback port too with ``serve``)."""
     app = build_gateway_app(settings)
     transport = httpx.ASGITransport(app=app)
     async with (
         app.lifespan(app.admin),
         httpx.AsyncClient(transport=transport, base_url=GATEWAY_URL, timeout=WAIT_S) as http,
+        httpx2.AsyncClient(
+            transport=httpx2.ASGITransport(app=app), base_url=GATEWAY_URL, timeout=WAIT_S
+        ) as http2,
     ):
-        yield GatewayUnderTest(app, http)
+        server = LoopbackServer(app) if serve else None
+        url = await server.start() if server is not None else None
+        try:
+            yield GatewayUnderTest(app, http, http2, url)
+        finally:
+            if server is not None:
+                await server.stop()
 
 
 @dataclass
@@ -182,6 +212,8 @@ class Workers:
     dead: list[str]
     #: The fake engine of each live worker, by worker id.
     engines: dict[str, FakeServer]
+    #: Each live worker's engine URL (its OpenAI base URL without ``/v1``).
+    urls: dict[str, str]
 
 
 @dataclass
@@ -223,10 +255,13 @@ class InProcessCluster:
             await eventually(caught_up, f"routing table v{version} at the gateway")
 
     @contextlib.asynccontextmanager
-    async def gateway(self, **settings: Any) -> AsyncIterator[GatewayUnderTest]:
-        """A gateway of this cluster with ``settings``, once it routes by the current table."""
+    async def gateway(
+        self, serve: bool = False, **settings: Any
+    ) -> AsyncIterator[GatewayUnderTest]:
+        """A gateway of this cluster with ``settings``, once it routes by the current table
+        (``serve``: on a loopback port too)."""
         config = GatewaySettings(controller_url=self.controller_url, **settings)
-        async with running_gateway(config) as gateway:
+        async with running_gateway(config, serve) as gateway:
             self.gateways.append(gateway)
             try:
                 await self.settle()
@@ -244,10 +279,16 @@ class InProcessCluster:
         routing_policy: str | None = None,
         tokens_per_s: float = 0.0,
         dead: int = 0,
+        vocabulary: str = "count",
+        resumable: bool = True,
+        fallbacks: tuple[str, ...] = (),
+        **registration: Any,
     ) -> AsyncIterator[Workers]:
-        """``replicas`` workers of ``name``, each with a fake engine of its own, and ``dead``
-        workers whose port refuses connections, registered with ``routing_policy``; once every
-        gateway routes them. Deregistered (and gone from every gateway) on exit."""
+        """``replicas`` workers of ``name``, each with a fake engine of its own (``vocabulary``:
+        see workers/fake/tokens.py), and ``dead`` workers whose port refuses connections,
+        registered with ``routing_policy`` (``resumable``: as vLLM workers are; False as
+        llama.cpp's) and ``fallbacks`` (and more ``registration`` fields); once every gateway
+        routes them. Deregistered (and gone from every gateway) on exit."""
         names = [name, *aliases]
         servers: list[LoopbackServer] = []
         engines: dict[str, FakeServer] = {}
@@ -256,7 +297,7 @@ class InProcessCluster:
         with contextlib.ExitStack() as refusing:
             try:
                 for i in range(replicas):
-                    engine = FakeServer(names, tokens_per_s=tokens_per_s, ttft_s=0.0)
+                    engine = FakeServer(names, tokens_per_s, 0.0, vocabulary)
                     server = LoopbackServer(build_engine_app(engine))
                     servers.append(server)
                     worker_id = f"{name}-{i}"
@@ -273,12 +314,18 @@ class InProcessCluster:
                             base_url=f"{url}/v1",
                             engine="fake",
                             capacity=8,
+                            resumable=resumable,
                             routing_policy=routing_policy,
+                            fallbacks=list(fallbacks),
+                            **{"endpoints": list(FakeEngine.served_endpoints), **registration},
                         )
                     )
                     registered.append(worker_id)
                 await self.settle()
-                yield Workers(name, list(engines), [w for w in urls if w not in engines], engines)
+                live = {w: url for w, url in urls.items() if w in engines}
+                yield Workers(
+                    name, list(engines), [w for w in urls if w not in engines], engines, live
+                )
             finally:
                 for worker_id in registered:
                     await self.deregister(worker_id)

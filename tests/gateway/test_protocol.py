@@ -1,11 +1,15 @@
 """The hot path's request parser and the pydantic models of /openapi.json are one contract.
 
 ``parse_request`` checks a body by hand (it is on every request's path); the
-models in gateway/protocol.py describe the same contract to clients. Hypothesis
-draws bodies mixing valid and invalid values of every field the gateway reads,
-extra fields, JSON that is not an object and bytes that are not JSON, and the
-two must accept and refuse the same ones; the edges a type check most easily
-gets wrong are also tried every time, by hand.
+models in gateway/protocol.py describe the same contract to clients, for every
+JSON route (chat, completions, responses, embeddings, Anthropic's messages...).
+Hypothesis draws bodies mixing valid and invalid values of every field the
+gateway reads on any route, extra fields, JSON that is not an object and bytes
+that are not JSON, and the two must accept and refuse the same ones on each
+route; the edges a type check most easily gets wrong are also tried every time,
+by hand. The multipart routes (audio) are read by ``parse_form``: hypothesis
+draws forms, encoded by httpx as clients do, and the parser must find what was
+sent.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -20,7 +25,21 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from fleetserve.errors import OpenAIError
-from gateway.protocol import ENDPOINTS, MAX_TOKENS_FIELDS, parse_request
+from gateway import multipart
+from gateway.protocol import ENDPOINTS, MAX_TOKENS_FIELDS, parse_form, parse_request
+
+JSON_PATHS = sorted(path for path, endpoint in ENDPOINTS.items() if not endpoint.multipart)
+FORM_PATHS = sorted(path for path, endpoint in ENDPOINTS.items() if endpoint.multipart)
+#: One JSON route per contract (what the parser reads and checks is the same for all of a
+#: contract's routes: /v1/embeddings, /v1/rerank, /tokenize... have one), as the routes are
+#: tested against their models.
+CONTRACTS = sorted(
+    {
+        (e.schema, e.required, e.required_types, e.stream_usage_option): path
+        for path, e in reversed(ENDPOINTS.items())
+        if not e.multipart
+    }.values()
+)
 
 # Text from a few characters that matter to a JSON encoding (quote, backslash, NUL,
 # non-ASCII): every character would cost Hypothesis seconds to index on a fresh checkout, and
@@ -128,21 +147,43 @@ def _assert_one_contract(path: str, body: bytes) -> None:
     else:
         assert refused_by_schema is None, f"only the schema refuses: {refused_by_schema}"
         assert parsed.model == parsed.payload["model"]
-        assert parsed.stream is (parsed.payload.get("stream") is True)
+        streams = ENDPOINTS[path].streams
+        assert parsed.stream is (streams and parsed.payload.get("stream") is True)
 
 
-@pytest.mark.parametrize("path", sorted(ENDPOINTS))
+def test_every_json_route_checks_model_and_the_caps_it_has() -> None:
+    assert len(JSON_PATHS) == 13 and len(FORM_PATHS) == 2
+    assert CONTRACTS == [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/messages",
+        "/v1/responses",
+    ]
+    assert ENDPOINTS["/v1/responses"].limit_fields == ("max_output_tokens",)
+    assert ENDPOINTS["/v1/messages"].limit_fields == ("max_tokens",)
+    assert ENDPOINTS["/v1/embeddings"].limit_fields == () and not ENDPOINTS["/tokenize"].streams
+
+
+@pytest.mark.parametrize("path", CONTRACTS)
 @settings(max_examples=200)
 @given(body=bodies())
 def test_parser_and_schema_accept_and_refuse_the_same_bodies(path: str, body: bytes) -> None:
     _assert_one_contract(path, body)
 
 
-#: A body both endpoints accept: each edge below changes one field of it.
-VALID_BODY = {"model": "m", "messages": [], "prompt": "p", "stream": True, "max_tokens": 1}
+#: A body every JSON route accepts: each edge below changes one field of it.
+VALID_BODY = {
+    "model": "m",
+    "messages": [],
+    "prompt": "p",
+    "stream": True,
+    "max_tokens": 1,
+    "max_output_tokens": 1,
+}
 
 
-@pytest.mark.parametrize("path", sorted(ENDPOINTS))
+@pytest.mark.parametrize("path", CONTRACTS)
 @pytest.mark.parametrize(
     ("field", "value"),
     [(field, value) for field, values in EDGES.items() for value in values],
@@ -151,3 +192,53 @@ def test_parser_and_schema_agree_on_the_edges(path: str, field: str, value: Any)
     _assert_one_contract(path, _encode(VALID_BODY))
     _assert_one_contract(path, _encode({**VALID_BODY, field: value}))
     _assert_one_contract(path, _encode({key: v for key, v in VALID_BODY.items() if key != field}))
+
+
+form_text = st.text(alphabet='ab"\\;=\r\n é💡', max_size=8)
+
+
+@settings(max_examples=200)
+@given(
+    fields=st.dictionaries(
+        st.sampled_from(["model", "stream", "language", "prompt", "x"]), form_text, max_size=5
+    ),
+    audio=st.binary(max_size=64),
+)
+def test_a_form_is_read_as_httpx_encodes_it(fields: dict[str, str], audio: bytes) -> None:
+    request = httpx.Request("POST", "/", data=fields, files={"file": ("a.wav", audio)})
+    body = request.read()
+    content_type = request.headers["content-type"]
+    try:
+        parsed = parse_form(body, content_type)
+    except OpenAIError as error:
+        assert error.status == 400
+        stream = fields.get("stream", "false").strip().lower()
+        assert error.param == ("model" if not fields.get("model") else "stream"), stream
+        return
+    assert parsed.model == fields["model"]
+    assert parsed.stream is (fields.get("stream", "").strip().lower() == "true")
+    # a rewrite changes that field only: the file and the other fields are as sent
+    boundary = multipart.boundary(content_type)
+    assert boundary is not None
+    again = parse_form(parsed.encode(body, model="renamed"), content_type)
+    assert again.model == "renamed" and parsed.payload["model"] == "renamed"
+    rewritten = parsed.encode(body, model="renamed")
+    assert rewritten.count(audio) >= 1 and len(rewritten) == len(body) - len(
+        fields["model"].encode()
+    ) + len(b"renamed")
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/json", b'{"model": "m"}'),
+        ("multipart/form-data", b"--x\r\n"),  # no boundary
+        ("multipart/form-data; boundary=x", b"no boundary here"),
+        ("multipart/form-data; boundary=x", b'--x\r\nContent-Disposition: form-data; name="m'),
+        ("multipart/form-data; boundary=x", b"--x\r\n\r\nnever closed"),
+    ],
+)
+def test_what_is_not_a_form_is_400(content_type: str, body: bytes) -> None:
+    with pytest.raises(OpenAIError) as refused:
+        parse_form(body, content_type)
+    assert refused.value.status == 400

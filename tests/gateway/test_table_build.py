@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
+
 from fleetserve.protocol import ModelView, RouteTable, WorkerState, WorkerView
-from gateway.routing import LeastLoadPolicy, RoundRobinPolicy, SessionPolicy
-from gateway.table import RoutingTable
+from gateway.routing import (
+    KvEventsPolicy,
+    LeastLoadPolicy,
+    PrefixTreePolicy,
+    RoundRobinPolicy,
+    SessionPolicy,
+)
+from gateway.table import RoutingTable, Upstream, response_tag
 
 
 def _worker(worker_id: str, *names: str, state: WorkerState = WorkerState.READY) -> WorkerView:
@@ -64,3 +72,70 @@ def test_a_model_whose_workers_all_drain_is_known_with_no_worker() -> None:
     table = RoutingTable(_table(1, [_worker("a", "m", state=WorkerState.DRAINING)]))
     assert table.by_name["m"].workers == ()  # 503 "no healthy worker", not 404
     assert RoutingTable().version is None and RoutingTable().by_name == {}
+
+
+def test_each_route_knows_the_workers_that_serve_each_endpoint() -> None:
+    chat, embed = "/v1/chat/completions", "/v1/embeddings"
+    both = _worker("a", "m").model_copy(update={"endpoints": [chat, embed]})
+    chat_only = _worker("bb", "m").model_copy(update={"endpoints": [chat]})
+    route = RoutingTable(_table(1, [both, chat_only])).by_name["m"]
+    assert route.endpoints == {chat, embed}
+    assert route.by_endpoint[chat] is route  # every worker serves it: the route itself
+    assert [t.worker_id for t in route.by_endpoint[embed].workers] == ["a"]
+    assert route.by_endpoint[embed].policy is route.policy
+
+
+def test_a_response_tag_finds_its_ready_worker() -> None:
+    table = RoutingTable(_table(1, [_worker("a", "m", "alias"), _worker("bb", "other")]))
+    route, target = table.by_response_tag[response_tag("a")]
+    assert (route.model, target.worker_id) == ("m", "a")
+    assert len(response_tag("a")) == 12 and response_tag("a") != response_tag("bb")
+
+
+def test_a_kept_model_routes_to_its_fallbacks_and_attached_servers_get_their_key() -> None:
+    attached = _worker("up", "local").model_copy(
+        update={"upstream_model": "theirs", "upstream_key": "KEY_A"}
+    )
+    lacking = _worker("up2", "local").model_copy(update={"upstream_key": "KEY_B"})
+    models = [ModelView(name="gone", aliases=["gone-alias"], fallbacks=["local"])]
+    table = RoutingTable(
+        RouteTable(epoch="e", version=1, workers=[attached, lacking], models=models),
+        secret={"KEY_A": "sk-a"}.get,
+    )
+    local = table.by_name["local"]
+    assert [t.worker_id for t in local.workers] == ["up"]  # no KEY_B here: not routed to
+    assert table.missing_secrets == {"up2"}
+    assert local.upstreams["up"] == Upstream("theirs", b"Authorization: Bearer sk-a\r\n")
+    for name in ("gone", "gone-alias"):
+        kept = table.by_name[name]
+        assert (kept.model, kept.workers, kept.fallbacks) == ("gone", (), ("local",))
+        assert kept.endpoints == frozenset() and kept.by_endpoint == {}
+
+
+def test_a_missing_secret_is_logged_once_not_at_every_version(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    lacking = _worker("up", "local").model_copy(update={"upstream_key": "KEY_B"})
+    first = RoutingTable(_table(1, [lacking]), secret=lambda _: None)
+    again = RoutingTable(_table(2, [lacking]), first, secret=lambda _: None)
+    RoutingTable(_table(3, [lacking]), again, secret=lambda _: None)
+    assert caplog.text.count("needs the secret KEY_B") == 1
+
+
+def test_a_model_whose_engines_publish_kv_events_routes_by_them_unless_told_otherwise() -> None:
+    publishing = _worker("a", "m").model_copy(update={"kv_events_url": "http://10.0.0.1:9000"})
+    workers = [publishing, _worker("bb", "plain")]
+    table = RoutingTable(_table(1, workers, m=None, plain=None))
+    assert isinstance(table.by_name["m"].policy, KvEventsPolicy)
+    assert isinstance(table.by_name["plain"].policy, LeastLoadPolicy)
+    # the gateway's --routing-policy, for models that name none
+    gateway_default = RoutingTable(
+        _table(1, workers, m=None, plain=None), None, default_policy="prefix_tree"
+    )
+    assert isinstance(gateway_default.by_name["m"].policy, PrefixTreePolicy)
+    assert isinstance(gateway_default.by_name["plain"].policy, PrefixTreePolicy)
+    # the registration's own choice wins
+    named = RoutingTable(
+        _table(1, workers, m="session", plain=None), None, default_policy="prefix_tree"
+    )
+    assert isinstance(named.by_name["m"].policy, SessionPolicy)

@@ -152,9 +152,9 @@ def test_a_worker_refuses_a_gated_model_before_starting_its_engine(
     hub: RunningHub, tmp_path: Path
 ) -> None:
     """The engine would fail on 401 at every restart, forever; the worker stops at once."""
+    worker = ["worker", "--engine", "vllm", "--source", "acme/gated", "--served-name", "gated"]
     done = subprocess.run(
-        [sys.executable, "-m", "fleetserve.cli", "worker", "--engine", "vllm"]
-        + ["--source", "acme/gated", "--served-name", "gated", "--controller-url", hub.hub.url],
+        [sys.executable, "-m", "fleetserve.cli", *worker, "--controller-url", hub.hub.url],
         env=_env(hub, tmp_path / "hf", FLEETSERVE_HOME=str(tmp_path / "home")),
         capture_output=True,
         text=True,

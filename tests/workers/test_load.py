@@ -48,3 +48,35 @@ llamacpp:requests_deferred 3
 def test_llama_servers_own_names_are_read_too() -> None:
     load = parse_load(LLAMA_SERVER_METRICS)
     assert (load.running, load.waiting, load.generated_tokens) == (2, 3, 4000)
+
+
+SGLANG_METRICS = """\
+# TYPE sglang:num_running_reqs gauge
+sglang:num_running_reqs{model_name="m"} 5.0
+# TYPE sglang:num_queue_reqs gauge
+sglang:num_queue_reqs{model_name="m"} 1.0
+# TYPE sglang:token_usage gauge
+sglang:token_usage{model_name="m"} 0.4
+# TYPE sglang:generation_tokens counter
+sglang:generation_tokens_total{model_name="m"} 321.0
+"""
+
+TGI_METRICS = """\
+# TYPE tgi_batch_current_size gauge
+tgi_batch_current_size 6
+# TYPE tgi_queue_size gauge
+tgi_queue_size 2
+# TYPE tgi_request_generated_tokens histogram
+tgi_request_generated_tokens_bucket{le="+Inf"} 3
+tgi_request_generated_tokens_sum 77
+tgi_request_generated_tokens_count 3
+"""
+
+
+def test_attached_servers_names_are_read_too() -> None:
+    """SGLang and TGI, which an attached worker (engine openai) may watch."""
+    sglang = parse_load(SGLANG_METRICS)
+    assert (sglang.running, sglang.waiting, sglang.kv_cache_usage) == (5, 1, 0.4)
+    assert sglang.generated_tokens == 321
+    tgi = parse_load(TGI_METRICS)
+    assert (tgi.running, tgi.waiting, tgi.generated_tokens) == (6, 2, 77)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from fleetserve.protocol import CHAT, COMPLETIONS
 from workers.engines import Engine
 
 
@@ -11,6 +12,8 @@ class FakeEngine(Engine, name="fake"):
     """Starts workers/fake/server.py; engine args are its flags (``--tokens-per-s 50``)."""
 
     unix_socket = True
+    token_ids = True
+    served_endpoints = (CHAT, COMPLETIONS, "/v1/audio/transcriptions", "/v1/audio/translations")
 
     def command(self, port: int) -> list[str]:
         s = self.settings

