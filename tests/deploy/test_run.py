@@ -30,7 +30,14 @@ from tests.deploy.skypilot import (
     skypilot_env,
     wait_routed,
 )
-from tests.helpers import descendants, free_port, ray_head_port, wait_until
+from tests.helpers import (
+    SKYPILOT_RAY_PORTS,
+    descendants,
+    free_port,
+    ports_taken,
+    ray_head_port,
+    wait_until,
+)
 
 _FAKE_START_S = 60
 _VLLM_START_S = 300
@@ -279,40 +286,44 @@ def test_cluster_yaml_one_replica_spans_two_nodes(
     """PP_SIZE=2: the head's controller and gateway serve one replica staged over both nodes.
 
     The fake engine: vLLM's CPU build refuses the Ray executor, so only the stack
-    around a spanning replica (Ray cluster, registration, routing) runs here.
+    around a spanning replica (Ray cluster, registration, routing) runs here. The ports
+    SkyPilot's own Ray holds on its nodes (6380, 8266) and the one after RAY_PORT are
+    taken, as on a SkyPilot head: Ray's dashboard once went to RAY_PORT + 1 and failed.
     """
     task = tasks["cluster.yaml"]
     ips = ("127.0.0.1", "127.0.0.2")
     gateway_port, controller_port = free_port(), free_port()
+    ray_port = ray_head_port()
     common = {
         "ENGINE": "fake",
         "PP_SIZE": "2",
         "GATEWAY_PORT": str(gateway_port),
         "CONTROLLER_PORT": str(controller_port),
-        "RAY_PORT": str(ray_head_port()),
+        "RAY_PORT": str(ray_port),
     }
     base = {**fleet_env, "FLEETSERVE_HOME": str(log_dir / "fleetserve-home")}
-    nodes = [
-        NodeJob(
-            f"rank{rank}",
-            task["run"],
-            skypilot_env(task, base, rank=rank, ips=ips, **common),
-            log_dir,
-        )
-        for rank in (0, 1)
-    ]
-    gateway_url = f"http://127.0.0.1:{gateway_port}"
-    model = task["envs"]["SERVED_NAME"]
-    try:
-        wait_routed(nodes[0], gateway_url, model, 240)  # the follower retries with backoff
-        (replica,) = _table(f"http://127.0.0.1:{controller_port}").workers
-        assert (replica.nodes, replica.pipeline_parallel_size) == (2, 2)
-        assert _ask(gateway_url, model).parse().choices[0].message.content
-        for node in nodes:  # head first: the replica drains, then the follower's Ray node goes
-            assert node.stop() == 0, node.output()[-3000:]
-    finally:
-        for node in nodes:
-            node.stop()
+    with ports_taken(*SKYPILOT_RAY_PORTS, ray_port + 1):
+        nodes = [
+            NodeJob(
+                f"rank{rank}",
+                task["run"],
+                skypilot_env(task, base, rank=rank, ips=ips, **common),
+                log_dir,
+            )
+            for rank in (0, 1)
+        ]
+        gateway_url = f"http://127.0.0.1:{gateway_port}"
+        model = task["envs"]["SERVED_NAME"]
+        try:
+            wait_routed(nodes[0], gateway_url, model, 240)  # the follower retries with backoff
+            (replica,) = _table(f"http://127.0.0.1:{controller_port}").workers
+            assert (replica.nodes, replica.pipeline_parallel_size) == (2, 2)
+            assert _ask(gateway_url, model).parse().choices[0].message.content
+            for node in nodes:  # head first: the replica drains, then the follower's Ray node
+                assert node.stop() == 0, node.output()[-3000:]
+        finally:
+            for node in nodes:
+                node.stop()
 
 
 def _engine_command(job: NodeJob) -> list[str]:
