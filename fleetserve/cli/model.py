@@ -37,15 +37,23 @@ def cmd_model_pull(args: argparse.Namespace) -> int:
 
     if args.file:
         cluster = load_cluster_file(args.file, context=validation_context())
+        specs = [spec for spec in cluster.models if args.model in (None, spec.name)]
+        if not specs:
+            raise ConfigError(f"{args.file} has no model named {args.model!r}")
         sources = [
             spec.source
-            for spec in cluster.models
+            for spec in specs
             if Engine.named(spec.engine).loads_hub_models and is_hub_id(spec.source)
         ]
         if not sources:
             print(f"{args.file}: no model to pull (local paths, the demo model, GGUF files)")
+    elif args.model:
+        raise ConfigError("--model picks a model of a cluster file: give -f CLUSTER_FILE too")
     elif args.source:
-        sources = [args.source]
+        # a local path (or nothing: the demo model) is read where it is: nothing to pull
+        sources = [args.source] if is_hub_id(args.source) else []
+        if not sources:
+            print(f"{args.source}: not a hub model (org/name): nothing to pull")
     else:
         raise ConfigError("give a model (org/name) or -f CLUSTER_FILE")
     for source in dict.fromkeys(sources):
@@ -107,9 +115,17 @@ def register(sub: Any) -> None:
         "starting the engine; on Kubernetes an init container does, and serving pods only "
         "read. A gated or private model without a token, or a wrong name, fails at once.",
     )
-    pull.add_argument("source", nargs="?", metavar="SOURCE", help="A hub id, org/name.")
+    pull.add_argument(
+        "source",
+        nargs="?",
+        metavar="SOURCE",
+        help="A hub id, org/name (a local path is read where it is: nothing to pull).",
+    )
     pull.add_argument(
         "-f", "--file", type=Path, help="Pull every hub model of this cluster file instead."
+    )
+    pull.add_argument(
+        "--model", metavar="NAME", help="With -f: only this model of the file (its name)."
     )
     pull.add_argument("--revision", default="main", help="Branch, tag or commit (default: main).")
     pull.add_argument(

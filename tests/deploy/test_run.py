@@ -38,6 +38,7 @@ from tests.helpers import (
     ray_head_port,
     wait_until,
 )
+from tests.workers.fakehub import FakeHub, HubFile, HubModel, RunningHub, start_hub
 
 _FAKE_START_S = 60
 _VLLM_START_S = 300
@@ -65,22 +66,35 @@ def _table(
     return RouteTable.model_validate_json(response.content)
 
 
+@pytest.fixture(scope="module")
+def hub(tasks: dict[str, dict[str, Any]]) -> Iterator[RunningHub]:
+    """A hub on loopback with every YAML's default MODEL (a config and a small weights file)."""
+    files = [HubFile("config.json", b"{}"), HubFile("model.safetensors", b"w" * 4096, lfs=True)]
+    repos = {task["envs"]["MODEL"] for task in tasks.values()}
+    running = start_hub(FakeHub({repo: HubModel(repo, files) for repo in repos}))
+    yield running
+    running.stop()
+
+
 @pytest.mark.parametrize(
     ("name", "env"),
     [*((name, {}) for name in YAMLS), ("cluster.yaml", {"PP_SIZE": "2"})],
 )
-def test_setup_installs_fleetserve_in_the_workdir(
+def test_setup_installs_fleetserve_in_the_workdir_and_pulls_the_model(
     tasks: dict[str, dict[str, Any]],
     fleet_env: dict[str, str],
     log_dir: Path,
+    hub: RunningHub,
+    tmp_path: Path,
     name: str,
     env: dict[str, str],
 ) -> None:
     task = tasks[name]
+    hf = {"HF_ENDPOINT": hub.hub.url, "HF_HOME": str(tmp_path / "hf")}
     done = subprocess.run(
         ["bash", "-c", task["setup"]],
         cwd=REPO,
-        env=skypilot_env(task, fleet_env, **env),
+        env=skypilot_env(task, fleet_env, **env, **hf),
         capture_output=True,
         text=True,
     )
@@ -96,6 +110,12 @@ def test_setup_installs_fleetserve_in_the_workdir(
         [str(REPO / ".venv" / "bin" / "fleetserve"), "--version"], capture_output=True, text=True
     )
     assert version.returncode == 0 and version.stdout.startswith("fleetserve"), version.stderr
+    # The weights are a step of their own, before `run`: in the cache where vLLM reads them.
+    model = task["envs"]["MODEL"]
+    assert f"pulling {model}: 4.0 KiB of 4.0 KiB (100%), done" in done.stdout
+    snapshot = Path(done.stdout.rstrip().splitlines()[-1].split(": ", 1)[1])
+    assert snapshot.is_relative_to(tmp_path / "hf" / "hub")
+    assert (snapshot / "model.safetensors").read_bytes() == b"w" * 4096
 
 
 # serve.yaml on vLLM's CPU build, with the tiny model; worker.yaml joins it.

@@ -148,6 +148,33 @@ def test_an_unknown_model_or_revision_is_a_404_said_plainly(
     assert "fleetserve model pull acme/tiny" in offline.stderr
 
 
+def test_a_cluster_files_model_is_pulled_by_name_and_a_local_path_is_left_alone(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    """What a Kubernetes worker's init container runs: its own model of the file only."""
+    env = _env(hub, tmp_path / "hf", HF_TOKEN=GATED_TOKEN)
+    local = tmp_path / "weights"
+    local.mkdir()
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(
+        "models:\n"
+        "  - {name: g, engine: vllm, source: acme/gated}\n"
+        f"  - {{name: l, engine: vllm, source: {local}}}\n"
+        "  - {name: f, engine: fake, source: acme/nope}\n"
+    )
+    hub.hub.requests.clear()
+    pulled = _pull(env, "-f", str(cluster), "--model", "g")
+    assert pulled.returncode == 0, pulled.stderr
+    assert hub.hub.requests and all("acme/gated/" in r.path for r in hub.hub.requests)
+    for name in ("l", "f"):  # a local path is read where it is; the fake engine reads nothing
+        alone = _pull(env, "-f", str(cluster), "--model", name)
+        assert alone.returncode == 0 and "no model to pull" in alone.stdout, alone.stderr
+    path = _pull(env, str(local))
+    assert path.returncode == 0 and "not a hub model (org/name): nothing to pull" in path.stdout
+    unknown = _pull(env, "-f", str(cluster), "--model", "zz")
+    assert unknown.returncode == 1 and "has no model named 'zz'" in unknown.stderr
+
+
 def test_a_worker_refuses_a_gated_model_before_starting_its_engine(
     hub: RunningHub, tmp_path: Path
 ) -> None:
