@@ -282,7 +282,8 @@ def test_cluster_setup_installs_ray_for_replicas_spanning_nodes(
     stub.write_text('#!/usr/bin/env bash\necho "$@" > "$SETUP_CALL"\n')
     stub.chmod(0o755)
     task = tasks["cluster.yaml"]
-    env = skypilot_env(task, dict(os.environ), PP_SIZE=pp_size)
+    # ENGINE fake: no weights to pull (test_run.py pulls them from a fake hub)
+    env = skypilot_env(task, dict(os.environ), PP_SIZE=pp_size, ENGINE="fake")
     env["SETUP_CALL"] = str(tmp_path / "call")
     done = subprocess.run(["bash", "-c", task["setup"]], cwd=tmp_path, env=env)
     assert done.returncode == 0
