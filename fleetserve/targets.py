@@ -2,7 +2,7 @@
 
 One cluster file drives every target: `fleetserve up` on one machine, the SkyPilot
 YAMLs (`fleetserve up` on each node; SkyServe for deploy/service.yaml), Kubernetes
-(`fleetserve render k8s`) and Ray (`fleetserve ray deploy`). A target that cannot do
+(k8s/) and Ray (`fleetserve ray deploy`). A target that cannot do
 what a field asks refuses the file, naming the field and the reason, before anything
 starts: a field is never silently ignored.
 
@@ -27,7 +27,7 @@ class Target(StrEnum):
     LOCAL = "local"  # `fleetserve up` on one machine
     SKYPILOT = "skypilot"  # deploy/serve.yaml, cluster.yaml, worker.yaml: `up` on each node
     SKYSERVE = "skyserve"  # deploy/service.yaml: every SkyServe replica runs the whole file
-    KUBERNETES = "k8s"  # `fleetserve render k8s`
+    KUBERNETES = "k8s"  # k8s/ (no command checks a file for it yet: issue 21, render k8s)
     RAY = "ray"  # `fleetserve ray deploy`
 
 
@@ -42,8 +42,8 @@ _SKYSERVE_SCALES = (
 _ONE_MACHINE = "`fleetserve up` runs on one machine"
 _K8S_SECRET = "pods read it from a Secret (k8s/README.md), not from a path on this machine"
 _K8S_TLS = (
-    "terminate TLS at the Ingress or Gateway API route (`render k8s --ingress-host`, "
-    "`--gateway`), or mount your certificate with a kustomize patch of the rendered files"
+    "terminate TLS at an Ingress or Gateway API route in front of the gateway's Service, or "
+    "mount your certificate with a kustomize patch"
 )
 _K8S_LISTEN = (
     "pods listen on every address; the Service and NetworkPolicies decide who reaches them"
@@ -69,7 +69,7 @@ MODEL_FIELDS: dict[str, Refusals] = {
     "routing_policy": EVERYWHERE,
     "autoscaling": {
         Target.LOCAL: f"{_ONE_MACHINE} with a fixed number of replicas; Ray "
-        "(`fleetserve ray deploy`) and Kubernetes (`fleetserve render k8s`) autoscale",
+        "(`fleetserve ray deploy`) autoscales",
         Target.SKYPILOT: "a SkyPilot cluster has a fixed number of nodes; deploy/service.yaml "
         "autoscales whole replicas with SkyServe",
         Target.SKYSERVE: _SKYSERVE_SCALES,

@@ -16,6 +16,7 @@ import base64
 import functools
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -42,6 +43,7 @@ from fleetserve.config import (
 )
 from tests.k8s.monitor_schemas import SCHEMAS
 from tests.tools import require_tool
+from tests.workers.fakehub import FakeHub, HubFile, HubModel, start_hub
 
 ROOT = Path(__file__).resolve().parents[2]
 # overlay -> whether its engines run on NVIDIA GPUs
@@ -305,7 +307,80 @@ def test_workers_have_shared_memory_and_a_model_cache(overlay: str) -> None:
             claim = models["persistentVolumeClaim"]["claimName"]
             pvc = named(render(overlay), "PersistentVolumeClaim", claim)
             assert "ReadWriteMany" in pvc["spec"]["accessModes"]
+            assert pvc["spec"]["storageClassName"]  # the default classes are ReadWriteOnce
             assert "emptyDir" not in models
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_workers_pull_their_own_model_first_and_then_only_read(overlay: str) -> None:
+    objs = render(overlay)
+    cluster_map = named(objs, "ConfigMap", "fleetserve-cluster")
+    cluster = parse_cluster(yaml.safe_load(cluster_map["data"]["cluster.yaml"]), origin=overlay)
+    for deployment in component(objs, "worker"):
+        pod = pod_spec(deployment)
+        (pull,) = pod["initContainers"]
+        (worker,) = pod["containers"]
+        assert pull["image"] == worker["image"]
+        env = {e["name"]: e for e in pull["env"]}
+        label = env["FLEETSERVE_MODEL"]["valueFrom"]["fieldRef"]["fieldPath"]
+        assert label == "metadata.labels['fleetserve.io/model']"
+        model = pod_labels(deployment)["fleetserve.io/model"]
+        argv = [arg.replace("$(FLEETSERVE_MODEL)", model) for arg in pull["args"]]
+        args = build_parser().parse_args(argv)
+        assert (args.command, args.model_command, args.model) == ("model", "pull", model)
+        assert model in {spec.name for spec in cluster.models}
+        # the file it reads is the cluster file's ConfigMap
+        mounts = {m["mountPath"]: m["name"] for m in pull["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        file_volume = volumes[mounts[str(args.file.parent)]]
+        assert file_volume["configMap"]["name"] == cluster_map["metadata"]["name"]
+        # into the cache the worker reads, which then fetches nothing and needs no token
+        worker_env = {e["name"]: e for e in worker["env"]}
+        assert env["HF_HOME"] == worker_env["HF_HOME"]
+        worker_mounts = {m["mountPath"]: m["name"] for m in worker["volumeMounts"]}
+        assert mounts["/models"] == worker_mounts["/models"]
+        assert worker_env["HF_HUB_OFFLINE"]["value"] == "1"
+        assert "HF_TOKEN" not in worker_env
+        if overlay == "gpu":  # gated models: the token, where a Secret gives one
+            token = env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]
+            assert token["name"] == "fleetserve-hf-token" and token["optional"] is True
+
+
+def test_the_pull_init_containers_fetch_their_model_from_a_hub(tmp_path: Path) -> None:
+    """The gpu overlay's init containers, run here against a hub on loopback: each pulls the
+    source of its own model of the cluster file, nothing else."""
+    objs = render("gpu")
+    cluster_yaml = named(objs, "ConfigMap", "fleetserve-cluster")["data"]["cluster.yaml"]
+    cluster = parse_cluster(yaml.safe_load(cluster_yaml), origin="gpu")
+    (tmp_path / "cluster.yaml").write_text(cluster_yaml)
+    files = [HubFile("config.json", b"{}"), HubFile("model.safetensors", b"w" * 1024, lfs=True)]
+    sources = {spec.name: spec.source for spec in cluster.models}
+    hub = start_hub(FakeHub({source: HubModel(source, files) for source in sources.values()}))
+    try:
+        for deployment in component(objs, "worker"):
+            (pull,) = pod_spec(deployment)["initContainers"]
+            model = pod_labels(deployment)["fleetserve.io/model"]
+            argv = [
+                arg.replace("$(FLEETSERVE_MODEL)", model).replace(
+                    "/etc/fleetserve/cluster", str(tmp_path)
+                )
+                for arg in pull["args"]
+            ]
+            env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+            env |= {"HF_ENDPOINT": hub.hub.url, "HF_HOME": str(tmp_path / model)}
+            hub.hub.requests.clear()
+            done = subprocess.run(
+                [sys.executable, "-m", "fleetserve.cli", *argv],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert done.returncode == 0, done.stderr
+            assert f"pulling {sources[model]}: 1.0 KiB of 1.0 KiB (100%), done" in done.stdout
+            assert all(sources[model] in r.path for r in hub.hub.requests)  # its own only
+    finally:
+        hub.stop()
 
 
 # -- rollouts ----------------------------------------------------------------------------
@@ -330,6 +405,11 @@ def test_probes_and_a_grace_period_longer_than_the_drain(overlay: str) -> None:
         assert liveness["path"] == "/live"
         drain_s = constants.DRAIN_MIN_S + constants.DRAIN_TIMEOUT_S + constants.REAPER_STOP_GRACE_S
         assert pod["terminationGracePeriodSeconds"] > drain_s
+        # a rollout is not declared failed while the engine is within its start-up budget
+        assert deployment["spec"]["progressDeadlineSeconds"] > settings.start_timeout_s
+        # the agent answers probes from a machine busy loading or serving
+        assert container["readinessProbe"]["timeoutSeconds"] >= 5
+        assert container["livenessProbe"]["timeoutSeconds"] >= 5
         strategy = deployment["spec"]["strategy"]
         assert strategy["type"] == "RollingUpdate"
     for deployment in component(objs, "gateway"):
@@ -419,7 +499,7 @@ def test_pods_run_as_non_root_on_a_read_only_root_filesystem(overlay: str) -> No
         assert str(context["runAsUser"]) in dockerfile_user  # the image's user owns /cache
         assert context["seccompProfile"]["type"] == "RuntimeDefault"
         assert pod["automountServiceAccountToken"] is False  # fleetserve never calls the API
-        for container in pod["containers"]:
+        for container in [*pod["containers"], *pod.get("initContainers", [])]:
             security = container["securityContext"]
             assert security["readOnlyRootFilesystem"] is True
             assert security["allowPrivilegeEscalation"] is False
