@@ -260,6 +260,7 @@ def test_workers_run_the_cluster_file(overlay: str, gpus: bool) -> None:
         assert settings.source == spec.source
         assert settings.routing_policy == spec.routing_policy
         assert settings.tensor_parallel_size == spec.tensor_parallel_size
+        assert settings.start_timeout_s == spec.start_timeout_s
         assert split_flags(settings.engine_args) == split_flags(spec.engine_flags())
         resources = container.get("resources", {})
         requested = resources.get("requests", {}).get("nvidia.com/gpu")
