@@ -116,6 +116,15 @@ def build_admin_app(
             "models": sorted(routes.by_name),
         }
 
+    @api.get("/ready", responses={"503": {"description": "No routing table yet"}})
+    async def ready() -> JSONResponse:
+        """200 once the gateway has a routing table from the controller, 503 before: what a
+        load balancer's readiness probe asks (a gateway without one answers every request
+        503)."""
+        version = gateway.watcher.routes.version
+        body = {"ready": version is not None, "routing_table_version": version}
+        return JSONResponse(body, status_code=200 if version is not None else 503)
+
     @api.get("/status")
     async def status() -> dict[str, Any]:
         """This gateway's view of the workers: circuits and requests in flight."""

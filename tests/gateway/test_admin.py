@@ -19,13 +19,19 @@ async def test_health_shows_the_routing_table(
     gateway: GatewayUnderTest, cluster: InProcessCluster
 ) -> None:
     health = (await gateway.http.get("/health")).json()
-    assert health["routing_table_version"] == (await cluster.table()).version
+    version = (await cluster.table()).version
+    assert health["routing_table_version"] == version
     assert health["models"] == ["echo", "echo-alias", "other"]
-    # and a gateway that never reached its controller says it has no table
+    ready = await gateway.http.get("/ready")  # a readiness probe: routes requests
+    assert ready.status_code == 200 and ready.json()["routing_table_version"] == version
+    # and a gateway that never reached its controller says it has no table: alive, not ready
     with refusing_port() as port:
         unreachable = GatewaySettings(controller_url=f"http://127.0.0.1:{port}")
         async with running_gateway(unreachable) as lonely:
             assert await lonely.routing_table_version() is None
+            assert (await lonely.http.get("/health")).status_code == 200
+            not_ready = await lonely.http.get("/ready")
+            assert not_ready.status_code == 503 and not_ready.json()["ready"] is False
 
 
 async def test_openapi_schema_describes_the_openai_routes(gateway: GatewayUnderTest) -> None:

@@ -415,8 +415,15 @@ def test_probes_and_a_grace_period_longer_than_the_drain(overlay: str) -> None:
         assert strategy["type"] == "RollingUpdate"
     for deployment in component(objs, "gateway"):
         pod = pod_spec(deployment)
-        pre_stop_s = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
-        assert pod["terminationGracePeriodSeconds"] > pre_stop_s + constants.STOP_GRACE_S
+        gateway = pod["containers"][0]
+        settings = container_settings(gateway)
+        pre_stop_s = gateway["lifecycle"]["preStop"]["sleep"]["seconds"]
+        # a terminating gateway lets every request run its course before it is killed
+        assert settings.drain_timeout_s >= settings.request_timeout_s
+        assert pod["terminationGracePeriodSeconds"] > pre_stop_s + settings.drain_timeout_s
+        # ready only with a routing table (gateway/admin.py /ready); alive while it runs
+        assert gateway["readinessProbe"]["httpGet"]["path"] == "/ready"
+        assert gateway["livenessProbe"]["httpGet"]["path"] == "/health"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
