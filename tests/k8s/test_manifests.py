@@ -197,13 +197,29 @@ def test_every_object_is_valid_for_a_current_kubernetes(overlay: str) -> None:
 
 
 def test_prometheus_rule_carries_the_unit_tested_rules() -> None:
-    """k8s/base/prometheusrule.yaml is deploy/prometheus's rule file, regenerated."""
+    """k8s/monitoring/prometheusrule.yaml is deploy/prometheus's rule file, regenerated."""
     path = ROOT / "deploy" / "prometheus" / "prometheusrule.py"
     spec = importlib.util.spec_from_file_location("prometheusrule", path)
     assert spec is not None and spec.loader is not None
     generator = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generator)
     assert generator.TARGET.read_text() == generator.render(), f"run python {path}"
+
+
+def test_monitoring_crds_are_a_directory_of_their_own() -> None:
+    """On a cluster without the Prometheus operator, `kubectl apply` of a ServiceMonitor fails:
+    k8s/base and k8s/worker hold none, k8s/monitoring (which an overlay may leave out) all."""
+    monitoring = "monitoring.coreos.com/"
+    for directory, expected in (("base", False), ("worker", False), ("monitoring", True)):
+        result = subprocess.run(
+            [require_tool("kubectl"), "kustomize", str(ROOT / "k8s" / directory)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        objs = [obj for obj in yaml.safe_load_all(result.stdout) if obj]
+        assert objs and all(obj["apiVersion"].startswith(monitoring) == expected for obj in objs)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
