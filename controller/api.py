@@ -2,7 +2,8 @@
 
 Every route but ``/health`` (for probes) and ``/metrics`` (for Prometheus) needs the cluster
 token when the controller has one (fleetserve/auth.py): registering, heartbeats, drain and
-deregistration, the gateways' ``/routes`` watch and the ``/workers`` view. Without it they
+deregistration, the gateways' ``/routes`` watch, the ``/workers`` view and the models' load
+(``/models/{name}/load``, for autoscalers). Without it they
 are 401 in the error envelope. ``/metrics`` stays open because Prometheus scrapes without
 credentials in most setups, and it holds counts and names only: no address, secret or prompt
 (the k8s NetworkPolicy limits who reaches it). ``/routes`` is the only answer holding the
@@ -29,6 +30,7 @@ from fleetserve.errors import OpenAIError, install_error_handlers
 from fleetserve.protocol import (
     Heartbeat,
     HeartbeatReply,
+    ModelLoad,
     Registration,
     RegistrationReply,
     RouteTable,
@@ -113,6 +115,17 @@ def build_app(settings: ControllerSettings) -> FastAPI:
         """Long-poll the routing table: answers once it is newer than (epoch, after), else 204."""
         table = await _registry(request).wait_for_change(epoch, after, timeout_s)
         return table if table is not None else Response(status_code=204)
+
+    @api.get("/models/{name}/load")
+    async def model_load(name: str, request: Request) -> ModelLoad:
+        """Requests running and waiting over the model's workers: what its autoscaler reads
+        (Kubernetes: KEDA's metrics-api scaler, k8s/README.md). 404 while no worker serves it."""
+        load = _registry(request).model_load(name)
+        if load is None:
+            raise OpenAIError(
+                404, f"no worker serves model {name!r}", code="model_not_found", param="name"
+            )
+        return load
 
     app.include_router(api)
 

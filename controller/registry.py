@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fleetserve.protocol import (
+    ModelLoad,
     ModelView,
     Registration,
     RouteTable,
@@ -199,6 +200,21 @@ class Registry:
             view for name, view in sorted(self._models.items()) if name in served or view.fallbacks
         ]
         return RouteTable(epoch=self.epoch, version=self.version, workers=workers, models=models)
+
+    def model_load(self, name: str) -> ModelLoad | None:
+        """Running and waiting requests over the workers of the model served as ``name``;
+        None when no worker serves it."""
+        loads = [e.registration.load for e in self._workers.values() if e.model == name]
+        if not loads:
+            return None
+        running, waiting = sum(x.running for x in loads), sum(x.waiting for x in loads)
+        return ModelLoad(
+            model=name,
+            replicas=len(loads),
+            running=running,
+            waiting=waiting,
+            ongoing=running + waiting,
+        )
 
     async def wait_for_change(
         self, epoch: str, after_version: int, timeout_s: float

@@ -586,8 +586,8 @@ class ModelSpec(Strict):
     capacity: Capacity = None
     autoscaling: Autoscaling | None = Field(
         None,
-        description="Replicas between bounds on the running + waiting requests, where Ray "
-        "manages them (`fleetserve ray deploy`); other targets refuse it.",
+        description="Replicas between bounds on the running + waiting requests: Ray "
+        "(`fleetserve ray deploy`) and Kubernetes (a KEDA ScaledObject, k8s/README.md).",
     )
     nodes: int = Field(
         1,

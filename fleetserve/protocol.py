@@ -150,6 +150,17 @@ class ModelView(Internal):
     aliases: list[str] = Field(default_factory=list)
 
 
+class ModelLoad(Internal):
+    """A model's requests in flight over its workers: what an autoscaler reads (KEDA's
+    metrics-api scaler, `valueLocation: ongoing`), from `GET /models/{name}/load`."""
+
+    model: str
+    replicas: int = Field(description="Its registered workers, draining ones included.")
+    running: int
+    waiting: int
+    ongoing: int = Field(description="running + waiting.")
+
+
 class RouteTable(Internal):
     """The routing table gateways watch. ``epoch`` changes when the controller restarts."""
 

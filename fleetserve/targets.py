@@ -69,7 +69,7 @@ MODEL_FIELDS: dict[str, Refusals] = {
     "routing_policy": EVERYWHERE,
     "autoscaling": {
         Target.LOCAL: f"{_ONE_MACHINE} with a fixed number of replicas; Ray "
-        "(`fleetserve ray deploy`) autoscales",
+        "(`fleetserve ray deploy`) and Kubernetes (KEDA, k8s/README.md) autoscale",
         Target.SKYPILOT: "a SkyPilot cluster has a fixed number of nodes; deploy/service.yaml "
         "autoscales whole replicas with SkyServe",
         Target.SKYSERVE: _SKYSERVE_SCALES,
