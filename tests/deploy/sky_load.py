@@ -35,6 +35,7 @@ def _summary(task: Any) -> dict[str, Any]:
                 "use_spot": r.use_spot,
                 "ports": r.ports,
                 "disk_size": r.disk_size,
+                "network_tier": r.network_tier.value if r.network_tier else None,
             }
             for r in (task.resources if isinstance(task.resources, list) else list(task.resources))
         ],

@@ -105,8 +105,13 @@ def test_the_api_key_reaches_fleetserve_on_stdin_only(
             }, call
 
 
-def test_cluster_yaml_has_several_nodes(tasks: dict[str, dict[str, Any]]) -> None:
+def test_cluster_yaml_has_several_nodes_on_the_clouds_best_network(
+    tasks: dict[str, dict[str, Any]],
+) -> None:
+    """Pipeline stages across nodes exchange activations over NCCL: EFA on AWS, GPUDirect on
+    GCP, InfiniBand where the cloud has it (SkyPilot's network_tier: best)."""
     assert tasks["cluster.yaml"]["num_nodes"] >= 2
+    assert {r["network_tier"] for r in tasks["cluster.yaml"]["resources"]} == {"best"}
 
 
 def test_worker_yaml_needs_a_controller_and_a_model(sky_home: Path) -> None:
