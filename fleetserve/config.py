@@ -547,7 +547,11 @@ class GpuSelector(Strict):
         "with the names NVML gives, spaces read as dashes.",
     )
     min_memory_gib: float | None = Field(
-        None, gt=0, description="At least this much memory per GPU (nvidia.com/gpu.memory)."
+        None,
+        gt=0,
+        description="At least this much memory per GPU (nvidia.com/gpu.memory, in MiB, on "
+        "Kubernetes); cards report less than their name says: an 80 GB H100 has 79.6 GiB, "
+        "so ask for 79.",
     )
 
     def matches(self, name: str, memory_bytes: int) -> bool:

@@ -297,6 +297,43 @@ def test_workers_run_the_cluster_file(overlay: str, gpus: bool) -> None:
     assert settings.expiry_after_s == cluster.controller.expiry_after_s
 
 
+def _gpu_requirements(pod: Obj) -> dict[str, Obj]:
+    affinity = pod.get("affinity", {}).get("nodeAffinity", {})
+    required = affinity.get("requiredDuringSchedulingIgnoredDuringExecution", {})
+    terms = required.get("nodeSelectorTerms", [])
+    assert len(terms) <= 1  # one term: its expressions are ANDed
+    return {e["key"]: e for term in terms for e in term["matchExpressions"]}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_workers_land_on_the_gpus_their_model_asks_for(overlay: str) -> None:
+    """``gpu:`` in the cluster file: node affinity on NVIDIA GPU feature discovery's labels."""
+    objs = render(overlay)
+    cluster = parse_cluster(
+        yaml.safe_load(named(objs, "ConfigMap", "fleetserve-cluster")["data"]["cluster.yaml"]),
+        origin=overlay,
+    )
+    workers = {pod_labels(d)["fleetserve.io/model"]: d for d in component(objs, "worker")}
+    for spec in cluster.models:
+        wanted = _gpu_requirements(pod_spec(workers[spec.name]))
+        if spec.gpu is None:
+            assert not {"nvidia.com/gpu.product", "nvidia.com/gpu.memory"} & set(wanted)
+            continue
+        product = wanted.get("nvidia.com/gpu.product")
+        if spec.gpu.products:
+            assert product is not None and product["operator"] == "In", spec.name
+            assert product["values"] == spec.gpu.products
+        else:
+            assert product is None, spec.name
+        memory = wanted.get("nvidia.com/gpu.memory")
+        if spec.gpu.min_memory_gib:
+            assert memory is not None and memory["operator"] == "Gt", spec.name
+            # the label is in MiB; Gt is strict
+            assert memory["values"] == [str(round(spec.gpu.min_memory_gib * 1024) - 1)]
+        else:
+            assert memory is None, spec.name
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_workers_reach_the_controller_and_advertise_their_pod(overlay: str) -> None:
     objs = render(overlay)

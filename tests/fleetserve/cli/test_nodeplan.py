@@ -1,12 +1,14 @@
-"""Which node of `up --nodes` starts which replicas of a cluster file (pure decisions)."""
+"""Which node of `up --nodes` starts which replicas, and on which GPUs (pure decisions)."""
 
 from __future__ import annotations
 
 import pytest
 
 from fleetserve.cli.nodeplan import Stage, share_nodes
+from fleetserve.cli.up import _check_gpus
 from fleetserve.config import ModelSpec
 from fleetserve.errors import ConfigError
+from workers.placement import Gpu, Machine
 
 NODES = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]
 
@@ -66,3 +68,20 @@ def test_a_file_too_big_for_the_nodes_is_refused_saying_why(
 ) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         share_nodes(models, NODES, gpus, _on_gpus)
+
+
+def test_up_runs_a_model_that_names_its_gpus_only_where_every_gpu_qualifies() -> None:
+    """`gpu:` on one machine (NVML's names, spaces read as dashes; memory as NVML counts it:
+    an 80 GB H100 has 79.6 GiB)."""
+    h100 = Gpu(0, 81559 * 2**20, "NVIDIA H100 80GB HBM3")
+    l4 = Gpu(1, 23034 * 2**20, "NVIDIA L4")
+    spec = _spec("m", gpu={"products": ["NVIDIA-H100-80GB-HBM3"], "min_memory_gib": 79})
+    _check_gpus([spec], Machine(gpus=(h100,)))
+    with pytest.raises(ConfigError, match=r"model m asks for NVIDIA-H100-80GB-HBM3 with 79 GiB"):
+        _check_gpus([spec], Machine(gpus=(h100, l4)))
+    with pytest.raises(ConfigError, match="this machine has no GPU"):
+        _check_gpus([spec], Machine())
+    too_much = _spec("m", gpu={"min_memory_gib": 80})  # the H100's 79.6 GiB is not 80
+    with pytest.raises(ConfigError, match="asks for any GPU with 80 GiB or more"):
+        _check_gpus([too_much], Machine(gpus=(h100,)))
+    _check_gpus([_spec("f", engine="fake", gpu={"products": ["X"]})], Machine())  # no GPU used
