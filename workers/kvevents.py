@@ -165,11 +165,8 @@ class KvEventService:
         app.router.add_get("/kv/tokenizer", self._tokenizer)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        server = site._server
-        assert isinstance(server, asyncio.Server)
-        self.port = int(server.sockets[0].getsockname()[1])
+        await web.TCPSite(self._runner, host, port).start()
+        self.port = int(self._runner.addresses[0][1])  # (any event loop's server: uvloop's too)
         self._task = asyncio.create_task(self._subscribe())
         logger.info("KV events for gateways on %s:%d", host, self.port)
         return self.port

@@ -21,7 +21,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from fleetserve.config import ApiKey, hash_key
 from fleetserve.protocol import Registration
 from tests.gateway.inproc import GatewayUnderTest, InProcessCluster, in_process_cluster
-from workers.fake.server import FakeServer
+from workers.fake.server import FakeServer, Fault
 
 pytestmark = pytest.mark.anyio
 
@@ -218,3 +218,25 @@ async def test_a_stream_that_started_never_switches_models(
     assert tokens == ["tok0", "tok1"]
     assert "mid-stream" in str(broken.value)
     assert fallbacks.b.finished == served_by_b
+
+
+async def test_a_stream_on_a_fallback_resumes_on_the_fallbacks_other_worker(
+    own: InProcessCluster, gateway: GatewayUnderTest
+) -> None:
+    """Model D's only worker is down, so its stream goes to fallback E, whose worker then
+    fails after 5 tokens: E's other worker finishes it (asked by E's name), and the client
+    reads E's uninterrupted answer."""
+    async with (
+        own.model("model-e", 2, routing_policy="round_robin", vocabulary="lm") as e,
+        own.model("model-d", 0, dead=1, fallbacks=("model-e",)),
+    ):
+        first, second = e.ids  # round robin: the first request goes to the first
+        e.engines[first].fault = Fault("reset", after_tokens=5)
+        stream = await gateway.client("sk-all").chat.completions.create(
+            model="model-d", messages=HI, max_tokens=12, stream=True
+        )
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        direct = openai.AsyncOpenAI(base_url=f"{e.urls[second]}/v1", api_key="x", max_retries=0)
+        whole = await direct.chat.completions.create(model="model-e", messages=HI, max_tokens=12)
+    assert e.engines[first].requests == 1 and e.engines[second].requests == 2
+    assert text == whole.choices[0].message.content
