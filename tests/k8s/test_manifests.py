@@ -16,7 +16,6 @@ import base64
 import functools
 import importlib.util
 import json
-import os
 import re
 import subprocess
 import sys
@@ -44,7 +43,6 @@ from fleetserve.config import (
 from tests.k8s.crd_schemas import validate_custom
 from tests.k8s.monitor_schemas import SCHEMAS
 from tests.tools import require_tool
-from tests.workers.fakehub import FakeHub, HubFile, HubModel, start_hub
 
 ROOT = Path(__file__).resolve().parents[2]
 # overlay -> whether its engines run on NVIDIA GPUs
@@ -297,43 +295,6 @@ def test_workers_run_the_cluster_file(overlay: str, gpus: bool) -> None:
     assert settings.expiry_after_s == cluster.controller.expiry_after_s
 
 
-def _gpu_requirements(pod: Obj) -> dict[str, Obj]:
-    affinity = pod.get("affinity", {}).get("nodeAffinity", {})
-    required = affinity.get("requiredDuringSchedulingIgnoredDuringExecution", {})
-    terms = required.get("nodeSelectorTerms", [])
-    assert len(terms) <= 1  # one term: its expressions are ANDed
-    return {e["key"]: e for term in terms for e in term["matchExpressions"]}
-
-
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_workers_land_on_the_gpus_their_model_asks_for(overlay: str) -> None:
-    """``gpu:`` in the cluster file: node affinity on NVIDIA GPU feature discovery's labels."""
-    objs = render(overlay)
-    cluster = parse_cluster(
-        yaml.safe_load(named(objs, "ConfigMap", "fleetserve-cluster")["data"]["cluster.yaml"]),
-        origin=overlay,
-    )
-    workers = {pod_labels(d)["fleetserve.io/model"]: d for d in component(objs, "worker")}
-    for spec in cluster.models:
-        wanted = _gpu_requirements(pod_spec(workers[spec.name]))
-        if spec.gpu is None:
-            assert not {"nvidia.com/gpu.product", "nvidia.com/gpu.memory"} & set(wanted)
-            continue
-        product = wanted.get("nvidia.com/gpu.product")
-        if spec.gpu.products:
-            assert product is not None and product["operator"] == "In", spec.name
-            assert product["values"] == spec.gpu.products
-        else:
-            assert product is None, spec.name
-        memory = wanted.get("nvidia.com/gpu.memory")
-        if spec.gpu.min_memory_gib:
-            assert memory is not None and memory["operator"] == "Gt", spec.name
-            # the label is in MiB; Gt is strict
-            assert memory["values"] == [str(round(spec.gpu.min_memory_gib * 1024) - 1)]
-        else:
-            assert memory is None, spec.name
-
-
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_workers_reach_the_controller_and_advertise_their_pod(overlay: str) -> None:
     objs = render(overlay)
@@ -368,78 +329,6 @@ def test_workers_have_shared_memory_and_a_model_cache(overlay: str) -> None:
             assert "ReadWriteMany" in pvc["spec"]["accessModes"]
             assert pvc["spec"]["storageClassName"]  # the default classes are ReadWriteOnce
             assert "emptyDir" not in models
-
-
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_workers_pull_their_own_model_first_and_then_only_read(overlay: str) -> None:
-    objs = render(overlay)
-    cluster_map = named(objs, "ConfigMap", "fleetserve-cluster")
-    cluster = parse_cluster(yaml.safe_load(cluster_map["data"]["cluster.yaml"]), origin=overlay)
-    for deployment in component(objs, "worker"):
-        pod = pod_spec(deployment)
-        (pull,) = pod["initContainers"]
-        (worker,) = pod["containers"]
-        assert pull["image"] == worker["image"]
-        env = {e["name"]: e for e in pull["env"]}
-        label = env["FLEETSERVE_MODEL"]["valueFrom"]["fieldRef"]["fieldPath"]
-        assert label == "metadata.labels['fleetserve.io/model']"
-        model = pod_labels(deployment)["fleetserve.io/model"]
-        argv = [arg.replace("$(FLEETSERVE_MODEL)", model) for arg in pull["args"]]
-        args = build_parser().parse_args(argv)
-        assert (args.command, args.model_command, args.model) == ("model", "pull", model)
-        assert model in {spec.name for spec in cluster.models}
-        # the file it reads is the cluster file's ConfigMap
-        mounts = {m["mountPath"]: m["name"] for m in pull["volumeMounts"]}
-        volumes = {v["name"]: v for v in pod["volumes"]}
-        file_volume = volumes[mounts[str(args.file.parent)]]
-        assert file_volume["configMap"]["name"] == cluster_map["metadata"]["name"]
-        # into the cache the worker reads, which then fetches nothing and needs no token
-        worker_env = {e["name"]: e for e in worker["env"]}
-        assert env["HF_HOME"] == worker_env["HF_HOME"]
-        worker_mounts = {m["mountPath"]: m["name"] for m in worker["volumeMounts"]}
-        assert mounts["/models"] == worker_mounts["/models"]
-        assert worker_env["HF_HUB_OFFLINE"]["value"] == "1"
-        assert "HF_TOKEN" not in worker_env
-        if overlay == "gpu":  # gated models: the token, where a Secret gives one
-            token = env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]
-            assert token["name"] == "fleetserve-hf-token" and token["optional"] is True
-
-
-def test_the_pull_init_containers_fetch_their_model_from_a_hub(tmp_path: Path) -> None:
-    """The gpu overlay's init containers, run here against a hub on loopback: each pulls the
-    source of its own model of the cluster file, nothing else."""
-    objs = render("gpu")
-    cluster_yaml = named(objs, "ConfigMap", "fleetserve-cluster")["data"]["cluster.yaml"]
-    cluster = parse_cluster(yaml.safe_load(cluster_yaml), origin="gpu")
-    (tmp_path / "cluster.yaml").write_text(cluster_yaml)
-    files = [HubFile("config.json", b"{}"), HubFile("model.safetensors", b"w" * 1024, lfs=True)]
-    sources = {spec.name: spec.source for spec in cluster.models}
-    hub = start_hub(FakeHub({source: HubModel(source, files) for source in sources.values()}))
-    try:
-        for deployment in component(objs, "worker"):
-            (pull,) = pod_spec(deployment)["initContainers"]
-            model = pod_labels(deployment)["fleetserve.io/model"]
-            argv = [
-                arg.replace("$(FLEETSERVE_MODEL)", model).replace(
-                    "/etc/fleetserve/cluster", str(tmp_path)
-                )
-                for arg in pull["args"]
-            ]
-            env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-            env |= {"HF_ENDPOINT": hub.hub.url, "HF_HOME": str(tmp_path / model)}
-            hub.hub.requests.clear()
-            done = subprocess.run(
-                [sys.executable, "-m", "fleetserve.cli", *argv],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            assert done.returncode == 0, done.stderr
-            assert f"pulling {sources[model]}: 1.0 KiB of 1.0 KiB (100%), done" in done.stdout
-            assert all(sources[model] in r.path for r in hub.hub.requests)  # its own only
-    finally:
-        hub.stop()
 
 
 # -- rollouts ----------------------------------------------------------------------------
