@@ -221,6 +221,8 @@ def test_one_node_runs_up_over_every_gpu(
     assert flags["source"] == task["envs"]["MODEL"] and flags["name"] == task["envs"]["SERVED_NAME"]
     assert flags["host"] == "0.0.0.0" and flags["port"] == task["envs"]["GATEWAY_PORT"]
     assert "replicas" not in flags  # `up` fits as many as the GPUs hold
+    # what `up` refuses is what this target cannot honour (fleetserve/targets.py)
+    assert flags["target"] == {"serve.yaml": "skypilot", "service.yaml": "skyserve"}[name]
     assert argv[argv.index("--") + 1 :] == ["--max-model-len", "4096"]
 
 
@@ -236,6 +238,7 @@ def test_cluster_head_runs_up_and_other_nodes_fill_their_gpus_with_workers(
     assert head["argv"][0] == "up"
     assert _flags(head["argv"])["advertise-host"] == _IPS[0]
     assert _flags(head["argv"])["tensor-parallel-size"] == "4"
+    assert _flags(head["argv"])["target"] == "skypilot"
     workers = _calls(task, tmp_path, rank=2, ips=_IPS, gpus=8, env=env)
     assert [w["gpus"] for w in workers] == ["0,1,2,3", "4,5,6,7"]  # 8 GPUs, TP 4: two replicas
     for worker in workers:
