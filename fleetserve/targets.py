@@ -10,6 +10,10 @@ Every field of the cluster file's models, gateway and controller is classified h
 for every target (tests/fleetserve/test_targets.py fails on a field that is not): a
 field honoured everywhere maps to ``EVERYWHERE``, others to the targets that refuse
 it and why. A field counts as given when its value differs from its default.
+
+Checked today by `fleetserve up --target local|skypilot|skyserve` (deploy/ passes
+its target). The k8s and ray columns are the decisions a renderer of k8s/ and
+`ray deploy` are to enforce; neither checks a file against them yet.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ class Target(StrEnum):
     LOCAL = "local"  # `fleetserve up` on one machine
     SKYPILOT = "skypilot"  # deploy/serve.yaml, cluster.yaml, worker.yaml: `up` on each node
     SKYSERVE = "skyserve"  # deploy/service.yaml: every SkyServe replica runs the whole file
-    KUBERNETES = "k8s"  # k8s/ (no command checks a file for it yet: issue 21, render k8s)
-    RAY = "ray"  # `fleetserve ray deploy`
+    KUBERNETES = "k8s"  # k8s/ (not checked by a command yet)
+    RAY = "ray"  # `fleetserve ray deploy` (not checked by it yet)
 
 
 #: Target -> why it cannot honour the field. Empty: honoured everywhere.
