@@ -20,6 +20,7 @@ import openai
 import pytest
 
 from fleetserve.protocol import RouteTable
+from gateway.auth import hash_key
 from tests.conftest import module_log_dir
 from tests.deploy.skypilot import (
     LAUNCH_SECRETS,
@@ -116,6 +117,34 @@ def test_setup_installs_fleetserve_in_the_workdir_and_pulls_the_model(
     snapshot = Path(done.stdout.rstrip().splitlines()[-1].split(": ", 1)[1])
     assert snapshot.is_relative_to(tmp_path / "hf" / "hub")
     assert (snapshot / "model.safetensors").read_bytes() == b"w" * 4096
+
+
+def test_setup_pulls_every_hub_model_of_a_cluster_file(
+    tasks: dict[str, dict[str, Any]],
+    fleet_env: dict[str, str],
+    hub: RunningHub,
+    tmp_path: Path,
+) -> None:
+    task = tasks["serve.yaml"]
+    sources = sorted(set(hub.hub.models) - {task["envs"]["MODEL"]})  # the others' MODELs
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(
+        "models:\n"
+        + "".join(f"  - {{name: m{i}, engine: vllm, source: {s}}}\n" for i, s in enumerate(sources))
+        + "  - {name: echo, engine: fake}\n"
+    )
+    hf = {"HF_ENDPOINT": hub.hub.url, "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run(
+        ["bash", "-c", task["setup"]],
+        cwd=REPO,
+        env=skypilot_env(task, fleet_env, CLUSTER_FILE=str(cluster), **hf),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    for source in sources:
+        assert f"pulling {source}: 4.0 KiB of 4.0 KiB (100%), done" in done.stdout
+    assert f"pulling {task['envs']['MODEL']}" not in done.stdout  # MODEL is not used then
 
 
 # serve.yaml on vLLM's CPU build, with the tiny model; worker.yaml joins it.
@@ -391,3 +420,129 @@ def test_engine_args_reach_the_engine(
         assert "--tokens-per-s 1000 --ttft-s 0.01" in command, command
     finally:
         job.stop()
+
+
+# CLUSTER_FILE: the same cluster file as `fleetserve up -f`, on SkyPilot (fake engines).
+
+FILE_KEY = "sk-from-the-cluster-file"
+
+
+def _cluster_file(log_dir: Path, *, replicas: int = 1, extra: str = "") -> Path:
+    """Two models with aliases, and a key of the file's own beside the YAML's API_KEY."""
+    path = log_dir / "cluster.yaml"
+    path.write_text(
+        f"gateway: {{keys: [{{name: team, key_sha256: {hash_key(FILE_KEY)}}}]}}\n"
+        "models:\n"
+        f"  - {{name: chat, aliases: [c], engine: fake, replicas: {replicas}{extra}}}\n"
+        f"  - {{name: other, aliases: [o], engine: fake, replicas: {replicas}}}\n"
+    )
+    return path
+
+
+def _ask_with(gateway_url: str, model: str, api_key: str) -> str:
+    client = openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=api_key, max_retries=0)
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+    )
+    return reply.model
+
+
+@pytest.mark.parametrize("name", ["serve.yaml", "service.yaml"])
+def test_one_node_yamls_serve_every_model_of_a_cluster_file(
+    tasks: dict[str, dict[str, Any]],
+    fleet_env: dict[str, str],
+    log_dir: Path,
+    name: str,
+) -> None:
+    task = tasks[name]
+    gateway_port = free_port()
+    env = skypilot_env(
+        task,
+        {**fleet_env, "FLEETSERVE_HOME": str(log_dir / "fleetserve-home")},
+        CLUSTER_FILE=str(_cluster_file(log_dir)),
+        SERVED_NAME="chat",  # service.yaml's readiness probe asks for it
+        GATEWAY_PORT=str(gateway_port),
+        CONTROLLER_PORT=str(free_port()),
+    )
+    job = NodeJob(name, task["run"], env, log_dir)
+    gateway_url = f"http://127.0.0.1:{gateway_port}"
+    try:
+        for model in ("chat", "c", "other", "o"):
+            wait_routed(job, gateway_url, model, _FAKE_START_S)
+        # by alias (answered by the model it names), with the YAML's API key and the file's own
+        assert _ask_with(gateway_url, "c", LAUNCH_SECRETS["API_KEY"]) == "chat"
+        assert _ask_with(gateway_url, "o", FILE_KEY) == "other"
+        with pytest.raises(openai.AuthenticationError):
+            _ask_with(gateway_url, "c", "sk-wrong")
+        assert job.stop() == 0, job.output()[-3000:]
+    finally:
+        job.stop()
+
+
+def test_service_yaml_refuses_a_cluster_files_own_autoscaling(
+    tasks: dict[str, dict[str, Any]], fleet_env: dict[str, str], log_dir: Path
+) -> None:
+    """SkyServe scales whole replicas by requests per second: a model's autoscaling block
+    would be ignored there, so the replica refuses the file, naming the field."""
+    task = tasks["service.yaml"]
+    scaling = ", autoscaling: {min_replicas: 1, max_replicas: 3}"
+    env = skypilot_env(
+        task,
+        {**fleet_env, "FLEETSERVE_HOME": str(log_dir / "fleetserve-home")},
+        CLUSTER_FILE=str(_cluster_file(log_dir, extra=scaling)),
+        GATEWAY_PORT=str(free_port()),
+        CONTROLLER_PORT=str(free_port()),
+    )
+    done = subprocess.run(
+        ["bash", "-c", task["run"]], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode != 0
+    assert "models[0].autoscaling: SkyServe scales whole replicas" in done.stderr, done.stderr
+
+
+def test_cluster_yaml_two_nodes_share_a_cluster_file(
+    tasks: dict[str, dict[str, Any]], fleet_env: dict[str, str], log_dir: Path
+) -> None:
+    """Each node runs `up -f` with its rank: the head the controller and gateway, each node
+    one replica of each model (two of each in the file), all behind the head's gateway."""
+    task = tasks["cluster.yaml"]
+    ips = ("127.0.0.1", "127.0.0.2")
+    gateway_port, controller_port = free_port(), free_port()
+    common = {
+        "CLUSTER_FILE": str(_cluster_file(log_dir, replicas=2)),
+        "GATEWAY_PORT": str(gateway_port),
+        "CONTROLLER_PORT": str(controller_port),
+    }
+    base = {**fleet_env, "FLEETSERVE_HOME": str(log_dir / "fleetserve-home")}
+    nodes = [
+        NodeJob(
+            f"rank{r}", task["run"], skypilot_env(task, base, rank=r, ips=ips, **common), log_dir
+        )
+        for r in (1, 0)  # the other node first: it waits for the head's controller
+    ]
+    gateway_url = f"http://127.0.0.1:{gateway_port}"
+    try:
+
+        def placed() -> dict[str, set[str | None]]:
+            for node in nodes:
+                node.check_running()
+            try:
+                workers = _table(f"http://127.0.0.1:{controller_port}").workers
+            except httpx.HTTPError:
+                return {}
+            found: dict[str, set[str | None]] = {}
+            for w in workers:
+                found.setdefault(w.model_names[0], set()).add(httpx.URL(w.base_url).host)
+            return found
+
+        wanted = {"chat": set(ips), "other": set(ips)}
+        wait_until(lambda: placed() == wanted, _FAKE_START_S, "a replica of each on each node")
+        for alias, model in (("c", "chat"), ("o", "other")):
+            wait_routed(nodes[1], gateway_url, alias, 30)
+            assert _ask_with(gateway_url, alias, LAUNCH_SECRETS["API_KEY"]) == model
+        assert _ask_with(gateway_url, "chat", FILE_KEY) == "chat"
+        for node in nodes:  # the other node, then the head
+            assert node.stop() == 0, node.output()[-3000:]
+    finally:
+        for node in nodes:
+            node.stop()

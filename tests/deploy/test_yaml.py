@@ -281,17 +281,41 @@ def test_worker_yaml_registers_with_the_given_controller(
     assert flags["advertise-host"] == "10.1.0.9" and flags["tensor-parallel-size"] == "8"
 
 
-@pytest.mark.parametrize(("pp_size", "flags"), [("1", []), ("2", ["--ray"])])
+@pytest.mark.parametrize(
+    ("pp_size", "cluster_file", "flags"),
+    [
+        ("1", "", []),
+        ("2", "", ["--ray"]),
+        ("1", "models: [{name: a, engine: fake}]", []),
+        ("1", "models: [{name: a, pipeline_parallel_size: 2, nodes: 2}]", ["--ray"]),
+    ],
+)
 def test_cluster_setup_installs_ray_for_replicas_spanning_nodes(
-    tasks: dict[str, dict[str, Any]], tmp_path: Path, pp_size: str, flags: list[str]
+    tasks: dict[str, dict[str, Any]],
+    tmp_path: Path,
+    pp_size: str,
+    cluster_file: str,
+    flags: list[str],
 ) -> None:
     stub = tmp_path / "scripts" / "setup.sh"
     stub.parent.mkdir()
     stub.write_text('#!/usr/bin/env bash\necho "$@" > "$SETUP_CALL"\n')
     stub.chmod(0o755)
+    puller = tmp_path / ".venv" / "bin" / "fleetserve"  # `model pull -f`: nothing to pull here
+    puller.parent.mkdir(parents=True)
+    puller.write_text("#!/usr/bin/env bash\n")
+    puller.chmod(0o755)
     task = tasks["cluster.yaml"]
     # ENGINE fake: no weights to pull (test_run.py pulls them from a fake hub)
-    env = skypilot_env(task, dict(os.environ), PP_SIZE=pp_size, ENGINE="fake")
+    path = tmp_path / "cluster.yaml"
+    path.write_text(cluster_file)
+    env = skypilot_env(
+        task,
+        dict(os.environ),
+        PP_SIZE=pp_size,
+        ENGINE="fake",
+        CLUSTER_FILE=str(path) if cluster_file else "",
+    )
     env["SETUP_CALL"] = str(tmp_path / "call")
     done = subprocess.run(["bash", "-c", task["setup"]], cwd=tmp_path, env=env)
     assert done.returncode == 0
