@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +9,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from fleetserve import procs
 from gateway.auth import hash_key
-from tests.helpers import free_port, running_up, wait_until
+from tests.helpers import running_up
 from workers.inventory import discover_machine
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
@@ -62,48 +59,6 @@ def test_up_with_a_cluster_file(fleet_env: dict[str, str], log_dir: Path) -> Non
         ["-f", str(cluster)], fleet_env, log_dir, "e", 60, api_key="sk-me"
     )
     assert text.count("ready echo") == 2 and "ready other" in text
-
-
-def test_up_on_two_nodes_each_starts_its_share_of_one_file(
-    fleet_env: dict[str, str], log_dir: Path
-) -> None:
-    """What deploy/ runs on each node of a cluster: the same file, `--nodes` and its rank.
-    Two nodes on loopback (127.0.0.1 and 127.0.0.2); the head runs the controller and the
-    gateway, and each node one replica of the two."""
-    cluster = log_dir / "cluster.yaml"
-    cluster.write_text("models: [{name: echo, engine: fake, replicas: 2}]\n")
-    controller_port = free_port()
-    common = ["-f", str(cluster), "--host", "0.0.0.0", "--nodes", "127.0.0.1,127.0.0.2"]
-    common += ["--controller-port", str(controller_port)]
-    out = log_dir / "rank1.out"
-    rank1 = [*common, "--node-rank", "1", "--log-dir", str(log_dir / "rank1")]
-    with out.open("wb") as sink:  # the other node first: it waits for the head's controller
-        follower = procs.spawn(
-            [sys.executable, "-m", "fleetserve.cli", "up", *rank1],
-            env=fleet_env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        with running_up([*common, "--node-rank", "0"], fleet_env, log_dir, 90) as head:
-            wait_until(lambda: "all workers ready" in out.read_text(), 60, "the follower ready")
-            # the head's `up` lists every worker of the cluster, the follower's its own
-            assert re.search(r"ready echo \(fake\) \S+ at http://127\.0\.0\.1:", head.text())
-            assert re.search(r"ready echo \(fake\) \S+ at http://127\.0\.0\.2:", head.text())
-            assert re.findall(r"ready echo \(fake\) \S+ at http://(\S+):", out.read_text()) == [
-                "127.0.0.2"
-            ]
-            client = head.client()
-            for _ in range(4):
-                reply = client.completions.create(model="echo", prompt="hi", max_tokens=2)
-                assert reply.choices[0].text
-            text = out.read_text()
-            assert "workers of this node register with http://127.0.0.1:" in text
-            assert "fleetserve gateway" not in text  # the head's gateway serves the cluster
-            follower.send_signal(signal.SIGINT)
-            assert follower.wait(120) == 0, out.read_text()
-    finally:
-        procs.stop(follower, 5)
 
 
 @pytest.mark.vllm
