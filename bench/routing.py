@@ -207,8 +207,10 @@ async def load(
     """Closed-loop streaming chat requests, alternating over ``urls``."""
     turn = itertools.count()
     timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
+    # the key the external routers were given (their --api-key also guards their clients);
+    # fleetserve's gateways here have no API keys and send engines their own secrets
     async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0), timeout=timeout
+        connector=aiohttp.TCPConnector(limit=0), timeout=timeout, headers=ENGINE_AUTH
     ) as session:
         senders = [post_sender(session, f"{url}/chat/completions", body, True) for url in urls]
 

@@ -528,7 +528,6 @@ ENGINE_ROUTES = [
     ("POST", "/score"),
     ("POST", "/rerank"),
     ("GET", "/metrics"),
-    ("GET", "/health"),
     ("POST", "/collective_rpc"),
 ]
 # 127.0.0.0/8 and ::1 as /proc/net/tcp{,6} write local addresses.
@@ -569,6 +568,8 @@ def assert_engine_refuses_everyone_but_gateways(cluster: Cluster, worker_id: str
             response = httpx.request(method, base + path, json=body, headers=headers, timeout=10)
             assert response.status_code == 401, (method, path, response.text)
             assert response.json()["error"]["code"] == "invalid_engine_secret"
+    # GET /health alone is open (probes, other routers): an empty answer, as on every server
+    assert httpx.get(base + "/health", timeout=10).status_code == 200
     agent = listener_pid(int(base.rsplit(":", 1)[1]))
     engine = engine_pid(agent)
     assert engine is not None

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from fleetserve import procs
-from fleetserve.config import KeysFile, WorkerSettings, hash_key
+from fleetserve.config import GatewaySettings, KeysFile, WorkerSettings, hash_key
 from tests.conftest import module_log_dir
 from tests.helpers import LocalCluster, free_port, wait_until
 from workers.vllm.engine import VllmEngine
@@ -53,7 +53,8 @@ def cluster(fleet_env: dict[str, str], tiny_model: Path) -> Iterator[LocalCluste
     keys_file.write_text(yaml.safe_dump(keys.model_dump(mode="json")))
     # the outside server's key: in the gateways' and the attaching worker's environments only
     env = {**fleet_env, f"FLEETSERVE_SECRET_{SECRET_NAME}": UPSTREAM_KEY}
-    local = LocalCluster(LOG_DIR, env, keys_file=str(keys_file), access_log=True)
+    gateway = GatewaySettings(keys_file=str(keys_file), access_log=True)
+    local = LocalCluster(LOG_DIR, env, gateway=gateway)
     try:
         source = ("--source", str(tiny_model))
         pooling = ("--runner", "pooling", "--convert", "embed")
@@ -73,9 +74,11 @@ def _client(cluster: LocalCluster, base_url: str | None = None) -> openai.OpenAI
 
 
 def _direct(cluster: LocalCluster, model: str) -> openai.OpenAI:
-    """The engine of ``model``'s (first) worker, without the gateway."""
-    worker = next(w for w in cluster.table().workers if model in w.model_names)
-    return openai.OpenAI(base_url=worker.base_url, api_key="x", max_retries=0, timeout=120)
+    """The engine of ``model``'s (first) worker, without the gateway (with the engine's secret,
+    as gateways reach it)."""
+    worker = next(w for w in cluster.routes().workers if model in w.model_names)
+    secret = worker.engine_secret or "x"
+    return openai.OpenAI(base_url=worker.base_url, api_key=secret, max_retries=0, timeout=120)
 
 
 def _metric(cluster: LocalCluster, name: str, model: str) -> float:
@@ -122,8 +125,10 @@ def test_tokenize_is_routed_by_name(cluster: LocalCluster) -> None:
     headers = {"authorization": f"Bearer {KEY}"}
     got = httpx.post(f"{cluster.gateway_url}/tokenize", json=body, headers=headers, timeout=30)
     assert got.status_code == 200, got.text
-    worker = next(w for w in cluster.table().workers if GENERATE in w.model_names)
-    direct = httpx.post(worker.base_url.removesuffix("/v1") + "/tokenize", json=body, timeout=30)
+    worker = next(w for w in cluster.routes().workers if GENERATE in w.model_names)
+    secret = {"Authorization": f"Bearer {worker.engine_secret}"}
+    url = worker.base_url.removesuffix("/v1") + "/tokenize"
+    direct = httpx.post(url, json=body, headers=secret, timeout=30)
     assert got.json()["tokens"] == direct.json()["tokens"] and got.json()["count"] > 2
     unkeyed = httpx.post(f"{cluster.gateway_url}/tokenize", json=body, timeout=30)
     assert unkeyed.status_code == 401

@@ -50,7 +50,7 @@ def cluster(fleet_env: dict[str, str], tiny_model: Path) -> Iterator[LocalCluste
 
 
 def _worker(cluster: LocalCluster) -> WorkerView:
-    (worker,) = [w for w in cluster.table().workers if w.state.value == "ready"]
+    (worker,) = [w for w in cluster.routes().workers if w.state.value == "ready"]
     assert worker.kv_events_url and worker.engine_secret
     return worker
 

@@ -7,7 +7,10 @@ answer, without it. So the engine listens on a Unix socket in a directory only t
 may enter (0700), and the agent serves this relay on the worker's address: it checks
 ``Authorization: Bearer SECRET`` on every request of every connection (constant time)
 before a byte of it reaches the engine, answers 401 in the error envelope otherwise, and
-forwards the requests that carry it. The secret is the worker's own (new for each agent),
+forwards the requests that carry it. ``GET /health`` alone passes without it, as on every
+fleetserve server: it says only that the engine is up, and probes and other routers
+(sglang-router checks a worker's /health without its key before it routes to it) need it.
+The secret is the worker's own (new for each agent),
 registered with the controller under the cluster token and handed only to gateways, on the
 controller's authenticated /routes; the engine gets it too (VLLM_API_KEY, LLAMA_API_KEY),
 through its environment.
@@ -98,6 +101,7 @@ class _Inbound(asyncio.Protocol):
         self.lines: list[bytes] = []
         self.authorized = False
         self.chunked = False
+        self.has_body = False
         self.outstanding = 0  # requests forwarded whose answers are not complete
         self.tunnel = False  # switched protocols (WebSocket): bytes pass as they are
         self.refused = False
@@ -173,7 +177,7 @@ class _Inbound(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.url = b""
         self.lines = []
-        self.authorized = self.chunked = False
+        self.authorized = self.chunked = self.has_body = False
         if self.deadline.what != "head":  # a kept-alive connection's next request
             self.deadline.set(self.relay.limits.header_timeout_s, self._head_too_slow, "head")
 
@@ -186,14 +190,21 @@ class _Inbound(asyncio.Protocol):
         if lower == b"authorization":
             self.authorized |= self.relay.authorized(value)
         elif lower == b"transfer-encoding" and b"chunked" in value.lower():
-            self.chunked = True
+            self.chunked = self.has_body = True
+        elif lower == b"content-length" and value.strip() != b"0":
+            self.has_body = True
+
+    def _open_health_check(self, method: bytes) -> bool:
+        """``GET /health`` without a body: the one request that needs no secret (a body would
+        let an unauthenticated client hold the connection: bodies have no deadline here)."""
+        return method == b"GET" and self.url == b"/health" and not self.has_body
 
     def on_headers_complete(self) -> None:
         self.deadline.cancel()
         self.in_head = False
         self.head_bytes = 0
         method = self.parser.get_method()
-        if not self.authorized:
+        if not (self.authorized or self._open_health_check(method)):
             self.refuse(401, "this engine answers its gateways only", "invalid_engine_secret")
             raise _Refused
         if method in (b"HEAD", b"CONNECT"):

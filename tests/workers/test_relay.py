@@ -27,7 +27,7 @@ pytestmark = pytest.mark.anyio
 
 SECRET = "s3cret-for-this-test"
 ROUTES = ["/v1/chat/completions", "/v1/models", "/invocations", "/tokenize", "/pooling"]
-ROUTES += ["/metrics", "/health", "/collective_rpc", "/v1/completions"]
+ROUTES += ["/metrics", "/collective_rpc", "/v1/completions"]
 
 
 @pytest.fixture
@@ -73,6 +73,12 @@ async def test_every_route_is_refused_without_the_secret(
                 response = await http.request(method, relay.url + path, json=body)
                 assert response.status_code == 401, (method, path)
                 assert response.json()["error"]["code"] == "invalid_engine_secret"
+        for method in ("POST", "OPTIONS"):  # /health: GET only, as probes ask
+            assert (await http.request(method, relay.url + "/health")).status_code == 401
+        assert (await http.get(relay.url + "/health?verbose=1")).status_code == 401
+        with_body = await http.request("GET", relay.url + "/health", content=b"x")
+        assert with_body.status_code == 401
+        assert (await http.get(relay.url + "/health")).status_code == 200  # open, says nothing
         assert relay.engine.finished == 0 and relay.engine.generated == 0
 
 
