@@ -360,7 +360,7 @@ def start_router(
         if proc.poll() is not None:
             raise RuntimeError(f"{system} exited: see {log.name}")
         try:
-            return httpx.get(f"{url}/v1/models", timeout=2).status_code == 200
+            return httpx.get(f"{url}/v1/models", headers=ENGINE_AUTH, timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 
