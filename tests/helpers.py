@@ -168,9 +168,8 @@ class LocalCluster(Cluster):
         )
 
     def close(self) -> None:
-        for component in reversed(self.components):
-            if component.alive():
-                component.stop()
+        """Workers drain together, then the rest stops (one by one, 15 workers took 18 s)."""
+        self.stop()
 
 
 @dataclass
