@@ -10,7 +10,7 @@ import hashlib
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import yaml
 from pydantic import (
@@ -26,6 +26,9 @@ from pydantic import (
 
 from fleetserve import constants
 from fleetserve.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fleetserve.protocol import DeclaredModel
 
 ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$", max_length=200)]
 #: The name of a secret (an attached server's API key): an environment variable's suffix
@@ -177,6 +180,13 @@ class ControllerSettings(Strict):
         description="Listen on a non-loopback address without a cluster token: anyone who "
         "reaches the port can register workers (and receive their models' prompts).",
     )
+    models_file: str | None = Field(
+        None,
+        description="A cluster file whose models should exist: gateways list them and hold "
+        "their requests until a worker is ready (instead of 404), from the controller's start. "
+        "More can be declared at run time (PUT /models/NAME, with the cluster token); those "
+        "last until the controller restarts.",
+    )
     tls_cert_file: TlsCertFile = None
     tls_key_file: TlsKeyFile = None
     header_timeout_s: HeaderTimeout = constants.HEADER_TIMEOUT_S
@@ -270,6 +280,15 @@ class GatewaySettings(Strict):
         gt=0,
         description="Give up (504) when a worker has not answered (streams: sent a first "
         "byte) within this long; the generation is aborted.",
+    )
+    hold_timeout_s: float = Field(
+        constants.HOLD_TIMEOUT_S,
+        ge=0,
+        description="How long a request for a declared model with no ready worker (starting, "
+        "restarting, scaled to zero) waits for one; then 503 with Retry-After (or the model's "
+        "fallbacks). The wait counts toward request_timeout_s, which runs from the request's "
+        "arrival: a request held 40 s has 40 s less for its answer, and the hold ends with the "
+        "same 503 when request_timeout_s ends first. 0: no hold.",
     )
     stream_idle_timeout_s: float = Field(
         constants.STREAM_IDLE_TIMEOUT_S,
@@ -561,6 +580,18 @@ class ModelSpec(Strict):
             if self.replicas != len(self.url):  # (an assignment validates the model again)
                 self.replicas = len(self.url)
         return self
+
+    def declaration(self) -> DeclaredModel:
+        """The model as the controller declares it (it should exist, worker or not)."""
+        from fleetserve.protocol import DeclaredModel
+
+        return DeclaredModel(
+            name=self.name,
+            aliases=self.aliases,
+            replicas=self.replicas,
+            routing_policy=self.routing_policy,
+            fallbacks=self.fallbacks,
+        )
 
     def engine_flags(self) -> list[str]:
         """``{max_num_seqs: 8, enforce_eager: true}`` -> ``--max-num-seqs 8 --enforce-eager``."""

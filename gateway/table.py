@@ -112,6 +112,11 @@ class ModelRoute:
     upstreams: dict[str, Upstream] = field(default_factory=dict)
     #: path -> this route narrowed to the workers serving the path (itself when all do).
     by_endpoint: dict[str, ModelRoute] = field(default_factory=dict)
+    #: The model should exist (the controller declares it): with no ready worker, its
+    #: requests wait for one (gateway/serving.py).
+    declared: bool = False
+    #: A declared model's replicas that should be ready.
+    replicas: int = 0
 
 
 class RoutingTable:
@@ -180,8 +185,8 @@ class RoutingTable:
                 ready = names.setdefault(name, [])
                 if target is not None:
                     ready.append(target)
-        for kept in table.models:  # a model with fallbacks and no worker left
-            if kept.name not in by_model and kept.fallbacks:
+        for kept in table.models:  # a model with no worker: with fallbacks, or declared
+            if kept.name not in by_model and (kept.fallbacks or kept.declared):
                 by_model[kept.name] = {name: [] for name in [kept.name, *kept.aliases]}
         for model, names in by_model.items():
             view = views.get(model)
@@ -199,6 +204,8 @@ class RoutingTable:
                     frozenset(served.get(model, ())),
                     tuple(view.fallbacks) if view else (),
                     upstreams.get(model, {}),
+                    declared=view.declared if view else False,
+                    replicas=view.replicas if view else 0,
                 )
                 for path in route.endpoints:
                     able = tuple(t for t in workers if path in endpoints[t.worker_id])
@@ -254,6 +261,8 @@ class RouteTableWatcher:
         self.deadline_s = deadline_s
         self.default_policy = default_policy
         self.routes = RoutingTable()
+        #: Set (and replaced) whenever a new table is applied: what held requests wait on.
+        self.changed = asyncio.Event()
         #: Called with each new table, as received and as routed (the KV event streams
         #: follow the workers of models routed by their events).
         self.listeners: list[Callable[[RouteTable, RoutingTable], None]] = []
@@ -267,6 +276,8 @@ class RouteTableWatcher:
         )
         for listener in self.listeners:
             listener(table, routes)
+        self.changed.set()
+        self.changed = asyncio.Event()
         logger.info(
             "routing table v%d from controller %s: %d workers, models %s",
             table.version,

@@ -22,6 +22,7 @@ from fleetserve.cli.harness import Cluster, Component, ComponentFailed, reachabl
 from fleetserve.cli.status import make_console, workers_table
 from fleetserve.config import (
     ClusterConfig,
+    ControllerSettings,
     Device,
     GatewaySettings,
     KeysFile,
@@ -102,6 +103,16 @@ def _gateway_settings(g: GatewaySettings, log_dir: Path) -> GatewaySettings:
     return g.model_copy(update={"keys": [], "keys_file": str(keys_path)})
 
 
+def _controller_settings(cluster: ClusterConfig, log_dir: Path) -> ControllerSettings:
+    """The cluster's models are declared from the start: the controller reads them from a
+    file (as written here, the demo model's made source included) and gateways hold their
+    requests while their workers start, instead of 404."""
+    models_path = log_dir / "models.yaml"
+    models = [spec.model_dump(mode="json", exclude_none=True) for spec in cluster.models]
+    models_path.write_text(yaml.safe_dump({"models": models}, sort_keys=False))
+    return cluster.controller.model_copy(update={"models_file": str(models_path)})
+
+
 def run_local_cluster(
     cluster: ClusterConfig,
     device: Device = Device.AUTO,
@@ -127,7 +138,10 @@ def run_local_cluster(
     # they inherit: nodes of one cluster share it), else this machine's file, made once (0600).
     token_file = None if env.cluster_token() else ensure_token_file(paths.cluster_token_file())
     local = Cluster(
-        log_dir, cluster.controller, _gateway_settings(g, log_dir), cluster_token_file=token_file
+        log_dir,
+        _controller_settings(cluster, log_dir),
+        _gateway_settings(g, log_dir),
+        cluster_token_file=token_file,
     )
     # Workers listen where the gateway does; they register the address others reach them at.
     advertise_host = advertise_host or reachable(g.host)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.auth import hash_key
 from tests.helpers import running_up
@@ -128,3 +130,38 @@ def test_up_without_gpus_refuses_what_needs_them(
     assert done.returncode != 0
     assert message in " ".join(done.stderr.split()), done.stderr
     assert "fleetserve gateway" not in done.stdout  # refused before anything started
+
+
+def test_up_holds_the_first_requests_until_the_workers_are_ready(
+    fleet_env: dict[str, str], log_dir: Path
+) -> None:
+    """The README's first request, made as soon as `up` prints its endpoint: held until the
+    worker is ready (the fake engine 'loads' for a few seconds), not 404; a model that is
+    still loading when the hold ends: 503 with Retry-After, saying it is starting; a typo:
+    404."""
+    cluster = log_dir / "cluster.yaml"
+    cluster.write_text(
+        "gateway: {hold_timeout_s: 20}\n"
+        "models:\n"
+        "  - {name: echo, engine: fake, engine_args: {load_s: 4}}\n"
+        "  - {name: glacial, engine: fake, engine_args: {load_s: 600}}\n"
+    )
+    hi: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+    with running_up(["-f", str(cluster)], fleet_env, log_dir, 60, until="fleetserve gateway") as up:
+        client = up.client().with_options(timeout=120)
+        with ThreadPoolExecutor(2) as pool:
+            assert "ready echo" not in up.text()  # asked during start-up
+            glacial = pool.submit(client.chat.completions.create, model="glacial", messages=hi)
+            reply = client.chat.completions.create(model="echo", messages=hi, max_tokens=4)
+            assert reply.choices[0].message.content
+            with pytest.raises(openai.InternalServerError) as starting:
+                glacial.result()
+        assert starting.value.status_code == 503
+        assert "`glacial` is not ready (starting: 0 of 1 replicas ready)" in str(
+            starting.value.message
+        )
+        assert int(starting.value.response.headers["retry-after"]) > 0
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="ecoh", messages=hi)
+        listed = {m.id: (m.model_extra or {}).get("state") for m in client.models.list()}
+        assert listed == {"echo": "ready", "glacial": "starting"}
