@@ -13,11 +13,19 @@ The body is forwarded as received unless a rewrite is needed: a fallback model's
 name, an attached server's own name for the model, a response id naming the
 worker (below). Then it is encoded again (``ParsedRequest.encode``).
 
-Fallbacks: when the model has no ready worker (503), every worker tried failed
-before the first byte (502), or the engine answered 429 or 503, the request goes
-to the model's fallbacks in turn, those the key may use and that serve the
-endpoint; the answer names the model in ``x-fleetserve-model``. A stream that
-has started is the proxy's: it never switches models.
+Declared models (the controller knows they should exist): a request for one with no
+ready worker serving its endpoint is held until the routing table has one
+(``_hold``), up to ``hold_timeout_s`` from the request's arrival, then 503
+``model_not_ready`` with Retry-After and why; the request timeout, which also runs
+from the arrival, ends a hold with the same 503. Only requests that would have been
+503 reach the hold: a model with ready workers costs one more truthiness test.
+
+Fallbacks: when the model has no ready worker (503; a declared one: after the
+hold), every worker tried failed before the first byte (502), or the engine
+answered 429 or 503, the request goes to the model's fallbacks in turn, those
+the key may use and that serve the endpoint; the answer names the model in
+``x-fleetserve-model``. A stream that has started is the proxy's: it never
+switches models.
 
 Responses API state: an engine keeps the responses it made, so a request naming
 a previous response (``previous_response_id``), and retrieving or cancelling one,
