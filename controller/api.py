@@ -113,7 +113,7 @@ def build_app(settings: ControllerSettings) -> FastAPI:
         """Every model: declared, served, or kept for its fallbacks, with its state."""
         return _registry(request).models()
 
-    @api.put("/models/{name}")
+    @api.put("/models/{name:path}")
     async def declare(name: str, model: DeclaredModel, request: Request) -> dict[str, str]:
         """``name`` should exist: gateways hold its requests until a worker is ready."""
         if model.name != name:
@@ -121,7 +121,14 @@ def build_app(settings: ControllerSettings) -> FastAPI:
         _registry(request).declare(model)
         return {"status": "declared"}
 
-    @api.delete("/models/{name}")
+    @api.post("/models/{name:path}/demand")
+    async def demand(name: str, request: Request) -> dict[str, str]:
+        """A gateway holds a request for ``name`` with no replica wanted: start one."""
+        if not _registry(request).demand(name):
+            raise OpenAIError(404, f"model {name!r} is not declared", code="model_not_found")
+        return {"status": "noted"}
+
+    @api.delete("/models/{name:path}")
     async def undeclare(name: str, request: Request) -> dict[str, str]:
         if not _registry(request).undeclare(name):
             raise OpenAIError(404, f"model {name!r} is not declared", code="model_not_found")

@@ -5,7 +5,12 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 from controller.registry import Registry
@@ -129,3 +134,17 @@ class RegistryCollector(Collector):
             replicas.add_metric([state_of.name, "ready"], state_of.ready)
         yield declared
         yield replicas
+        cold = SummaryMetricFamily(
+            "fleetserve_controller_cold_start_seconds",
+            "Declared models going from no replica to a ready one (start-up, on demand, "
+            "after their last worker died): how many, and the seconds from wanting one "
+            "(declared, or started on demand) to its registration.",
+            labels=["model"],
+        )
+        for name in sorted(registry.cold_starts_by_model):
+            cold.add_metric(
+                [name],
+                registry.cold_starts_by_model[name],
+                registry.cold_start_seconds_by_model[name],
+            )
+        yield cold

@@ -76,6 +76,13 @@ class Registry:
         #: Models that should exist, by served name (DeclaredModel): published with or
         #: without workers.
         self._declared: dict[str, DeclaredModel] = {}
+        #: Declared model -> since when it has replicas wanted and none registered; its
+        #: first registration ends the cold start (counted by model, with its duration).
+        self._starting_since: dict[str, float] = {}
+        self.cold_starts_by_model: Counter[str] = Counter()
+        self.cold_start_seconds_by_model: dict[str, float] = {}
+        #: Declared model -> when a gateway last held a request for it (demand()).
+        self._demand_at: dict[str, float] = {}
         self._changed = asyncio.Event()
 
     # -- changes -------------------------------------------------------------
@@ -109,6 +116,12 @@ class Registry:
             aliases=registration.model_names[1:],
         )
         self._workers[registration.worker_id] = _Entry(registration, self._clock())
+        since = self._starting_since.pop(model, None)
+        if since is not None:
+            self.cold_starts_by_model[model] += 1
+            seconds = self.cold_start_seconds_by_model.get(model, 0.0) + self._clock() - since
+            self.cold_start_seconds_by_model[model] = seconds
+            logger.info("model %s: first replica ready after %.1fs", model, self._clock() - since)
         self.registrations_total += 1
         self.registrations_by_model[model] += 1
         self.models_seen.add(model)
@@ -128,6 +141,11 @@ class Registry:
             return
         self._declared[model.name] = model
         self.models_seen.add(model.name)
+        served = any(entry.model == model.name for entry in self._workers.values())
+        if model.replicas and not served:
+            self._starting_since.setdefault(model.name, self._clock())
+        else:
+            self._starting_since.pop(model.name, None)
         self._bump()
         logger.info("model %s declared: %d replica(s)", model.name, model.replicas)
 
@@ -135,8 +153,19 @@ class Registry:
         """``name`` need not exist any more (its workers, if any, keep serving it)."""
         if self._declared.pop(name, None) is None:
             return False
+        self._starting_since.pop(name, None)
         self._bump()
         logger.info("model %s no longer declared", name)
+        return True
+
+    def demand(self, name: str) -> bool:
+        """A gateway holds a request for declared model ``name`` (scaled to zero): whatever
+        starts replicas reads it (models()). False if ``name`` is not declared."""
+        if name not in self._declared:
+            return False
+        if name not in self._demand_at or self._demand_at[name] < self._clock() - 1:
+            logger.info("model %s: a gateway holds a request for it", name)
+        self._demand_at[name] = self._clock()
         return True
 
     def heartbeat(self, worker_id: str, load: WorkerLoad) -> bool:
@@ -236,6 +265,7 @@ class Registry:
     def models(self) -> list[ModelState]:
         """Every model of the table: declared, served, or kept for its fallbacks."""
         table = self.table()
+        now = self._clock()
         ready = Counter(
             worker.model_names[0] for worker in table.workers if worker.state is WorkerState.READY
         )
@@ -246,6 +276,11 @@ class Registry:
                 replicas=view.replicas,
                 ready=ready[view.name],
                 state=model_state(view.declared, view.replicas, ready[view.name]),
+                demand_age_s=(
+                    round(now - self._demand_at[view.name], 3)
+                    if view.name in self._demand_at
+                    else None
+                ),
             )
             for view in table.models
         ]

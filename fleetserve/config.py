@@ -105,6 +105,15 @@ class Device(StrEnum):
     CPU = "cpu"
 
 
+class Load(StrEnum):
+    """When a model's replicas run (`fleetserve up`)."""
+
+    #: From the start, until the cluster stops.
+    ALWAYS = "always"
+    #: From the first request (held while they load) until idle_timeout_s without one.
+    ON_DEMAND = "on_demand"
+
+
 class Strict(BaseModel):
     """Configuration refuses unknown keys, so a typo fails loudly instead of being ignored."""
 
@@ -562,6 +571,14 @@ class ModelSpec(Strict):
     autoscaling: Autoscaling | None = Field(
         None, description="Where replicas are managed by Ray (`fleetserve ray deploy`)."
     )
+    load: Load | None = Field(
+        None,
+        description="always, or on_demand: started on the first request, stopped after "
+        "idle_timeout_s without one (`fleetserve up`). Default: the file's.",
+    )
+    idle_timeout_s: float | None = Field(
+        None, gt=0, description="on_demand: stop after this long without a request."
+    )
 
     @field_validator("url", mode="before")
     @classmethod
@@ -588,7 +605,7 @@ class ModelSpec(Strict):
         return DeclaredModel(
             name=self.name,
             aliases=self.aliases,
-            replicas=self.replicas,
+            replicas=0 if self.load is Load.ON_DEMAND else self.replicas,  # until asked for
             routing_policy=self.routing_policy,
             fallbacks=self.fallbacks,
         )
@@ -629,9 +646,29 @@ class ClusterConfig(Strict):
     controller: ControllerSettings = Field(default_factory=ControllerSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     models: list[ModelSpec] = Field(min_length=1)
+    load: Load = Field(
+        Load.ALWAYS,
+        description="Every model's load where it gives none: always, or on_demand (started "
+        "on the first request, stopped after idle_timeout_s without one; `fleetserve up`).",
+    )
+    idle_timeout_s: float = Field(
+        constants.IDLE_TIMEOUT_S,
+        gt=0,
+        description="on_demand models' idle timeout where they give none.",
+    )
 
     @model_validator(mode="after")
     def _names_are_unique(self) -> ClusterConfig:
+        for spec in self.models:  # each model says its own load (the file's, by default)
+            if spec.load is None:  # (an attached server is someone else's to start)
+                spec.load = Load.ALWAYS if spec.url else self.load
+            if spec.idle_timeout_s is None:
+                spec.idle_timeout_s = self.idle_timeout_s
+            if spec.load is Load.ON_DEMAND and spec.url:
+                raise ValueError(
+                    f"model {spec.name!r}: load on_demand starts engines; an attached server "
+                    "(url) is started by someone else"
+                )
         owner: dict[str, str] = {}
         for spec in self.models:
             for name in [spec.name, *spec.aliases]:

@@ -178,6 +178,11 @@ class ModelState(Internal):
     replicas: int = Field(description="Replicas that should be ready (declared models).")
     ready: int = Field(description="Replicas ready now.")
     state: str = Field(description="See model_state().")
+    demand_age_s: float | None = Field(
+        None,
+        description="Seconds since a gateway last held a request for it with none of its "
+        "replicas wanted (scaled to zero): the signal to start one. None: never.",
+    )
 
 
 def model_state(declared: bool, replicas: int, ready: int) -> str:

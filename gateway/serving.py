@@ -393,6 +393,8 @@ class Serving:
                 if served is not None and served.workers:
                     outcome = "ready"
                     return served
+                if not route.replicas:  # scaled to zero: ask for one
+                    self.watcher.demand(model)
                 if served is None and route.endpoints:
                     outcome = "gone"
                     raise self._unsupported(name, path, route)

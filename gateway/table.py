@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 
@@ -253,7 +253,11 @@ class RouteTableWatcher:
         """``deadline_s``: how long one long poll may take before the controller counts as down;
         ``token``: the cluster token the controller asks for (its table holds engine secrets);
         ``secrets_dir``: where attached servers' keys are (else this process's environment)."""
-        self._url = controller_url.rstrip("/") + "/routes"
+        self._controller = controller_url.rstrip("/")
+        self._url = self._controller + "/routes"
+        #: Model -> when this gateway last told the controller of a request held for it.
+        self._demanded: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self._token = token
         self._secrets_dir = secrets_dir
         #: Set before run() (the gateway's lifespan opens it).
@@ -285,6 +289,31 @@ class RouteTableWatcher:
             len(table.workers),
             ", ".join(sorted(routes.by_name)) or "none",
         )
+
+    def demand(self, model: str) -> None:
+        """Tell the controller (in the background, at most every DEMAND_INTERVAL_S) that this
+        gateway holds a request for declared ``model``, which has no replica wanted: what
+        starts replicas on demand reads it there."""
+        now = time.monotonic()
+        last = self._demanded.get(model)
+        if self.session is None or (last is not None and now - last < constants.DEMAND_INTERVAL_S):
+            return
+        self._demanded[model] = now
+        task = asyncio.create_task(self._send_demand(model))
+        self._tasks.add(task)  # (a task nobody holds may be collected before it runs)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_demand(self, model: str) -> None:
+        assert self.session is not None
+        url = f"{self._controller}/models/{quote(model, safe='/')}/demand"
+        try:
+            async with (
+                asyncio.timeout(constants.WATCH_DEADLINE_MARGIN_S),
+                self.session.post(url, headers=self._token.header() if self._token else None) as r,
+            ):
+                r.raise_for_status()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            logger.warning("could not tell the controller of a request held for %s: %s", model, exc)
 
     async def run(self) -> None:
         """Watch the controller forever."""

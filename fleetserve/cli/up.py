@@ -19,6 +19,7 @@ from fleetserve import env, paths
 from fleetserve.auth import ensure_token_file
 from fleetserve.cli.args import validation_context
 from fleetserve.cli.harness import Cluster, Component, ComponentFailed, reachable
+from fleetserve.cli.ondemand import Action, OnDemand
 from fleetserve.cli.status import make_console, workers_table
 from fleetserve.config import (
     ClusterConfig,
@@ -26,6 +27,7 @@ from fleetserve.config import (
     Device,
     GatewaySettings,
     KeysFile,
+    Load,
     ModelSpec,
     WorkerSettings,
     engine_args_from_flags,
@@ -34,6 +36,7 @@ from fleetserve.config import (
     slug,
 )
 from fleetserve.errors import ConfigError
+from fleetserve.protocol import RouteTable
 from workers.engines import Engine
 from workers.inventory import discover_machine, read_model_facts
 from workers.placement import ModelFacts, ReplicaNeed, ReplicaPlan, plan_placement
@@ -153,14 +156,21 @@ def run_local_cluster(
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    on_demand = OnDemandReplicas(
+        local, console, {spec.name: spec for spec in cluster.models if spec.load is Load.ON_DEMAND}
+    )
     try:
         local.start_controller()
         local.start_gateway()
         for spec, plan in placed:
             name = f"worker-{slug(spec.name)}-{plan.replica}"
             settings = worker_settings(spec, g.host, advertise_host, plan.device, plan.replica)
-            local.add_replica(settings, name, plan.environment())
             where = ",".join(map(str, plan.gpu_ids)) or plan.cpu_bind
+            if spec.name in on_demand.specs:
+                on_demand.replicas[spec.name].append((settings, name, plan.environment()))
+                console.print(f"{name}: on demand{f' ({plan.device} {where})' if where else ''}")
+                continue
+            local.add_replica(settings, name, plan.environment())
             if where:
                 console.print(f"{name}: {plan.device} {where}")
         endpoint = f"http://{advertise_host}:{g.port}/v1"
@@ -172,8 +182,8 @@ def run_local_cluster(
             console.print(
                 f"cluster token: {token_file} (this machine's fleetserve commands use it)"
             )
-        expected = sum(spec.replicas for spec in cluster.models)
-        _report_until_stopped(console, local, expected, lambda: stopping)
+        expected = sum(s.replicas for s in cluster.models if s.name not in on_demand.specs)
+        _report_until_stopped(console, local, expected, lambda: stopping, on_demand)
     except ComponentFailed as exc:
         console.print(f"[red]{exc}[/red]", markup=False, highlight=False)
         return 1
@@ -184,17 +194,64 @@ def run_local_cluster(
     return 0
 
 
+class OnDemandReplicas:
+    """The replicas of on-demand models: started and stopped as fleetserve/cli/ondemand.py
+    decides, from the controller's view, once per poll of `up`."""
+
+    def __init__(self, local: Cluster, console: Console, specs: dict[str, ModelSpec]) -> None:
+        self.local = local
+        self.console = console
+        self.specs = specs
+        #: Model -> its replicas' (settings, log name, environment), as placed.
+        self.replicas: dict[str, list[tuple[WorkerSettings, str, dict[str, str]]]] = {
+            name: [] for name in specs
+        }
+        self.running: dict[str, list[Component]] = {}
+        self.decider = OnDemand({name: spec.idle_timeout_s or 0 for name, spec in specs.items()})
+
+    def tick(self, table: RouteTable) -> None:
+        if not self.specs:
+            return
+        try:
+            decisions = self.decider.decide(time.monotonic(), self.local.models(), table.workers)
+        except httpx.HTTPError:
+            return  # the controller is restarting: next poll
+        for decision in decisions:
+            name = decision.model
+            spec = self.specs[name]
+            if decision.action is Action.START:
+                self.console.print(f"on demand: starting {name} ({decision.reason})")
+                self.local.declare(
+                    spec.declaration().model_copy(update={"replicas": spec.replicas})
+                )
+                self.running[name] = [
+                    self.local.add_replica(settings.model_copy(), log_name, env)
+                    for settings, log_name, env in self.replicas[name]
+                ]
+            elif decision.action is Action.READY:
+                self.console.print(f"on demand: {name} ready {decision.reason} (cold start)")
+            else:
+                self.console.print(f"on demand: stopping {name} ({decision.reason})")
+                self.local.declare(spec.declaration())  # none wanted: scaled to zero
+                self.local.stop_workers(self.running.pop(name, []))
+                self.console.print(f"on demand: {name} stopped")
+
+
 def _report_until_stopped(
-    console: Console, local: Cluster, expected: int, stopping: Callable[[], bool]
+    console: Console,
+    local: Cluster,
+    expected: int,
+    stopping: Callable[[], bool],
+    on_demand: OnDemandReplicas,
 ) -> None:
     started = time.monotonic()
     seen: set[str] = set()
     announced_ready = False
     last_progress = started
-    watched: list[Component] = list(local.components)
+    reported: set[Component] = set()
     while not stopping():
-        for component in [c for c in watched if not c.alive()]:
-            watched.remove(component)
+        for component in [c for c in local.components if not c.alive() and c not in reported]:
+            reported.add(component)
             console.print(
                 f"[red]{component.name} exited[/red] (code {component.proc.returncode}); its log:"
             )
@@ -206,6 +263,7 @@ def _report_until_stopped(
         except httpx.HTTPError:
             time.sleep(0.5)
             continue
+        seen &= {worker.worker_id for worker in table.workers}  # gone: reported when back
         for worker in table.workers:
             if worker.worker_id not in seen:
                 seen.add(worker.worker_id)
@@ -214,7 +272,8 @@ def _report_until_stopped(
                     f"[green]ready[/green] {worker.model_names[0]} ({worker.engine}) "
                     f"{worker.worker_id} at {worker.base_url}  after {elapsed:.0f}s"
                 )
-        ready = len(table.workers)
+        on_demand.tick(table)
+        ready = len([w for w in table.workers if w.model_names[0] not in on_demand.specs])
         if ready >= expected and not announced_ready and local.gateway_routes(table):
             announced_ready = True
             console.print(workers_table(table))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -11,8 +12,9 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from fleetserve.cli.harness import descendants, wait_until
 from gateway.auth import hash_key
-from tests.helpers import running_up
+from tests.helpers import RunningUp, running_up
 from workers.inventory import discover_machine
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
@@ -165,3 +167,73 @@ def test_up_holds_the_first_requests_until_the_workers_are_ready(
             client.chat.completions.create(model="ecoh", messages=hi)
         listed = {m.id: (m.model_extra or {}).get("state") for m in client.models.list()}
         assert listed == {"echo": "ready", "glacial": "starting"}
+
+
+def _worker_processes(pid: int) -> list[str]:
+    """The command lines of the worker processes (agents, engines) below ``pid``."""
+    found = []
+    for child in descendants(pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_text().replace("\0", " ")
+        except FileNotFoundError:
+            continue
+        if " worker " in cmdline or "workers." in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def _status(up: RunningUp, env: dict[str, str]) -> str:
+    """What `fleetserve status` prints for the cluster of ``up``."""
+    controller_url = re.findall(r"controller: (\S+)", up.text())[0]
+    status = [sys.executable, "-m", "fleetserve.cli", "status", "--controller-url", controller_url]
+    return subprocess.run(status, env=env, capture_output=True, text=True, timeout=60).stdout
+
+
+def test_up_starts_an_on_demand_model_on_its_first_requests_and_stops_it_when_idle(
+    fleet_env: dict[str, str], log_dir: Path
+) -> None:
+    """Nothing runs after start; a burst of 20 concurrent first requests starts exactly one
+    replica and all 20 are answered; after idle_timeout_s without a request the worker is
+    gone (no process left), and the next request starts it again."""
+    cluster = log_dir / "cluster.yaml"
+    cluster.write_text(
+        "load: on_demand\n"
+        "idle_timeout_s: 3\n"
+        "models:\n"
+        "  - {name: echo, engine: fake, engine_args: {load_s: 2}}\n"
+    )
+    hi: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+    with running_up(["-f", str(cluster)], fleet_env, log_dir, 60) as up:
+        assert not _worker_processes(up.proc.pid)  # nothing runs before it is asked for
+        client = up.client().with_options(timeout=120)
+        assert {m.id: (m.model_extra or {}).get("state") for m in client.models.list()} == {
+            "echo": "scaled_to_zero"
+        }
+        assert "│ echo  │ scaled_to_zero │ 0 " in _status(up, fleet_env)
+        with ThreadPoolExecutor(20) as pool:
+            replies = list(
+                pool.map(
+                    lambda _: client.chat.completions.create(
+                        model="echo", messages=hi, max_tokens=4
+                    ),
+                    range(20),
+                )
+            )
+        assert all(reply.choices[0].message.content for reply in replies)
+        assert len({reply.id for reply in replies}) == 20
+        assert up.text().count("on demand: starting echo") == 1
+        engines = [  # (each under its reaper, whose command line names it too)
+            c
+            for c in _worker_processes(up.proc.pid)
+            if c.split()[1:3] == ["-m", "workers.fake.server"]
+        ]
+        assert len(engines) == 1  # one replica for the whole burst
+        wait_until(lambda: "echo ready after" in up.text(), 30, "the cold start reported")
+        assert "│ echo  │ ready │ 1 " in _status(up, fleet_env)
+        wait_until(lambda: "on demand: echo stopped" in up.text(), 60, "the idle model stopped")
+        assert not _worker_processes(up.proc.pid)
+        again = client.chat.completions.create(model="echo", messages=hi, max_tokens=4)
+        assert again.choices[0].message.content
+        assert up.text().count("on demand: starting echo") == 2
+        wait_until(lambda: up.text().count("echo ready after") == 2, 30, "the second cold start")
+    assert up.text().count("ready echo (fake)") == 2  # one worker each time
