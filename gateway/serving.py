@@ -377,7 +377,7 @@ class Serving:
         held[model] = held.get(model, 0) + 1
         outcome = "timed_out"
         cancelled = False
-        logger.info("holding a request for %s: no ready worker yet", model)
+        logger.debug("holding a request for %s: no ready worker yet", model)
         try:
             while True:
                 current = self.watcher.routes.by_name.get(name)

@@ -276,8 +276,14 @@ def _report_until_stopped(
         ready = len([w for w in table.workers if w.model_names[0] not in on_demand.specs])
         if ready >= expected and not announced_ready and local.gateway_routes(table):
             announced_ready = True
-            console.print(workers_table(table))
-            console.print("all workers ready; press Ctrl-C to stop")
+            if expected:
+                console.print(workers_table(table))
+                console.print("all workers ready; press Ctrl-C to stop")
+            else:
+                console.print(
+                    "every model is on demand: each starts on its first request; "
+                    "press Ctrl-C to stop"
+                )
         elif ready < expected and time.monotonic() - last_progress > 10:
             last_progress = time.monotonic()
             elapsed = last_progress - started

@@ -14,8 +14,10 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from fleetserve.cli.harness import descendants, wait_until
 from gateway.auth import hash_key
+from tests.conftest import GGUF_NAME
 from tests.helpers import RunningUp, running_up
 from workers.inventory import discover_machine
+from workers.llamacpp.source import server_binary
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
@@ -203,7 +205,8 @@ def test_up_starts_an_on_demand_model_on_its_first_requests_and_stops_it_when_id
         "  - {name: echo, engine: fake, engine_args: {load_s: 2}}\n"
     )
     hi: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
-    with running_up(["-f", str(cluster)], fleet_env, log_dir, 60) as up:
+    on_demand = "every model is on demand"
+    with running_up(["-f", str(cluster)], fleet_env, log_dir, 60, until=on_demand) as up:
         assert not _worker_processes(up.proc.pid)  # nothing runs before it is asked for
         client = up.client().with_options(timeout=120)
         assert {m.id: (m.model_extra or {}).get("state") for m in client.models.list()} == {
@@ -237,3 +240,37 @@ def test_up_starts_an_on_demand_model_on_its_first_requests_and_stops_it_when_id
         assert up.text().count("on demand: starting echo") == 2
         wait_until(lambda: up.text().count("echo ready after") == 2, 30, "the second cold start")
     assert up.text().count("ready echo (fake)") == 2  # one worker each time
+
+
+@pytest.mark.vllm
+@pytest.mark.llamacpp
+@pytest.mark.skipif(server_binary() is None, reason="needs llama-server (setup.sh --llamacpp)")
+def test_up_starts_vllm_and_llama_server_on_demand_and_stops_them_when_idle(
+    fleet_env: dict[str, str], tiny_model: Path, gguf_f32: Path, log_dir: Path
+) -> None:
+    """Two on-demand models on real engines: neither runs after start; the first request to
+    each starts it (its cold start in `up`'s output) and is answered; after the idle timeout
+    no engine is left."""
+    cluster = log_dir / "cluster.yaml"
+    cluster.write_text(
+        "load: on_demand\n"
+        "idle_timeout_s: 5\n"
+        "models:\n"
+        "  - {name: tiny-llama, engine: vllm}\n"
+        f"  - {{name: tiny-gguf, engine: llama-server, source: {GGUF_NAME},"
+        " engine_args: {threads: 1}}\n"
+    )
+    hi: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+    on_demand = "every model is on demand"
+    with running_up(["-f", str(cluster)], fleet_env, log_dir, 120, until=on_demand) as up:
+        assert not _worker_processes(up.proc.pid)
+        client = up.client().with_options(timeout=300)
+        for model in ("tiny-llama", "tiny-gguf"):
+            reply = client.chat.completions.create(model=model, messages=hi, max_tokens=4)
+            assert reply.choices[0].message.content is not None
+            assert up.text().count(f"on demand: starting {model}") == 1
+        for model in ("tiny-llama", "tiny-gguf"):
+            wait_until(lambda m=model: f"on demand: {m} stopped" in up.text(), 120, "idle stop")
+        assert not _worker_processes(up.proc.pid)
+    cold_starts = re.findall(r"on demand: (\S+) ready after ([\d.]+)s", up.text())
+    assert {model for model, _ in cold_starts} == {"tiny-llama", "tiny-gguf"}
