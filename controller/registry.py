@@ -254,9 +254,9 @@ class Registry:
             declared = self._declared.get(name)
             view = self._models.get(name)
             if declared is not None:  # its workers' registrations say the rest, where any
-                fields = declared.model_dump(exclude={"replicas"})
+                fields = declared.model_dump(exclude={"replicas", "note"})
                 view = (view or ModelView(**fields)).model_copy(
-                    update={"declared": True, "replicas": declared.replicas}
+                    update={"declared": True, "replicas": declared.replicas, "note": declared.note}
                 )
             if view is not None and (view.declared or name in served or view.fallbacks):
                 models.append(view)

@@ -152,6 +152,12 @@ class DeclaredModel(Internal):
     replicas: int = Field(1, ge=0, description="Replicas that should be ready.")
     routing_policy: str | None = None
     fallbacks: list[str] = Field(default_factory=list)
+    note: str = Field(
+        "",
+        max_length=500,
+        description="What starts the replicas says about them (one that exited): clients "
+        "read it in the 503 that ends a hold, so no path or secret.",
+    )
 
 
 class ModelView(Internal):
@@ -168,6 +174,8 @@ class ModelView(Internal):
     declared: bool = False
     #: A declared model's replicas that should be ready (0: not declared).
     replicas: int = Field(0, ge=0)
+    #: A declared model's note (DeclaredModel.note).
+    note: str = ""
 
 
 class ModelState(Internal):

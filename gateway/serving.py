@@ -417,6 +417,8 @@ class Serving:
             why = f"starting: {ready} of {route.replicas} replicas ready"
         else:
             why = "scaled to zero: no replica running"
+        if route.note:
+            why += f"; {route.note}"
         return OpenAIError(
             503,
             f"The model `{route.model}` is not ready ({why}); waited {waited_s:.1f}s. "

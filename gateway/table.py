@@ -117,6 +117,8 @@ class ModelRoute:
     declared: bool = False
     #: A declared model's replicas that should be ready.
     replicas: int = 0
+    #: What starts its replicas says about them (one exited), for the 503 that ends a hold.
+    note: str = ""
 
 
 class RoutingTable:
@@ -206,6 +208,7 @@ class RoutingTable:
                     upstreams.get(model, {}),
                     declared=view.declared if view else False,
                     replicas=view.replicas if view else 0,
+                    note=view.note if view else "",
                 )
                 for path in route.endpoints:
                     able = tuple(t for t in workers if path in endpoints[t.worker_id])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import time
 from collections.abc import Callable
@@ -156,8 +157,12 @@ def run_local_cluster(
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    owners: dict[Component, ModelSpec] = {}  # each worker's model
     on_demand = OnDemandReplicas(
-        local, console, {spec.name: spec for spec in cluster.models if spec.load is Load.ON_DEMAND}
+        local,
+        console,
+        {spec.name: spec for spec in cluster.models if spec.load is Load.ON_DEMAND},
+        owners,
     )
     try:
         local.start_controller()
@@ -170,7 +175,7 @@ def run_local_cluster(
                 on_demand.replicas[spec.name].append((settings, name, plan.environment()))
                 console.print(f"{name}: on demand{f' ({plan.device} {where})' if where else ''}")
                 continue
-            local.add_replica(settings, name, plan.environment())
+            owners[local.add_replica(settings, name, plan.environment())] = spec
             if where:
                 console.print(f"{name}: {plan.device} {where}")
         endpoint = f"http://{advertise_host}:{g.port}/v1"
@@ -183,7 +188,7 @@ def run_local_cluster(
                 f"cluster token: {token_file} (this machine's fleetserve commands use it)"
             )
         expected = sum(s.replicas for s in cluster.models if s.name not in on_demand.specs)
-        _report_until_stopped(console, local, expected, lambda: stopping, on_demand)
+        _report_until_stopped(console, local, expected, lambda: stopping, on_demand, owners)
     except ComponentFailed as exc:
         console.print(f"[red]{exc}[/red]", markup=False, highlight=False)
         return 1
@@ -198,10 +203,18 @@ class OnDemandReplicas:
     """The replicas of on-demand models: started and stopped as fleetserve/cli/ondemand.py
     decides, from the controller's view, once per poll of `up`."""
 
-    def __init__(self, local: Cluster, console: Console, specs: dict[str, ModelSpec]) -> None:
+    def __init__(
+        self,
+        local: Cluster,
+        console: Console,
+        specs: dict[str, ModelSpec],
+        owners: dict[Component, ModelSpec],
+    ) -> None:
+        """``owners``: each worker's model, where the workers started here are added."""
         self.local = local
         self.console = console
         self.specs = specs
+        self.owners = owners
         #: Model -> its replicas' (settings, log name, environment), as placed.
         self.replicas: dict[str, list[tuple[WorkerSettings, str, dict[str, str]]]] = {
             name: [] for name in specs
@@ -228,12 +241,16 @@ class OnDemandReplicas:
                     self.local.add_replica(settings.model_copy(), log_name, env)
                     for settings, log_name, env in self.replicas[name]
                 ]
+                self.owners.update(dict.fromkeys(self.running[name], spec))
             elif decision.action is Action.READY:
                 self.console.print(f"on demand: {name} ready {decision.reason} (cold start)")
             else:
                 self.console.print(f"on demand: stopping {name} ({decision.reason})")
                 self.local.declare(spec.declaration())  # none wanted: scaled to zero
-                self.local.stop_workers(self.running.pop(name, []))
+                stopped = self.running.pop(name, [])
+                self.local.stop_workers(stopped)
+                for worker in stopped:
+                    self.owners.pop(worker, None)
                 self.console.print(f"on demand: {name} stopped")
 
 
@@ -243,6 +260,7 @@ def _report_until_stopped(
     expected: int,
     stopping: Callable[[], bool],
     on_demand: OnDemandReplicas,
+    owners: dict[Component, ModelSpec],
 ) -> None:
     started = time.monotonic()
     seen: set[str] = set()
@@ -258,6 +276,12 @@ def _report_until_stopped(
             console.print(component.log_tail(), markup=False, highlight=False)
             if component not in local.workers:
                 return
+            spec = owners.get(component)
+            if spec is not None:  # held requests for its model learn why they wait
+                note = f"{component.name} exited (code {component.proc.returncode})"
+                wanted = {"replicas": spec.replicas, "note": note}
+                with contextlib.suppress(httpx.HTTPError):
+                    local.declare(spec.declaration().model_copy(update=wanted))
         try:
             table = local.table()
         except httpx.HTTPError:

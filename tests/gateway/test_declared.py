@@ -65,7 +65,7 @@ async def test_a_declared_model_is_listed_as_starting_and_a_typo_is_still_404(
             assert typo.value.code == "model_not_found"
             states = (await local.http.get("/models")).json()
             big = {"name": "big", "declared": True, "replicas": 2, "ready": 0, "state": "starting"}
-            assert big in states
+            assert {**big, "demand_age_s": None} in states  # (none: replicas are wanted)
         with pytest.raises(openai.NotFoundError):  # no longer declared: unknown again
             await client.models.retrieve("big")
         with pytest.raises(openai.NotFoundError):
@@ -99,7 +99,7 @@ async def test_a_held_request_is_answered_once_a_worker_is_ready(
 async def test_past_the_hold_it_is_503_with_retry_after_and_why(local: InProcessCluster) -> None:
     async with (
         local.gateway(hold_timeout_s=0.3) as gateway,
-        declared(local, DeclaredModel(name="slow", replicas=2)),
+        declared(local, DeclaredModel(name="slow", replicas=2, note="worker-1 exited (code 1)")),
     ):
         with pytest.raises(openai.InternalServerError) as refused:
             await gateway.client().chat.completions.create(model="slow", messages=HI)
@@ -107,7 +107,8 @@ async def test_past_the_hold_it_is_503_with_retry_after_and_why(local: InProcess
         body = refused.value.body
         assert isinstance(body, dict)
         message = body["message"]
-        assert "`slow` is not ready (starting: 0 of 2 replicas ready)" in message
+        # what starts its replicas says why (`fleetserve up`: a worker that exited)
+        assert "`slow` is not ready (starting: 0 of 2 replicas ready; worker-1 exited" in message
         assert int(refused.value.response.headers["retry-after"]) > 0
         assert await gateway.metric(HOLDS, model="slow", outcome="timed_out") == 1
 
@@ -146,3 +147,35 @@ async def test_fallbacks_answer_after_the_hold(local: InProcessCluster) -> None:
         )
         assert raw.headers["x-fleetserve-model"] == "other"
         assert await gateway.metric(HOLDS, model="primary", outcome="timed_out") == 1
+
+
+async def test_a_request_for_a_model_scaled_to_zero_is_demand_at_the_controller(
+    local: InProcessCluster,
+) -> None:
+    """What starts replicas on demand (`fleetserve up`) reads it from GET /models."""
+
+    async def demand_age_s() -> float | None:
+        states = {m["name"]: m for m in (await local.http.get("/models")).json()}
+        age: float | None = states["idle"]["demand_age_s"]
+        return age
+
+    async with (
+        local.gateway(hold_timeout_s=0.3) as gateway,
+        declared(local, DeclaredModel(name="idle", replicas=0)),
+    ):
+        assert (await gateway.client().models.retrieve("idle")).model_extra == {
+            "endpoints": [],
+            "fallbacks": [],
+            "state": "scaled_to_zero",
+            "replicas_ready": 0,
+            "replicas": 0,
+        }
+        assert await demand_age_s() is None
+        with pytest.raises(openai.InternalServerError) as refused:
+            await gateway.client().chat.completions.create(model="idle", messages=HI)
+        assert "scaled to zero: no replica running" in str(refused.value.message)
+
+        async def demanded() -> bool:
+            return await demand_age_s() is not None
+
+        await eventually(demanded, "the demand at the controller")
