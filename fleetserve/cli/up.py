@@ -37,7 +37,7 @@ from fleetserve.config import (
     slug,
 )
 from fleetserve.errors import ConfigError
-from fleetserve.protocol import RouteTable
+from fleetserve.protocol import DeclaredModel, RouteTable
 from workers.engines import Engine
 from workers.inventory import discover_machine, read_model_facts
 from workers.placement import ModelFacts, ReplicaNeed, ReplicaPlan, plan_placement
@@ -222,6 +222,14 @@ class OnDemandReplicas:
         self.running: dict[str, list[Component]] = {}
         self.decider = OnDemand({name: spec.idle_timeout_s or 0 for name, spec in specs.items()})
 
+    def _declare(self, model: DeclaredModel) -> None:
+        """What gateways tell held requests (starting, scaled to zero). Best effort: requests
+        are held either way, only the wording of a 503 depends on it."""
+        try:
+            self.local.declare(model)
+        except httpx.HTTPError as exc:
+            self.console.print(f"[yellow]could not declare {model.name}: {exc}[/yellow]")
+
     def tick(self, table: RouteTable) -> None:
         if not self.specs:
             return
@@ -234,9 +242,7 @@ class OnDemandReplicas:
             spec = self.specs[name]
             if decision.action is Action.START:
                 self.console.print(f"on demand: starting {name} ({decision.reason})")
-                self.local.declare(
-                    spec.declaration().model_copy(update={"replicas": spec.replicas})
-                )
+                self._declare(spec.declaration().model_copy(update={"replicas": spec.replicas}))
                 self.running[name] = [
                     self.local.add_replica(settings.model_copy(), log_name, env)
                     for settings, log_name, env in self.replicas[name]
@@ -246,7 +252,7 @@ class OnDemandReplicas:
                 self.console.print(f"on demand: {name} ready {decision.reason} (cold start)")
             else:
                 self.console.print(f"on demand: stopping {name} ({decision.reason})")
-                self.local.declare(spec.declaration())  # none wanted: scaled to zero
+                self._declare(spec.declaration())  # none wanted: scaled to zero
                 stopped = self.running.pop(name, [])
                 self.local.stop_workers(stopped)
                 for worker in stopped:
