@@ -71,8 +71,27 @@ def test_up_with_a_cluster_file(fleet_env: dict[str, str], log_dir: Path) -> Non
 def test_up_with_no_file_serves_the_demo_model_on_vllm(
     fleet_env: dict[str, str], tiny_model: Path, log_dir: Path
 ) -> None:
-    text = _run_until_ready_then_interrupt([], fleet_env, log_dir, "tiny-llama", 300)
-    assert "ready tiny-llama (vllm)" in text
+    """The README's first request, sent as soon as `up` prints its endpoint: held while vLLM
+    loads the demo model (the gateway's default hold_timeout_s, 120 s, is more than its cold
+    start here), then answered."""
+    with running_up([], fleet_env, log_dir, 60, until="fleetserve gateway") as up:
+        assert "ready tiny-llama" not in up.text()  # asked during start-up
+        client = up.client().with_options(timeout=300)
+        reply = client.chat.completions.create(
+            model="tiny-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=8
+        )
+        assert reply.choices[0].message.content
+        chunks = list(
+            client.chat.completions.create(
+                model="tiny-llama",
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=8,
+                stream=True,
+            )
+        )
+        assert len(chunks) > 1
+        wait_until(lambda: "ready tiny-llama (vllm)" in up.text(), 30, "the worker reported")
+    assert f"http://127.0.0.1:{up.port}/v1" in up.text()
 
 
 def test_up_with_one_model_on_the_command_line(fleet_env: dict[str, str], log_dir: Path) -> None:
