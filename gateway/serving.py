@@ -335,9 +335,10 @@ class Serving:
         return failure
 
     def _hold_deadline(self, record: RequestRecord) -> float:
-        """When a hold ends (time.perf_counter): hold_timeout_s from now, or the request
-        timeout, which runs from the request's arrival (``record.started``), if earlier."""
-        deadline = time.perf_counter() + self.settings.hold_timeout_s
+        """When holding a request ends (time.perf_counter): hold_timeout_s after its arrival
+        (``record.started``), or at its request timeout, which runs from then too, if
+        earlier (respond() also ends a hold at the request timeout: see Call.hold)."""
+        deadline = record.started + self.settings.hold_timeout_s
         timeout_s = self.settings.request_timeout_s
         return deadline if timeout_s is None else min(deadline, record.started + timeout_s)
 
@@ -366,13 +367,11 @@ class Serving:
     async def _hold(self, route: ModelRoute, call: Call) -> ModelRoute | None:
         """Hold a request for declared ``route`` until a worker serving its endpoint is
         ready: the route narrowed to the endpoint then; 503 with Retry-After saying why when
-        none is by the deadline (see _hold_deadline); 404 if the model is gone or its workers
+        none is by _hold_deadline; 404 if the model is gone or its workers
         do not serve the endpoint; as an undeclared model if it stops being declared."""
         name, path, model = call.request.model, call.endpoint.path, route.model
         started = time.perf_counter()
-        # from the request's arrival (it may have waited for a first table); the request
-        # timeout ends a hold too, in respond()
-        deadline = call.record.started + self.settings.hold_timeout_s
+        deadline = self._hold_deadline(call.record)  # (it may have waited for a first table)
         held = self.metrics.held
         held[model] = held.get(model, 0) + 1
         outcome = "timed_out"
