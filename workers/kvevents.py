@@ -167,9 +167,9 @@ class KvEventService:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
-        server = site._server
-        assert isinstance(server, asyncio.Server)
-        self.port = int(server.sockets[0].getsockname()[1])
+        # (the runner's addresses, not the site's server: under uvloop, which the agent runs
+        # on, that is a uvloop.loop.Server, no asyncio.Server)
+        self.port = int(self._runner.addresses[0][1])
         self._task = asyncio.create_task(self._subscribe())
         logger.info("KV events for gateways on %s:%d", host, self.port)
         return self.port
