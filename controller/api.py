@@ -1,5 +1,8 @@
 """The controller's HTTP API.
 
+``/models`` lists the models that should exist (declared: from ``models_file``, or
+``PUT /models/NAME`` at run time; ``DELETE`` takes one back) with their state.
+
 Every route but ``/health`` (for probes) and ``/metrics`` (for Prometheus) needs the cluster
 token when the controller has one (fleetserve/auth.py): registering, heartbeats, drain and
 deregistration, the gateways' ``/routes`` watch and the ``/workers`` view. Without it they
@@ -15,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from prometheus_client import CollectorRegistry, generate_latest
@@ -24,11 +28,13 @@ from controller.metrics import RegistryCollector
 from controller.registry import Registry
 from fleetserve import constants
 from fleetserve.auth import server_token, unauthorized
-from fleetserve.config import ControllerSettings
+from fleetserve.config import ControllerSettings, load_cluster_file
 from fleetserve.errors import OpenAIError, install_error_handlers
 from fleetserve.protocol import (
+    DeclaredModel,
     Heartbeat,
     HeartbeatReply,
+    ModelState,
     Registration,
     RegistrationReply,
     RouteTable,
@@ -50,6 +56,9 @@ def build_app(settings: ControllerSettings) -> FastAPI:
         warmup_s=settings.expiry_after_s,  # see constants.EXPIRY_AFTER_S
         heartbeat_interval_s=settings.heartbeat_interval_s,
     )
+    if settings.models_file:
+        for spec in load_cluster_file(Path(settings.models_file)).models:
+            registry.declare(spec.declaration())
     metrics = CollectorRegistry()
     metrics.register(RegistryCollector(registry))
 
@@ -98,6 +107,32 @@ def build_app(settings: ControllerSettings) -> FastAPI:
         if not _registry(request).deregister(worker_id):
             raise unknown(worker_id)
         return {"status": "deregistered"}
+
+    @api.get("/models")
+    async def models(request: Request) -> list[ModelState]:
+        """Every model: declared, served, or kept for its fallbacks, with its state."""
+        return _registry(request).models()
+
+    @api.put("/models/{name:path}")
+    async def declare(name: str, model: DeclaredModel, request: Request) -> dict[str, str]:
+        """``name`` should exist: gateways hold its requests until a worker is ready."""
+        if model.name != name:
+            raise OpenAIError(400, f"the body declares {model.name!r}, the path {name!r}")
+        _registry(request).declare(model)
+        return {"status": "declared"}
+
+    @api.post("/models/{name:path}/demand")
+    async def demand(name: str, request: Request) -> dict[str, str]:
+        """A gateway holds a request for ``name`` with no replica wanted: start one."""
+        if not _registry(request).demand(name):
+            raise OpenAIError(404, f"model {name!r} is not declared", code="model_not_found")
+        return {"status": "noted"}
+
+    @api.delete("/models/{name:path}")
+    async def undeclare(name: str, request: Request) -> dict[str, str]:
+        if not _registry(request).undeclare(name):
+            raise OpenAIError(404, f"model {name!r} is not declared", code="model_not_found")
+        return {"status": "undeclared"}
 
     @api.get("/workers")
     async def workers(request: Request) -> RouteTable:
