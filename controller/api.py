@@ -1,5 +1,8 @@
 """The controller's HTTP API.
 
+``/models`` lists the models that should exist (declared: from ``models_file``, or
+``PUT /models/NAME`` at run time; ``DELETE`` takes one back) with their state.
+
 Every route but ``/health`` (for probes) and ``/metrics`` (for Prometheus) needs the cluster
 token when the controller has one (fleetserve/auth.py): registering, heartbeats, drain and
 deregistration, the gateways' ``/routes`` watch, the ``/workers`` view and the models' load
@@ -16,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from prometheus_client import CollectorRegistry, generate_latest
@@ -25,12 +29,14 @@ from controller.metrics import RegistryCollector
 from controller.registry import Registry
 from fleetserve import constants
 from fleetserve.auth import server_token, unauthorized
-from fleetserve.config import ControllerSettings
+from fleetserve.config import ControllerSettings, load_cluster_file
 from fleetserve.errors import OpenAIError, install_error_handlers
 from fleetserve.protocol import (
+    DeclaredModel,
     Heartbeat,
     HeartbeatReply,
     ModelLoad,
+    ModelState,
     Registration,
     RegistrationReply,
     RouteTable,
@@ -52,6 +58,9 @@ def build_app(settings: ControllerSettings) -> FastAPI:
         warmup_s=settings.expiry_after_s,  # see constants.EXPIRY_AFTER_S
         heartbeat_interval_s=settings.heartbeat_interval_s,
     )
+    if settings.models_file:
+        for spec in load_cluster_file(Path(settings.models_file)).models:
+            registry.declare(spec.declaration())
     metrics = CollectorRegistry()
     metrics.register(RegistryCollector(registry))
 
@@ -101,6 +110,32 @@ def build_app(settings: ControllerSettings) -> FastAPI:
             raise unknown(worker_id)
         return {"status": "deregistered"}
 
+    @api.get("/models")
+    async def models(request: Request) -> list[ModelState]:
+        """Every model: declared, served, or kept for its fallbacks, with its state."""
+        return _registry(request).models()
+
+    @api.put("/models/{name:path}")
+    async def declare(name: str, model: DeclaredModel, request: Request) -> dict[str, str]:
+        """``name`` should exist: gateways hold its requests until a worker is ready."""
+        if model.name != name:
+            raise OpenAIError(400, f"the body declares {model.name!r}, the path {name!r}")
+        _registry(request).declare(model)
+        return {"status": "declared"}
+
+    @api.post("/models/{name:path}/demand")
+    async def demand(name: str, request: Request) -> dict[str, str]:
+        """A gateway holds a request for ``name`` with no replica wanted: start one."""
+        if not _registry(request).demand(name):
+            raise OpenAIError(404, f"model {name!r} is not declared", code="model_not_found")
+        return {"status": "noted"}
+
+    @api.delete("/models/{name:path}")
+    async def undeclare(name: str, request: Request) -> dict[str, str]:
+        if not _registry(request).undeclare(name):
+            raise OpenAIError(404, f"model {name!r} is not declared", code="model_not_found")
+        return {"status": "undeclared"}
+
     @api.get("/workers")
     async def workers(request: Request) -> RouteTable:
         return _registry(request).table().without_secrets()
@@ -116,14 +151,15 @@ def build_app(settings: ControllerSettings) -> FastAPI:
         table = await _registry(request).wait_for_change(epoch, after, timeout_s)
         return table if table is not None else Response(status_code=204)
 
-    @api.get("/models/{name}/load")
+    @api.get("/models/{name:path}/load")
     async def model_load(name: str, request: Request) -> ModelLoad:
-        """Requests running and waiting over the model's workers: what its autoscaler reads
-        (Kubernetes: KEDA's metrics-api scaler, k8s/README.md). 404 while no worker serves it."""
+        """Requests running, waiting and held for the model: what its autoscaler reads
+        (Kubernetes: KEDA's metrics-api scaler, k8s/README.md). 404 for a model neither
+        declared nor served."""
         load = _registry(request).model_load(name)
         if load is None:
             raise OpenAIError(
-                404, f"no worker serves model {name!r}", code="model_not_found", param="name"
+                404, f"model {name!r} is neither declared nor served", code="model_not_found", param="name"
             )
         return load
 

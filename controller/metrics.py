@@ -5,11 +5,19 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 from controller.registry import Registry
 from fleetserve.protocol import WorkerState
+
+#: The states a declared model can be in (fleetserve.protocol.model_state).
+DECLARED_STATES = ("ready", "starting", "scaled_to_zero")
 
 
 def _by_model(
@@ -106,3 +114,37 @@ class RegistryCollector(Collector):
             gauges["kv"].add_metric(labels, worker.load.kv_cache_usage)
             gauges["age"].add_metric(labels, worker.last_heartbeat_age_s)
         yield from gauges.values()
+        declared = GaugeMetricFamily(
+            "fleetserve_controller_declared_model_state",
+            "Declared models (they should exist): 1 for the state each is in (ready, "
+            "starting, scaled_to_zero), 0 for the others; with the replicas wanted and ready.",
+            labels=["model", "state"],
+        )
+        replicas = GaugeMetricFamily(
+            "fleetserve_controller_declared_model_replicas",
+            "Declared models' replicas: wanted (should be ready) and ready.",
+            labels=["model", "kind"],
+        )
+        for state_of in registry.models():
+            if not state_of.declared:
+                continue
+            for name in DECLARED_STATES:
+                declared.add_metric([state_of.name, name], 1 if state_of.state == name else 0)
+            replicas.add_metric([state_of.name, "wanted"], state_of.replicas)
+            replicas.add_metric([state_of.name, "ready"], state_of.ready)
+        yield declared
+        yield replicas
+        cold = SummaryMetricFamily(
+            "fleetserve_controller_cold_start_seconds",
+            "Declared models going from no replica to a ready one (start-up, on demand, "
+            "after their last worker died): how many, and the seconds from wanting one "
+            "(declared, or started on demand) to its registration.",
+            labels=["model"],
+        )
+        for name in sorted(registry.cold_starts_by_model):
+            cold.add_metric(
+                [name],
+                registry.cold_starts_by_model[name],
+                registry.cold_start_seconds_by_model[name],
+            )
+        yield cold

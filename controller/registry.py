@@ -14,8 +14,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fleetserve import constants
 from fleetserve.protocol import (
+    DeclaredModel,
     ModelLoad,
+    ModelState,
     ModelView,
     Registration,
     RouteTable,
@@ -23,6 +26,7 @@ from fleetserve.protocol import (
     WorkerLoad,
     WorkerState,
     WorkerView,
+    model_state,
 )
 
 logger = logging.getLogger(__name__)
@@ -71,6 +75,16 @@ class Registry:
         #: Served model name -> the model as its newest registration describes it (routing
         #: policy, fallbacks, aliases); kept after its last worker left, see table().
         self._models: dict[str, ModelView] = {}
+        #: Models that should exist, by served name (DeclaredModel): published with or
+        #: without workers.
+        self._declared: dict[str, DeclaredModel] = {}
+        #: Declared model -> since when it has replicas wanted and none registered; its
+        #: first registration ends the cold start (counted by model, with its duration).
+        self._starting_since: dict[str, float] = {}
+        self.cold_starts_by_model: Counter[str] = Counter()
+        self.cold_start_seconds_by_model: dict[str, float] = {}
+        #: Declared model -> when a gateway last held a request for it (demand()).
+        self._demand_at: dict[str, float] = {}
         self._changed = asyncio.Event()
 
     # -- changes -------------------------------------------------------------
@@ -104,6 +118,12 @@ class Registry:
             aliases=registration.model_names[1:],
         )
         self._workers[registration.worker_id] = _Entry(registration, self._clock())
+        since = self._starting_since.pop(model, None)
+        if since is not None:
+            self.cold_starts_by_model[model] += 1
+            seconds = self.cold_start_seconds_by_model.get(model, 0.0) + self._clock() - since
+            self.cold_start_seconds_by_model[model] = seconds
+            logger.info("model %s: first replica ready after %.1fs", model, self._clock() - since)
         self.registrations_total += 1
         self.registrations_by_model[model] += 1
         self.models_seen.add(model)
@@ -115,6 +135,40 @@ class Registry:
             ",".join(registration.model_names),
             registration.base_url,
         )
+
+    def declare(self, model: DeclaredModel) -> None:
+        """``model`` should exist (again, or as changed): gateways hold its requests while it
+        has no ready worker."""
+        if self._declared.get(model.name) == model:
+            return
+        self._declared[model.name] = model
+        self.models_seen.add(model.name)
+        served = any(entry.model == model.name for entry in self._workers.values())
+        if model.replicas and not served:
+            self._starting_since.setdefault(model.name, self._clock())
+        else:
+            self._starting_since.pop(model.name, None)
+        self._bump()
+        logger.info("model %s declared: %d replica(s)", model.name, model.replicas)
+
+    def undeclare(self, name: str) -> bool:
+        """``name`` need not exist any more (its workers, if any, keep serving it)."""
+        if self._declared.pop(name, None) is None:
+            return False
+        self._starting_since.pop(name, None)
+        self._bump()
+        logger.info("model %s no longer declared", name)
+        return True
+
+    def demand(self, name: str) -> bool:
+        """A gateway holds a request for declared model ``name`` (scaled to zero): whatever
+        starts replicas reads it (models()). False if ``name`` is not declared."""
+        if name not in self._declared:
+            return False
+        if name not in self._demand_at or self._demand_at[name] < self._clock() - 1:
+            logger.info("model %s: a gateway holds a request for it", name)
+        self._demand_at[name] = self._clock()
+        return True
 
     def heartbeat(self, worker_id: str, load: WorkerLoad) -> bool:
         """Record a heartbeat; False if the worker is unknown and must register again."""
@@ -195,25 +249,61 @@ class Registry:
         ]
         served = {entry.model for entry in self._workers.values()}
         # A model with fallbacks stays in the table when its last worker leaves (its engine
-        # died, it is being replaced): gateways then send its requests to the fallbacks.
-        models = [
-            view for name, view in sorted(self._models.items()) if name in served or view.fallbacks
-        ]
+        # died, it is being replaced): gateways then send its requests to the fallbacks. A
+        # declared model is there before its first worker: gateways hold its requests.
+        models = []
+        for name in sorted(self._models.keys() | self._declared.keys()):
+            declared = self._declared.get(name)
+            view = self._models.get(name)
+            if declared is not None:  # its workers' registrations say the rest, where any
+                fields = declared.model_dump(exclude={"replicas", "note"})
+                view = (view or ModelView(**fields)).model_copy(
+                    update={"declared": True, "replicas": declared.replicas, "note": declared.note}
+                )
+            if view is not None and (view.declared or name in served or view.fallbacks):
+                models.append(view)
         return RouteTable(epoch=self.epoch, version=self.version, workers=workers, models=models)
 
+    def models(self) -> list[ModelState]:
+        """Every model of the table: declared, served, or kept for its fallbacks."""
+        table = self.table()
+        now = self._clock()
+        ready = Counter(
+            worker.model_names[0] for worker in table.workers if worker.state is WorkerState.READY
+        )
+        return [
+            ModelState(
+                name=view.name,
+                declared=view.declared,
+                replicas=view.replicas,
+                ready=ready[view.name],
+                state=model_state(view.declared, view.replicas, ready[view.name]),
+                demand_age_s=(
+                    round(now - self._demand_at[view.name], 3)
+                    if view.name in self._demand_at
+                    else None
+                ),
+            )
+            for view in table.models
+        ]
+
     def model_load(self, name: str) -> ModelLoad | None:
-        """Running and waiting requests over the workers of the model served as ``name``;
-        None when no worker serves it."""
+        """Running and waiting requests over the workers of the model served as ``name``,
+        and whether a gateway holds one for it (what scales it from zero); None when ``name``
+        is neither declared nor served."""
         loads = [e.registration.load for e in self._workers.values() if e.model == name]
-        if not loads:
+        if not loads and name not in self._declared:
             return None
         running, waiting = sum(x.running for x in loads), sum(x.waiting for x in loads)
+        demanded = self._demand_at.get(name)
+        held = int(demanded is not None and self._clock() - demanded < constants.HOLD_TIMEOUT_S)
         return ModelLoad(
             model=name,
             replicas=len(loads),
             running=running,
             waiting=waiting,
-            ongoing=running + waiting,
+            held=held,
+            ongoing=running + waiting + held,
         )
 
     async def wait_for_change(

@@ -10,7 +10,7 @@ import hashlib
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import yaml
 from pydantic import (
@@ -26,6 +26,9 @@ from pydantic import (
 
 from fleetserve import constants
 from fleetserve.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fleetserve.protocol import DeclaredModel
 
 ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$", max_length=200)]
 #: The name of a secret (an attached server's API key): an environment variable's suffix
@@ -100,6 +103,15 @@ class Device(StrEnum):
     AUTO = "auto"
     CUDA = "cuda"
     CPU = "cpu"
+
+
+class Load(StrEnum):
+    """When a model's replicas run (`fleetserve up`)."""
+
+    #: From the start, until the cluster stops.
+    ALWAYS = "always"
+    #: From the first request (held while they load) until idle_timeout_s without one.
+    ON_DEMAND = "on_demand"
 
 
 class Strict(BaseModel):
@@ -187,6 +199,13 @@ class ControllerSettings(Strict):
         False,
         description="Listen on a non-loopback address without a cluster token: anyone who "
         "reaches the port can register workers (and receive their models' prompts).",
+    )
+    models_file: str | None = Field(
+        None,
+        description="A cluster file whose models should exist: gateways list them and hold "
+        "their requests until a worker is ready (instead of 404), from the controller's start. "
+        "More can be declared at run time (PUT /models/NAME, with the cluster token); those "
+        "last until the controller restarts.",
     )
     tls_cert_file: TlsCertFile = None
     tls_key_file: TlsKeyFile = None
@@ -287,6 +306,15 @@ class GatewaySettings(Strict):
         gt=0,
         description="On SIGTERM, how long requests in flight (streams included) may go on "
         "before the gateway closes them; Kubernetes gives it the request timeout.",
+    )
+    hold_timeout_s: float = Field(
+        constants.HOLD_TIMEOUT_S,
+        ge=0,
+        description="How long a request for a declared model with no ready worker (starting, "
+        "restarting, scaled to zero) waits for one; then 503 with Retry-After (or the model's "
+        "fallbacks). The wait counts toward request_timeout_s, which runs from the request's "
+        "arrival: a request held 40 s has 40 s less for its answer, and the hold ends with the "
+        "same 503 when request_timeout_s ends first. 0: no hold.",
     )
     stream_idle_timeout_s: float = Field(
         constants.STREAM_IDLE_TIMEOUT_S,
@@ -601,6 +629,14 @@ class ModelSpec(Strict):
     )
     gpu: GpuSelector | None = Field(None, description="Which GPUs, beyond how many.")
     start_timeout_s: StartTimeout = constants.ENGINE_START_TIMEOUT_S
+    load: Load | None = Field(
+        None,
+        description="always, or on_demand: started on the first request, stopped after "
+        "idle_timeout_s without one (`fleetserve up`). Default: the file's.",
+    )
+    idle_timeout_s: float | None = Field(
+        None, gt=0, description="on_demand: stop after this long without a request."
+    )
 
     @model_validator(mode="after")
     def _stages_split_over_nodes(self) -> ModelSpec:
@@ -628,6 +664,18 @@ class ModelSpec(Strict):
             if self.replicas != len(self.url):  # (an assignment validates the model again)
                 self.replicas = len(self.url)
         return self
+
+    def declaration(self) -> DeclaredModel:
+        """The model as the controller declares it (it should exist, worker or not)."""
+        from fleetserve.protocol import DeclaredModel
+
+        return DeclaredModel(
+            name=self.name,
+            aliases=self.aliases,
+            replicas=0 if self.load is Load.ON_DEMAND else self.replicas,  # until asked for
+            routing_policy=self.routing_policy,
+            fallbacks=self.fallbacks,
+        )
 
     def engine_flags(self) -> list[str]:
         """``{max_num_seqs: 8, enforce_eager: true}`` -> ``--max-num-seqs 8 --enforce-eager``."""
@@ -665,9 +713,29 @@ class ClusterConfig(Strict):
     controller: ControllerSettings = Field(default_factory=ControllerSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     models: list[ModelSpec] = Field(min_length=1)
+    load: Load = Field(
+        Load.ALWAYS,
+        description="Every model's load where it gives none: always, or on_demand (started "
+        "on the first request, stopped after idle_timeout_s without one; `fleetserve up`).",
+    )
+    idle_timeout_s: float = Field(
+        constants.IDLE_TIMEOUT_S,
+        gt=0,
+        description="on_demand models' idle timeout where they give none.",
+    )
 
     @model_validator(mode="after")
     def _names_are_unique(self) -> ClusterConfig:
+        for spec in self.models:  # each model says its own load (the file's, by default)
+            if spec.load is None:  # (an attached server is someone else's to start)
+                spec.load = Load.ALWAYS if spec.url else self.load
+            if spec.idle_timeout_s is None:
+                spec.idle_timeout_s = self.idle_timeout_s
+            if spec.load is Load.ON_DEMAND and spec.url:
+                raise ValueError(
+                    f"model {spec.name!r}: load on_demand starts engines; an attached server "
+                    "(url) is started by someone else"
+                )
         owner: dict[str, str] = {}
         for spec in self.models:
             for name in [spec.name, *spec.aliases]:

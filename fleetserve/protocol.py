@@ -139,15 +139,70 @@ class WorkerView(WorkerInfo):
     last_heartbeat_age_s: float
 
 
+class DeclaredModel(Internal):
+    """A model that should exist, whether or not a worker serves it yet: the cluster file's
+    (the controller's ``models_file``), or one declared at run time (``PUT /models/NAME``).
+
+    Gateways hold a request for a declared model with no ready worker until one is ready
+    (starting, restarting), where an undeclared one would be 404.
+    """
+
+    name: str = Field(min_length=1, max_length=200)
+    aliases: list[str] = Field(default_factory=list)
+    replicas: int = Field(1, ge=0, description="Replicas that should be ready.")
+    routing_policy: str | None = None
+    fallbacks: list[str] = Field(default_factory=list)
+    note: str = Field(
+        "",
+        max_length=500,
+        description="What starts the replicas says about them (one that exited): clients "
+        "read it in the 503 that ends a hold, so no path or secret.",
+    )
+
+
 class ModelView(Internal):
     """A model (its served name: every worker's first name) as the controller publishes it."""
 
     name: str
     routing_policy: str | None = None
     fallbacks: list[str] = Field(default_factory=list)
-    #: Its other names (published for a model with fallbacks and no worker left, which
-    #: gateways keep routing to its fallbacks).
+    #: Its other names (published for a model with no worker left, which gateways keep:
+    #: one with fallbacks, or a declared one).
     aliases: list[str] = Field(default_factory=list)
+    #: Declared (DeclaredModel): it should exist; gateways hold its requests while it has no
+    #: ready worker.
+    declared: bool = False
+    #: A declared model's replicas that should be ready (0: not declared).
+    replicas: int = Field(0, ge=0)
+    #: A declared model's note (DeclaredModel.note).
+    note: str = ""
+
+
+class ModelState(Internal):
+    """A model as ``GET /models`` and `fleetserve status` show it."""
+
+    name: str
+    declared: bool
+    replicas: int = Field(description="Replicas that should be ready (declared models).")
+    ready: int = Field(description="Replicas ready now.")
+    state: str = Field(description="See model_state().")
+    demand_age_s: float | None = Field(
+        None,
+        description="Seconds since a gateway last held a request for it with none of its "
+        "replicas wanted (scaled to zero): the signal to start one. None: never.",
+    )
+
+
+def model_state(declared: bool, replicas: int, ready: int) -> str:
+    """``ready``: every replica that should be is (at least one); ``starting``: a declared
+    model with fewer (it may answer already, with those ready); ``scaled_to_zero``: a
+    declared model with none wanted or running; ``unavailable``: an undeclared model with no
+    ready worker (kept for its fallbacks)."""
+    if ready and ready >= replicas:
+        return "ready"
+    if declared:
+        return "starting" if replicas else "scaled_to_zero"
+    return "unavailable"
 
 
 class ModelLoad(Internal):
@@ -158,7 +213,11 @@ class ModelLoad(Internal):
     replicas: int = Field(description="Its registered workers, draining ones included.")
     running: int
     waiting: int
-    ongoing: int = Field(description="running + waiting.")
+    held: int = Field(
+        description="1 while a gateway may still hold a request for it with no replica wanted "
+        "(it asked within the gateways' default hold_timeout_s): scales it from zero."
+    )
+    ongoing: int = Field(description="running + waiting + held.")
 
 
 class RouteTable(Internal):

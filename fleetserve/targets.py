@@ -23,7 +23,13 @@ from enum import StrEnum
 
 from pydantic import BaseModel
 
-from fleetserve.config import ClusterConfig, ControllerSettings, GatewaySettings, ModelSpec
+from fleetserve.config import (
+    ClusterConfig,
+    ControllerSettings,
+    GatewaySettings,
+    Load,
+    ModelSpec,
+)
 from fleetserve.errors import ConfigError
 
 
@@ -89,6 +95,16 @@ MODEL_FIELDS: dict[str, Refusals] = {
         "custom resources and deploy them apart",
     },
     "start_timeout_s": EVERYWHERE,
+    "load": {  # given only as on_demand (_given)
+        Target.KUBERNETES: "scale-to-zero Deployments are not rendered yet: give the model "
+        "autoscaling (KEDA) and replicas, or run `fleetserve up` in one pod",
+        Target.RAY: "Ray Serve starts replicas: give the model autoscaling with "
+        "min_replicas 0 (`fleetserve ray deploy`)",
+    },
+    "idle_timeout_s": {
+        Target.KUBERNETES: "KEDA's cooldownPeriod decides when idle workers go",
+        Target.RAY: "Ray Serve's downscale_delay_s decides when idle replicas go",
+    },
     "fallbacks": EVERYWHERE,
     "url": {
         Target.KUBERNETES: _K8S_ATTACHED,
@@ -127,6 +143,7 @@ GATEWAY_FIELDS: dict[str, Refusals] = {
     "max_audio_body_bytes": EVERYWHERE,
     "secrets_dir": {Target.KUBERNETES: _K8S_SECRET},
     "routing_policy": EVERYWHERE,
+    "hold_timeout_s": EVERYWHERE,
     "stream_idle_timeout_s": EVERYWHERE,
     "max_resumes": EVERYWHERE,
     "retry_budget_ratio": EVERYWHERE,
@@ -151,6 +168,11 @@ CONTROLLER_FIELDS: dict[str, Refusals] = {
     "header_timeout_s": EVERYWHERE,
     "max_header_bytes": EVERYWHERE,
     "max_connections": EVERYWHERE,
+    "models_file": {
+        target: "the cluster file's models are the declared ones (`fleetserve up` writes "
+        "the controller's models_file from them)"
+        for target in Target
+    },
 }
 
 #: Each part of the cluster file and its table.
@@ -162,9 +184,13 @@ TABLES: dict[type[BaseModel], dict[str, Refusals]] = {
 
 
 def _given(part: BaseModel) -> Iterator[str]:
-    """The fields of ``part`` whose value is not the default."""
+    """The fields of ``part`` whose value is not the default (a model's load and idle timeout:
+    given when it is on demand; the file fills in every model's)."""
     for name, field in type(part).model_fields.items():
-        if getattr(part, name) != field.get_default(call_default_factory=True):
+        if isinstance(part, ModelSpec) and name in ("load", "idle_timeout_s"):
+            if part.load is Load.ON_DEMAND:
+                yield name
+        elif getattr(part, name) != field.get_default(call_default_factory=True):
             yield name
 
 

@@ -21,6 +21,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleetserve.errors import OpenAIError, install_error_handlers
+from fleetserve.protocol import model_state
 from gateway.protocol import (
     ENDPOINTS,
     ERRORS,
@@ -88,11 +89,17 @@ def build_admin_app(
             # fleetserve's own: the routes the model's workers serve, and its fallbacks
             "endpoints": sorted(route.endpoints),
             "fallbacks": list(route.fallbacks),
+            # ready, starting (a declared model whose replicas are not all ready yet: its
+            # requests wait for one), scaled_to_zero, unavailable (kept for its fallbacks)
+            "state": model_state(route.declared, route.replicas, len(route.workers)),
+            "replicas_ready": len(route.workers),
+            "replicas": route.replicas if route.declared else len(route.workers),
         }
 
     @api.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
-        """Every served name and alias, with the endpoints each serves."""
+        """Every served name and alias (declared models' included, ready or not), with the
+        endpoints each serves and its state."""
         return JSONResponse({"object": "list", "data": [model_entry(n) for n in visible(request)]})
 
     @api.get(

@@ -205,7 +205,18 @@ class GatewayMetrics(Collector):
             ["model"],
             constants.GATEWAY_ADDED_BUCKETS_S,
         )
+        #: Requests held now, by model: waiting for a ready worker of a declared model.
+        self.held: dict[str, int] = {}
+        self.holds = _Histograms(
+            "fleetserve_gateway_hold_seconds",
+            "Requests held for a declared model with no ready worker: how long, by outcome "
+            "(ready: a worker became ready; timed_out: 503 after hold_timeout_s or the "
+            "request timeout; gone: the model is no longer declared).",
+            ["model", "outcome"],
+            constants.REQUEST_DURATION_BUCKETS_S,
+        )
         self._families: list[_Counters | _Histograms] = [
+            self.holds,
             self.tokenize,
             self.requests,
             self.duration,
@@ -231,6 +242,15 @@ class GatewayMetrics(Collector):
             "Requests being proxied now.",
             value=self.in_flight,
         )
+        held = GaugeMetricFamily(
+            "fleetserve_gateway_held_requests",
+            "Requests waiting now for a ready worker of a declared model (starting, "
+            "restarting, scaled to zero).",
+            labels=["model"],
+        )
+        for model, count in sorted(self.held.items()):
+            held.add_metric([model], count)
+        yield held
         for family in self._families:
             yield family.family()
         yield from self._circuit_families()

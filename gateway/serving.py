@@ -13,11 +13,19 @@ The body is forwarded as received unless a rewrite is needed: a fallback model's
 name, an attached server's own name for the model, a response id naming the
 worker (below). Then it is encoded again (``ParsedRequest.encode``).
 
-Fallbacks: when the model has no ready worker (503), every worker tried failed
-before the first byte (502), or the engine answered 429 or 503, the request goes
-to the model's fallbacks in turn, those the key may use and that serve the
-endpoint; the answer names the model in ``x-fleetserve-model``. A stream that
-has started is the proxy's: it never switches models.
+Declared models (the controller knows they should exist): a request for one with no
+ready worker serving its endpoint is held until the routing table has one
+(``_hold``), up to ``hold_timeout_s`` from the request's arrival, then 503
+``model_not_ready`` with Retry-After and why; the request timeout, which also runs
+from the arrival, ends a hold with the same 503. Only requests that would have been
+503 reach the hold: a model with ready workers costs one more truthiness test.
+
+Fallbacks: when the model has no ready worker (503; a declared one: after the
+hold), every worker tried failed before the first byte (502), or the engine
+answered 429 or 503, the request goes to the model's fallbacks in turn, those
+the key may use and that serve the endpoint; the answer names the model in
+``x-fleetserve-model``. A stream that has started is the proxy's: it never
+switches models.
 
 Responses API state: an engine keeps the responses it made, so a request naming
 a previous response (``previous_response_id``), and retrieving or cancelling one,
@@ -30,6 +38,7 @@ gateway/table.py ``response_tag``); every gateway finds the worker from the id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -153,6 +162,8 @@ class Call:
     headers: bytes
     ctx: RoutingContext
     record: RequestRecord
+    #: While held (Serving._hold): the route waited for and since when (time.perf_counter).
+    hold: tuple[ModelRoute, float] | None = None
 
 
 def _request_headers(scope: Scope, endpoint: Endpoint) -> bytes:
@@ -195,9 +206,20 @@ class Serving:
                 503,
                 "the gateway has no routing table yet: is the controller up?",
                 code="no_routing_table",
+                headers={"Retry-After": str(constants.HOLD_RETRY_AFTER_S)},
             )
         return OpenAIError(
             404, f"The model `{model}` does not exist.", code="model_not_found", param="model"
+        )
+
+    @staticmethod
+    def _unsupported(model: str, path: str, route: ModelRoute) -> OpenAIError:
+        return OpenAIError(
+            404,
+            f"The model `{model}` does not serve {path}; it serves "
+            f"{', '.join(sorted(route.endpoints))}.",
+            code="unsupported_endpoint",
+            param="model",
         )
 
     async def respond(
@@ -205,6 +227,7 @@ class Serving:
     ) -> Response:
         """The response to send (errors included); ``record`` learns what metrics need."""
         model = "-"
+        call: Call | None = None
         # (the chat path is the hot path: helpers are called only where it needs them)
         try:
             key = self._authenticate(scope) if self.keys.enabled else None
@@ -220,18 +243,12 @@ class Serving:
             record.stream = request.stream
             route = self.watcher.routes.by_name.get(model)
             if route is None:
-                raise self._unknown(model)
+                route = await self._first_table(model, record)
             # Model names come from clients: only known ones become label values.
             record.model = model
             served = route.by_endpoint.get(endpoint.path)
             if served is None and route.endpoints:
-                raise OpenAIError(
-                    404,
-                    f"The model `{model}` does not serve {endpoint.path}; it serves "
-                    f"{', '.join(sorted(route.endpoints))}.",
-                    code="unsupported_endpoint",
-                    param="model",
-                )
+                raise self._unsupported(model, endpoint.path, route)
             limits = self.keys.admit(key, model) if key is not None else {}
             body, record.meter = metered(body, request, endpoint, self._charge(key))
             session = header(scope, b"x-session-id") or request.payload.get("user")
@@ -250,7 +267,7 @@ class Serving:
             call = Call(endpoint, request, body, headers, ctx, record)
             try:
                 async with asyncio.timeout(self.settings.request_timeout_s):
-                    if served is not None and not route.fallbacks:
+                    if served is not None and served.workers and not route.fallbacks:
                         response = await self._send(served, model, call)
                     else:
                         response = await self._with_fallbacks(route, served, key, call)
@@ -261,9 +278,10 @@ class Serving:
         except TimeoutError:
             timeout_s = self.settings.request_timeout_s
             message = f"no answer from a worker of `{model}` within {timeout_s}s"
-            response = error_response(
-                OpenAIError(504, message, code="timeout"), anthropic=endpoint.api is Api.ANTHROPIC
-            )
+            error = OpenAIError(504, message, code="timeout")
+            if call is not None and call.hold is not None:  # the timeout ended a hold
+                error = self._not_ready(*call.hold)
+            response = error_response(error, anthropic=endpoint.api is Api.ANTHROPIC)
         except Exception as exc:
             response = error_response(exc, anthropic=endpoint.api is Api.ANTHROPIC)
         record.status = response.status_code
@@ -277,6 +295,8 @@ class Serving:
         """The model's answer, or its first fallback's that can give one."""
         failure: Response | OpenAIError
         try:
+            if route.declared and (served is None or not served.workers):
+                served = await self._hold(route, call)
             if served is None:  # a model with no worker left, kept for its fallbacks
                 raise self._no_worker(route.model)
             response = await self._send(served, call.request.model, call)
@@ -313,6 +333,98 @@ class Serving:
         if isinstance(failure, OpenAIError):
             raise failure
         return failure
+
+    def _hold_deadline(self, record: RequestRecord) -> float:
+        """When holding a request ends (time.perf_counter): hold_timeout_s after its arrival
+        (``record.started``), or at its request timeout, which runs from then too, if
+        earlier (respond() also ends a hold at the request timeout: see Call.hold)."""
+        deadline = record.started + self.settings.hold_timeout_s
+        timeout_s = self.settings.request_timeout_s
+        return deadline if timeout_s is None else min(deadline, record.started + timeout_s)
+
+    async def _table_changed(self, deadline: float) -> bool:
+        """Wait for the next routing table until ``deadline``; False if none came."""
+        remaining = deadline - time.perf_counter()
+        if remaining <= 0:
+            return False
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(remaining):
+                await self.watcher.changed.wait()
+        return True
+
+    async def _first_table(self, model: str, record: RequestRecord) -> ModelRoute:
+        """``model``'s route once the gateway has a table (a gateway starting with its
+        cluster has none for its first seconds: the request waits, up to hold_timeout_s);
+        404 when it is unknown, 503 when no table came."""
+        deadline = self._hold_deadline(record)
+        while self.watcher.routes.version is None and await self._table_changed(deadline):
+            pass
+        route = self.watcher.routes.by_name.get(model)
+        if route is None:
+            raise self._unknown(model)
+        return route
+
+    async def _hold(self, route: ModelRoute, call: Call) -> ModelRoute | None:
+        """Hold a request for declared ``route`` until a worker serving its endpoint is
+        ready: the route narrowed to the endpoint then; 503 with Retry-After saying why when
+        none is by _hold_deadline; 404 if the model is gone or its workers
+        do not serve the endpoint; as an undeclared model if it stops being declared."""
+        name, path, model = call.request.model, call.endpoint.path, route.model
+        started = time.perf_counter()
+        deadline = self._hold_deadline(call.record)  # (it may have waited for a first table)
+        held = self.metrics.held
+        held[model] = held.get(model, 0) + 1
+        outcome = "timed_out"
+        cancelled = False
+        logger.debug("holding a request for %s: no ready worker yet", model)
+        try:
+            while True:
+                current = self.watcher.routes.by_name.get(name)
+                if current is None:
+                    outcome = "gone"
+                    raise self._unknown(name)
+                route = current
+                call.hold = (route, started)
+                if not route.declared:  # no longer: as any model (its fallbacks, or 503)
+                    outcome = "gone"
+                    return route.by_endpoint.get(path)
+                served = route.by_endpoint.get(path)
+                if served is not None and served.workers:
+                    outcome = "ready"
+                    return served
+                if not route.replicas:  # scaled to zero: ask for one
+                    self.watcher.demand(model)
+                if served is None and route.endpoints:
+                    outcome = "gone"
+                    raise self._unsupported(name, path, route)
+                if not await self._table_changed(deadline):
+                    raise self._not_ready(route, started)
+        except asyncio.CancelledError:
+            cancelled = True  # by the request timeout: respond() answers from call.hold
+            raise
+        finally:
+            if not cancelled:
+                call.hold = None
+            held[model] -= 1
+            self.metrics.holds.observe((model, outcome), time.perf_counter() - started)
+
+    @staticmethod
+    def _not_ready(route: ModelRoute, held_since: float) -> OpenAIError:
+        waited_s = time.perf_counter() - held_since
+        ready = len(route.workers)
+        if route.replicas:
+            why = f"starting: {ready} of {route.replicas} replicas ready"
+        else:
+            why = "scaled to zero: no replica running"
+        if route.note:
+            why += f"; {route.note}"
+        return OpenAIError(
+            503,
+            f"The model `{route.model}` is not ready ({why}); waited {waited_s:.1f}s. "
+            f"Try again in {constants.HOLD_RETRY_AFTER_S}s.",
+            code="model_not_ready",
+            headers={"Retry-After": str(constants.HOLD_RETRY_AFTER_S)},
+        )
 
     def _fallback(self, name: str, key: ApiKey | None, endpoint: Endpoint) -> ModelRoute | None:
         """The route of fallback ``name`` for ``endpoint``; None where the key may not use it or

@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 
@@ -112,6 +112,13 @@ class ModelRoute:
     upstreams: dict[str, Upstream] = field(default_factory=dict)
     #: path -> this route narrowed to the workers serving the path (itself when all do).
     by_endpoint: dict[str, ModelRoute] = field(default_factory=dict)
+    #: The model should exist (the controller declares it): with no ready worker, its
+    #: requests wait for one (gateway/serving.py).
+    declared: bool = False
+    #: A declared model's replicas that should be ready.
+    replicas: int = 0
+    #: What starts its replicas says about them (one exited), for the 503 that ends a hold.
+    note: str = ""
 
 
 class RoutingTable:
@@ -180,8 +187,8 @@ class RoutingTable:
                 ready = names.setdefault(name, [])
                 if target is not None:
                     ready.append(target)
-        for kept in table.models:  # a model with fallbacks and no worker left
-            if kept.name not in by_model and kept.fallbacks:
+        for kept in table.models:  # a model with no worker: with fallbacks, or declared
+            if kept.name not in by_model and (kept.fallbacks or kept.declared):
                 by_model[kept.name] = {name: [] for name in [kept.name, *kept.aliases]}
         for model, names in by_model.items():
             view = views.get(model)
@@ -199,6 +206,9 @@ class RoutingTable:
                     frozenset(served.get(model, ())),
                     tuple(view.fallbacks) if view else (),
                     upstreams.get(model, {}),
+                    declared=view.declared if view else False,
+                    replicas=view.replicas if view else 0,
+                    note=view.note if view else "",
                 )
                 for path in route.endpoints:
                     able = tuple(t for t in workers if path in endpoints[t.worker_id])
@@ -246,7 +256,11 @@ class RouteTableWatcher:
         """``deadline_s``: how long one long poll may take before the controller counts as down;
         ``token``: the cluster token the controller asks for (its table holds engine secrets);
         ``secrets_dir``: where attached servers' keys are (else this process's environment)."""
-        self._url = controller_url.rstrip("/") + "/routes"
+        self._controller = controller_url.rstrip("/")
+        self._url = self._controller + "/routes"
+        #: Model -> when this gateway last told the controller of a request held for it.
+        self._demanded: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self._token = token
         self._secrets_dir = secrets_dir
         #: Set before run() (the gateway's lifespan opens it).
@@ -254,6 +268,8 @@ class RouteTableWatcher:
         self.deadline_s = deadline_s
         self.default_policy = default_policy
         self.routes = RoutingTable()
+        #: Set (and replaced) whenever a new table is applied: what held requests wait on.
+        self.changed = asyncio.Event()
         #: Called with each new table, as received and as routed (the KV event streams
         #: follow the workers of models routed by their events).
         self.listeners: list[Callable[[RouteTable, RoutingTable], None]] = []
@@ -267,6 +283,8 @@ class RouteTableWatcher:
         )
         for listener in self.listeners:
             listener(table, routes)
+        self.changed.set()
+        self.changed = asyncio.Event()
         logger.info(
             "routing table v%d from controller %s: %d workers, models %s",
             table.version,
@@ -274,6 +292,31 @@ class RouteTableWatcher:
             len(table.workers),
             ", ".join(sorted(routes.by_name)) or "none",
         )
+
+    def demand(self, model: str) -> None:
+        """Tell the controller (in the background, at most every DEMAND_INTERVAL_S) that this
+        gateway holds a request for declared ``model``, which has no replica wanted: what
+        starts replicas on demand reads it there."""
+        now = time.monotonic()
+        last = self._demanded.get(model)
+        if self.session is None or (last is not None and now - last < constants.DEMAND_INTERVAL_S):
+            return
+        self._demanded[model] = now
+        task = asyncio.create_task(self._send_demand(model))
+        self._tasks.add(task)  # (a task nobody holds may be collected before it runs)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_demand(self, model: str) -> None:
+        assert self.session is not None
+        url = f"{self._controller}/models/{quote(model, safe='/')}/demand"
+        try:
+            async with (
+                asyncio.timeout(constants.WATCH_DEADLINE_MARGIN_S),
+                self.session.post(url, headers=self._token.header() if self._token else None) as r,
+            ):
+                r.raise_for_status()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            logger.warning("could not tell the controller of a request held for %s: %s", model, exc)
 
     async def run(self) -> None:
         """Watch the controller forever."""

@@ -202,9 +202,8 @@ class LocalCluster(Cluster):
         )
 
     def close(self) -> None:
-        for component in reversed(self.components):
-            if component.alive():
-                component.stop()
+        """Workers drain together, then the rest stops (one by one, 15 workers took 18 s)."""
+        self.stop()
 
 
 @dataclass
@@ -414,9 +413,14 @@ class RunningUp:
 
 @contextlib.contextmanager
 def running_up(
-    args: list[str], env: dict[str, str], log_dir: Path, timeout_s: float
+    args: list[str],
+    env: dict[str, str],
+    log_dir: Path,
+    timeout_s: float,
+    until: str = "all workers ready",
 ) -> Iterator[RunningUp]:
-    """`fleetserve up ARGS` on free ports until all workers are ready; then Ctrl-C on exit.
+    """`fleetserve up ARGS` on free ports until all workers are ready (until its output says
+    ``until``); then Ctrl-C on exit.
 
     On a clean exit it checks what a user would: exit code 0, "stopped", and no
     process of the cluster left behind.
@@ -430,9 +434,9 @@ def running_up(
     running = RunningUp(up, port, out)
     try:
         wait_until(
-            lambda: "all workers ready" in running.text() or up.poll() is not None,
+            lambda: until in running.text() or up.poll() is not None,
             timeout_s,
-            "all workers ready",
+            until,
         )
         assert up.poll() is None, running.text()
         tree = descendants(up.pid)

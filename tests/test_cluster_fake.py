@@ -192,8 +192,8 @@ def test_fleetserve_status_watch_shows_tokens_per_second_under_load(
     )
     os.close(follower)
     screen = bytearray()
-    # the echo row of the models table: 2 ready, 0 draining, running, waiting, KV, tok/s
-    echo_row = re.compile(r"│ echo\s+│ 2\s+│ 0\s+│ \d+\s+│ \d+\s+│ \d+%\s+│ (\d+)\s+│")
+    # the echo row of the models table: ready, 2 ready, 0 draining, running, waiting, KV, tok/s
+    echo_row = re.compile(r"│ echo\s+│ ready\s+│ 2\s+│ 0\s+│ \d+\s+│ \d+\s+│ \d+%\s+│ (\d+)\s+│")
 
     def tokens_per_s_shown() -> bool:
         if select.select([leader], [], [], 0.2)[0]:

@@ -29,7 +29,7 @@ from fleetserve.cli.status import fetch_table
 from fleetserve.config import ControllerSettings, GatewaySettings, WorkerSettings
 from fleetserve.env import CPU_THREADS_BIND
 from fleetserve.errors import FleetserveError
-from fleetserve.protocol import RouteTable
+from fleetserve.protocol import DeclaredModel, ModelState, RouteTable
 from workers.agent import free_port
 
 # A worker's drain, then its engine's stop, with room to spare.
@@ -310,6 +310,36 @@ class Cluster:
         )
         response.raise_for_status()
         return RouteTable.model_validate_json(response.content)
+
+    def _control(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """A call to the controller's API, with the cluster token; HTTPError if it fails."""
+        response = httpx.request(
+            method,
+            f"{self.controller_url}{path}",
+            headers=self.token.header() if self.token else None,
+            verify=self.verify,
+            timeout=5.0,
+            **kwargs,
+        )
+        response.raise_for_status()
+        return response
+
+    def models(self) -> list[ModelState]:
+        """Every model the controller knows (declared ones with their demand), its state."""
+        return [ModelState.model_validate(m) for m in self._control("GET", "/models").json()]
+
+    def declare(self, model: DeclaredModel) -> None:
+        self._control("PUT", f"/models/{model.name}", json=model.model_dump(mode="json"))
+
+    def stop_workers(self, workers: list[Component]) -> None:
+        """Drain ``workers`` together and stop them; they leave the cluster."""
+        for worker in workers:
+            if worker.alive():
+                worker.proc.send_signal(signal.SIGTERM)
+        for worker in workers:
+            worker.stop(WORKER_STOP_GRACE_S, signalled=True)
+            self.workers.remove(worker)
+            self.components.remove(worker)
 
     def gateway_health(self, url: str | None = None) -> dict[str, Any]:
         """A gateway's /health (no API key needed there): its table version and models."""

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from fleetserve.auth import ClusterToken, client_tls, client_token
 from fleetserve.cli.args import add_controller_url
-from fleetserve.protocol import RouteTable, WorkerView
+from fleetserve.protocol import ModelView, RouteTable, WorkerView, model_state
 
 
 def make_console() -> Console:
@@ -143,23 +143,35 @@ def workers_table(
 
 def models_table(table: RouteTable, rates: dict[str, float]) -> Table:
     view = Table(title="models")
-    for column in ("model", "ready", "draining", "running", "waiting", "max KV", "tok/s"):
+    columns = ("model", "state", "ready", "draining", "running", "waiting", "max KV", "tok/s")
+    for column in columns:
         view.add_column(column, no_wrap=True)
-    by_model: dict[str, list[WorkerView]] = {}
+    by_model: dict[str, list[WorkerView]] = {m.name: [] for m in table.models}
     for w in table.workers:
         by_model.setdefault(w.model_names[0], []).append(w)
+    views = {m.name: m for m in table.models}
     for model, workers in sorted(by_model.items()):
         known = [rates[w.worker_id] for w in workers if w.worker_id in rates]
+        ready = sum(w.state.value == "ready" for w in workers)
+        declared = views.get(model)
+        state = model_state(bool(declared and declared.declared), _wanted(declared), ready)
+        if state == "starting" and declared is not None:
+            state += f" ({ready} of {declared.replicas})"
         view.add_row(
             model,
-            str(sum(w.state.value == "ready" for w in workers)),
+            state,
+            str(ready),
             str(sum(w.state.value == "draining" for w in workers)),
             str(sum(w.load.running for w in workers)),
             str(sum(w.load.waiting for w in workers)),
-            f"{100 * max(w.load.kv_cache_usage for w in workers):.0f}%",
+            f"{100 * max((w.load.kv_cache_usage for w in workers), default=0):.0f}%",
             _rate(sum(known) if known else None),
         )
     return view
+
+
+def _wanted(view: ModelView | None) -> int:
+    return view.replicas if view is not None and view.declared else 0
 
 
 def _view(

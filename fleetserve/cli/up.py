@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import time
 from collections.abc import Callable
@@ -21,12 +22,15 @@ from fleetserve.auth import ensure_token_file
 from fleetserve.cli.args import validation_context
 from fleetserve.cli.harness import Cluster, Component, ComponentFailed, reachable
 from fleetserve.cli.nodeplan import Stage, share_nodes
+from fleetserve.cli.ondemand import Action, OnDemand
 from fleetserve.cli.status import make_console, workers_table
 from fleetserve.config import (
     ClusterConfig,
+    ControllerSettings,
     Device,
     GatewaySettings,
     KeysFile,
+    Load,
     ModelSpec,
     WorkerSettings,
     engine_args_from_flags,
@@ -37,6 +41,7 @@ from fleetserve.config import (
 )
 from fleetserve.errors import ConfigError
 from fleetserve.targets import Target, check
+from fleetserve.protocol import DeclaredModel, RouteTable
 from workers.engines import Engine
 from workers.inventory import discover_machine, read_model_facts
 from workers.placement import Machine, ModelFacts, ReplicaNeed, ReplicaPlan, plan_placement
@@ -126,6 +131,16 @@ def _gateway_settings(g: GatewaySettings, log_dir: Path) -> GatewaySettings:
     return g.model_copy(update={"keys": [], "keys_file": str(keys_path)})
 
 
+def _controller_settings(cluster: ClusterConfig, log_dir: Path) -> ControllerSettings:
+    """The cluster's models are declared from the start: the controller reads them from a
+    file (as written here, the demo model's made source included) and gateways hold their
+    requests while their workers start, instead of 404."""
+    models_path = log_dir / "models.yaml"
+    models = [spec.model_dump(mode="json", exclude_none=True) for spec in cluster.models]
+    models_path.write_text(yaml.safe_dump({"models": models}, sort_keys=False))
+    return cluster.controller.model_copy(update={"models_file": str(models_path)})
+
+
 @dataclass
 class NodePart:
     """This machine's part of a cluster of several (`up --nodes`, `up --controller-url`)."""
@@ -149,6 +164,11 @@ def run_local_cluster(
     unless it joins one). Raises ConfigError (before starting anything) when the
     cluster cannot run here.
     """
+    if part is not None and any(spec.load is Load.ON_DEMAND for spec in cluster.models):
+        raise ConfigError(
+            "load: on_demand starts replicas from the one `fleetserve up` beside the "
+            "controller; a cluster of several nodes starts every replica it places"
+        )
     console = make_console()
     for spec in cluster.models:
         Engine.named(spec.engine).check_installed()
@@ -174,7 +194,7 @@ def run_local_cluster(
     joins = part.controller_url if part else None
     local = Cluster(
         log_dir,
-        cluster.controller,
+        _controller_settings(cluster, log_dir),
         _gateway_settings(g, log_dir),
         cluster_token_file=token_file,
         controller_url=joins,
@@ -189,6 +209,13 @@ def run_local_cluster(
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    owners: dict[Component, ModelSpec] = {}  # each worker's model
+    on_demand = OnDemandReplicas(
+        local,
+        console,
+        {spec.name: spec for spec in cluster.models if spec.load is Load.ON_DEMAND},
+        owners,
+    )
     try:
         if joins is None:
             local.start_controller()
@@ -202,8 +229,12 @@ def run_local_cluster(
         for spec, plan in placed:
             name = f"worker-{slug(spec.name)}-{plan.replica}"
             settings = worker_settings(spec, g.host, advertise_host, plan.device, plan.replica)
-            local.add_replica(settings, name, plan.environment())
             where = ",".join(map(str, plan.gpu_ids)) or plan.cpu_bind
+            if spec.name in on_demand.specs:
+                on_demand.replicas[spec.name].append((settings, name, plan.environment()))
+                console.print(f"{name}: on demand{f' ({plan.device} {where})' if where else ''}")
+                continue
+            owners[local.add_replica(settings, name, plan.environment())] = spec
             if where:
                 console.print(f"{name}: {plan.device} {where}")
         by_name = {spec.name: spec for spec in cluster.models}
@@ -219,13 +250,15 @@ def run_local_cluster(
             console.print(
                 f"cluster token: {token_file} (this machine's fleetserve commands use it)"
             )
-        # Where the controller runs, every replica of the file registers with it; on a node
-        # that joined one, this node's: whole replicas and the first node of spanning ones.
-        expected, mine = sum(spec.replicas for spec in cluster.models), None
+        # Where the controller runs, every replica of the file registers with it (on-demand
+        # ones when asked for); on a node that joined one, this node's: whole replicas and the
+        # first node of spanning ones.
+        expected = sum(s.replicas for s in cluster.models if s.name not in on_demand.specs)
+        mine = None
         if part is not None and joins is not None:
             expected = sum(counts.values()) + sum(s.node_rank == 0 for s in part.stages)
             mine = advertise_host
-        _report_until_stopped(console, local, expected, lambda: stopping, mine)
+        _report_until_stopped(console, local, expected, lambda: stopping, on_demand, owners, mine)
     except ComponentFailed as exc:
         console.print(f"[red]{exc}[/red]", markup=False, highlight=False)
         return 1
@@ -236,11 +269,74 @@ def run_local_cluster(
     return 0
 
 
+class OnDemandReplicas:
+    """The replicas of on-demand models: started and stopped as fleetserve/cli/ondemand.py
+    decides, from the controller's view, once per poll of `up`."""
+
+    def __init__(
+        self,
+        local: Cluster,
+        console: Console,
+        specs: dict[str, ModelSpec],
+        owners: dict[Component, ModelSpec],
+    ) -> None:
+        """``owners``: each worker's model, where the workers started here are added."""
+        self.local = local
+        self.console = console
+        self.specs = specs
+        self.owners = owners
+        #: Model -> its replicas' (settings, log name, environment), as placed.
+        self.replicas: dict[str, list[tuple[WorkerSettings, str, dict[str, str]]]] = {
+            name: [] for name in specs
+        }
+        self.running: dict[str, list[Component]] = {}
+        self.decider = OnDemand({name: spec.idle_timeout_s or 0 for name, spec in specs.items()})
+
+    def _declare(self, model: DeclaredModel) -> None:
+        """What gateways tell held requests (starting, scaled to zero). Best effort: requests
+        are held either way, only the wording of a 503 depends on it."""
+        try:
+            self.local.declare(model)
+        except httpx.HTTPError as exc:
+            self.console.print(f"[yellow]could not declare {model.name}: {exc}[/yellow]")
+
+    def tick(self, table: RouteTable) -> None:
+        if not self.specs:
+            return
+        try:
+            decisions = self.decider.decide(time.monotonic(), self.local.models(), table.workers)
+        except httpx.HTTPError:
+            return  # the controller is restarting: next poll
+        for decision in decisions:
+            name = decision.model
+            spec = self.specs[name]
+            if decision.action is Action.START:
+                self.console.print(f"on demand: starting {name} ({decision.reason})")
+                self._declare(spec.declaration().model_copy(update={"replicas": spec.replicas}))
+                self.running[name] = [
+                    self.local.add_replica(settings.model_copy(), log_name, env)
+                    for settings, log_name, env in self.replicas[name]
+                ]
+                self.owners.update(dict.fromkeys(self.running[name], spec))
+            elif decision.action is Action.READY:
+                self.console.print(f"on demand: {name} ready {decision.reason} (cold start)")
+            else:
+                self.console.print(f"on demand: stopping {name} ({decision.reason})")
+                self._declare(spec.declaration())  # none wanted: scaled to zero
+                stopped = self.running.pop(name, [])
+                self.local.stop_workers(stopped)
+                for worker in stopped:
+                    self.owners.pop(worker, None)
+                self.console.print(f"on demand: {name} stopped")
+
+
 def _report_until_stopped(
     console: Console,
     local: Cluster,
     expected: int,
     stopping: Callable[[], bool],
+    on_demand: OnDemandReplicas,
+    owners: dict[Component, ModelSpec],
     host: str | None = None,
 ) -> None:
     """Print workers as they register, then a table once ``expected`` are ready (``host``:
@@ -249,22 +345,29 @@ def _report_until_stopped(
     seen: set[str] = set()
     announced_ready = False
     last_progress = started
-    watched: list[Component] = list(local.components)
+    reported: set[Component] = set()
     while not stopping():
-        for component in [c for c in watched if not c.alive()]:
-            watched.remove(component)
+        for component in [c for c in local.components if not c.alive() and c not in reported]:
+            reported.add(component)
             console.print(
                 f"[red]{component.name} exited[/red] (code {component.proc.returncode}); its log:"
             )
             console.print(component.log_tail(), markup=False, highlight=False)
             if component not in local.workers:
                 return
+            spec = owners.get(component)
+            if spec is not None:  # held requests for its model learn why they wait
+                note = f"{component.name} exited (code {component.proc.returncode})"
+                wanted = {"replicas": spec.replicas, "note": note}
+                with contextlib.suppress(httpx.HTTPError):
+                    local.declare(spec.declaration().model_copy(update=wanted))
         try:
             table = local.table()
         except httpx.HTTPError:
             time.sleep(0.5)
             continue
         workers = [w for w in table.workers if host is None or httpx.URL(w.base_url).host == host]
+        seen &= {worker.worker_id for worker in workers}  # gone: reported when back
         for worker in workers:
             if worker.worker_id not in seen:
                 seen.add(worker.worker_id)
@@ -273,12 +376,19 @@ def _report_until_stopped(
                     f"[green]ready[/green] {worker.model_names[0]} ({worker.engine}) "
                     f"{worker.worker_id} at {worker.base_url}  after {elapsed:.0f}s"
                 )
-        ready = len(workers)
+        on_demand.tick(table)
+        ready = len([w for w in workers if w.model_names[0] not in on_demand.specs])
         routed = host is not None or local.gateway_routes(table)
         if ready >= expected and not announced_ready and routed:
             announced_ready = True
-            console.print(workers_table(table))
-            console.print("all workers ready; press Ctrl-C to stop")
+            if expected:
+                console.print(workers_table(table))
+                console.print("all workers ready; press Ctrl-C to stop")
+            else:
+                console.print(
+                    "every model is on demand: each starts on its first request; "
+                    "press Ctrl-C to stop"
+                )
         elif ready < expected and time.monotonic() - last_progress > 10:
             last_progress = time.monotonic()
             elapsed = last_progress - started

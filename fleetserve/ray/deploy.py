@@ -24,7 +24,7 @@ from rich.table import Table
 from fleetserve import __version__, constants
 from fleetserve.auth import ClusterToken
 from fleetserve.cli.status import describe_failure, fetch_table
-from fleetserve.config import ClusterConfig, ModelSpec, slug
+from fleetserve.config import ClusterConfig, Load, ModelSpec, slug
 from fleetserve.errors import ConfigError
 from workers.engines import Engine
 
@@ -123,6 +123,12 @@ def deploy(
         raise ConfigError(
             f"{', '.join(attached)}: attached servers (engine openai) are not Ray deployments; "
             "run `fleetserve worker --engine openai --url ...` for each, next to the cluster"
+        )
+    on_demand = [spec.name for spec in cluster.models if spec.load is Load.ON_DEMAND]
+    if on_demand:  # (Ray Serve's min_replicas 0 with the gateways' demand: not built yet)
+        raise ConfigError(
+            f"{', '.join(on_demand)}: load on_demand runs under `fleetserve up` only; on Ray, "
+            "use autoscaling's min_replicas/max_replicas"
         )
     import ray
     from ray import serve

@@ -50,6 +50,7 @@ async def test_a_models_load_sums_its_workers_behind_the_cluster_token(tmp_path:
             "replicas": 2,
             "running": 5,
             "waiting": 5,
+            "held": 0,
             "ongoing": 10,
         }
         unknown = await c.get("/models/nope/load")
@@ -57,3 +58,20 @@ async def test_a_models_load_sums_its_workers_behind_the_cluster_token(tmp_path:
         assert unknown.json()["error"]["code"] == "model_not_found"
         anonymous = await c.get("/models/m/load", headers={"Authorization": ""})
         assert anonymous.status_code == 401
+
+
+@pytest.mark.anyio
+async def test_a_request_held_for_a_model_scaled_to_zero_counts_for_its_autoscaler() -> None:
+    """What scales a worker Deployment up from zero (KEDA's minReplicaCount 0): a gateway holds
+    a request for the declared model and tells the controller (POST .../demand)."""
+    app = build_app(ControllerSettings(insecure=True))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://c") as c:
+        name = "org/on-demand"  # a hub-style name: the route takes the slash
+        declared = {"name": name, "replicas": 0}
+        (await c.put(f"/models/{name}", json=declared)).raise_for_status()
+        idle = (await c.get(f"/models/{name}/load")).json()
+        assert (idle["replicas"], idle["held"], idle["ongoing"]) == (0, 0, 0)
+        (await c.post(f"/models/{name}/demand")).raise_for_status()
+        wanted = (await c.get(f"/models/{name}/load")).json()
+        assert (wanted["replicas"], wanted["held"], wanted["ongoing"]) == (0, 1, 1)

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from controller.registry import Registry
-from fleetserve.protocol import Registration, WorkerLoad, WorkerState
+from fleetserve.protocol import DeclaredModel, Registration, WorkerLoad, WorkerState
 
 
 class Clock:
@@ -122,3 +122,37 @@ def test_a_model_with_fallbacks_stays_in_the_table_after_its_last_worker() -> No
     registry.register(_worker("a2", "a"))
     registry.deregister("a2")
     assert registry.table().models == []
+
+
+def test_a_declared_model_is_published_before_its_workers_and_after_them() -> None:
+    registry = Registry(expiry_after_s=6, warmup_s=3, clock=Clock())
+    registry.declare(DeclaredModel(name="m", aliases=["m2"], replicas=2, fallbacks=["other"]))
+    (view,) = registry.table().models
+    assert (view.name, view.aliases, view.fallbacks) == ("m", ["m2"], ["other"])
+    assert (view.declared, view.replicas) == (True, 2)
+    assert [(s.state, s.ready, s.replicas) for s in registry.models()] == [("starting", 0, 2)]
+    version = registry.version
+    registry.declare(DeclaredModel(name="m", aliases=["m2"], replicas=2, fallbacks=["other"]))
+    assert registry.version == version  # the same declaration: nothing for gateways to learn
+
+    registry.register(_worker("a", "m"))
+    assert [(s.state, s.ready) for s in registry.models()] == [("starting", 1)]
+    registry.register(_worker("b", "m"))
+    assert [(s.state, s.ready) for s in registry.models()] == [("ready", 2)]
+    registry.drain("b")
+    assert [(s.state, s.ready) for s in registry.models()] == [("starting", 1)]
+    registry.deregister("a")
+    registry.deregister("b")
+    (view,) = registry.table().models  # workers gone: still there, its requests held
+    assert view.declared
+
+    assert registry.undeclare("m") and registry.table().models == []
+    assert registry.undeclare("m") is False
+
+
+def test_an_undeclared_served_model_is_ready_and_not_declared() -> None:
+    registry = Registry(expiry_after_s=6, warmup_s=3, clock=Clock())
+    registry.register(_worker("a", "m"))
+    assert [(s.name, s.declared, s.state) for s in registry.models()] == [("m", False, "ready")]
+    registry.declare(DeclaredModel(name="z", replicas=0))  # on demand, none running
+    assert [s.state for s in registry.models()] == ["ready", "scaled_to_zero"]

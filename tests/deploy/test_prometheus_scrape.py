@@ -20,7 +20,7 @@ import openai
 import pytest
 import yaml
 
-from fleetserve.protocol import Registration
+from fleetserve.protocol import DeclaredModel, Registration
 from gateway.auth import hash_key
 from tests.conftest import module_log_dir
 from tests.deploy.prometheus import Prometheus
@@ -173,6 +173,7 @@ def setup(fleet_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -
                 engine_args=("--tokens-per-s", str(TOKENS_PER_S)),
             )
         cluster.wait_workers("echo", 2)
+        cluster.declare(DeclaredModel(name="echo", replicas=2))  # as `fleetserve up` does
         keys = tmp / "keys.yaml"
         keys.write_text(yaml.safe_dump({"keys": [{"name": "team-a", "key_sha256": hash_key(KEY)}]}))
         with cluster.extra_gateway("gateway-keys", "--keys-file", str(keys)) as (_, url):

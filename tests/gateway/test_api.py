@@ -233,7 +233,13 @@ async def test_models_list_the_endpoints_each_serves(
     await cluster.settle()
     client = gateway.client()
     listed = {m.id: m async for m in client.models.list()}
-    assert listed["embedder"].model_extra == {"endpoints": ["/v1/embeddings"], "fallbacks": []}
+    assert listed["embedder"].model_extra == {
+        "endpoints": ["/v1/embeddings"],
+        "fallbacks": [],
+        "state": "ready",
+        "replicas_ready": 1,
+        "replicas": 1,
+    }
     echo = await client.models.retrieve("echo-alias")
     assert echo.id == "echo-alias"
     assert echo.model_extra is not None

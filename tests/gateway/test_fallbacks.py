@@ -107,7 +107,13 @@ async def test_no_ready_worker_falls_back_even_after_the_last_worker_left(
     assert "model-a" in {m.name for m in (await own.table()).models}
     assert (await _chat(gateway))[0] == "model-b"
     models = await gateway.client("sk-all").models.retrieve("model-a")
-    assert models.model_extra == {"endpoints": [], "fallbacks": ["model-b"]}
+    assert models.model_extra == {
+        "endpoints": [],
+        "fallbacks": ["model-b"],
+        "state": "unavailable",
+        "replicas_ready": 0,
+        "replicas": 0,
+    }
 
 
 @pytest.mark.parametrize("status", [429, 503])

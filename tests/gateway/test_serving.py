@@ -130,11 +130,13 @@ async def test_body_over_max_body_bytes_is_413(cluster: InProcessCluster) -> Non
 
 async def test_no_routing_table_yet_is_503() -> None:
     with refusing_port() as port:
-        settings = GatewaySettings(controller_url=f"http://127.0.0.1:{port}")
+        # the request waits for a first table (hold_timeout_s), as for a starting model
+        settings = GatewaySettings(controller_url=f"http://127.0.0.1:{port}", hold_timeout_s=0.2)
         async with running_gateway(settings) as lonely:
             with pytest.raises(openai.InternalServerError) as unavailable:
                 await lonely.client().chat.completions.create(model="echo", messages=HI)
     assert unavailable.value.status_code == 503
+    assert int(unavailable.value.response.headers["retry-after"]) > 0
     body = unavailable.value.body
     assert isinstance(body, dict)
     assert (body["code"], body["type"]) == ("no_routing_table", "server_error")

@@ -355,7 +355,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--reject-status", type=int, default=0, help="Refuse every request with it (429, 503)."
     )
+    parser.add_argument(
+        "--load-s",
+        type=float,
+        default=0.0,
+        help="Seconds to 'load the model' before listening (a cold start, for tests).",
+    )
     args = parser.parse_args(argv)
+    time.sleep(args.load_s)
     engine = FakeServer(
         args.served_name, args.tokens_per_s, args.ttft_s, args.vocabulary, args.reject_status
     )

@@ -25,6 +25,7 @@ EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "header_timeout_s": 5.0,
         "max_header_bytes": 16384,
         "max_connections": 100,
+        "models_file": "/etc/fleetserve/cluster.yaml",
     },
     GatewaySettings: {
         "host": "0.0.0.0",
@@ -54,6 +55,7 @@ EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "retry_budget_min_per_s": 2.0,
         "circuit_failures": 7,
         "circuit_open_s": 4.0,
+        "hold_timeout_s": 30.0,
     },
     WorkerSettings: {
         "engine": "openai",
