@@ -30,9 +30,11 @@ from pathlib import Path
 
 import httpx
 
+from controller.settings import ControllerSettings
 from fleetserve.cli.args import settings_argv
 from fleetserve.cli.harness import Cluster, Component, free_port
-from fleetserve.config import ControllerSettings, GatewaySettings, WorkerSettings
+from gateway.settings import GatewaySettings
+from workers.settings import WorkerSettings
 
 MODEL = "bench-model"
 BODY = {

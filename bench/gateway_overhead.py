@@ -31,7 +31,8 @@ from rich.table import Table
 
 from fleetserve.cli.harness import Cluster, descendants
 from fleetserve.cli.loadgen import closed_loop, for_duration, post_sender
-from fleetserve.config import GatewaySettings, WorkerSettings
+from gateway.settings import GatewaySettings
+from workers.settings import WorkerSettings
 from workers.vllm.demo_model import ensure_demo_model
 
 MODEL = "bench-model"

@@ -57,7 +57,8 @@ from fleetserve.auth import new_secret
 from fleetserve.cli.args import settings_argv
 from fleetserve.cli.harness import Cluster, descendants, free_port, wait_until
 from fleetserve.cli.loadgen import Outcome, closed_loop, for_duration, post_sender
-from fleetserve.config import GatewaySettings, WorkerSettings
+from gateway.settings import GatewaySettings
+from workers.settings import WorkerSettings
 from workers.vllm.demo_model import ensure_demo_model
 
 #: Every engine's secret (their relays ask for it): the external routers send one key to

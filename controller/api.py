@@ -18,8 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Iterable
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from prometheus_client import CollectorRegistry, generate_latest
@@ -27,9 +26,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from controller.metrics import RegistryCollector
 from controller.registry import Registry
+from controller.settings import ControllerSettings
 from fleetserve import constants
 from fleetserve.auth import server_token, unauthorized
-from fleetserve.config import ControllerSettings, load_cluster_file
 from fleetserve.errors import OpenAIError, install_error_handlers
 from fleetserve.protocol import (
     DeclaredModel,
@@ -50,17 +49,18 @@ def _registry(request: Request) -> Registry:
     return registry
 
 
-def build_app(settings: ControllerSettings) -> FastAPI:
-    """The controller for ``settings``; ``app.state.cluster_token``: its token, None if open."""
+def build_app(settings: ControllerSettings, declared: Iterable[DeclaredModel] = ()) -> FastAPI:
+    """The controller for ``settings``, with the models that should exist from its start
+    (``declared``: `fleetserve controller` reads them from ``models_file``);
+    ``app.state.cluster_token``: its token, None if open."""
     token = server_token(settings.cluster_token_file)
     registry = Registry(
         expiry_after_s=settings.expiry_after_s,
         warmup_s=settings.expiry_after_s,  # see constants.EXPIRY_AFTER_S
         heartbeat_interval_s=settings.heartbeat_interval_s,
     )
-    if settings.models_file:
-        for spec in load_cluster_file(Path(settings.models_file)).models:
-            registry.declare(spec.declaration())
+    for model in declared:
+        registry.declare(model)
     metrics = CollectorRegistry()
     metrics.register(RegistryCollector(registry))
 
@@ -159,7 +159,10 @@ def build_app(settings: ControllerSettings) -> FastAPI:
         load = _registry(request).model_load(name)
         if load is None:
             raise OpenAIError(
-                404, f"model {name!r} is neither declared nor served", code="model_not_found", param="name"
+                404,
+                f"model {name!r} is neither declared nor served",
+                code="model_not_found",
+                param="name",
             )
         return load
 

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetserve.config import ApiKey, hash_key, load_keys_file
 from fleetserve.errors import ConfigError, OpenAIError
+from gateway.settings import ApiKey, hash_key, load_keys_file
 
 logger = logging.getLogger(__name__)
 

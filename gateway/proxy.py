@@ -23,13 +23,13 @@ import orjson
 from starlette.responses import Response
 
 from fleetserve import constants
-from fleetserve.config import GatewaySettings
 from fleetserve.errors import OpenAIError
 from gateway.breaker import CircuitBreakers, RetryBudget, backoff_s
 from gateway.metrics import GatewayMetrics, RequestRecord
 from gateway.relay import WORKER_HEADER, Resumable, Resumption, UpstreamStream
 from gateway.resume import Continuation, ResumePlan, StreamLog, clean_prefix, resume_body
 from gateway.routing import RoutingContext
+from gateway.settings import GatewaySettings
 from gateway.table import ModelRoute, RoutingTable, Target
 from gateway.upstream import JSON_HEADERS, UpstreamError, UpstreamPool, UpstreamResponse
 

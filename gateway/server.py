@@ -24,7 +24,6 @@ from starlette.types import Receive, Scope, Send
 
 from fleetserve import constants, env
 from fleetserve.auth import client_tls, client_token
-from fleetserve.config import GatewaySettings
 from fleetserve.errors import OpenAIError, error_response
 from gateway.admin import build_admin_app
 from gateway.auth import KeyStore
@@ -33,6 +32,7 @@ from gateway.metrics import GatewayMetrics, RequestRecord
 from gateway.protocol import ENDPOINTS, RESPONSES_PREFIX
 from gateway.proxy import Proxy
 from gateway.serving import Serving
+from gateway.settings import GatewaySettings
 from gateway.table import RouteTableWatcher
 from gateway.upstream import UpstreamPool
 

@@ -52,7 +52,6 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope
 
 from fleetserve import constants
-from fleetserve.config import ApiKey, GatewaySettings
 from fleetserve.errors import OpenAIError, error_response
 from fleetserve.protocol import RESPONSES
 from gateway.auth import KeyStore
@@ -68,6 +67,7 @@ from gateway.protocol import (
 )
 from gateway.proxy import WORKER_HEADER, Proxy
 from gateway.routing import RoutingContext
+from gateway.settings import ApiKey, GatewaySettings
 from gateway.table import ModelRoute, RouteTableWatcher, Target, response_tag
 from gateway.upstream import JSON_HEADERS
 from gateway.usage import UsageMeter

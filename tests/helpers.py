@@ -28,10 +28,11 @@ from typing import Any
 import httpx
 import openai
 
+from controller.settings import ControllerSettings
 from fleetserve import procs
 from fleetserve.cli.harness import Cluster, Component, alive, descendants, wait_until
 from fleetserve.cli.loadgen import Outcome, closed_loop
-from fleetserve.config import ControllerSettings, GatewaySettings
+from gateway.settings import GatewaySettings
 from workers.agent import free_port as agent_free_port
 
 __all__ = ["Component", "alive", "descendants", "wait_until"]

@@ -24,9 +24,10 @@ import pytest
 import yaml
 
 from fleetserve import procs
-from fleetserve.config import GatewaySettings, KeysFile, WorkerSettings, hash_key
+from gateway.settings import GatewaySettings, KeysFile, hash_key
 from tests.conftest import module_log_dir
 from tests.helpers import LocalCluster, free_port, wait_until
+from workers.settings import WorkerSettings
 from workers.vllm.engine import VllmEngine
 
 pytestmark = pytest.mark.vllm

@@ -29,10 +29,11 @@ import httpx
 import openai
 import pytest
 
+from controller.settings import ControllerSettings
 from fleetserve.auth import client_tls, ensure_token_file, new_secret
 from fleetserve.cli.harness import Cluster
-from fleetserve.config import ControllerSettings, GatewaySettings, WorkerSettings, hash_key
 from fleetserve.protocol import Heartbeat, Registration, WorkerLoad
+from gateway.settings import GatewaySettings, hash_key
 from tests.conftest import module_log_dir
 from tests.helpers import (
     LocalCluster,
@@ -42,6 +43,7 @@ from tests.helpers import (
     ray_head_port,
     wait_until,
 )
+from workers.settings import WorkerSettings
 
 LOG_DIR = module_log_dir("test_security")
 API_KEY = "sk-fs-" + new_secret()

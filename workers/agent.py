@@ -36,7 +36,7 @@ import httpx
 
 from fleetserve import constants, env, procs
 from fleetserve.auth import ClusterToken, client_tls, client_token, new_secret
-from fleetserve.config import WorkerSettings, slug
+from fleetserve.config import slug
 from fleetserve.errors import ConfigError
 from fleetserve.http import HttpLimits, raise_open_files_limit
 from fleetserve.protocol import (
@@ -54,6 +54,7 @@ from workers.kvevents import KvEventService
 from workers.load import parse_load
 from workers.placement import ModelFacts, ReplicaNeed, ReplicaPlan, plan_placement
 from workers.relay import EngineRelay
+from workers.settings import WorkerSettings
 from workers.status_server import StatusServer
 
 logger = logging.getLogger(__name__)

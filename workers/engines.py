@@ -16,9 +16,9 @@ from typing import ClassVar
 
 import httpx
 
-from fleetserve.config import Device, WorkerSettings
 from fleetserve.protocol import DEFAULT_ENDPOINTS, ROUTED_PATHS
 from fleetserve.registry import Registered
+from workers.settings import Device, WorkerSettings
 
 logger = logging.getLogger(__name__)
 

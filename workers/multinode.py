@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from fleetserve.config import WorkerSettings
+from workers.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass, field
 
 from fleetserve import constants
-from fleetserve.config import Device
 from fleetserve.errors import ConfigError
+from workers.settings import Device
 
 
 class PlacementError(ConfigError):

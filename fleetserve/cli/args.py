@@ -1,10 +1,11 @@
 """Settings <-> command lines, and argument helpers shared by `fleetserve`'s commands.
 
-Every process's settings are a pydantic model (fleetserve/config.py). One flag per
-field, the field's description as its help: :func:`add_settings_arguments` and
-:func:`settings_from` read settings from a command line, and :func:`settings_argv`,
-their inverse, writes the command line for settings (what `fleetserve up`, the
-Ray replicas, the tests and the benchmarks start processes with).
+Every process's settings are a pydantic model (controller/, gateway/ and
+workers/settings.py). One flag per field, the field's description as its help:
+:func:`add_settings_arguments` and :func:`settings_from` read settings from a command
+line, and :func:`settings_argv`, their inverse, writes the command line for settings
+(what `fleetserve up`, the Ray replicas, the tests and the benchmarks start processes
+with).
 """
 
 from __future__ import annotations

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 from typing import Any
 
+from controller.settings import ControllerSettings
 from fleetserve.auth import is_loopback
-from fleetserve.cli.args import add_settings_arguments, settings_from
-from fleetserve.config import ControllerSettings
+from fleetserve.cli.args import add_settings_arguments, settings_from, validation_context
+from fleetserve.cli.cluster import load_cluster_file
 from fleetserve.errors import ConfigError
 from fleetserve.http import HttpLimits, serve
+from fleetserve.protocol import DeclaredModel
 
 logger = logging.getLogger("fleetserve")
 
@@ -19,7 +22,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
     from controller.api import build_app
 
     settings: ControllerSettings = settings_from(ControllerSettings, args)
-    app = build_app(settings)
+    app = build_app(settings, declared_models(settings))
     if app.state.cluster_token is None:
         if not is_loopback(settings.host) and not settings.insecure:
             raise ConfigError(
@@ -45,6 +48,15 @@ def cmd_controller(args: argparse.Namespace) -> int:
         graceful_s=1,
     )
     return 0
+
+
+def declared_models(settings: ControllerSettings) -> list[DeclaredModel]:
+    """The models of the controller's ``models_file`` (a cluster file), as it declares them;
+    ConfigError for a bad file (before the controller starts)."""
+    if not settings.models_file:
+        return []
+    cluster = load_cluster_file(Path(settings.models_file), context=validation_context())
+    return [spec.declaration() for spec in cluster.models]
 
 
 def register(sub: Any) -> None:

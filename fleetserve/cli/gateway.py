@@ -9,9 +9,9 @@ from typing import Any
 
 from fleetserve import env
 from fleetserve.cli.args import add_settings_arguments, settings_from
-from fleetserve.config import GatewaySettings
 from fleetserve.errors import ConfigError
 from fleetserve.http import HttpLimits, serve
+from gateway.settings import GatewaySettings
 
 logger = logging.getLogger("fleetserve")
 

@@ -22,15 +22,17 @@ from typing import Any, Self
 
 import httpx
 
+from controller.settings import ControllerSettings
 from fleetserve import constants, procs
 from fleetserve.auth import client_tls, client_token
 from fleetserve.cli.args import settings_argv
 from fleetserve.cli.status import fetch_table
-from fleetserve.config import ControllerSettings, GatewaySettings, WorkerSettings
 from fleetserve.env import CPU_THREADS_BIND
 from fleetserve.errors import FleetserveError
 from fleetserve.protocol import DeclaredModel, ModelState, RouteTable
+from gateway.settings import GatewaySettings
 from workers.agent import free_port
+from workers.settings import WorkerSettings
 
 # A worker's drain, then its engine's stop, with room to spare.
 WORKER_STOP_GRACE_S = constants.DRAIN_TIMEOUT_S + constants.REAPER_STOP_GRACE_S + 5

@@ -9,8 +9,8 @@ from typing import Any
 
 import yaml
 
-from fleetserve.config import ApiKey, hash_key
 from fleetserve.errors import ConfigError
+from gateway.settings import ApiKey, hash_key
 
 
 def cmd_key_new(args: argparse.Namespace) -> int:

@@ -11,8 +11,8 @@ from rich.table import Table
 
 from fleetserve.auth import ClusterToken, client_token
 from fleetserve.cli.args import add_controller_url, validation_context
+from fleetserve.cli.cluster import load_cluster_file
 from fleetserve.cli.status import fetch_table, make_console
-from fleetserve.config import load_cluster_file
 from fleetserve.errors import ConfigError
 from workers.engines import Engine
 from workers.llamacpp.convert import QUANT_TYPES

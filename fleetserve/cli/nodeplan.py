@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fleetserve.config import ModelSpec
+from fleetserve.cli.cluster import ModelSpec
 from fleetserve.errors import ConfigError
 
 

@@ -17,34 +17,24 @@ import httpx
 import yaml
 from rich.console import Console
 
+from controller.settings import ControllerSettings
 from fleetserve import constants, env, paths
 from fleetserve.auth import ensure_token_file
 from fleetserve.cli.args import validation_context
+from fleetserve.cli.cluster import ClusterConfig, Load, ModelSpec, load_cluster_file, parse_cluster
 from fleetserve.cli.harness import Cluster, Component, ComponentFailed, reachable
 from fleetserve.cli.nodeplan import Stage, share_nodes
 from fleetserve.cli.ondemand import Action, OnDemand
 from fleetserve.cli.status import make_console, workers_table
-from fleetserve.config import (
-    ClusterConfig,
-    ControllerSettings,
-    Device,
-    GatewaySettings,
-    KeysFile,
-    Load,
-    ModelSpec,
-    WorkerSettings,
-    engine_args_from_flags,
-    load_cluster_file,
-    load_keys_file,
-    parse_cluster,
-    slug,
-)
+from fleetserve.cli.targets import Target, check
+from fleetserve.config import slug
 from fleetserve.errors import ConfigError
-from fleetserve.targets import Target, check
 from fleetserve.protocol import DeclaredModel, RouteTable
+from gateway.settings import GatewaySettings, KeysFile, load_keys_file
 from workers.engines import Engine
 from workers.inventory import discover_machine, read_model_facts
 from workers.placement import Machine, ModelFacts, ReplicaNeed, ReplicaPlan, plan_placement
+from workers.settings import Device, WorkerSettings, engine_args_from_flags
 from workers.vllm.demo_model import DEMO_MODEL_NAME
 
 

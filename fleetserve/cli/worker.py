@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from fleetserve.cli.args import add_settings_arguments, settings_from
-from fleetserve.config import WorkerSettings
+from workers.settings import WorkerSettings
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -8,8 +8,8 @@ from typing import Any
 
 from fleetserve.auth import client_token
 from fleetserve.cli.args import add_controller_url, validation_context
+from fleetserve.cli.cluster import load_cluster_file
 from fleetserve.cli.status import make_console
-from fleetserve.config import load_cluster_file
 from fleetserve.ray.deploy import deploy, down, status
 
 

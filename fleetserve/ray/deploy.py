@@ -23,8 +23,9 @@ from rich.table import Table
 
 from fleetserve import __version__, constants
 from fleetserve.auth import ClusterToken
+from fleetserve.cli.cluster import ClusterConfig, Load, ModelSpec
 from fleetserve.cli.status import describe_failure, fetch_table
-from fleetserve.config import ClusterConfig, Load, ModelSpec, slug
+from fleetserve.config import slug
 from fleetserve.errors import ConfigError
 from workers.engines import Engine
 

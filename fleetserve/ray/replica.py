@@ -20,8 +20,8 @@ import httpx
 
 from fleetserve import constants, procs
 from fleetserve.cli.args import settings_argv
+from fleetserve.cli.cluster import ModelSpec
 from fleetserve.cli.up import worker_settings
-from fleetserve.config import ModelSpec
 from fleetserve.ray.autoscaling import ONGOING_REQUESTS
 from workers.agent import free_port
 from workers.load import parse_load

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from controller.api import build_app
-from fleetserve.config import ControllerSettings
+from controller.settings import ControllerSettings
 from tests.controller.test_registry import _worker
 
 TOKEN = "load-test-cluster-token-0123456789"

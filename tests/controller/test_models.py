@@ -11,7 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller.api import build_app
-from fleetserve.config import ControllerSettings
+from controller.settings import ControllerSettings
+from fleetserve.cli.controller import declared_models
 from fleetserve.errors import ConfigError
 
 pytestmark = pytest.mark.anyio
@@ -31,7 +32,7 @@ async def controller(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
         "  - {name: b, aliases: [bee], engine: fake}\n"
     )
     settings = ControllerSettings(cluster_token_file=str(token), models_file=str(models))
-    transport = httpx.ASGITransport(app=build_app(settings))
+    transport = httpx.ASGITransport(app=build_app(settings, declared_models(settings)))
     async with httpx.AsyncClient(transport=transport, base_url="http://controller") as client:
         yield client
 
@@ -75,7 +76,7 @@ def test_a_bad_models_file_stops_the_controller_before_it_starts(tmp_path: Path)
     models = tmp_path / "cluster.yaml"
     models.write_text("models:\n  - {name: a, replicas: 0}\n")
     with pytest.raises(ConfigError, match=r"models\[0\]\.replicas"):
-        build_app(ControllerSettings(models_file=str(models)))
+        declared_models(ControllerSettings(models_file=str(models)))
 
 
 async def test_declared_models_states_are_metrics(controller: httpx.AsyncClient) -> None:

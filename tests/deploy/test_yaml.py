@@ -221,7 +221,7 @@ def test_one_node_runs_up_over_every_gpu(
     assert flags["source"] == task["envs"]["MODEL"] and flags["name"] == task["envs"]["SERVED_NAME"]
     assert flags["host"] == "0.0.0.0" and flags["port"] == task["envs"]["GATEWAY_PORT"]
     assert "replicas" not in flags  # `up` fits as many as the GPUs hold
-    # what `up` refuses is what this target cannot honour (fleetserve/targets.py)
+    # what `up` refuses is what this target cannot honour (fleetserve/cli/targets.py)
     assert flags["target"] == {"serve.yaml": "skypilot", "service.yaml": "skyserve"}[name]
     assert argv[argv.index("--") + 1 :] == ["--max-model-len", "4096"]
 

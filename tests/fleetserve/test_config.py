@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fleetserve.cli.args import validation_context
-from fleetserve.config import load_cluster_file, parse_cluster
+from fleetserve.cli.cluster import load_cluster_file, parse_cluster
 from fleetserve.errors import ConfigError
 
 GOOD = """
@@ -182,7 +182,8 @@ def test_worker_flags_come_from_the_settings_model() -> None:
 
 
 def test_engine_flags_from_the_command_line_become_engine_args() -> None:
-    from fleetserve.config import ModelSpec, engine_args_from_flags
+    from fleetserve.cli.cluster import ModelSpec
+    from workers.settings import engine_args_from_flags
 
     flags = ["--max-model-len", "2048", "--enforce-eager", "--dtype=half"]
     args = engine_args_from_flags(flags)

@@ -42,10 +42,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import ASGIApp
 
 from controller.api import build_app as build_controller_app
-from fleetserve.config import ControllerSettings, GatewaySettings
+from controller.settings import ControllerSettings
 from fleetserve.protocol import Registration, RouteTable
 from gateway.server import Gateway
 from gateway.server import build_app as build_gateway_app
+from gateway.settings import GatewaySettings
 from workers.fake.engine import FakeEngine
 from workers.fake.server import FakeServer
 from workers.fake.server import build_app as build_engine_app

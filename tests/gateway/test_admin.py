@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleetserve.config import GatewaySettings
+from gateway.settings import GatewaySettings
 from tests.gateway.inproc import GatewayUnderTest, InProcessCluster, refusing_port, running_gateway
 
 pytestmark = pytest.mark.anyio

@@ -17,9 +17,9 @@ import httpx
 import openai
 import pytest
 
-from fleetserve.config import ApiKey, hash_key
 from fleetserve.protocol import Registration
 from gateway.protocol import ENDPOINTS
+from gateway.settings import ApiKey, hash_key
 from gateway.table import response_tag
 from tests.gateway.inproc import GatewayUnderTest, InProcessCluster
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fleetserve.config import ApiKey
 from fleetserve.errors import OpenAIError
 from gateway.auth import KeyStore, hash_key
+from gateway.settings import ApiKey
 
 
 class Clock:

@@ -18,8 +18,8 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from fleetserve.config import ApiKey, hash_key
 from fleetserve.protocol import Registration
+from gateway.settings import ApiKey, hash_key
 from tests.gateway.inproc import GatewayUnderTest, InProcessCluster, in_process_cluster
 from workers.fake.server import FakeServer, Fault
 

@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 
-from fleetserve.config import GatewaySettings
+from gateway.settings import GatewaySettings
 from tests.gateway.inproc import InProcessCluster, eventually, running_gateway
 
 pytestmark = pytest.mark.anyio

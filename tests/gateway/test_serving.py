@@ -12,7 +12,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from fleetserve.config import ApiKey, GatewaySettings, hash_key
+from gateway.settings import ApiKey, GatewaySettings, hash_key
 from tests.gateway.inproc import GatewayUnderTest, InProcessCluster, refusing_port, running_gateway
 
 pytestmark = pytest.mark.anyio

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from fleetserve.config import parse_cluster
+from fleetserve.cli.cluster import parse_cluster
 from tests.k8s.test_manifests import (
     OVERLAYS,
     component,

@@ -30,19 +30,16 @@ import pytest
 import referencing
 import yaml
 
+from controller.settings import ControllerSettings
 from fleetserve import constants
 from fleetserve.cli import build_parser
 from fleetserve.cli.args import settings_from
-from fleetserve.config import (
-    ControllerSettings,
-    GatewaySettings,
-    KeysFile,
-    WorkerSettings,
-    parse_cluster,
-)
+from fleetserve.cli.cluster import parse_cluster
+from gateway.settings import GatewaySettings, KeysFile
 from tests.k8s.crd_schemas import validate_custom
 from tests.k8s.monitor_schemas import SCHEMAS
 from tests.tools import require_tool
+from workers.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 # overlay -> whether its engines run on NVIDIA GPUs

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from fleetserve.cli import build_parser
-from fleetserve.config import parse_cluster
+from fleetserve.cli.cluster import parse_cluster
 from tests.k8s.test_manifests import (
     OVERLAYS,
     Obj,

@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from fleetserve import procs
-from fleetserve.config import GatewaySettings
+from gateway.settings import GatewaySettings
 from tests.conftest import module_log_dir
 from tests.helpers import Load, LocalCluster, free_port, wait_until
 from workers.llamacpp.python_server import cpu_has_amx

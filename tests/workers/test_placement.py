@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from fleetserve.config import Device
 from workers.placement import (
     Gpu,
     Machine,
@@ -15,6 +14,7 @@ from workers.placement import (
     plan_placement,
     valid_tensor_parallel_sizes,
 )
+from workers.settings import Device
 
 GIB = 2**30
 LLAMA_8B = ModelFacts(num_attention_heads=32, num_key_value_heads=8, weight_bytes=16 * GIB)

@@ -29,9 +29,9 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from fleetserve.config import engine_args_from_flags
 from fleetserve.errors import ConfigError
 from workers.load import vllm_load_metrics
+from workers.settings import engine_args_from_flags
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -8,10 +8,10 @@ import sys
 
 import httpx
 
-from fleetserve.config import Device
 from fleetserve.errors import ConfigError
 from fleetserve.protocol import DEFAULT_ENDPOINTS
 from workers.engines import Engine, openapi_endpoints
+from workers.settings import Device
 
 
 def vllm_is_cpu_build() -> bool:

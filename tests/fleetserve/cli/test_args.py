@@ -7,9 +7,11 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
+from controller.settings import ControllerSettings
 from fleetserve.cli import build_parser
 from fleetserve.cli.args import settings_argv, settings_from
-from fleetserve.config import ApiKey, ControllerSettings, Device, GatewaySettings, WorkerSettings
+from gateway.settings import ApiKey, GatewaySettings
+from workers.settings import Device, WorkerSettings
 
 # A value other than the default for every field (a new field must be added here).
 EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from rich.console import Console
 
+from fleetserve.cli.cluster import parse_cluster
 from fleetserve.cli.ondemand import Action, Decision, OnDemand
-from fleetserve.config import parse_cluster
 from fleetserve.errors import ConfigError
 from fleetserve.protocol import ModelState, WorkerLoad, WorkerState, WorkerView
 from fleetserve.ray.deploy import deploy

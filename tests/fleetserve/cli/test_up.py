@@ -176,19 +176,21 @@ def test_up_holds_the_first_requests_until_the_workers_are_ready(
     ) as up:
         client = up.client().with_options(timeout=120)
         assert "ready echo" not in up.text()  # asked during start-up
-        reply = client.chat.completions.create(model="echo", messages=hi, max_tokens=4)
-        assert reply.choices[0].message.content
-        with pytest.raises(openai.InternalServerError) as starting:
-            client.chat.completions.create(model="glacial", messages=hi)
+        with ThreadPoolExecutor(1) as pool:  # (held meanwhile: the two holds overlap)
+            glacial = pool.submit(client.chat.completions.create, model="glacial", messages=hi)
+            reply = client.chat.completions.create(model="echo", messages=hi, max_tokens=4)
+            assert reply.choices[0].message.content
+            with pytest.raises(openai.NotFoundError):
+                client.chat.completions.create(model="ecoh", messages=hi)
+            listed = {m.id: (m.model_extra or {}).get("state") for m in client.models.list()}
+            assert listed == {"echo": "ready", "glacial": "starting"}
+            with pytest.raises(openai.InternalServerError) as starting:
+                glacial.result()
         assert starting.value.status_code == 503
         assert "`glacial` is not ready (starting: 0 of 1 replicas ready)" in str(
             starting.value.message
         )
         assert int(starting.value.response.headers["retry-after"]) > 0
-        with pytest.raises(openai.NotFoundError):
-            client.chat.completions.create(model="ecoh", messages=hi)
-        listed = {m.id: (m.model_extra or {}).get("state") for m in client.models.list()}
-        assert listed == {"echo": "ready", "glacial": "starting"}
 
 
 def _worker_processes(pid: int) -> list[str]:

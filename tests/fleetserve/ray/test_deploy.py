@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleetserve.config import parse_cluster
+from fleetserve.cli.cluster import parse_cluster
 from fleetserve.errors import ConfigError
 from fleetserve.ray.deploy import deployment_options
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fleetserve.config import ModelSpec
+from fleetserve.cli.cluster import ModelSpec
 from fleetserve.errors import ConfigError
 from workers.llamacpp.python_server import InFlightCount, parse_engine_args, tokens_in_answer
 from workers.llamacpp.shim import byte_level_pre_tokenizer

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from fleetserve.config import ClusterConfig, parse_cluster
+from fleetserve.cli.cluster import ClusterConfig, parse_cluster
+from fleetserve.cli.targets import TABLES, Target, check, refusals
 from fleetserve.errors import ConfigError
-from fleetserve.targets import TABLES, Target, check, refusals
 
 
 @pytest.mark.parametrize("part", list(TABLES), ids=lambda part: part.__name__)
 def test_every_field_is_classified_for_every_target(part: type) -> None:
-    assert set(TABLES[part]) == set(part.model_fields), "classify the field in fleetserve/targets"
+    assert set(TABLES[part]) == set(part.model_fields), (
+        "classify the field in fleetserve/cli/targets.py"
+    )
     for name, refused in TABLES[part].items():
         for target, why in refused.items():
             assert isinstance(target, Target) and len(why) > 20, (name, target)

@@ -23,14 +23,10 @@ from enum import StrEnum
 
 from pydantic import BaseModel
 
-from fleetserve.config import (
-    ClusterConfig,
-    ControllerSettings,
-    GatewaySettings,
-    Load,
-    ModelSpec,
-)
+from controller.settings import ControllerSettings
+from fleetserve.cli.cluster import ClusterConfig, Load, ModelSpec
 from fleetserve.errors import ConfigError
+from gateway.settings import GatewaySettings
 
 
 class Target(StrEnum):
@@ -198,7 +194,7 @@ def _refused(part: BaseModel, where: str, target: Target) -> Iterator[str]:
     table = TABLES[type(part)]
     for name in _given(part):
         if name not in table:  # a field added without a decision: refuse rather than ignore
-            yield f"{where}{name}: not classified for any target yet (fleetserve/targets.py)"
+            yield f"{where}{name}: not classified for any target yet (fleetserve/cli/targets.py)"
         elif target in table[name]:
             yield f"{where}{name}: {table[name][target]}"
 
