@@ -9,7 +9,10 @@ cd "$(dirname "$0")/.."
 pytest_args=()
 for arg in "$@"; do
     case "$arg" in
-        --fast) pytest_args+=(-m "not vllm and not ray and not llamacpp and not browser") ;;
+        # Three workers, each module on one (its fixtures start once): most of these tests wait
+        # on processes starting. The whole run stays serial, the surest on a busy machine.
+        --fast) pytest_args+=(-m "not vllm and not ray and not llamacpp and not browser"
+                              -n 3 --dist loadscope) ;;
         *) pytest_args+=("$arg") ;;
     esac
 done

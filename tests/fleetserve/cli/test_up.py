@@ -222,7 +222,7 @@ def test_up_starts_an_on_demand_model_on_its_first_requests_and_stops_it_when_id
     cluster = log_dir / "cluster.yaml"
     cluster.write_text(
         "load: on_demand\n"
-        "idle_timeout_s: 3\n"
+        "idle_timeout_s: 10\n"  # (outlasts `fleetserve status` starting on a busy machine)
         "models:\n"
         "  - {name: echo, engine: fake, engine_args: {load_s: 2}}\n"
     )
