@@ -40,8 +40,8 @@ from fleetserve.config import (
     slug,
 )
 from fleetserve.errors import ConfigError
-from fleetserve.targets import Target, check
 from fleetserve.protocol import DeclaredModel, RouteTable
+from fleetserve.targets import Target, check
 from workers.engines import Engine
 from workers.inventory import discover_machine, read_model_facts
 from workers.placement import Machine, ModelFacts, ReplicaNeed, ReplicaPlan, plan_placement
