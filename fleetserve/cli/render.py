@@ -42,7 +42,8 @@ def write(files: dict[str, list[dict[str, Any]]], out: Path, source: str) -> lis
 
 def cmd_render_k8s(args: argparse.Namespace) -> int:
     cluster = load_cluster_file(args.file, context=validation_context())
-    files = render(cluster, Device(args.device), Images(args.image, args.engine_image))
+    images = Images(args.image, args.engine_image)
+    files = render(cluster, Device(args.device), images, origin=str(args.file))
     if args.output is None:
         sys.stdout.write(HEADER.format(source=args.file.name))
         sys.stdout.write(dump([obj for objs in files.values() for obj in objs]))

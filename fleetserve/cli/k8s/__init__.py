@@ -21,13 +21,12 @@ many replicas each has: the Deployment (or KEDA) owns that count on Kubernetes.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from fleetserve.cli.k8s.common import CONTROLLER, Obj
+from fleetserve.cli.k8s.common import CONTROLLER, Obj, model_label
 from fleetserve.cli.k8s.models import worker_objects
 from fleetserve.cli.k8s.services import (
     controller_objects,
@@ -61,19 +60,23 @@ def dump(objs: list[Obj]) -> str:
     return yaml.dump_all(objs, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 
-#: A label value (the model's name is its worker's ``fleetserve.io/model`` label).
-_LABEL_VALUE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?")
-
-
-def worker_name(model: str) -> str:
-    """The name of the model's worker objects; ConfigError if Kubernetes takes none."""
-    if not _LABEL_VALUE.fullmatch(model):
-        raise ConfigError(
-            f"model {model!r}: on Kubernetes a model's name is a label of its pods: lowercase "
-            "letters, digits, '-' and '.', at most 63, starting and ending with a letter or "
-            "digit; rename it (the old name can stay one of its aliases)"
-        )
-    return f"fleetserve-worker-{model}"
+def _check_names(cluster: ClusterConfig) -> None:
+    """ConfigError for a model Kubernetes cannot name apart from another, or at all."""
+    seen: dict[str, str] = {}
+    for spec in cluster.models:
+        label = model_label(spec.name)
+        if not label or len(label) > 63:  # a label value's limit
+            raise ConfigError(
+                f"model {spec.name!r}: on Kubernetes its name becomes a label of its pods "
+                f"({label!r}), 1 to 63 letters, digits, '-' or '.': rename it (the old name "
+                "can stay one of its aliases)"
+            )
+        if label in seen:
+            raise ConfigError(
+                f"models {seen[label]!r} and {spec.name!r} are both {label!r} as Kubernetes "
+                "names them (lowercase, '-' for other characters): rename one"
+            )
+        seen[label] = spec.name
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,10 @@ class Images:
 
 
 def render(
-    cluster: ClusterConfig, device: Device = Device.CUDA, images: Images = Images()
+    cluster: ClusterConfig,
+    device: Device = Device.CUDA,
+    images: Images = Images(),
+    origin: str = "the cluster file",
 ) -> dict[str, list[Obj]]:
     """Every object for ``cluster``, by the file it goes to (``workers/NAME.yaml`` per model).
 
@@ -94,8 +100,8 @@ def render(
     ``device``: where engines that use accelerators run (cuda: NVIDIA GPUs requested per
     replica; cpu: vLLM's CPU build).
     """
-    check(cluster, Target.KUBERNETES, "the cluster file")
-    names = {spec.name: worker_name(spec.name) for spec in cluster.models}
+    check(cluster, Target.KUBERNETES, origin)
+    _check_names(cluster)
     controller_url = f"http://{CONTROLLER}:{cluster.controller.port}"
     files: dict[str, list[Obj]] = {
         "controller.yaml": controller_objects(cluster, images.service),
@@ -104,9 +110,10 @@ def render(
     }
     scaled = False
     for spec in cluster.models:
-        objs = worker_objects(spec, names[spec.name], controller_url, device, images.engine)
+        label = model_label(spec.name)
+        objs = worker_objects(spec, label, controller_url, device, images.engine)
         scaled |= any(obj["kind"] == "ScaledObject" for obj in objs)
-        files[f"workers/{spec.name}.yaml"] = objs
+        files[f"workers/{label}.yaml"] = objs
     if scaled:
         files["autoscaling.yaml"] = keda_objects()
     return files

@@ -3,6 +3,7 @@ cluster token's Secret."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 Obj = dict[str, Any]
@@ -70,3 +71,14 @@ def token() -> tuple[Obj, Obj]:
 
 def http_probe(path: str, port: str, period_s: int, **more: int) -> Obj:
     return {"httpGet": {"path": path, "port": port}, "periodSeconds": period_s, **more}
+
+
+def model_label(model: str) -> str:
+    """The model's name as Kubernetes names and labels take it (its pods' ``fleetserve.io/model``
+    label, its worker objects' names): lowercase, runs of other characters as '-'."""
+    return re.sub(r"[^a-z0-9.]+", "-", model.lower()).strip("-.")
+
+
+def worker_name(model: str) -> str:
+    """The name of the model's worker objects."""
+    return f"fleetserve-worker-{model_label(model)}"

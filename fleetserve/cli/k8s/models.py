@@ -20,6 +20,7 @@ from fleetserve.cli.k8s.common import (
     pod_security,
     selector,
     token,
+    worker_name,
 )
 from fleetserve.cli.up import worker_settings
 from fleetserve.config import Device, Load, ModelSpec
@@ -118,10 +119,12 @@ def _pull(spec: ModelSpec, image: str) -> Obj:
 
 
 def worker_objects(
-    spec: ModelSpec, name: str, controller_url: str, device: Device, image: str
+    spec: ModelSpec, label: str, controller_url: str, device: Device, image: str
 ) -> list[Obj]:
     """One model's workers: a Deployment of its replicas (engine + agent in one container),
-    its PodDisruptionBudget, and a ScaledObject where KEDA decides the replicas."""
+    its PodDisruptionBudget, and a ScaledObject where KEDA decides the replicas. ``label``:
+    the model's name as Kubernetes takes it (model_label)."""
+    name = worker_name(spec.name)
     engine = Engine.named(spec.engine)
     ranks = spec.tensor_parallel_size * spec.pipeline_parallel_size
     on_gpus = engine.uses_accelerator and device is not Device.CPU
@@ -201,8 +204,8 @@ def worker_objects(
         {"name": "models", "emptyDir": {}},
         token_volume,
     ]
-    scaled = scaled_object(spec, name, controller_url)
-    template_meta = meta(name, "worker", spec.name)
+    scaled = scaled_object(spec, name, label, controller_url)
+    template_meta = meta(name, "worker", label)
     del template_meta["name"]
     deployment_spec: Obj = {}
     if scaled is None:  # else KEDA owns the count (kubectl apply would reset it)
@@ -216,27 +219,27 @@ def worker_objects(
             "type": "RollingUpdate",
             "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
         },
-        "selector": selector("worker", spec.name),
+        "selector": selector("worker", label),
         "template": {"metadata": template_meta, "spec": pod},
     }
     objs = [
         {
             "apiVersion": "apps/v1",
             "kind": "Deployment",
-            "metadata": meta(name, "worker", spec.name),
+            "metadata": meta(name, "worker", label),
             "spec": deployment_spec,
         },
         {
             "apiVersion": "policy/v1",
             "kind": "PodDisruptionBudget",
-            "metadata": meta(name, "worker", spec.name),
-            "spec": {"maxUnavailable": 1, "selector": selector("worker", spec.name)},
+            "metadata": meta(name, "worker", label),
+            "spec": {"maxUnavailable": 1, "selector": selector("worker", label)},
         },
     ]
     return objs if scaled is None else [*objs, scaled]
 
 
-def scaled_object(spec: ModelSpec, deployment: str, controller_url: str) -> Obj | None:
+def scaled_object(spec: ModelSpec, deployment: str, label: str, controller_url: str) -> Obj | None:
     """KEDA's ScaledObject for a model with ``autoscaling:`` or ``load: on_demand``.
 
     Replicas follow the controller's sum of running + waiting requests over the model's
@@ -288,6 +291,6 @@ def scaled_object(spec: ModelSpec, deployment: str, controller_url: str) -> Obj 
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
-        "metadata": meta(deployment, "worker", spec.name),
+        "metadata": meta(deployment, "worker", label),
         "spec": so,
     }
