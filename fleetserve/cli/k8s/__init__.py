@@ -5,13 +5,14 @@ Deployment, its PodDisruptionBudget and, where the model autoscales or loads on 
 KEDA ScaledObject; the controller (its Deployment, Service and the ConfigMap of the file's
 models, which it declares); the gateway (Deployment with the file's gateway settings,
 Service, HorizontalPodAutoscaler, PodDisruptionBudget, the keys Secret where the file gives
-keys); NetworkPolicies. Plain dicts, dumped as YAML by fleetserve/cli/render.py.
+keys); NetworkPolicies. Plain dicts (``render``), written as YAML (``dump``;
+fleetserve/cli/render.py is the command).
 
 A field Kubernetes cannot honour is refused (fleetserve/targets.py) before anything is
 built. What stays outside: the namespace, image names (kustomize ``images:``), the cluster
-token and API keys Secrets (made by the operator), a shared volume for weights, and the
-Prometheus operator's objects (k8s/monitoring): a kustomize overlay adds them
-(k8s/overlays/).
+token's Secret (and the keys' where the file has none: the operator makes them), a shared
+volume for weights, and the Prometheus operator's objects (k8s/monitoring): a kustomize
+overlay adds them (k8s/overlays/).
 
 Each model's worker is built from its own entry alone, so changing a model's
 tensor-parallel size, replicas or engine arguments changes its worker objects and nothing
