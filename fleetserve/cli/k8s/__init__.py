@@ -111,10 +111,9 @@ def render(
     }
     scaled = False
     for spec in cluster.models:
-        label = model_label(spec.name)
-        objs = worker_objects(spec, label, controller_url, device, images.engine)
+        objs = worker_objects(spec, controller_url, device, images.engine)
         scaled |= any(obj["kind"] == "ScaledObject" for obj in objs)
-        files[f"workers/{label}.yaml"] = objs
+        files[f"workers/{model_label(spec.name)}.yaml"] = objs
     if scaled:
         files["autoscaling.yaml"] = keda_objects()
     return files

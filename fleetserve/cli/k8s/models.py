@@ -17,6 +17,7 @@ from fleetserve.cli.k8s.common import (
     Obj,
     http_probe,
     meta,
+    model_label,
     pod_security,
     selector,
     token,
@@ -118,13 +119,10 @@ def _pull(spec: ModelSpec, image: str) -> Obj:
     }
 
 
-def worker_objects(
-    spec: ModelSpec, label: str, controller_url: str, device: Device, image: str
-) -> list[Obj]:
+def worker_objects(spec: ModelSpec, controller_url: str, device: Device, image: str) -> list[Obj]:
     """One model's workers: a Deployment of its replicas (engine + agent in one container),
-    its PodDisruptionBudget, and a ScaledObject where KEDA decides the replicas. ``label``:
-    the model's name as Kubernetes takes it (model_label)."""
-    name = worker_name(spec.name)
+    its PodDisruptionBudget, and a ScaledObject where KEDA decides the replicas."""
+    name, label = worker_name(spec.name), model_label(spec.name)
     engine = Engine.named(spec.engine)
     ranks = spec.tensor_parallel_size * spec.pipeline_parallel_size
     on_gpus = engine.uses_accelerator and device is not Device.CPU
@@ -204,7 +202,7 @@ def worker_objects(
         {"name": "models", "emptyDir": {}},
         token_volume,
     ]
-    scaled = scaled_object(spec, name, label, controller_url)
+    scaled = scaled_object(spec, controller_url)
     template_meta = meta(name, "worker", label)
     del template_meta["name"]
     deployment_spec: Obj = {}
@@ -239,7 +237,7 @@ def worker_objects(
     return objs if scaled is None else [*objs, scaled]
 
 
-def scaled_object(spec: ModelSpec, deployment: str, label: str, controller_url: str) -> Obj | None:
+def scaled_object(spec: ModelSpec, controller_url: str) -> Obj | None:
     """KEDA's ScaledObject for a model with ``autoscaling:`` or ``load: on_demand``.
 
     Replicas follow the controller's sum of running + waiting requests over the model's
@@ -254,6 +252,7 @@ def scaled_object(spec: ModelSpec, deployment: str, label: str, controller_url: 
         return None
     low, high = (scaling.min_replicas, scaling.max_replicas) if scaling else (spec.replicas,) * 2
     target = scaling.target_ongoing_requests if scaling else constants.TARGET_ONGOING_REQUESTS
+    deployment = worker_name(spec.name)
     so: Obj = {"scaleTargetRef": {"name": deployment}}
     if on_demand:
         assert spec.idle_timeout_s is not None  # the file fills it in
@@ -291,6 +290,6 @@ def scaled_object(spec: ModelSpec, deployment: str, label: str, controller_url: 
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
-        "metadata": meta(deployment, "worker", label),
+        "metadata": meta(deployment, "worker", model_label(spec.name)),
         "spec": so,
     }
