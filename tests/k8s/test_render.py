@@ -280,6 +280,24 @@ def test_render_k8s_writes_a_directory_kustomize_renders(tmp_path: Path) -> None
     assert workers >= {"fleetserve-worker-llama-3.1-8b", "fleetserve-worker-qwen2.5-32b"}
 
 
+def test_rendering_again_removes_the_files_of_models_no_longer_in_the_file(
+    tmp_path: Path,
+) -> None:
+    write(render(_parse(_TWO_MODELS)), tmp_path, "cluster.yaml")
+    assert (tmp_path / "workers" / "llama-70b.yaml").exists()
+    assert (tmp_path / "autoscaling.yaml").exists()  # echo is on demand: KEDA reads the load
+    write(render(_parse({"models": [_TWO_MODELS["models"][1]]})), tmp_path, "cluster.yaml")
+    assert sorted(p.name for p in (tmp_path / "workers").iterdir()) == ["qwen-7b.yaml"]
+    assert not (tmp_path / "autoscaling.yaml").exists()
+    kustomization = yaml.safe_load((tmp_path / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == [
+        "controller.yaml",
+        "gateway.yaml",
+        "networkpolicy.yaml",
+        "workers/qwen-7b.yaml",
+    ]
+
+
 def test_render_k8s_help_says_what_it_makes_and_what_it_leaves_out(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
