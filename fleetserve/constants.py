@@ -257,3 +257,22 @@ TOKENIZE_CACHE_SEEN = 65_536
 # where encoding the head alone could end differently from encoding the whole.
 KV_PROBE_CHARS = 512
 KV_PROBE_MARGIN_TOKENS = 16
+
+# Kubernetes (`fleetserve render k8s`). A gateway pod given no request timeout gets this one:
+# a terminating pod lets requests run this long (its drain), so it needs a bound, and 10
+# minutes covers a long generation's first byte on a loaded cluster.
+K8S_REQUEST_TIMEOUT_S = 600.0
+# A gateway's preStop wait: the Service stops sending it new connections meanwhile.
+K8S_GATEWAY_PRESTOP_S = 5
+# Grace beyond preStop + drain (gateways) before the kubelet's SIGKILL.
+K8S_GRACE_SPARE_S = 15
+# A worker's grace: longer than its drain, DRAIN_MIN_S + DRAIN_TIMEOUT_S + REAPER_STOP_GRACE_S
+# (146 s), with room for a slow engine stop.
+K8S_WORKER_GRACE_S = 180
+# A worker Deployment's rollout deadline is the engine's start-up budget plus this much for the
+# pod to be scheduled, its image pulled and its agent started (the weights' pull before it has
+# no deadline but the hub's answers).
+K8S_POD_START_S = 900
+# How often KEDA reads a model's load from the controller: a held request of a model scaled
+# to zero (counted for HOLD_TIMEOUT_S) is seen within this long.
+KEDA_POLLING_INTERVAL_S = 15

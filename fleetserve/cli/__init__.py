@@ -19,6 +19,7 @@ from fleetserve.cli import (
     gateway,
     key,
     model,
+    render,
     status,
     up,
     worker,
@@ -26,7 +27,7 @@ from fleetserve.cli import (
 from fleetserve.errors import FleetserveError
 from fleetserve.ray import cli as ray_cli
 
-COMMANDS = (up, status, ray_cli, model, controller, gateway, chat, bench, key, worker)
+COMMANDS = (up, status, ray_cli, model, render, controller, gateway, chat, bench, key, worker)
 
 
 def build_parser() -> argparse.ArgumentParser:

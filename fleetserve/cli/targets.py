@@ -11,9 +11,9 @@ for every target (tests/fleetserve/test_targets.py fails on a field that is not)
 field honoured everywhere maps to ``EVERYWHERE``, others to the targets that refuse
 it and why. A field counts as given when its value differs from its default.
 
-Checked today by `fleetserve up --target local|skypilot|skyserve` (deploy/ passes
-its target). The k8s and ray columns are the decisions a renderer of k8s/ and
-`ray deploy` are to enforce; neither checks a file against them yet.
+Checked by `fleetserve up --target local|skypilot|skyserve` (deploy/ passes its target)
+and by `fleetserve render k8s` (the k8s column). The ray column is the decision
+`ray deploy` is to enforce; it does not check a file against it yet.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class Target(StrEnum):
     LOCAL = "local"  # `fleetserve up` on one machine
     SKYPILOT = "skypilot"  # deploy/serve.yaml, cluster.yaml, worker.yaml: `up` on each node
     SKYSERVE = "skyserve"  # deploy/service.yaml: every SkyServe replica runs the whole file
-    KUBERNETES = "k8s"  # k8s/ (not checked by a command yet)
+    KUBERNETES = "k8s"  # `fleetserve render k8s` (k8s/)
     RAY = "ray"  # `fleetserve ray deploy` (not checked by it yet)
 
 
@@ -91,14 +91,12 @@ MODEL_FIELDS: dict[str, Refusals] = {
         "custom resources and deploy them apart",
     },
     "start_timeout_s": EVERYWHERE,
+    # k8s: a KEDA ScaledObject idling at zero replicas, woken by a held request's demand
     "load": {  # given only as on_demand (_given)
-        Target.KUBERNETES: "scale-to-zero Deployments are not rendered yet: give the model "
-        "autoscaling (KEDA) and replicas, or run `fleetserve up` in one pod",
         Target.RAY: "Ray Serve starts replicas: give the model autoscaling with "
         "min_replicas 0 (`fleetserve ray deploy`)",
     },
-    "idle_timeout_s": {
-        Target.KUBERNETES: "KEDA's cooldownPeriod decides when idle workers go",
+    "idle_timeout_s": {  # k8s: the ScaledObject's cooldownPeriod
         Target.RAY: "Ray Serve's downscale_delay_s decides when idle replicas go",
     },
     "fallbacks": EVERYWHERE,
@@ -127,7 +125,7 @@ GATEWAY_FIELDS: dict[str, Refusals] = {
     "max_tokens_limit": EVERYWHERE,
     "request_timeout_s": EVERYWHERE,
     "drain_timeout_s": EVERYWHERE,  # k8s: at least the request timeout, and the pod's grace
-    "keys_file": EVERYWHERE,  # k8s: its entries go into the keys Secret
+    "keys_file": EVERYWHERE,  # k8s: its entries (read where it renders) go into the keys Secret
     "keys": EVERYWHERE,
     "cluster_token_file": {Target.KUBERNETES: _K8S_SECRET},
     "ca_file": {Target.KUBERNETES: "the controller's Service speaks plain HTTP in the cluster"},

@@ -8,18 +8,15 @@ cluster token; a model without has none. (The objects' schemas: test_manifests.)
 
 from __future__ import annotations
 
-from typing import Any
-
 import httpx
 import pytest
-import yaml
 
-from fleetserve.cli.cluster import parse_cluster
 from tests.k8s.test_manifests import (
     OVERLAYS,
     component,
     named,
     of_kind,
+    overlay_cluster,
     pod_labels,
     pod_spec,
     render,
@@ -27,15 +24,10 @@ from tests.k8s.test_manifests import (
 )
 
 
-def _cluster(objs: list[dict[str, Any]], overlay: str) -> Any:
-    text = named(objs, "ConfigMap", "fleetserve-cluster")["data"]["cluster.yaml"]
-    return parse_cluster(yaml.safe_load(text), origin=overlay)
-
-
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_workers_scale_as_the_cluster_file_says(overlay: str) -> None:
     objs = render(overlay)
-    cluster = _cluster(objs, overlay)
+    cluster = overlay_cluster(overlay)
     workers = {pod_labels(d)["fleetserve.io/model"]: d for d in component(objs, "worker")}
     scaled = {so["spec"]["scaleTargetRef"]["name"]: so for so in of_kind(objs, "ScaledObject")}
     controller = named(objs, "Service", "fleetserve-controller")

@@ -1,13 +1,13 @@
-"""k8s/ rendered by `kubectl kustomize`, validated and read as an operator would.
+"""k8s/overlays rendered by `kubectl kustomize`, validated and read as an operator would.
 
-Every object of each overlay is validated with kubernetes-validate (strict:
-unknown fields are errors) against the newest Kubernetes it knows; the
-Prometheus operator's CRDs, which it cannot know, against the strict schemas
-in monitor_schemas.py. Then the properties a rollout depends on: the cluster
-file (ConfigMap) and the worker Deployments agree, GPUs equal the
-tensor-parallel size, probes hit the agent, the grace period outlasts the
-drain, only gateways reach the engines, pods run non-root and read-only, and
-every command line parses with fleetserve's own CLI.
+Each overlay lists the objects `fleetserve render k8s` made from its cluster.yaml
+(rendered/; test_render.py checks they are current). Every object is validated with
+kubernetes-validate (strict: unknown fields are errors) against the newest Kubernetes it
+knows; the Prometheus operator's CRDs, which it cannot know, against the strict schemas
+in monitor_schemas.py. Then the properties a rollout depends on: the cluster file and
+the worker Deployments agree, GPUs equal the tensor-parallel size, probes hit the agent,
+the grace period outlasts the drain, only gateways reach the engines, pods run non-root
+and read-only, and every command line parses with fleetserve's own CLI.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from controller.settings import ControllerSettings
 from fleetserve import constants
 from fleetserve.cli import build_parser
 from fleetserve.cli.args import settings_from
-from fleetserve.cli.cluster import parse_cluster
+from fleetserve.cli.cluster import ClusterConfig, load_cluster_file
 from gateway.settings import GatewaySettings, KeysFile
 from tests.k8s.crd_schemas import validate_custom
 from tests.k8s.monitor_schemas import SCHEMAS
@@ -63,6 +63,11 @@ def _render(overlay: str) -> str:
 
 def render(overlay: str) -> list[Obj]:
     return [obj for obj in yaml.safe_load_all(_render(overlay)) if obj]
+
+
+def overlay_cluster(overlay: str) -> ClusterConfig:
+    """The cluster file the overlay's objects were rendered from."""
+    return load_cluster_file(ROOT / "k8s" / "overlays" / overlay / "cluster.yaml")
 
 
 def of_kind(objs: list[Obj], kind: str) -> list[Obj]:
@@ -207,9 +212,12 @@ def test_prometheus_rule_carries_the_unit_tested_rules() -> None:
 
 def test_monitoring_crds_are_a_directory_of_their_own() -> None:
     """On a cluster without the Prometheus operator, `kubectl apply` of a ServiceMonitor fails:
-    k8s/base and k8s/worker hold none, k8s/monitoring (which an overlay may leave out) all."""
+    what `fleetserve render k8s` makes holds none, k8s/monitoring (which an overlay may leave
+    out) all."""
     monitoring = "monitoring.coreos.com/"
-    for directory, expected in (("base", False), ("worker", False), ("monitoring", True)):
+    directories = [*(f"overlays/{overlay}/rendered" for overlay in OVERLAYS), "monitoring"]
+    for directory in directories:
+        expected = directory == "monitoring"
         result = subprocess.run(
             [require_tool("kubectl"), "kustomize", str(ROOT / "k8s" / directory)],
             capture_output=True,
@@ -261,13 +269,15 @@ def test_validation_catches_a_typo() -> None:
 @pytest.mark.parametrize(("overlay", "gpus"), OVERLAYS.items())
 def test_workers_run_the_cluster_file(overlay: str, gpus: bool) -> None:
     objs = render(overlay)
-    cluster_file = named(objs, "ConfigMap", "fleetserve-cluster")["data"]["cluster.yaml"]
-    cluster = parse_cluster(yaml.safe_load(cluster_file), origin=f"{overlay} cluster.yaml")
+    cluster = overlay_cluster(overlay)
     workers = {pod_labels(d)["fleetserve.io/model"]: d for d in component(objs, "worker")}
     assert sorted(workers) == sorted(spec.name for spec in cluster.models)
     for spec in cluster.models:
         deployment = workers[spec.name]
-        assert deployment["spec"]["replicas"] == spec.replicas, spec.name
+        if spec.autoscaling is None:  # else KEDA owns the count (test_autoscaling.py)
+            assert deployment["spec"]["replicas"] == spec.replicas, spec.name
+        else:
+            assert "replicas" not in deployment["spec"], spec.name
         (container,) = pod_spec(deployment)["containers"]
         settings: WorkerSettings = container_settings(container)
         assert settings.served_name == spec.name
@@ -276,14 +286,17 @@ def test_workers_run_the_cluster_file(overlay: str, gpus: bool) -> None:
         assert settings.source == spec.source
         assert settings.routing_policy == spec.routing_policy
         assert settings.tensor_parallel_size == spec.tensor_parallel_size
+        assert settings.pipeline_parallel_size == spec.pipeline_parallel_size
+        assert settings.fallbacks == spec.fallbacks
         assert settings.start_timeout_s == spec.start_timeout_s
         assert split_flags(settings.engine_args) == split_flags(spec.engine_flags())
         resources = container.get("resources", {})
         requested = resources.get("requests", {}).get("nvidia.com/gpu")
         limited = resources.get("limits", {}).get("nvidia.com/gpu")
         if gpus:
-            # one GPU per tensor-parallel shard, requested and limited alike
-            assert requested == limited == spec.tensor_parallel_size, spec.name
+            # one GPU per shard (tensor x pipeline), requested and limited alike
+            ranks = spec.tensor_parallel_size * spec.pipeline_parallel_size
+            assert requested == limited == ranks, spec.name
         else:
             assert requested is limited is None, spec.name
     (controller,) = component(objs, "controller")
