@@ -108,7 +108,8 @@ async def test_a_worker_answering_500s_is_taken_out_probed_and_put_back(
 ) -> None:
     async with (
         cluster.model("flaky", 2, routing_policy="round_robin") as flaky,
-        cluster.gateway(circuit_failures=3, circuit_open_s=0.3) as gateway,
+        # (open for 1.5 s: the 12 requests below, ~0.3 s, finish inside it on a busy machine)
+        cluster.gateway(circuit_failures=3, circuit_open_s=1.5) as gateway,
     ):
         sick_id, healthy_id = flaky.ids
         sick = flaky.engines[sick_id]
