@@ -61,6 +61,8 @@ def build_app(settings: ControllerSettings) -> FastAPI:
     if settings.models_file:
         for spec in load_cluster_file(Path(settings.models_file)).models:
             registry.declare(spec.declaration())
+            for adapter in spec.adapter_declarations():
+                registry.declare(adapter)
     metrics = CollectorRegistry()
     metrics.register(RegistryCollector(registry))
 
@@ -96,7 +98,14 @@ def build_app(settings: ControllerSettings) -> FastAPI:
 
     @api.post("/workers/heartbeat")
     async def heartbeat(beat: Heartbeat, request: Request) -> HeartbeatReply:
-        return HeartbeatReply(known=_registry(request).heartbeat(beat.worker_id, beat.load))
+        registry = _registry(request)
+        if not registry.heartbeat(beat.worker_id, beat.load, beat.adapters, beat.adapter_errors):
+            return HeartbeatReply(known=False)
+        return (
+            registry.adapter_orders(beat.worker_id)
+            if beat.adapters is not None
+            else (HeartbeatReply(known=True))
+        )
 
     @api.post("/workers/{worker_id}/drain")
     async def drain(worker_id: str, request: Request) -> dict[str, str]:
@@ -120,7 +129,11 @@ def build_app(settings: ControllerSettings) -> FastAPI:
         """``name`` should exist: gateways hold its requests until a worker is ready."""
         if model.name != name:
             raise OpenAIError(400, f"the body declares {model.name!r}, the path {name!r}")
-        _registry(request).declare(model)
+        registry = _registry(request)
+        conflict = registry.adapter_conflict(model) if model.base is not None else None
+        if conflict is not None:
+            raise OpenAIError(400, f"adapter `{name}`: {conflict}", code="invalid_adapter")
+        registry.declare(model)
         return {"status": "declared"}
 
     @api.post("/models/{name:path}/demand")
@@ -159,7 +172,10 @@ def build_app(settings: ControllerSettings) -> FastAPI:
         load = _registry(request).model_load(name)
         if load is None:
             raise OpenAIError(
-                404, f"model {name!r} is neither declared nor served", code="model_not_found", param="name"
+                404,
+                f"model {name!r} is neither declared nor served",
+                code="model_not_found",
+                param="name",
             )
         return load
 

@@ -257,3 +257,14 @@ TOKENIZE_CACHE_SEEN = 65_536
 # where encoding the head alone could end differently from encoding the whole.
 KV_PROBE_CHARS = 512
 KV_PROBE_MARGIN_TOKENS = 16
+
+# LoRA adapters one replica keeps registered by default (ModelSpec.max_adapters_per_replica):
+# a registered adapter costs the engine only its weights in CPU memory (vLLM's LRU cache);
+# vLLM moves them into its --max-loras GPU slots per batch.
+MAX_ADAPTERS_PER_REPLICA = 8
+# A placed adapter not registered by its worker within this long is placed again (its agent
+# died, or the load failed): a gateway's held request then triggers a new decision.
+ADAPTER_PLACEMENT_TIMEOUT_S = 60.0
+# After an adapter leaves a worker's report, gateways stop routing it there within one routing
+# table update; its requests already there finish before the engine unregisters it.
+ADAPTER_UNLOAD_GRACE_S = 1.0

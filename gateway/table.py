@@ -26,6 +26,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 
 from fleetserve import constants
+from fleetserve.adapters import keeps_base_apart
 from fleetserve.auth import ClusterToken
 from fleetserve.protocol import RouteTable, WorkerLoad, WorkerState, WorkerView
 from fleetserve.secrets import read_secret
@@ -119,6 +120,9 @@ class ModelRoute:
     replicas: int = 0
     #: What starts its replicas says about them (one exited), for the 503 that ends a hold.
     note: str = ""
+    #: A LoRA adapter's base model: its workers are the base's replicas that registered it,
+    #: whose engines know it by its own name only (aliases are rewritten to it).
+    base: str | None = None
 
 
 class RoutingTable:
@@ -190,6 +194,7 @@ class RoutingTable:
         for kept in table.models:  # a model with no worker: with fallbacks, or declared
             if kept.name not in by_model and (kept.fallbacks or kept.declared):
                 by_model[kept.name] = {name: [] for name in [kept.name, *kept.aliases]}
+        _route_adapters(table, by_model, served, upstreams)
         for model, names in by_model.items():
             view = views.get(model)
             policy = self.policies[model] = _policy(model, wanted.get(model), old.get(model))
@@ -209,6 +214,7 @@ class RoutingTable:
                     declared=view.declared if view else False,
                     replicas=view.replicas if view else 0,
                     note=view.note if view else "",
+                    base=view.base if view else None,
                 )
                 for path in route.endpoints:
                     able = tuple(t for t in workers if path in endpoints[t.worker_id])
@@ -220,6 +226,36 @@ class RoutingTable:
                 if name == model:
                     for target in shared:
                         self.by_response_tag[response_tag(target.worker_id)] = (route, target)
+
+
+def _route_adapters(
+    table: RouteTable,
+    by_model: dict[str, dict[str, list[Target]]],
+    served: dict[str, set[str]],
+    upstreams: dict[str, dict[str, Upstream]],
+) -> None:
+    """Each declared adapter's names -> the ready workers of its base that registered it; and
+    where the base's engines mix base and adapter answers (fleetserve/adapters.py), the base's
+    own names -> its ready workers with no adapter, while it has any."""
+    views = {w.worker_id: w for w in table.workers}
+    for adapter in table.models:
+        if adapter.base is None or adapter.base not in by_model:
+            continue
+        base = by_model[adapter.base]
+        ready = [t for t in base[adapter.base] if adapter.name in views[t.worker_id].adapters]
+        names = by_model.setdefault(adapter.name, {})  # (a declared one's: filled above)
+        for name in [adapter.name, *adapter.aliases]:
+            names[name] = list(ready)
+        served[adapter.name] = served.get(adapter.base, set())
+        if adapter.base in upstreams:
+            upstreams[adapter.name] = upstreams[adapter.base]
+    for model, names in by_model.items():
+        workers = [views[t.worker_id] for t in names.get(model, ())]
+        if any(w.adapters for w in workers) and keeps_base_apart(workers):
+            plain = {w.worker_id for w in workers if not w.adapters}
+            if plain:
+                for name, ready in names.items():
+                    names[name] = [t for t in ready if t.worker_id in plain]
 
 
 def _upstream(worker: WorkerView, secret: Callable[[str], str | None]) -> Upstream | None:

@@ -49,6 +49,10 @@ from fleetserve.http import (
 logger = logging.getLogger(__name__)
 
 
+#: Paths only the agent calls (through the engine's socket): vLLM's runtime LoRA loading.
+_AGENT_ONLY = (b"/v1/load_lora_adapter", b"/v1/unload_lora_adapter")
+
+
 class _Refused(Exception):
     """Raised in a parser callback to stop parsing what follows a refused request."""
 
@@ -209,6 +213,9 @@ class _Inbound(asyncio.Protocol):
             raise _Refused
         if method in (b"HEAD", b"CONNECT"):
             self.refuse(405, f"{method.decode()} is not relayed", "method_not_allowed")
+            raise _Refused
+        if self.url.startswith(_AGENT_ONLY):  # they load any path on the engine's disk
+            self.refuse(403, "the agent alone registers adapters", "forbidden")
             raise _Refused
         self.outstanding += 1
         self.relay.slots.busy(self)

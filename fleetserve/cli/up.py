@@ -18,6 +18,7 @@ import yaml
 from rich.console import Console
 
 from fleetserve import constants, env, paths
+from fleetserve.adapters import inspect_adapter
 from fleetserve.auth import ensure_token_file
 from fleetserve.cli.args import validation_context
 from fleetserve.cli.harness import Cluster, Component, ComponentFailed, reachable
@@ -40,8 +41,8 @@ from fleetserve.config import (
     slug,
 )
 from fleetserve.errors import ConfigError
-from fleetserve.targets import Target, check
 from fleetserve.protocol import DeclaredModel, RouteTable
+from fleetserve.targets import Target, check
 from workers.engines import Engine
 from workers.inventory import discover_machine, read_model_facts
 from workers.placement import Machine, ModelFacts, ReplicaNeed, ReplicaPlan, plan_placement
@@ -75,6 +76,8 @@ def worker_settings(
         capacity=spec.capacity,
         engine_args=spec.engine_flags(),
         start_timeout_s=spec.start_timeout_s,
+        max_adapters=spec.adapter_slots,
+        max_lora_rank=spec.max_lora_rank,
     )
 
 
@@ -172,6 +175,8 @@ def run_local_cluster(
     console = make_console()
     for spec in cluster.models:
         Engine.named(spec.engine).check_installed()
+        for adapter in spec.adapters:  # a bad one is refused here, not by a worker
+            inspect_adapter(adapter.source, spec.max_lora_rank)
         if not spec.source and not spec.url:
             with console.status("preparing the model (the demo model: made on first run)"):
                 spec.source = Engine.named(spec.engine).resolve_source(spec.source)
