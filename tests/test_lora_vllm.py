@@ -115,8 +115,9 @@ def test_an_adapter_answers_as_its_engine_does_and_not_as_the_base(
         )
         assert direct.json()["choices"][0]["text"] == text
         # the LoRA endpoints load any path on the engine's disk: not even gateways reach them
-        refused = engine.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/"})
-        assert refused.status_code == 403
+        for path in ("/v1/load_lora_adapter", "/adapters"):
+            refused = engine.post(path, json={"lora_name": "x", "lora_path": "/", "name": "x"})
+            assert refused.status_code == 403
 
 
 def test_three_adapters_one_slot_per_replica_two_gateways(cluster: LocalCluster) -> None:
@@ -181,10 +182,8 @@ def test_adapters_added_and_removed_at_run_time(
     text, worker = complete(client, "a3")
     assert text != base
     listing = fleetserve(cluster, "adapter", "list", "--gateway-url", cluster.gateway_url)
-    (line,) = [
-        x for x in listing.stdout.splitlines() if x.split("│")[1:2] == [" a3 "] or " a3 " in x
-    ]
-    assert worker in listing.stdout and MODEL in line
+    (line,) = [x for x in listing.stdout.splitlines() if " a3 " in x]
+    assert MODEL in line and worker in line and line.split()[-2:] != ["0", "0"]
     # remove under load: every stream that had started finishes
     started = threading.Barrier(4, timeout=60)
 
@@ -226,15 +225,15 @@ def test_adapters_added_and_removed_at_run_time(
     missing = fleetserve(
         cluster, "adapter", "add", "bad", "--model", MODEL, "--source", "/nonexistent"
     )
-    assert missing.returncode == 2 and "no such directory" in missing.stderr
+    assert missing.returncode == 1 and "no such directory" in missing.stderr
     big = fleetserve(
         cluster, "adapter", "add", "big", "--model", MODEL, "--source", str(adapters["big"])
     )
-    assert big.returncode == 2 and "rank 32 is over" in big.stderr
+    assert big.returncode == 1 and "rank 32 is over" in big.stderr
     taken = fleetserve(
         cluster, "adapter", "add", "a0-alias", "--model", MODEL, "--source", str(adapters["a3"])
     )
-    assert taken.returncode == 2 and "already used" in taken.stderr
+    assert taken.returncode == 1 and "already used" in taken.stderr
     assert complete(client, MODEL)[0] == base
 
 

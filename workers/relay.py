@@ -49,8 +49,9 @@ from fleetserve.http import (
 logger = logging.getLogger(__name__)
 
 
-#: Paths only the agent calls (through the engine's socket): vLLM's runtime LoRA loading.
-_AGENT_ONLY = (b"/v1/load_lora_adapter", b"/v1/unload_lora_adapter")
+#: Paths only the agent calls (through the engine's socket): vLLM's runtime LoRA loading, and
+#: SageMaker's routes for the same that vLLM 0.32 serves too (POST /adapters loads a path).
+_AGENT_ONLY = (b"/v1/load_lora_adapter", b"/v1/unload_lora_adapter", b"/adapters")
 
 
 class _Refused(Exception):
