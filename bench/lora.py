@@ -81,6 +81,7 @@ def run_policy(
     worker = WorkerSettings(
         source=str(ensure_demo_model()), served_name=MODEL, max_adapters=cap if cap else 0
     )
+    (log_dir / name).mkdir()
     cluster = Cluster.one_model(log_dir / name, worker, 2, log_level="WARNING")
     try:
         for adapter, path in adapters.items():

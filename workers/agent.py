@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 
 from fleetserve import constants, env, procs
-from fleetserve.adapters import LORA_ENGINE
+from fleetserve.adapters import LORA_ENGINE, MIXING_BUG_DEVICE
 from fleetserve.auth import ClusterToken, client_tls, client_token, new_secret
 from fleetserve.config import WorkerSettings, slug
 from fleetserve.errors import ConfigError
@@ -177,7 +177,13 @@ class Agent:
             timeout=5.0,
         )
         if s.max_adapters:  # the engine's LoRA endpoints: through its socket, never the relay
-            self.adapters = AdapterManager(self._engine_http, s.max_adapters, s.max_lora_rank)
+            self.adapters = AdapterManager(
+                self._engine_http,
+                s.max_adapters,
+                s.max_lora_rank,
+                apart=self.plan.device == MIXING_BUG_DEVICE,
+                engine_idle=self._engine_idle,
+            )
         return True
 
     async def _serve_engine(self) -> None:
@@ -418,6 +424,10 @@ class Agent:
             logger.debug("cannot read engine load: %s", exc)
             return None
 
+    async def _engine_idle(self) -> bool:
+        load = await self._read_load()
+        return load is not None and load.running + load.waiting == 0
+
     # -- controller ----------------------------------------------------------
 
     def _registration(self, load: WorkerLoad, state: WorkerState) -> Registration:
@@ -451,6 +461,7 @@ class Agent:
             max_adapters=s.max_adapters,
             max_lora_rank=s.max_lora_rank if s.max_adapters else 0,
             adapters=self.adapters.report() if self.adapters else [],
+            base_requests=self.adapters.base_requests if self.adapters else True,
         )
 
     def _auth(self) -> dict[str, str] | None:
@@ -492,6 +503,7 @@ class Agent:
         if adapters is not None:
             adapters.changed.clear()  # (what changes from now on goes in the next one)
             beat.adapters, beat.adapter_errors = adapters.report(), dict(adapters.errors)
+            beat.base_requests = adapters.base_requests
         try:
             response = await self._http.post(
                 f"{self._controller}/workers/heartbeat",

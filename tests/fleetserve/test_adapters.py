@@ -52,7 +52,7 @@ def test_adapter_names_collide_with_no_model_or_alias_and_need_vllm() -> None:
         )
     with pytest.raises(ConfigError, match="the name 'a' is already used by 'a'"):
         _cluster({"name": "m", "adapters": [adapter, {**adapter, "aliases": []}]})
-    with pytest.raises(ConfigError, match="llama.cpp's and other engines' adapters are not"):
+    with pytest.raises(ConfigError, match=r"llama\.cpp's and other engines' adapters are not"):
         _cluster({"name": "m", "engine": "llamacpp", "source": "/m.gguf", "adapters": [adapter]})
     cluster = parse_cluster({"models": [{"name": "m", "adapters": [adapter]}]})
     (spec,) = cluster.models

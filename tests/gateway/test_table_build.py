@@ -143,7 +143,12 @@ def test_a_model_whose_engines_publish_kv_events_routes_by_them_unless_told_othe
 
 def _lora_worker(worker_id: str, device: str, *adapters: str) -> WorkerView:
     return _worker(worker_id, "base", "b-alias").model_copy(
-        update={"device": device, "max_adapters": 2, "adapters": list(adapters)}
+        update={
+            "device": device,
+            "max_adapters": 2,
+            "adapters": list(adapters),
+            "base_requests": device != "cpu" or not adapters,  # as its agent reports
+        }
     )
 
 
@@ -167,10 +172,11 @@ def test_an_adapter_routes_to_the_replicas_of_its_base_that_registered_it() -> N
     assert len(table.by_name["base"].workers) == 2
 
 
-def test_on_cpu_the_bases_requests_go_only_to_replicas_without_adapters() -> None:
+def test_the_bases_requests_go_only_to_replicas_that_take_them() -> None:
     table = _lora_table(_lora_worker("w1", "cpu", "a"), _lora_worker("w2", "cpu"))
     for name in ("base", "b-alias"):
         assert [t.worker_id for t in table.by_name[name].workers] == ["w2"]
-    # every replica has adapters: the base is served by all (the documented limit)
+    assert [t.worker_id for t in table.by_name["a"].workers] == ["w1"]
+    # none takes them (one replica, with adapters): every one, the documented limit
     table = _lora_table(_lora_worker("w1", "cpu", "a"), _lora_worker("w2", "cpu", "gone"))
     assert len(table.by_name["base"].workers) == 2
