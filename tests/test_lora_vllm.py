@@ -106,6 +106,9 @@ def test_an_adapter_answers_as_its_engine_does_and_not_as_the_base(
     text, worker = complete(client, "a0")
     assert text != base, "the adapter's greedy answer is the base's: LoRA not applied"
     assert complete(client, "a0-alias")[0] == text  # the alias rewritten to the adapter's name
+    listed = {m.id: m for m in client.models.list()}
+    assert listed["a0"].parent == MODEL and listed["a0-alias"].parent == MODEL  # type: ignore[attr-defined]
+    assert getattr(listed[MODEL], "parent", None) is None
     with cluster.engine(worker) as engine:
         listed = {m["id"]: m.get("parent") for m in engine.get("/v1/models").json()["data"]}
         assert listed["a0"] == MODEL
