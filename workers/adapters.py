@@ -73,6 +73,7 @@ class AdapterManager:
         #: Set when the report changed: the agent heartbeats at once.
         self.changed = asyncio.Event()
         self._pending: set[str] = set()  # loads and unloads under way
+        self._closing = asyncio.Lock()  # loads at once: each waits until base requests ended
         self._tasks: set[asyncio.Task[None]] = set()
 
     def report(self) -> list[str]:
@@ -101,13 +102,14 @@ class AdapterManager:
     async def _close_to_base(self) -> None:
         """Before the first adapter of an ``apart`` engine: no more base requests routed here
         (the next heartbeat says so), and those running finish."""
-        if not self.apart or not self.base_requests:
-            return
-        self.base_requests = False
-        self.changed.set()
-        await asyncio.sleep(constants.ADAPTER_UNLOAD_GRACE_S)  # the gateways' tables follow
-        await self._until_idle()
-        logger.info("taking no more base-model requests: adapters are being registered")
+        async with self._closing:
+            if not self.apart or not self.base_requests:
+                return
+            self.base_requests = False
+            self.changed.set()
+            await asyncio.sleep(constants.ADAPTER_UNLOAD_GRACE_S)  # the gateways' tables follow
+            await self._until_idle()
+            logger.info("taking no more base-model requests: adapters are being registered")
 
     async def _open_to_base(self, leaving: str) -> None:
         """After the last adapter of an ``apart`` engine left and its requests finished."""
@@ -174,6 +176,7 @@ class AdapterManager:
             # (clients read it in a 503: no path)
             self.errors[adapter.name] = "its replica could not load it (see the worker's log)"
             self.changed.set()
+            await self._open_to_base(adapter.name)
             return
         self.errors.pop(adapter.name, None)
         self.registered[adapter.name] = time.monotonic()

@@ -132,7 +132,7 @@ def make_demo_adapter(base: Path, target: Path, seed: int, rank: int = 8) -> Pat
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"])
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
