@@ -96,7 +96,14 @@ def build_app(settings: ControllerSettings, declared: Iterable[DeclaredModel] = 
 
     @api.post("/workers/heartbeat")
     async def heartbeat(beat: Heartbeat, request: Request) -> HeartbeatReply:
-        return HeartbeatReply(known=_registry(request).heartbeat(beat.worker_id, beat.load))
+        registry = _registry(request)
+        if not registry.heartbeat(beat.worker_id, beat.load, beat):
+            return HeartbeatReply(known=False)
+        return (
+            registry.adapter_orders(beat.worker_id)
+            if beat.adapters is not None
+            else (HeartbeatReply(known=True))
+        )
 
     @api.post("/workers/{worker_id}/drain")
     async def drain(worker_id: str, request: Request) -> dict[str, str]:
@@ -120,7 +127,11 @@ def build_app(settings: ControllerSettings, declared: Iterable[DeclaredModel] = 
         """``name`` should exist: gateways hold its requests until a worker is ready."""
         if model.name != name:
             raise OpenAIError(400, f"the body declares {model.name!r}, the path {name!r}")
-        _registry(request).declare(model)
+        registry = _registry(request)
+        conflict = registry.adapter_conflict(model) if model.base is not None else None
+        if conflict is not None:
+            raise OpenAIError(400, f"adapter `{name}`: {conflict}", code="invalid_adapter")
+        registry.declare(model)
         return {"status": "declared"}
 
     @api.post("/models/{name:path}/demand")

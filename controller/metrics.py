@@ -148,3 +148,29 @@ class RegistryCollector(Collector):
                 registry.cold_start_seconds_by_model[name],
             )
         yield cold
+        adapters = {m.name for m in registry.models() if m.base is not None}
+        yield _by_model(
+            "fleetserve_controller_adapter_loads",
+            "LoRA adapters registered with a replica's engine (by adapter: the model label), as "
+            "the replicas report them.",
+            registry.adapter_loads,
+            adapters,
+        )
+        yield _by_model(
+            "fleetserve_controller_adapter_unloads",
+            "LoRA adapters unregistered from a replica (least recently used at its cap, removed, "
+            "or its engine restarted).",
+            registry.adapter_unloads,
+            adapters,
+        )
+        load_time = SummaryMetricFamily(
+            "fleetserve_controller_adapter_load_seconds",
+            "Placing a LoRA adapter on a replica until the replica reports it registered: the "
+            "wait of the requests held for it.",
+            labels=["model"],
+        )
+        for name in sorted(registry.adapter_load_seconds):
+            load_time.add_metric(
+                [name], registry.adapter_timed_loads[name], registry.adapter_load_seconds[name]
+            )
+        yield load_time

@@ -14,9 +14,14 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from controller.adapters import place
 from fleetserve import constants
+from fleetserve.adapters import LORA_ENGINE
 from fleetserve.protocol import (
+    AdapterLoad,
     DeclaredModel,
+    Heartbeat,
+    HeartbeatReply,
     ModelLoad,
     ModelState,
     ModelView,
@@ -85,6 +90,13 @@ class Registry:
         self.cold_start_seconds_by_model: dict[str, float] = {}
         #: Declared model -> when a gateway last held a request for it (demand()).
         self._demand_at: dict[str, float] = {}
+        #: Adapter -> the worker it is placed on and since when, until that worker reports it
+        #: registered (controller/adapters.py).
+        self._placing: dict[str, tuple[str, float]] = {}
+        self.adapter_loads: Counter[str] = Counter()
+        self.adapter_unloads: Counter[str] = Counter()
+        self.adapter_load_seconds: dict[str, float] = {}
+        self.adapter_timed_loads: Counter[str] = Counter()
         self._changed = asyncio.Event()
 
     # -- changes -------------------------------------------------------------
@@ -151,11 +163,45 @@ class Registry:
         self._bump()
         logger.info("model %s declared: %d replica(s)", model.name, model.replicas)
 
+    def adapter_conflict(self, adapter: DeclaredModel) -> str | None:
+        """Why ``adapter`` (a declaration with a base) cannot be served; None if it can."""
+        base = adapter.base
+        workers = [e.registration for e in self._workers.values() if e.model == base]
+        base_declared = self._declared.get(base or "")
+        if base_declared is not None and base_declared.base is not None:
+            return f"`{base}` is an adapter itself: an adapter's base is a model"
+        if base_declared is None and not workers:
+            return f"the base model `{base}` is neither declared nor served"
+        if any(w.engine != LORA_ENGINE for w in workers):
+            return (
+                f"`{base}` runs on another engine than {LORA_ENGINE}: LoRA adapters are served "
+                "by vLLM only (llama.cpp adapters are not supported)"
+            )
+        if workers and not any(w.max_adapters for w in workers):
+            return (
+                f"the replicas of `{base}` run without LoRA: give the model "
+                "max_adapters_per_replica (its engines start with --enable-lora then)"
+            )
+        taken = {
+            name: model
+            for model, d in self._declared.items()
+            if model != adapter.name
+            for name in [model, *d.aliases]
+        }
+        for e in self._workers.values():
+            taken.update(dict.fromkeys(e.registration.model_names, e.model))
+        for name in [adapter.name, *adapter.aliases]:
+            if name in taken:
+                return f"the name `{name}` is already used by `{taken[name]}`"
+        return None
+
     def undeclare(self, name: str) -> bool:
-        """``name`` need not exist any more (its workers, if any, keep serving it)."""
+        """``name`` need not exist any more (its workers, if any, keep serving it; an
+        adapter's are told to unregister it, and gateways stop routing it at once)."""
         if self._declared.pop(name, None) is None:
             return False
         self._starting_since.pop(name, None)
+        self._placing.pop(name, None)
         self._bump()
         logger.info("model %s no longer declared", name)
         return True
@@ -163,14 +209,94 @@ class Registry:
     def demand(self, name: str) -> bool:
         """A gateway holds a request for declared model ``name`` (scaled to zero): whatever
         starts replicas reads it (models()). False if ``name`` is not declared."""
-        if name not in self._declared:
+        declared = self._declared.get(name)
+        if declared is None:
             return False
+        if declared.base is not None:
+            self._place(declared)
+            return True
         if name not in self._demand_at or self._demand_at[name] < self._clock() - 1:
             logger.info("model %s: a gateway holds a request for it", name)
         self._demand_at[name] = self._clock()
         return True
 
-    def heartbeat(self, worker_id: str, load: WorkerLoad) -> bool:
+    def _place(self, adapter: DeclaredModel) -> None:
+        """Place ``adapter`` on a replica of its base, unless a placement is under way (one
+        load for every request held, from any gateway) or a replica has it already."""
+        now = self._clock()
+        workers = [e.registration for e in self._workers.values() if e.model == adapter.base]
+        if any(adapter.name in w.adapters for w in workers):
+            return
+        placing = self._placing.get(adapter.name)
+        if placing is not None and placing[0] in self._workers:
+            if now - placing[1] < constants.ADAPTER_PLACEMENT_TIMEOUT_S:
+                return
+            logger.warning("adapter %s: not registered by %s in time", adapter.name, placing[0])
+        placed = Counter(wid for wid, _ in self._placing.values())
+        worker_id = place(workers, placed)
+        if worker_id is None:
+            self._placing.pop(adapter.name, None)
+            if not workers and adapter.base in self._declared:  # the base scaled to zero
+                self._demand_at[adapter.base] = now
+            return
+        self._placing[adapter.name] = (worker_id, now)
+        logger.info("adapter %s placed on %s", adapter.name, worker_id)
+
+    def _adapters_reported(self, entry: _Entry, beat: Heartbeat) -> bool:
+        """A worker's adapters as its heartbeat reports them; True if the table changes."""
+        now = self._clock()
+        adapters, errors = beat.adapters or [], beat.adapter_errors
+        before = set(entry.registration.adapters)
+        for name in before - set(adapters):
+            self.adapter_unloads[name] += 1
+        for name in set(adapters) - before:
+            self.adapter_loads[name] += 1
+            declared = self._declared.get(name)
+            if declared is not None and declared.note:  # a failed load's, now stale
+                self._declared[name] = declared.model_copy(update={"note": ""})
+            placing = self._placing.pop(name, None)
+            if placing is not None:
+                seconds = self.adapter_load_seconds.get(name, 0.0) + now - placing[1]
+                self.adapter_load_seconds[name] = seconds
+                self.adapter_timed_loads[name] += 1
+        changed = before != set(adapters)
+        base_requests = beat.base_requests is not False
+        if base_requests != entry.registration.base_requests:
+            entry.registration = entry.registration.model_copy(
+                update={"base_requests": base_requests}
+            )
+            changed = True
+        for name, why in errors.items():
+            placing = self._placing.get(name)
+            declared = self._declared.get(name)
+            if placing is not None and placing[0] == entry.registration.worker_id:
+                del self._placing[name]
+            if declared is not None and declared.note != why:
+                self._declared[name] = declared.model_copy(update={"note": why})
+                changed = True
+        if changed:
+            entry.registration = entry.registration.model_copy(update={"adapters": adapters})
+        return changed
+
+    def adapter_orders(self, worker_id: str) -> HeartbeatReply:
+        """What the worker is to load (placed on it) and unload (no longer declared)."""
+        entry = self._workers.get(worker_id)
+        if entry is None:
+            return HeartbeatReply(known=False)
+        has = set(entry.registration.adapters)
+        load = [
+            AdapterLoad(name=name, source=self._declared[name].source)
+            for name, (wid, _) in self._placing.items()
+            if wid == worker_id and name not in has and name in self._declared
+        ]
+        unload = [
+            name
+            for name in sorted(has)
+            if (d := self._declared.get(name)) is None or d.base != entry.model
+        ]
+        return HeartbeatReply(known=True, load_adapters=load, unload_adapters=unload)
+
+    def heartbeat(self, worker_id: str, load: WorkerLoad, beat: Heartbeat | None = None) -> bool:
         """Record a heartbeat; False if the worker is unknown and must register again."""
         entry = self._workers.get(worker_id)
         if entry is None:
@@ -178,8 +304,13 @@ class Registry:
         entry.last_heartbeat = self._clock()
         entry.missed = 0
         self.heartbeats_by_model[entry.model] += 1
+        changed = False
+        if beat is not None and beat.adapters is not None:
+            changed = self._adapters_reported(entry, beat)
         if entry.registration.load != load:
             entry.registration = entry.registration.model_copy(update={"load": load})
+            changed = True
+        if changed:
             self._bump()
         return True
 
@@ -256,7 +387,7 @@ class Registry:
             declared = self._declared.get(name)
             view = self._models.get(name)
             if declared is not None:  # its workers' registrations say the rest, where any
-                fields = declared.model_dump(exclude={"replicas", "note"})
+                fields = declared.model_dump(exclude={"replicas", "note", "source"})
                 view = (view or ModelView(**fields)).model_copy(
                     update={"declared": True, "replicas": declared.replicas, "note": declared.note}
                 )
@@ -269,7 +400,10 @@ class Registry:
         table = self.table()
         now = self._clock()
         ready = Counter(
-            worker.model_names[0] for worker in table.workers if worker.state is WorkerState.READY
+            name  # a model's ready workers, or those with an adapter registered
+            for worker in table.workers
+            if worker.state is WorkerState.READY
+            for name in [worker.model_names[0], *worker.adapters]
         )
         return [
             ModelState(
@@ -278,6 +412,8 @@ class Registry:
                 replicas=view.replicas,
                 ready=ready[view.name],
                 state=model_state(view.declared, view.replicas, ready[view.name]),
+                base=view.base,
+                registered_on=[w.worker_id for w in table.workers if view.name in w.adapters],
                 demand_age_s=(
                     round(now - self._demand_at[view.name], 3)
                     if view.name in self._demand_at

@@ -276,3 +276,14 @@ K8S_POD_START_S = 900
 # How often KEDA reads a model's load from the controller: a held request of a model scaled
 # to zero (counted for HOLD_TIMEOUT_S) is seen within this long.
 KEDA_POLLING_INTERVAL_S = 15
+
+# LoRA adapters one replica keeps registered by default (ModelSpec.max_adapters_per_replica):
+# a registered adapter costs the engine only its weights in CPU memory (vLLM's LRU cache);
+# vLLM moves them into its --max-loras GPU slots per batch.
+MAX_ADAPTERS_PER_REPLICA = 8
+# A placed adapter not registered by its worker within this long is placed again (its agent
+# died, or the load failed): a gateway's held request then triggers a new decision.
+ADAPTER_PLACEMENT_TIMEOUT_S = 60.0
+# After an adapter leaves a worker's report, gateways stop routing it there within one routing
+# table update; its requests already there finish before the engine unregisters it.
+ADAPTER_UNLOAD_GRACE_S = 1.0

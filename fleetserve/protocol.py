@@ -105,6 +105,24 @@ class WorkerInfo(Internal):
         "tokenizer to gateways (workers/kvevents.py), with the engine's secret; None: the "
         "engine publishes none.",
     )
+    max_adapters: int = Field(
+        0,
+        ge=0,
+        description="LoRA adapters the replica may have registered at once "
+        "(max_adapters_per_replica); 0: it serves none.",
+    )
+    max_lora_rank: int = Field(0, ge=0, description="The largest LoRA rank its engine takes.")
+    adapters: list[str] = Field(
+        default_factory=list,
+        description="The LoRA adapters registered with its engine now (each a model name "
+        "whose base is this worker's model), as its heartbeats report them.",
+    )
+    base_requests: bool = Field(
+        True,
+        description="It takes its model's own requests: False on a vLLM-CPU replica with "
+        "adapters (fleetserve/adapters.py, MIXING_BUG_DEVICE), from before its first adapter "
+        "is registered until after its last one left and its requests finished.",
+    )
 
 
 class Registration(WorkerInfo):
@@ -127,10 +145,27 @@ class RegistrationReply(Internal):
 class Heartbeat(Internal):
     worker_id: str
     load: WorkerLoad
+    #: The adapters registered with the engine now (None: an engine without LoRA).
+    adapters: list[str] | None = None
+    #: Adapter -> why it could not be loaded (the agent's last try): shown to clients.
+    adapter_errors: dict[str, str] = Field(default_factory=dict)
+    #: WorkerInfo.base_requests (None: an engine without LoRA).
+    base_requests: bool | None = None
+
+
+class AdapterLoad(Internal):
+    """An adapter a worker is to register with its engine (HeartbeatReply.load_adapters)."""
+
+    name: str
+    source: str
 
 
 class HeartbeatReply(Internal):
     known: bool = Field(description="False: the controller does not know you; register again.")
+    #: Adapters the controller placed on this worker that it has not registered yet.
+    load_adapters: list[AdapterLoad] = Field(default_factory=list)
+    #: Adapters this worker has that are no longer declared: unregister once idle.
+    unload_adapters: list[str] = Field(default_factory=list)
 
 
 class WorkerView(WorkerInfo):
@@ -158,6 +193,14 @@ class DeclaredModel(Internal):
         description="What starts the replicas says about them (one that exited): clients "
         "read it in the 503 that ends a hold, so no path or secret.",
     )
+    base: str | None = Field(
+        None,
+        description="A LoRA adapter's base model: the adapter is served by the base's "
+        "replicas that registered it (loaded at run time, where the controller places it).",
+    )
+    source: str = Field(
+        "", description="An adapter's directory, on the disk of the base's workers."
+    )
 
 
 class ModelView(Internal):
@@ -176,6 +219,8 @@ class ModelView(Internal):
     replicas: int = Field(0, ge=0)
     #: A declared model's note (DeclaredModel.note).
     note: str = ""
+    #: A LoRA adapter's base model (DeclaredModel.base).
+    base: str | None = None
 
 
 class ModelState(Internal):
@@ -186,6 +231,10 @@ class ModelState(Internal):
     replicas: int = Field(description="Replicas that should be ready (declared models).")
     ready: int = Field(description="Replicas ready now.")
     state: str = Field(description="See model_state().")
+    base: str | None = Field(None, description="A LoRA adapter's base model.")
+    registered_on: list[str] = Field(
+        default_factory=list, description="An adapter: the workers that have it registered."
+    )
     demand_age_s: float | None = Field(
         None,
         description="Seconds since a gateway last held a request for it with none of its "

@@ -94,6 +94,8 @@ def build_admin_app(
             "state": model_state(route.declared, route.replicas, len(route.workers)),
             "replicas_ready": len(route.workers),
             "replicas": route.replicas if route.declared else len(route.workers),
+            # a LoRA adapter's base model, as vLLM lists adapters
+            **({"parent": route.base} if route.base is not None else {}),
         }
 
     @api.get("/v1/models")

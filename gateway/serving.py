@@ -268,7 +268,10 @@ class Serving:
             try:
                 async with asyncio.timeout(self.settings.request_timeout_s):
                     if served is not None and served.workers and not route.fallbacks:
-                        response = await self._send(served, model, call)
+                        # an adapter's engines know it by its own name only: not an alias
+                        response = await self._send(
+                            served, (route.base and route.model) or model, call
+                        )
                     else:
                         response = await self._with_fallbacks(route, served, key, call)
             finally:
@@ -299,7 +302,8 @@ class Serving:
                 served = await self._hold(route, call)
             if served is None:  # a model with no worker left, kept for its fallbacks
                 raise self._no_worker(route.model)
-            response = await self._send(served, call.request.model, call)
+            name = route.model if route.base else call.request.model  # (see respond)
+            response = await self._send(served, name, call)
             if response.status_code not in _FALL_BACK_STATUSES or not route.fallbacks:
                 return response
             failure = response
@@ -412,7 +416,9 @@ class Serving:
     def _not_ready(route: ModelRoute, held_since: float) -> OpenAIError:
         waited_s = time.perf_counter() - held_since
         ready = len(route.workers)
-        if route.replicas:
+        if route.base is not None:
+            why = f"a LoRA adapter of `{route.base}`, not registered on a replica yet"
+        elif route.replicas:
             why = f"starting: {ready} of {route.replicas} replicas ready"
         else:
             why = "scaled to zero: no replica running"

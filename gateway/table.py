@@ -119,6 +119,9 @@ class ModelRoute:
     replicas: int = 0
     #: What starts its replicas says about them (one exited), for the 503 that ends a hold.
     note: str = ""
+    #: A LoRA adapter's base model: its workers are the base's replicas that registered it,
+    #: whose engines know it by its own name only (aliases are rewritten to it).
+    base: str | None = None
 
 
 class RoutingTable:
@@ -190,6 +193,7 @@ class RoutingTable:
         for kept in table.models:  # a model with no worker: with fallbacks, or declared
             if kept.name not in by_model and (kept.fallbacks or kept.declared):
                 by_model[kept.name] = {name: [] for name in [kept.name, *kept.aliases]}
+        _route_adapters(table, by_model, served, upstreams)
         for model, names in by_model.items():
             view = views.get(model)
             policy = self.policies[model] = _policy(model, wanted.get(model), old.get(model))
@@ -209,6 +213,7 @@ class RoutingTable:
                     declared=view.declared if view else False,
                     replicas=view.replicas if view else 0,
                     note=view.note if view else "",
+                    base=view.base if view else None,
                 )
                 for path in route.endpoints:
                     able = tuple(t for t in workers if path in endpoints[t.worker_id])
@@ -220,6 +225,36 @@ class RoutingTable:
                 if name == model:
                     for target in shared:
                         self.by_response_tag[response_tag(target.worker_id)] = (route, target)
+
+
+def _route_adapters(
+    table: RouteTable,
+    by_model: dict[str, dict[str, list[Target]]],
+    served: dict[str, set[str]],
+    upstreams: dict[str, dict[str, Upstream]],
+) -> None:
+    """Each declared adapter's names -> the ready workers of its base that registered it;
+    and every other model's names -> its ready workers that take its own requests
+    (``base_requests``: vLLM-CPU replicas serving adapters do not, fleetserve/adapters.py),
+    while it has any."""
+    views = {w.worker_id: w for w in table.workers}
+    adapters = {m.name for m in table.models if m.base is not None}
+    for adapter in table.models:
+        if adapter.base is None or adapter.base not in by_model:
+            continue
+        base = by_model[adapter.base]
+        ready = [t for t in base[adapter.base] if adapter.name in views[t.worker_id].adapters]
+        names = by_model.setdefault(adapter.name, {})  # (a declared one's: filled above)
+        for name in [adapter.name, *adapter.aliases]:
+            names[name] = list(ready)
+        served[adapter.name] = served.get(adapter.base, set())
+        if adapter.base in upstreams:
+            upstreams[adapter.name] = upstreams[adapter.base]
+    for model, names in by_model.items():
+        for name, ready in names.items() if model not in adapters else ():
+            plain = [t for t in ready if views[t.worker_id].base_requests]
+            if plain and len(plain) < len(ready):  # (with none, every replica: availability)
+                names[name] = plain
 
 
 def _upstream(worker: WorkerView, secret: Callable[[str], str | None]) -> Upstream | None:

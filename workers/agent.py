@@ -35,6 +35,7 @@ from pathlib import Path
 import httpx
 
 from fleetserve import constants, env, procs
+from fleetserve.adapters import LORA_ENGINE, MIXING_BUG_DEVICE
 from fleetserve.auth import ClusterToken, client_tls, client_token, new_secret
 from fleetserve.config import slug
 from fleetserve.errors import ConfigError
@@ -48,6 +49,7 @@ from fleetserve.protocol import (
     WorkerState,
 )
 from workers import multinode
+from workers.adapters import AdapterManager
 from workers.engines import Engine
 from workers.inventory import discover_machine, read_model_facts
 from workers.kvevents import KvEventService
@@ -101,6 +103,8 @@ class Agent:
         #: Serves the engine's KV events to gateways (engines that publish them).
         self.kv_events: KvEventService | None = None
         self._kv_dir: Path | None = None
+        #: The LoRA adapters registered with the engine (--max-adapters), once it is reachable.
+        self.adapters: AdapterManager | None = None
 
     # -- the main loop -------------------------------------------------------
 
@@ -112,6 +116,11 @@ class Agent:
         status = await StatusServer.start(self)  # readiness probe and /metrics, if asked for
         try:
             self._token = client_token(self.settings.cluster_token_file)
+            if self.settings.max_adapters and self.engine.name != LORA_ENGINE:
+                raise ConfigError(
+                    f"LoRA adapters (--max-adapters) are served by the {LORA_ENGINE} engine "
+                    f"only, not {self.engine.name} (llama.cpp adapters are not supported)"
+                )
             self.engine.check_installed()
             await asyncio.to_thread(self.engine.prepare)
             self.plan = await asyncio.to_thread(self._place)
@@ -168,6 +177,14 @@ class Agent:
             headers=secret,
             timeout=5.0,
         )
+        if s.max_adapters:  # the engine's LoRA endpoints: through its socket, never the relay
+            self.adapters = AdapterManager(
+                self._engine_http,
+                s.max_adapters,
+                s.max_lora_rank,
+                apart=self.plan.device == MIXING_BUG_DEVICE,
+                engine_idle=self._engine_idle,
+            )
         return True
 
     async def _serve_engine(self) -> None:
@@ -340,6 +357,8 @@ class Agent:
             environment[self.engine.api_key_variable] = self.engine_secret
         logger.info("starting %s engine: %s", self.engine.name, " ".join(cmd))
         self._proc = procs.spawn_tree(cmd, env=environment)
+        if self.adapters is not None:  # a new engine has none registered
+            self.adapters.reset()
         if self.kv_events is not None:
             self.kv_events.engine_started()
 
@@ -398,11 +417,17 @@ class Agent:
 
     async def _read_load(self, timeout_s: float = 5.0) -> WorkerLoad | None:
         metrics = await self.engine_metrics(timeout_s)
+        if metrics is not None and self.adapters is not None:
+            self.adapters.observe(metrics.decode())
         try:
             return parse_load(metrics.decode()) if metrics is not None else None
         except ValueError as exc:
             logger.debug("cannot read engine load: %s", exc)
             return None
+
+    async def _engine_idle(self) -> bool:
+        load = await self._read_load()
+        return load is not None and load.running + load.waiting == 0
 
     # -- controller ----------------------------------------------------------
 
@@ -434,6 +459,10 @@ class Agent:
                 if self.kv_events is not None
                 else None
             ),
+            max_adapters=s.max_adapters,
+            max_lora_rank=s.max_lora_rank if s.max_adapters else 0,
+            adapters=self.adapters.report() if self.adapters else [],
+            base_requests=self.adapters.base_requests if self.adapters else True,
         )
 
     def _auth(self) -> dict[str, str] | None:
@@ -470,16 +499,26 @@ class Agent:
 
     async def _heartbeat(self, load: WorkerLoad) -> bool:
         """Send one heartbeat; False when the controller does not know us."""
-        body = Heartbeat(worker_id=self.worker_id, load=load).model_dump(mode="json")
+        adapters = self.adapters
+        beat = Heartbeat(worker_id=self.worker_id, load=load)
+        if adapters is not None:
+            adapters.changed.clear()  # (what changes from now on goes in the next one)
+            beat.adapters, beat.adapter_errors = adapters.report(), dict(adapters.errors)
+            beat.base_requests = adapters.base_requests
         try:
             response = await self._http.post(
-                f"{self._controller}/workers/heartbeat", json=body, headers=self._auth()
+                f"{self._controller}/workers/heartbeat",
+                json=beat.model_dump(mode="json"),
+                headers=self._auth(),
             )
             response.raise_for_status()
         except httpx.HTTPError as exc:
             logger.warning("heartbeat failed: %s", exc)
             return True  # not "unknown": the controller is away; keep serving
-        return HeartbeatReply.model_validate(response.json()).known
+        reply = HeartbeatReply.model_validate(response.json())
+        if adapters is not None:
+            adapters.apply(reply.load_adapters, reply.unload_adapters)
+        return reply.known
 
     async def _deregister(self) -> None:
         self.registered = False
@@ -503,7 +542,7 @@ class Agent:
                 if registered:
                     await self._deregister()
                 return
-            if time.monotonic() >= next_beat:
+            if time.monotonic() >= next_beat or (self.adapters and self.adapters.changed.is_set()):
                 next_beat = time.monotonic() + self.heartbeat_interval_s
                 if self.engine.attached:  # out of the table at the first check it fails
                     self._answering = await self._answers(self.heartbeat_interval_s / 2)
@@ -559,6 +598,8 @@ class Agent:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
         if self.kv_events is not None:
             await self.kv_events.stop()
+        if self.adapters is not None:
+            await self.adapters.close()
         if self._kv_dir is not None:
             shutil.rmtree(self._kv_dir, ignore_errors=True)
         logger.info("worker %s stopped", self.worker_id)

@@ -10,7 +10,10 @@ before a byte of it reaches the engine, answers 401 in the error envelope otherw
 forwards the requests that carry it. ``GET /health`` alone passes without it, as on every
 fleetserve server: it says only that the engine is up, and probes and other routers
 (sglang-router checks a worker's /health without its key before it routes to it) need it.
-The secret is the worker's own (new for each agent),
+vLLM's runtime LoRA endpoints (``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``, and
+the SageMaker ``/adapters`` routes vLLM 0.32 also serves) register any path on the engine's
+disk: the relay refuses them (403) even with the secret; the agent calls them on the socket
+(workers/adapters.py). The secret is the worker's own (new for each agent),
 registered with the controller under the cluster token and handed only to gateways, on the
 controller's authenticated /routes; the engine gets it too (VLLM_API_KEY, LLAMA_API_KEY),
 through its environment.
@@ -47,6 +50,11 @@ from fleetserve.http import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+#: Paths only the agent calls (through the engine's socket): vLLM's runtime LoRA loading, and
+#: SageMaker's routes for the same that vLLM 0.32 serves too (POST /adapters loads a path).
+_AGENT_ONLY = (b"/v1/load_lora_adapter", b"/v1/unload_lora_adapter", b"/adapters")
 
 
 class _Refused(Exception):
@@ -209,6 +217,9 @@ class _Inbound(asyncio.Protocol):
             raise _Refused
         if method in (b"HEAD", b"CONNECT"):
             self.refuse(405, f"{method.decode()} is not relayed", "method_not_allowed")
+            raise _Refused
+        if self.url.startswith(_AGENT_ONLY):  # they load any path on the engine's disk
+            self.refuse(403, "the agent alone registers adapters", "forbidden")
             raise _Refused
         self.outstanding += 1
         self.relay.slots.busy(self)

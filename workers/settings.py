@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from fleetserve import constants
+from fleetserve.adapters import DEFAULT_MAX_LORA_RANK
 from fleetserve.config import (
     CaFile,
     Capacity,
@@ -133,6 +134,16 @@ class WorkerSettings(Strict):
     header_timeout_s: HeaderTimeout = constants.HEADER_TIMEOUT_S
     max_header_bytes: MaxHeaderBytes = constants.MAX_HEADER_BYTES
     max_connections: MaxConnections = constants.MAX_CONNECTIONS
+    max_adapters: int = Field(
+        0,
+        ge=0,
+        description="LoRA adapters this replica keeps registered at once (the model's "
+        "max_adapters_per_replica); the controller places them, the engine starts with "
+        "--enable-lora. 0: no LoRA.",
+    )
+    max_lora_rank: int = Field(
+        DEFAULT_MAX_LORA_RANK, ge=1, description="With --max-adapters: the largest LoRA rank."
+    )
     kv_events_port: int = Field(
         0,
         ge=0,

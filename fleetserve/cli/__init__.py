@@ -13,6 +13,7 @@ import sys
 
 from fleetserve import __version__
 from fleetserve.cli import (
+    adapter,
     bench,
     chat,
     controller,
@@ -27,7 +28,20 @@ from fleetserve.cli import (
 from fleetserve.errors import FleetserveError
 from fleetserve.ray import cli as ray_cli
 
-COMMANDS = (up, status, ray_cli, model, render, controller, gateway, chat, bench, key, worker)
+COMMANDS = (
+    up,
+    status,
+    ray_cli,
+    model,
+    render,
+    adapter,
+    controller,
+    gateway,
+    chat,
+    bench,
+    key,
+    worker,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

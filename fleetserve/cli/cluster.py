@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from controller.settings import ControllerSettings
 from fleetserve import constants
+from fleetserve.adapters import DEFAULT_MAX_LORA_RANK, LORA_ENGINE, AdapterSpec
 from fleetserve.config import (
     Capacity,
     Endpoints,
@@ -150,6 +151,43 @@ class ModelSpec(Strict):
     idle_timeout_s: float | None = Field(
         None, gt=0, description="on_demand: stop after this long without a request."
     )
+    adapters: list[AdapterSpec] = Field(
+        default_factory=list,
+        description="LoRA adapters of this model (engine vllm), each a model name of its own: "
+        "registered with a replica's engine at run time where a request needs it "
+        "(fleetserve/adapters.py).",
+    )
+    max_adapters_per_replica: int | None = Field(
+        None,
+        ge=1,
+        description="Adapters one replica keeps registered at once; past it the least "
+        "recently used idle one is unregistered to make room. Not vLLM's --max-loras (the "
+        "adapters one batch mixes): vLLM swaps registered adapters through those slots. "
+        f"Default: {constants.MAX_ADAPTERS_PER_REPLICA} for a model with adapters, else no "
+        "LoRA (set it to add adapters at run time to a model that has none yet).",
+    )
+    max_lora_rank: int = Field(
+        DEFAULT_MAX_LORA_RANK,
+        ge=1,
+        description="The largest LoRA rank the engine takes (vLLM's --max-lora-rank; its "
+        "memory is reserved for it); larger adapters are refused before anything starts.",
+    )
+
+    @model_validator(mode="after")
+    def _adapters_on_vllm(self) -> ModelSpec:
+        if self.adapter_slots and (self.engine or LORA_ENGINE) != LORA_ENGINE:
+            raise ValueError(
+                f"model {self.name!r}: LoRA adapters are served by the vllm engine only "
+                f"(llama.cpp's and other engines' adapters are not supported), not {self.engine}"
+            )
+        return self
+
+    @property
+    def adapter_slots(self) -> int:
+        """Adapters a replica keeps registered; 0: its engine runs without LoRA."""
+        if self.max_adapters_per_replica is not None:
+            return self.max_adapters_per_replica
+        return constants.MAX_ADAPTERS_PER_REPLICA if self.adapters else 0
 
     @model_validator(mode="after")
     def _stages_split_over_nodes(self) -> ModelSpec:
@@ -187,6 +225,15 @@ class ModelSpec(Strict):
             routing_policy=self.routing_policy,
             fallbacks=self.fallbacks,
         )
+
+    def adapter_declarations(self) -> list[DeclaredModel]:
+        """Its adapters as the controller declares them: models with this one as base."""
+        return [
+            DeclaredModel(
+                name=a.name, aliases=a.aliases, replicas=0, base=self.name, source=a.source
+            )
+            for a in self.adapters
+        ]
 
     def engine_flags(self) -> list[str]:
         """``{max_num_seqs: 8, enforce_eager: true}`` -> ``--max-num-seqs 8 --enforce-eager``."""
@@ -239,6 +286,15 @@ class ClusterConfig(Strict):
                         f"model {owner[name]!r}"
                     )
                 owner[name] = spec.name
+        for spec in self.models:  # adapters are model names too
+            for adapter in spec.adapters:
+                for name in [adapter.name, *adapter.aliases]:
+                    if name in owner:
+                        raise ValueError(
+                            f"adapter {adapter.name!r} of model {spec.name!r}: the name "
+                            f"{name!r} is already used by {owner[name]!r}"
+                        )
+                    owner[name] = adapter.name
         for spec in self.models:
             for fallback in spec.fallbacks:
                 if fallback not in owner or owner[fallback] == spec.name:

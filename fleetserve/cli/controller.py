@@ -56,7 +56,11 @@ def declared_models(settings: ControllerSettings) -> list[DeclaredModel]:
     if not settings.models_file:
         return []
     cluster = load_cluster_file(Path(settings.models_file), context=validation_context())
-    return [spec.declaration() for spec in cluster.models]
+    return [
+        declared
+        for spec in cluster.models
+        for declared in (spec.declaration(), *spec.adapter_declarations())
+    ]
 
 
 def register(sub: Any) -> None:

@@ -63,6 +63,12 @@ _SKY_LISTEN = (
     "who reaches them"
 )
 
+_ADAPTERS = {
+    Target.KUBERNETES: "the worker pods' manifests do not mount adapter directories or "
+    "pass --max-adapters yet: run `fleetserve up` in one pod",
+    Target.RAY: "`fleetserve ray deploy` does not start replicas with --max-adapters yet",
+}
+
 MODEL_FIELDS: dict[str, Refusals] = {
     "name": EVERYWHERE,
     "aliases": EVERYWHERE,
@@ -109,6 +115,10 @@ MODEL_FIELDS: dict[str, Refusals] = {
     "upstream_key": {Target.KUBERNETES: _K8S_ATTACHED},
     "endpoints": EVERYWHERE,
     "capacity": EVERYWHERE,
+    # LoRA adapters: directories on the workers' disk, loaded at run time by the agents
+    "adapters": _ADAPTERS,
+    "max_adapters_per_replica": _ADAPTERS,
+    "max_lora_rank": EVERYWHERE,  # read only with adapters, refused above where they are
 }
 
 GATEWAY_FIELDS: dict[str, Refusals] = {

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from controller.settings import ControllerSettings
 from fleetserve import constants, env, paths
+from fleetserve.adapters import inspect_adapter
 from fleetserve.auth import ensure_token_file
 from fleetserve.cli.args import validation_context
 from fleetserve.cli.cluster import ClusterConfig, Load, ModelSpec, load_cluster_file, parse_cluster
@@ -65,6 +66,8 @@ def worker_settings(
         capacity=spec.capacity,
         engine_args=spec.engine_flags(),
         start_timeout_s=spec.start_timeout_s,
+        max_adapters=spec.adapter_slots,
+        max_lora_rank=spec.max_lora_rank,
     )
 
 
@@ -162,6 +165,8 @@ def run_local_cluster(
     console = make_console()
     for spec in cluster.models:
         Engine.named(spec.engine).check_installed()
+        for adapter in spec.adapters:  # a bad one is refused here, not by a worker
+            inspect_adapter(adapter.source, spec.max_lora_rank)
         if not spec.source and not spec.url:
             with console.status("preparing the model (the demo model: made on first run)"):
                 spec.source = Engine.named(spec.engine).resolve_source(spec.source)

@@ -65,7 +65,12 @@ async def test_a_declared_model_is_listed_as_starting_and_a_typo_is_still_404(
             assert typo.value.code == "model_not_found"
             states = (await local.http.get("/models")).json()
             big = {"name": "big", "declared": True, "replicas": 2, "ready": 0, "state": "starting"}
-            assert {**big, "demand_age_s": None} in states  # (none: replicas are wanted)
+            assert {
+                **big,
+                "base": None,
+                "registered_on": [],
+                "demand_age_s": None,
+            } in states  # (none: replicas are wanted)
         with pytest.raises(openai.NotFoundError):  # no longer declared: unknown again
             await client.models.retrieve("big")
         with pytest.raises(openai.NotFoundError):

