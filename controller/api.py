@@ -159,7 +159,10 @@ def build_app(settings: ControllerSettings) -> FastAPI:
         load = _registry(request).model_load(name)
         if load is None:
             raise OpenAIError(
-                404, f"model {name!r} is neither declared nor served", code="model_not_found", param="name"
+                404,
+                f"model {name!r} is neither declared nor served",
+                code="model_not_found",
+                param="name",
             )
         return load
 

@@ -157,6 +157,8 @@ def models_table(table: RouteTable, rates: dict[str, float]) -> Table:
         state = model_state(bool(declared and declared.declared), _wanted(declared), ready)
         if state == "starting" and declared is not None:
             state += f" ({ready} of {declared.replicas})"
+        if declared is not None and declared.note and state != "ready":  # why it waits
+            state += f": {declared.note}"
         view.add_row(
             model,
             state,

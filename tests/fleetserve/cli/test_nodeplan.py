@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fleetserve.cli.nodeplan import Stage, share_nodes
-from fleetserve.cli.up import _check_gpus
+from fleetserve.cli.placing import _check_gpus
 from fleetserve.config import ModelSpec
 from fleetserve.errors import ConfigError
 from workers.placement import Gpu, Machine
