@@ -535,7 +535,11 @@ def _check_attached(engine: str | None, url: str | list[str] | None, endpoints: 
 class Autoscaling(Strict):
     """Replicas between bounds, following the load (`fleetserve ray deploy`, SkyServe)."""
 
-    min_replicas: int = Field(1, ge=1)
+    min_replicas: int = Field(
+        1,
+        ge=0,
+        description="0: none while idle (`fleetserve ray deploy`): a held request starts one.",
+    )
     max_replicas: int = Field(ge=1)
     target_ongoing_requests: float = Field(
         constants.TARGET_ONGOING_REQUESTS,
@@ -672,10 +676,17 @@ class ModelSpec(Strict):
         return DeclaredModel(
             name=self.name,
             aliases=self.aliases,
-            replicas=0 if self.load is Load.ON_DEMAND else self.replicas,  # until asked for
+            replicas=self.wanted_at_least(),
             routing_policy=self.routing_policy,
             fallbacks=self.fallbacks,
         )
+
+    def wanted_at_least(self) -> int:
+        """Replicas that should be ready however idle the model is: none on demand (until a
+        request asks), the autoscaling minimum, else its replicas."""
+        if self.load is Load.ON_DEMAND:
+            return 0
+        return self.replicas if self.autoscaling is None else self.autoscaling.min_replicas
 
     def engine_flags(self) -> list[str]:
         """``{max_num_seqs: 8, enforce_eager: true}`` -> ``--max-num-seqs 8 --enforce-eager``."""

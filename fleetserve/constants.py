@@ -139,6 +139,13 @@ RAY_METRICS_PUSH_INTERVAL_S = 2.0
 # one is replaced (the check is a process poll: cheap).
 RAY_HEALTH_CHECK_PERIOD_S = 2.0
 RAY_HEALTH_CHECK_TIMEOUT_S = 10.0
+# A model scaled to zero under Ray: its policy reads the gateways' demand from the controller.
+# Gateways repeat it every DEMAND_INTERVAL_S while they hold a request: older than five of
+# those, none is held any more (and the model may go back to zero).
+RAY_DEMAND_FRESH_S = 5 * DEMAND_INTERVAL_S
+# The policy's ask runs beside Serve's control loop, never in it; a controller that does not
+# answer within this leaves the last answer in force.
+RAY_DEMAND_TIMEOUT_S = 5.0
 
 # Histogram buckets (seconds) of the gateway's metrics, shaped for LLM serving,
 # where one request takes from milliseconds (a cached short answer) to minutes

@@ -95,15 +95,14 @@ MODEL_FIELDS: dict[str, Refusals] = {
         "custom resources and deploy them apart",
     },
     "start_timeout_s": EVERYWHERE,
+    # Ray: on_demand is autoscaling from 0 to its replicas on the gateways' demand, and
+    # idle_timeout_s Serve's downscale_to_zero_delay_s (fleetserve/ray/deploy.py).
     "load": {  # given only as on_demand (_given)
         Target.KUBERNETES: "scale-to-zero Deployments are not rendered yet: give the model "
         "autoscaling (KEDA) and replicas, or run `fleetserve up` in one pod",
-        Target.RAY: "Ray Serve starts replicas: give the model autoscaling with "
-        "min_replicas 0 (`fleetserve ray deploy`)",
     },
     "idle_timeout_s": {
         Target.KUBERNETES: "KEDA's cooldownPeriod decides when idle workers go",
-        Target.RAY: "Ray Serve's downscale_delay_s decides when idle replicas go",
     },
     "fallbacks": EVERYWHERE,
     "url": {

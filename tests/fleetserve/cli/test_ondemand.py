@@ -3,14 +3,8 @@ process, no clock."""
 
 from __future__ import annotations
 
-import pytest
-from rich.console import Console
-
 from fleetserve.cli.ondemand import Action, Decision, OnDemand
-from fleetserve.config import parse_cluster
-from fleetserve.errors import ConfigError
 from fleetserve.protocol import ModelState, WorkerLoad, WorkerState, WorkerView
-from fleetserve.ray.deploy import deploy
 
 
 def _state(demand_age_s: float | None = None, name: str = "m") -> ModelState:
@@ -86,9 +80,3 @@ def test_a_model_that_does_not_fit_waits_while_the_others_are_busy_or_loading() 
     # a's request ends: a (the least recently used model that frees GPUs) makes room for b
     decisions = on_demand.decide(3, [_state(2, "b")], [_worker(tokens=3, name="a")])
     assert _actions(decisions) == [(Action.STOP, "a"), (Action.START, "b")]
-
-
-def test_ray_refuses_on_demand_models_before_anything_starts() -> None:
-    cluster = parse_cluster({"models": [{"name": "m", "engine": "fake", "load": "on_demand"}]})
-    with pytest.raises(ConfigError, match="load on_demand runs under `fleetserve up` only"):
-        deploy(cluster, "http://127.0.0.1:1", None, Console())
