@@ -96,7 +96,9 @@ def build_app(settings: ControllerSettings) -> FastAPI:
 
     @api.post("/workers/heartbeat")
     async def heartbeat(beat: Heartbeat, request: Request) -> HeartbeatReply:
-        return HeartbeatReply(known=_registry(request).heartbeat(beat.worker_id, beat.load))
+        registry = _registry(request)
+        known = registry.heartbeat(beat.worker_id, beat.load)
+        return HeartbeatReply(known=known, wake=registry.wakes(beat.worker_id))
 
     @api.post("/workers/{worker_id}/drain")
     async def drain(worker_id: str, request: Request) -> dict[str, str]:
@@ -125,9 +127,12 @@ def build_app(settings: ControllerSettings) -> FastAPI:
 
     @api.post("/models/{name:path}/demand")
     async def demand(name: str, request: Request) -> dict[str, str]:
-        """A gateway holds a request for ``name`` with no replica wanted: start one."""
+        """A gateway holds a request for ``name`` with no replica wanted (start one) or with
+        its workers asleep (wake them)."""
         if not _registry(request).demand(name):
-            raise OpenAIError(404, f"model {name!r} is not declared", code="model_not_found")
+            raise OpenAIError(
+                404, f"model {name!r} is neither declared nor asleep", code="model_not_found"
+            )
         return {"status": "noted"}
 
     @api.delete("/models/{name:path}")

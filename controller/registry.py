@@ -161,9 +161,10 @@ class Registry:
         return True
 
     def demand(self, name: str) -> bool:
-        """A gateway holds a request for declared model ``name`` (scaled to zero): whatever
-        starts replicas reads it (models()). False if ``name`` is not declared."""
-        if name not in self._declared:
+        """A gateway holds a request for declared model ``name`` (scaled to zero), or for a
+        model whose workers sleep: whatever starts replicas reads it (models()), sleeping
+        workers learn it in their heartbeat's reply (wakes()). False for any other model."""
+        if name not in self._declared and not self._sleeping(name):
             return False
         if name not in self._demand_at or self._demand_at[name] < self._clock() - 1:
             logger.info("model %s: a gateway holds a request for it", name)
@@ -182,6 +183,20 @@ class Registry:
             entry.registration = entry.registration.model_copy(update={"load": load})
             self._bump()
         return True
+
+    def _sleeping(self, model: str) -> bool:
+        return any(
+            e.model == model and e.registration.state is WorkerState.SLEEPING
+            for e in self._workers.values()
+        )
+
+    def wakes(self, worker_id: str) -> bool:
+        """Whether ``worker_id`` sleeps while a gateway holds a request for its model."""
+        entry = self._workers.get(worker_id)
+        if entry is None or entry.registration.state is not WorkerState.SLEEPING:
+            return False
+        asked = self._demand_at.get(entry.model)
+        return asked is not None and self._clock() - asked < constants.DEMAND_FRESH_S
 
     def drain(self, worker_id: str) -> bool:
         entry = self._workers.get(worker_id)

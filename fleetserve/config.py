@@ -161,6 +161,16 @@ MaxConnections = Annotated[
 ]
 
 
+SleepAfter = Annotated[
+    float | None,
+    Field(
+        gt=0,
+        description="Put the engine to sleep after this many seconds without a request "
+        "(vLLM's sleep mode, GPUs only: frees the GPU memory, keeps the process, wakes in "
+        "seconds when a gateway holds a request for the model). None: never.",
+    ),
+]
+
 StartTimeout = Annotated[
     float,
     Field(
@@ -418,6 +428,7 @@ class WorkerSettings(Strict):
         "dashboard's included, are picked free on each node).",
     )
     start_timeout_s: StartTimeout = constants.ENGINE_START_TIMEOUT_S
+    sleep_after_s: SleepAfter = None
     controller_url: str = Field(
         f"http://{constants.DEFAULT_HOST}:{constants.DEFAULT_CONTROLLER_PORT}",
         description="The controller to register with.",
@@ -641,6 +652,7 @@ class ModelSpec(Strict):
     idle_timeout_s: float | None = Field(
         None, gt=0, description="on_demand: stop after this long without a request."
     )
+    sleep_after_s: SleepAfter = None
 
     @model_validator(mode="after")
     def _stages_split_over_nodes(self) -> ModelSpec:

@@ -44,6 +44,8 @@ class Internal(BaseModel):
 class WorkerState(StrEnum):
     READY = "ready"
     DRAINING = "draining"
+    #: Its engine sleeps (vLLM's sleep mode): not routed to; woken when a request is held.
+    SLEEPING = "sleeping"
 
 
 class WorkerLoad(Internal):
@@ -131,6 +133,9 @@ class Heartbeat(Internal):
 
 class HeartbeatReply(Internal):
     known: bool = Field(description="False: the controller does not know you; register again.")
+    wake: bool = Field(
+        False, description="You sleep and a gateway holds a request for your model: wake up."
+    )
 
 
 class WorkerView(WorkerInfo):

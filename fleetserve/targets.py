@@ -95,6 +95,7 @@ MODEL_FIELDS: dict[str, Refusals] = {
         "custom resources and deploy them apart",
     },
     "start_timeout_s": EVERYWHERE,
+    "sleep_after_s": EVERYWHERE,  # the worker's agent puts its engine to sleep: on every target
     # Ray: on_demand is autoscaling from 0 to its replicas on the gateways' demand, and
     # idle_timeout_s Serve's downscale_to_zero_delay_s (fleetserve/ray/deploy.py).
     "load": {  # given only as on_demand (_given)

@@ -392,7 +392,7 @@ class Serving:
                 if served is not None and served.workers:
                     outcome = "ready"
                     return served
-                if not route.replicas:  # scaled to zero: ask for one
+                if not route.replicas or route.sleeping:  # scaled to zero or asleep: ask
                     self.watcher.demand(model)
                 if served is None and route.endpoints:
                     outcome = "gone"
@@ -412,7 +412,9 @@ class Serving:
     def _not_ready(route: ModelRoute, held_since: float) -> OpenAIError:
         waited_s = time.perf_counter() - held_since
         ready = len(route.workers)
-        if route.replicas:
+        if route.sleeping:
+            why = f"asleep: waking {route.sleeping} replica(s)"
+        elif route.replicas:
             why = f"starting: {ready} of {route.replicas} replicas ready"
         else:
             why = "scaled to zero: no replica running"

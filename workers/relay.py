@@ -23,6 +23,14 @@ Limits as on every fleetserve server (fleetserve/http.py): the head's deadline a
 cap, idle connections cut, a connection cap that evicts idle ones first. Bodies need no
 deadline here: only holders of the secret (gateways, which have their own) get past the head.
 What the extra hop costs: README, Performance.
+
+vLLM's dev routes (``VLLM_SERVER_DEV_MODE=1``, which its sleep mode needs: /sleep,
+/wake_up, /is_sleeping, /release_kv_cache_memory, and with them /collective_rpc, which
+calls any method on the engine's workers, and /server_info) are refused to everyone, the
+secret's holders included (403): the agent, which alone may put the engine to sleep and
+wake it (workers/sleep.py), talks to the engine's socket itself. The cache resets of the
+same set pass with the secret: they cost only cache hits, and bench/routing.py empties the
+engines' prefix caches through the relay.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import asyncio
 import hmac
 import logging
 import typing
+from urllib.parse import unquote
 
 import httptools
 
@@ -47,6 +56,32 @@ from fleetserve.http import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+#: vLLM 0.32's dev routes that only the agent may call (entrypoints/serve/dev/), as the
+#: engine's router matches them: on the percent-decoded path.
+AGENT_ONLY_PATHS = frozenset(
+    {
+        "/sleep",
+        "/wake_up",
+        "/is_sleeping",
+        "/release_kv_cache_memory",
+        "/collective_rpc",
+        "/server_info",
+    }
+)
+
+
+def _agent_only(url: bytes) -> bool:
+    """Whether ``url`` (a request target) names a route of AGENT_ONLY_PATHS. Cheap for the
+    routes gateways use: no path under /v1/ decodes to one of them."""
+    if url.startswith(b"/v1/"):
+        return False
+    try:
+        path = httptools.parse_url(url).path or b"/"
+    except httptools.HttpParserInvalidURLError:
+        return True  # (the engine's server would refuse it too)
+    return unquote(path.decode("latin-1")).rstrip("/") in AGENT_ONLY_PATHS
 
 
 class _Refused(Exception):
@@ -209,6 +244,9 @@ class _Inbound(asyncio.Protocol):
             raise _Refused
         if method in (b"HEAD", b"CONNECT"):
             self.refuse(405, f"{method.decode()} is not relayed", "method_not_allowed")
+            raise _Refused
+        if _agent_only(self.url):
+            self.refuse(403, "this engine route is the worker's own", "engine_route_forbidden")
             raise _Refused
         self.outstanding += 1
         self.relay.slots.busy(self)

@@ -120,7 +120,10 @@ def place_cluster(
     )
     by_name = {spec.name: spec for spec in specs}
     for plan in plans:
-        Engine.named(by_name[plan.model].engine).check_device(plan.device)
+        spec = by_name[plan.model]
+        Engine.named(spec.engine).check_device(plan.device)
+        if spec.sleep_after_s is not None:
+            Engine.named(spec.engine).check_sleep_mode(plan.device)
     return [(by_name[plan.model], plan) for plan in plans], room
 
 

@@ -75,6 +75,7 @@ def worker_settings(
         capacity=spec.capacity,
         engine_args=spec.engine_flags(),
         start_timeout_s=spec.start_timeout_s,
+        sleep_after_s=spec.sleep_after_s,
     )
 
 

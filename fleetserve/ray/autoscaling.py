@@ -115,5 +115,5 @@ class ServePolicy:
             state = ModelState.model_validate(model)
             if state.name == self.model:
                 age = state.demand_age_s
-                return age is not None and age < constants.RAY_DEMAND_FRESH_S
+                return age is not None and age < constants.DEMAND_FRESH_S
         return False
