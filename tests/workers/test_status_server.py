@@ -99,4 +99,3 @@ def test_an_idle_engine_sleeps_and_a_held_request_wakes_it(cluster: LocalCluster
     assert worker_id in {w.worker_id for w in cluster.table().workers}
     assert _metric(url, "fleetserve_worker_wakes_total") == 1
     assert _metric(url, "fleetserve_worker_engine_restarts_total") == 0
-    worker.stop()
