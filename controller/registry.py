@@ -286,13 +286,16 @@ class Registry:
         ready = Counter(
             worker.model_names[0] for worker in table.workers if worker.state is WorkerState.READY
         )
+        asleep = Counter(w.model_names[0] for w in table.workers if w.state is WorkerState.SLEEPING)
         return [
             ModelState(
                 name=view.name,
                 declared=view.declared,
                 replicas=view.replicas,
                 ready=ready[view.name],
-                state=model_state(view.declared, view.replicas, ready[view.name]),
+                state=model_state(
+                    view.declared, view.replicas, ready[view.name], asleep[view.name]
+                ),
                 demand_age_s=(
                     round(now - self._demand_at[view.name], 3)
                     if view.name in self._demand_at

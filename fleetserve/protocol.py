@@ -198,13 +198,16 @@ class ModelState(Internal):
     )
 
 
-def model_state(declared: bool, replicas: int, ready: int) -> str:
-    """``ready``: every replica that should be is (at least one); ``starting``: a declared
+def model_state(declared: bool, replicas: int, ready: int, asleep: int = 0) -> str:
+    """``ready``: every replica that should be is (at least one); ``sleeping``: none ready,
+    ``asleep`` workers whose engines sleep (a request wakes them); ``starting``: a declared
     model with fewer (it may answer already, with those ready); ``scaled_to_zero``: a
     declared model with none wanted or running; ``unavailable``: an undeclared model with no
     ready worker (kept for its fallbacks)."""
     if ready and ready >= replicas:
         return "ready"
+    if asleep and not ready:
+        return "sleeping"
     if declared:
         return "starting" if replicas else "scaled_to_zero"
     return "unavailable"

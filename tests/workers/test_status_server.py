@@ -7,6 +7,7 @@ import signal
 from collections.abc import Iterator
 
 import httpx
+import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -38,6 +39,10 @@ def _metric(url: str, name: str) -> float:
         for sample in family.samples
         if sample.name == name
     )
+
+
+def _state(client: openai.OpenAI, model: str) -> object:
+    return {m.id: (m.model_extra or {}).get("state") for m in client.models.list()}.get(model)
 
 
 def _asleep(url: str) -> bool:
@@ -92,6 +97,7 @@ def test_an_idle_engine_sleeps_and_a_held_request_wakes_it(cluster: LocalCluster
         assert direct.post("/v1/completions", json=hi).status_code == 503
         assert direct.post("/wake_up").status_code == 403  # the agent's route only
     client = cluster.client().with_options(timeout=60)
+    wait_until(lambda: _state(client, "dozy") == "sleeping", 30, "the gateway's table")
     reply = client.completions.create(model="dozy", prompt="hi", max_tokens=2)
     assert reply.choices[0].text == " tok0 tok1"
     # the same engine, woken (not restarted)
