@@ -485,23 +485,22 @@ class Agent:
         return HeartbeatReply.model_validate(response.json())
 
     async def _sleep_or_wake(self, sleeper: Sleeper, load: WorkerLoad, wake: bool) -> None:
-        """The engine's sleep mode (workers/sleep.py): out of the routing table, then asleep;
-        awake, then back in the table."""
+        """The engine's sleep mode (workers/sleep.py): out of the table, asleep; awake, back."""
         assert self._engine_http is not None
         step = sleeper.step(load, wake)
-        if step is Step.LEAVE:
+        if step is Step.LEAVE and await self._register(load, WorkerState.SLEEPING):
             logger.info("idle for %.0fs: the engine goes to sleep", sleeper.sleep_after_s)
-            if await self._register(load, WorkerState.SLEEPING):
-                sleeper.done(step)
-        elif step is Step.SLEEP:
-            if await sleep(self._engine_http) is not None:
-                sleeper.done(step)
+            sleeper.done(step)
+        elif step is Step.SLEEP and await sleep(self._engine_http) is not None:
+            sleeper.done(step)
         elif step is Step.WAKE:
-            seconds = await wake_up(self._engine_http) if sleeper.asleep else 0.0
-            if seconds is not None:
-                sleeper.done(step, seconds)
+            if sleeper.asleep:  # (awake already: only the registration failed last time)
+                if (seconds := await wake_up(self._engine_http)) is None:
+                    return
+                sleeper.woke(seconds)
+            if await self._register(load):
+                sleeper.done(step)
                 logger.info("a request is held for %s: awake", self.settings.model_names[0])
-                await self._register(load)
 
     async def _deregister(self) -> None:
         self.registered = False

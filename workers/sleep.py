@@ -67,18 +67,22 @@ class Sleeper:
             return None if self.asleep or busy else Step.SLEEP
         return Step.LEAVE if now - self._last_active >= self.sleep_after_s else None
 
-    def done(self, step: Step, seconds: float = 0.0) -> None:
-        """``step`` was carried out (in ``seconds``: the engine's call)."""
+    def done(self, step: Step) -> None:
+        """``step`` was carried out (WAKE: the worker is back in the table; see woke())."""
         if step is Step.LEAVE:
             self.leaving = True
         elif step is Step.SLEEP:
             self.asleep = True
             self.sleeps += 1
         else:
-            self.wakes += self.asleep
-            self.wake_seconds += seconds
             self.leaving = self.asleep = False
             self._last_active = self._clock()
+
+    def woke(self, seconds: float) -> None:
+        """The engine woke in ``seconds`` (the worker is not back in the table yet)."""
+        self.asleep = False
+        self.wakes += 1
+        self.wake_seconds += seconds
 
 
 async def sleep(engine: httpx.AsyncClient) -> float | None:

@@ -46,7 +46,10 @@ def test_idle_it_leaves_the_table_then_sleeps_once_nothing_runs_and_wakes_when_a
     sleeper.done(Step.SLEEP)
     assert sleeper.step(WorkerLoad(generated_tokens=9), wake=False) is None  # asleep
     assert sleeper.step(WorkerLoad(generated_tokens=9), wake=True) is Step.WAKE
-    sleeper.done(Step.WAKE, 2.5)
+    sleeper.woke(2.5)  # the engine is awake; its registration failed: asked again
+    assert sleeper.step(WorkerLoad(generated_tokens=9), wake=True) is Step.WAKE
+    assert not sleeper.asleep  # (so the agent only registers again)
+    sleeper.done(Step.WAKE)
     assert (sleeper.sleeps, sleeper.wakes, sleeper.wake_seconds) == (1, 1, 2.5)
     clock.now = 31  # awake again: idle counts from the wake
     assert sleeper.step(WorkerLoad(generated_tokens=9), wake=False) is None
