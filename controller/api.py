@@ -99,11 +99,12 @@ def build_app(settings: ControllerSettings, declared: Iterable[DeclaredModel] = 
         registry = _registry(request)
         if not registry.heartbeat(beat.worker_id, beat.load, beat):
             return HeartbeatReply(known=False)
-        return (
+        orders = (
             registry.adapter_orders(beat.worker_id)
             if beat.adapters is not None
-            else (HeartbeatReply(known=True))
+            else HeartbeatReply(known=True)
         )
+        return orders.model_copy(update={"wake": registry.wakes(beat.worker_id)})
 
     @api.post("/workers/{worker_id}/drain")
     async def drain(worker_id: str, request: Request) -> dict[str, str]:
@@ -136,9 +137,12 @@ def build_app(settings: ControllerSettings, declared: Iterable[DeclaredModel] = 
 
     @api.post("/models/{name:path}/demand")
     async def demand(name: str, request: Request) -> dict[str, str]:
-        """A gateway holds a request for ``name`` with no replica wanted: start one."""
+        """A gateway holds a request for ``name`` with no replica wanted (start one) or with
+        its workers asleep (wake them)."""
         if not _registry(request).demand(name):
-            raise OpenAIError(404, f"model {name!r} is not declared", code="model_not_found")
+            raise OpenAIError(
+                404, f"model {name!r} is neither declared nor asleep", code="model_not_found"
+            )
         return {"status": "noted"}
 
     @api.delete("/models/{name:path}")

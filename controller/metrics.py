@@ -17,7 +17,7 @@ from controller.registry import Registry
 from fleetserve.protocol import WorkerState
 
 #: The states a declared model can be in (fleetserve.protocol.model_state).
-DECLARED_STATES = ("ready", "starting", "scaled_to_zero")
+DECLARED_STATES = ("ready", "sleeping", "starting", "scaled_to_zero")
 
 
 def _by_model(

@@ -207,12 +207,14 @@ class Registry:
         return True
 
     def demand(self, name: str) -> bool:
-        """A gateway holds a request for declared model ``name`` (scaled to zero): whatever
-        starts replicas reads it (models()). False if ``name`` is not declared."""
+        """A gateway holds a request for declared model ``name`` (scaled to zero; an adapter:
+        placed on a replica of its base), or for a model whose workers sleep: whatever starts
+        replicas reads it (models()), sleeping workers learn it in their heartbeat's reply
+        (wakes()). False for any other model."""
         declared = self._declared.get(name)
-        if declared is None:
+        if declared is None and not self._sleeping(name):
             return False
-        if declared.base is not None:
+        if declared is not None and declared.base is not None:
             self._place(declared)
             return True
         if name not in self._demand_at or self._demand_at[name] < self._clock() - 1:
@@ -314,6 +316,20 @@ class Registry:
             self._bump()
         return True
 
+    def _sleeping(self, model: str) -> bool:
+        return any(
+            e.model == model and e.registration.state is WorkerState.SLEEPING
+            for e in self._workers.values()
+        )
+
+    def wakes(self, worker_id: str) -> bool:
+        """Whether ``worker_id`` sleeps while a gateway holds a request for its model."""
+        entry = self._workers.get(worker_id)
+        if entry is None or entry.registration.state is not WorkerState.SLEEPING:
+            return False
+        asked = self._demand_at.get(entry.model)
+        return asked is not None and self._clock() - asked < constants.DEMAND_FRESH_S
+
     def drain(self, worker_id: str) -> bool:
         entry = self._workers.get(worker_id)
         if entry is None:
@@ -405,13 +421,16 @@ class Registry:
             if worker.state is WorkerState.READY
             for name in [worker.model_names[0], *worker.adapters]
         )
+        asleep = Counter(w.model_names[0] for w in table.workers if w.state is WorkerState.SLEEPING)
         return [
             ModelState(
                 name=view.name,
                 declared=view.declared,
                 replicas=view.replicas,
                 ready=ready[view.name],
-                state=model_state(view.declared, view.replicas, ready[view.name]),
+                state=model_state(
+                    view.declared, view.replicas, ready[view.name], asleep[view.name]
+                ),
                 base=view.base,
                 registered_on=[w.worker_id for w in table.workers if view.name in w.adapters],
                 demand_age_s=(

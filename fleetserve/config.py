@@ -141,6 +141,16 @@ MaxConnections = Annotated[
 ]
 
 
+SleepAfter = Annotated[
+    float | None,
+    Field(
+        gt=0,
+        description="Put the engine to sleep after this many seconds without a request "
+        "(vLLM's sleep mode, GPUs only: frees the GPU memory, keeps the process, wakes in "
+        "seconds when a gateway holds a request for the model). None: never.",
+    ),
+]
+
 StartTimeout = Annotated[
     float,
     Field(

@@ -40,6 +40,10 @@ IDLE_TIMEOUT_S = 300.0
 # A gateway holding requests for a model scaled to zero tells the controller at most this
 # often (the supervisor starting replicas reads it there).
 DEMAND_INTERVAL_S = 1.0
+# Gateways repeat their demand every DEMAND_INTERVAL_S while they hold a request: older than
+# five of those, none is held any more (Ray's policy lets the model go back to zero; the
+# controller stops waking its sleeping workers).
+DEMAND_FRESH_S = 5 * DEMAND_INTERVAL_S
 
 # Tries per request before its first byte, each on a different worker of the model.
 MAX_ATTEMPTS = 3
@@ -139,6 +143,9 @@ RAY_METRICS_PUSH_INTERVAL_S = 2.0
 # one is replaced (the check is a process poll: cheap).
 RAY_HEALTH_CHECK_PERIOD_S = 2.0
 RAY_HEALTH_CHECK_TIMEOUT_S = 10.0
+# The policy's ask runs beside Serve's control loop, never in it; a controller that does not
+# answer within this leaves the last answer in force.
+RAY_DEMAND_TIMEOUT_S = 5.0
 
 # Histogram buckets (seconds) of the gateway's metrics, shaped for LLM serving,
 # where one request takes from milliseconds (a cached short answer) to minutes

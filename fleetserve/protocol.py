@@ -44,6 +44,8 @@ class Internal(BaseModel):
 class WorkerState(StrEnum):
     READY = "ready"
     DRAINING = "draining"
+    #: Its engine sleeps (vLLM's sleep mode): not routed to; woken when a request is held.
+    SLEEPING = "sleeping"
 
 
 class WorkerLoad(Internal):
@@ -166,6 +168,9 @@ class HeartbeatReply(Internal):
     load_adapters: list[AdapterLoad] = Field(default_factory=list)
     #: Adapters this worker has that are no longer declared: unregister once idle.
     unload_adapters: list[str] = Field(default_factory=list)
+    wake: bool = Field(
+        False, description="You sleep and a gateway holds a request for your model: wake up."
+    )
 
 
 class WorkerView(WorkerInfo):
@@ -242,13 +247,16 @@ class ModelState(Internal):
     )
 
 
-def model_state(declared: bool, replicas: int, ready: int) -> str:
-    """``ready``: every replica that should be is (at least one); ``starting``: a declared
+def model_state(declared: bool, replicas: int, ready: int, asleep: int = 0) -> str:
+    """``ready``: every replica that should be is (at least one); ``sleeping``: none ready,
+    ``asleep`` workers whose engines sleep (a request wakes them); ``starting``: a declared
     model with fewer (it may answer already, with those ready); ``scaled_to_zero``: a
     declared model with none wanted or running; ``unavailable``: an undeclared model with no
     ready worker (kept for its fallbacks)."""
     if ready and ready >= replicas:
         return "ready"
+    if asleep and not ready:
+        return "sleeping"
     if declared:
         return "starting" if replicas else "scaled_to_zero"
     return "unavailable"

@@ -91,7 +91,9 @@ def build_admin_app(
             "fallbacks": list(route.fallbacks),
             # ready, starting (a declared model whose replicas are not all ready yet: its
             # requests wait for one), scaled_to_zero, unavailable (kept for its fallbacks)
-            "state": model_state(route.declared, route.replicas, len(route.workers)),
+            "state": model_state(
+                route.declared, route.replicas, len(route.workers), route.sleeping
+            ),
             "replicas_ready": len(route.workers),
             "replicas": route.replicas if route.declared else len(route.workers),
             # a LoRA adapter's base model, as vLLM lists adapters

@@ -396,7 +396,7 @@ class Serving:
                 if served is not None and served.workers:
                     outcome = "ready"
                     return served
-                if not route.replicas:  # scaled to zero: ask for one
+                if not route.replicas or route.sleeping:  # scaled to zero or asleep: ask
                     self.watcher.demand(model)
                 if served is None and route.endpoints:
                     outcome = "gone"
@@ -418,6 +418,8 @@ class Serving:
         ready = len(route.workers)
         if route.base is not None:
             why = f"a LoRA adapter of `{route.base}`, not registered on a replica yet"
+        elif route.sleeping:
+            why = f"asleep: waking {route.sleeping} replica(s)"
         elif route.replicas:
             why = f"starting: {ready} of {route.replicas} replicas ready"
         else:

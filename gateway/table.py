@@ -122,6 +122,9 @@ class ModelRoute:
     #: A LoRA adapter's base model: its workers are the base's replicas that registered it,
     #: whose engines know it by its own name only (aliases are rewritten to it).
     base: str | None = None
+    #: Its workers whose engines sleep (vLLM's sleep mode): a request held for the model
+    #: wakes them (its route counts as declared while they sleep).
+    sleeping: int = 0
 
 
 class RoutingTable:
@@ -164,8 +167,11 @@ class RoutingTable:
         endpoints: dict[str, frozenset[str]] = {}  # worker_id -> the paths it serves
         served: dict[str, set[str]] = {}  # model -> the paths any of its workers serves
         upstreams: dict[str, dict[str, Upstream]] = {}  # model -> worker_id -> Upstream
+        sleeping: dict[str, int] = {}  # model -> its workers asleep
         for worker in table.workers:
             model = worker.model_names[0]
+            if worker.state is WorkerState.SLEEPING:
+                sleeping[model] = sleeping.get(model, 0) + 1
             names = by_model.setdefault(model, {})
             endpoints[worker.worker_id] = frozenset(worker.endpoints)
             served.setdefault(model, set()).update(worker.endpoints)
@@ -210,10 +216,11 @@ class RoutingTable:
                     frozenset(served.get(model, ())),
                     tuple(view.fallbacks) if view else (),
                     upstreams.get(model, {}),
-                    declared=view.declared if view else False,
+                    declared=bool(view and view.declared) or model in sleeping,
                     replicas=view.replicas if view else 0,
                     note=view.note if view else "",
                     base=view.base if view else None,
+                    sleeping=sleeping.get(model, 0),
                 )
                 for path in route.endpoints:
                     able = tuple(t for t in workers if path in endpoints[t.worker_id])

@@ -57,6 +57,7 @@ from workers.load import parse_load
 from workers.placement import ModelFacts, ReplicaNeed, ReplicaPlan, plan_placement
 from workers.relay import EngineRelay
 from workers.settings import WorkerSettings
+from workers.sleep import Sleeper, Step, sleep, wake_up
 from workers.status_server import StatusServer
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class Agent:
         self._socket_dir: Path | None = None
         self._relay: EngineRelay | None = None
         self._engine_http: httpx.AsyncClient | None = None  # the agent's own way to the engine
+        self.sleeper: Sleeper | None = None  # sleep_after_s: the engine's sleep mode
         self._engine_url = ""  # its root URL, as _engine_http reaches it
         #: An attached server's state, from its last health check.
         self._answering = False
@@ -249,6 +251,8 @@ class Agent:
         )
         (plan,) = plan_placement([need], machine, s.device)
         self.engine.check_device(plan.device)
+        if self.settings.sleep_after_s is not None:
+            self.engine.check_sleep_mode(plan.device)
         where = ",".join(map(str, plan.gpu_ids)) if plan.gpu_ids else plan.cpu_bind or "any core"
         logger.info("placed on %s: %s", plan.device or "no accelerator", where)
         return plan
@@ -497,8 +501,8 @@ class Agent:
         )
         return True
 
-    async def _heartbeat(self, load: WorkerLoad) -> bool:
-        """Send one heartbeat; False when the controller does not know us."""
+    async def _heartbeat(self, load: WorkerLoad) -> HeartbeatReply:
+        """Send one heartbeat; known=False when the controller does not know us."""
         adapters = self.adapters
         beat = Heartbeat(worker_id=self.worker_id, load=load)
         if adapters is not None:
@@ -514,11 +518,29 @@ class Agent:
             response.raise_for_status()
         except httpx.HTTPError as exc:
             logger.warning("heartbeat failed: %s", exc)
-            return True  # not "unknown": the controller is away; keep serving
+            return HeartbeatReply(known=True)  # the controller is away; keep serving
         reply = HeartbeatReply.model_validate(response.json())
         if adapters is not None:
             adapters.apply(reply.load_adapters, reply.unload_adapters)
-        return reply.known
+        return reply
+
+    async def _sleep_or_wake(self, sleeper: Sleeper, load: WorkerLoad, wake: bool) -> None:
+        """The engine's sleep mode (workers/sleep.py): out of the table, asleep; awake, back."""
+        assert self._engine_http is not None
+        step = sleeper.step(load, wake)
+        if step is Step.LEAVE and await self._register(load, WorkerState.SLEEPING):
+            logger.info("idle for %.0fs: the engine goes to sleep", sleeper.sleep_after_s)
+            sleeper.done(step)
+        elif step is Step.SLEEP and await sleep(self._engine_http) is not None:
+            sleeper.done(step)
+        elif step is Step.WAKE:
+            if sleeper.asleep:  # (awake already: only the registration failed last time)
+                if (seconds := await wake_up(self._engine_http)) is None:
+                    return
+                sleeper.woke(seconds)
+            if await self._register(load):
+                sleeper.done(step)
+                logger.info("a request is held for %s: awake", self.settings.model_names[0])
 
     async def _deregister(self) -> None:
         self.registered = False
@@ -534,6 +556,8 @@ class Agent:
         registered = False
         next_beat = 0.0
         last_load = WorkerLoad()
+        after_s = self.settings.sleep_after_s
+        sleeper = self.sleeper = Sleeper(after_s) if after_s is not None else None
         assert self._engine_http is not None
         self._endpoints = await self.engine.endpoints(self._engine_http, self._engine_url)
         logger.info("the engine serves %s", ", ".join(self._endpoints))
@@ -552,12 +576,16 @@ class Agent:
                 # it (the controller would expire a busy worker); the last load stands in.
                 load = await self._read_load(self.heartbeat_interval_s / 2) or last_load
                 last_load = load
-                if not registered or not await self._heartbeat(load):
+                reply = await self._heartbeat(load) if registered else None
+                if reply is None or not reply.known:
                     if registered:
                         logger.info("the controller forgot us (restarted?): registering again")
-                    registered = await self._register(load)
+                    state = WorkerState.SLEEPING if sleeper and sleeper.leaving else None
+                    registered = await self._register(load, state or WorkerState.READY)
                     if not registered:
                         next_beat = time.monotonic() + 1.0
+                elif sleeper is not None:
+                    await self._sleep_or_wake(sleeper, load, reply.wake)
             await self._sleep(_TICK_S)
         if registered:
             await self._drain()

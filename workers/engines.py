@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import httpx
 
+from fleetserve.errors import ConfigError
 from fleetserve.protocol import DEFAULT_ENDPOINTS, ROUTED_PATHS
 from fleetserve.registry import Registered
 from workers.settings import Device, WorkerSettings
@@ -64,6 +65,10 @@ class Engine(Registered):
     attached: ClassVar[bool] = False
     #: True when the engine can publish its KV-cache events (workers/kvevents.py).
     publishes_kv_events: ClassVar[bool] = False
+    #: True when the engine has vLLM's sleep mode (``POST /sleep``, ``/wake_up``): the agent
+    #: puts it to sleep after ``sleep_after_s`` without a request (workers/sleep.py). Its
+    #: routes are for the agent only: the relay refuses them to everyone (workers/relay.py).
+    sleeps: ClassVar[bool] = False
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
@@ -96,6 +101,14 @@ class Engine(Registered):
     @classmethod
     def check_device(cls, device: Device | None) -> None:
         """Raise ConfigError if this installation cannot run on ``device``."""
+
+    @classmethod
+    def check_sleep_mode(cls, device: Device | None) -> None:
+        """Raise ConfigError if this engine cannot sleep (``sleep_after_s``) on ``device``."""
+        if not cls.sleeps or not cls.unix_socket:  # (its sleep routes must be behind the relay)
+            raise ConfigError(
+                f"sleep_after_s: the {cls.name} engine has no sleep mode (vLLM on GPUs has)"
+            )
 
     def environment(self) -> dict[str, str]:
         return dict(os.environ)

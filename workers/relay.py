@@ -26,6 +26,14 @@ Limits as on every fleetserve server (fleetserve/http.py): the head's deadline a
 cap, idle connections cut, a connection cap that evicts idle ones first. Bodies need no
 deadline here: only holders of the secret (gateways, which have their own) get past the head.
 What the extra hop costs: README, Performance.
+
+vLLM's dev routes (``VLLM_SERVER_DEV_MODE=1``, which its sleep mode needs: /sleep,
+/wake_up, /is_sleeping, /release_kv_cache_memory, and with them /collective_rpc, which
+calls any method on the engine's workers, and /server_info) are refused to everyone, the
+secret's holders included (403): the agent, which alone may put the engine to sleep and
+wake it (workers/sleep.py), talks to the engine's socket itself. The cache resets of the
+same set pass with the secret: they cost only cache hits, and bench/routing.py empties the
+engines' prefix caches through the relay.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import asyncio
 import hmac
 import logging
 import typing
+from urllib.parse import unquote
 
 import httptools
 
@@ -52,9 +61,36 @@ from fleetserve.http import (
 logger = logging.getLogger(__name__)
 
 
-#: Paths only the agent calls (through the engine's socket): vLLM's runtime LoRA loading, and
-#: SageMaker's routes for the same that vLLM 0.32 serves too (POST /adapters loads a path).
-_AGENT_ONLY = (b"/v1/load_lora_adapter", b"/v1/unload_lora_adapter", b"/adapters")
+#: Routes only the agent calls (through the engine's socket), as vLLM 0.32's router matches
+#: them, on the percent-decoded path: its dev routes (entrypoints/serve/dev/: sleep mode and
+#: more) and runtime LoRA loading, with SageMaker's routes for the same (POST /adapters loads
+#: any path on the engine's disk).
+AGENT_ONLY_PATHS = frozenset(
+    {
+        "/sleep",
+        "/wake_up",
+        "/is_sleeping",
+        "/release_kv_cache_memory",
+        "/collective_rpc",
+        "/server_info",
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
+        "/adapters",
+    }
+)
+
+
+def _agent_only(url: bytes) -> bool:
+    """Whether ``url`` (a request target) names a route of AGENT_ONLY_PATHS (or below
+    /adapters/). Cheap for the routes gateways use: a plain /v1/ path without "lora"."""
+    if url.startswith(b"/v1/") and b"lora" not in url and b"%" not in url:
+        return False
+    try:
+        path = httptools.parse_url(url).path or b"/"
+    except httptools.HttpParserInvalidURLError:
+        return True  # (the engine's server would refuse it too)
+    decoded = unquote(path.decode("latin-1")).rstrip("/")
+    return decoded in AGENT_ONLY_PATHS or decoded.startswith("/adapters/")
 
 
 class _Refused(Exception):
@@ -218,8 +254,8 @@ class _Inbound(asyncio.Protocol):
         if method in (b"HEAD", b"CONNECT"):
             self.refuse(405, f"{method.decode()} is not relayed", "method_not_allowed")
             raise _Refused
-        if self.url.startswith(_AGENT_ONLY):  # they load any path on the engine's disk
-            self.refuse(403, "the agent alone registers adapters", "forbidden")
+        if _agent_only(self.url):
+            self.refuse(403, "this engine route is the worker's own", "engine_route_forbidden")
             raise _Refused
         self.outstanding += 1
         self.relay.slots.busy(self)

@@ -24,6 +24,7 @@ from fleetserve.config import (
     MaxHeaderBytes,
     ModelName,
     PolicyName,
+    SleepAfter,
     StartTimeout,
     Strict,
     UpstreamKey,
@@ -77,6 +78,7 @@ class WorkerSettings(Strict):
         "dashboard's included, are picked free on each node).",
     )
     start_timeout_s: StartTimeout = constants.ENGINE_START_TIMEOUT_S
+    sleep_after_s: SleepAfter = None
     controller_url: str = Field(
         f"http://{constants.DEFAULT_HOST}:{constants.DEFAULT_CONTROLLER_PORT}",
         description="The controller to register with.",

@@ -72,6 +72,28 @@ class AgentCollector(Collector):
         )
         restarts.add_metric(labels, agent.engine_restarts)
         yield restarts
+        sleeper = agent.sleeper
+        if sleeper is None:
+            return
+        asleep = GaugeMetricFamily(
+            "fleetserve_worker_asleep",
+            "1 while the engine sleeps (sleep_after_s: vLLM's sleep mode), out of the table.",
+            labels=names,
+        )
+        asleep.add_metric(labels, 1 if sleeper.asleep else 0)
+        yield asleep
+        for name, text, value in [
+            ("fleetserve_worker_sleeps", "Times the idle engine went to sleep.", sleeper.sleeps),
+            ("fleetserve_worker_wakes", "Times a held request woke the engine.", sleeper.wakes),
+            (
+                "fleetserve_worker_wake_seconds",
+                "Seconds the engine took to wake, summed (over wakes: the mean).",
+                sleeper.wake_seconds,
+            ),
+        ]:
+            counter = CounterMetricFamily(name, text, labels=names)
+            counter.add_metric(labels, value)
+            yield counter
 
 
 class StatusServer:

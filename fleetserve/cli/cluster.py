@@ -24,6 +24,7 @@ from fleetserve.config import (
     Fallbacks,
     ModelName,
     PolicyName,
+    SleepAfter,
     StartTimeout,
     Strict,
     UpstreamKey,
@@ -49,7 +50,11 @@ class Load(StrEnum):
 class Autoscaling(Strict):
     """Replicas between bounds, following the load (`fleetserve ray deploy`, SkyServe)."""
 
-    min_replicas: int = Field(1, ge=1)
+    min_replicas: int = Field(
+        1,
+        ge=0,
+        description="0: none while idle (`fleetserve ray deploy`): a held request starts one.",
+    )
     max_replicas: int = Field(ge=1)
     target_ongoing_requests: float = Field(
         constants.TARGET_ONGOING_REQUESTS,
@@ -151,6 +156,7 @@ class ModelSpec(Strict):
     idle_timeout_s: float | None = Field(
         None, gt=0, description="on_demand: stop after this long without a request."
     )
+    sleep_after_s: SleepAfter = None
     adapters: list[AdapterSpec] = Field(
         default_factory=list,
         description="LoRA adapters of this model (engine vllm), each a model name of its own: "
@@ -221,10 +227,17 @@ class ModelSpec(Strict):
         return DeclaredModel(
             name=self.name,
             aliases=self.aliases,
-            replicas=0 if self.load is Load.ON_DEMAND else self.replicas,  # until asked for
+            replicas=self.wanted_at_least(),
             routing_policy=self.routing_policy,
             fallbacks=self.fallbacks,
         )
+
+    def wanted_at_least(self) -> int:
+        """Replicas that should be ready however idle the model is: none on demand (until a
+        request asks), the autoscaling minimum, else its replicas."""
+        if self.load is Load.ON_DEMAND:
+            return 0
+        return self.replicas if self.autoscaling is None else self.autoscaling.min_replicas
 
     def adapter_declarations(self) -> list[DeclaredModel]:
         """Its adapters as the controller declares them: models with this one as base."""

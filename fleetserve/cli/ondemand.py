@@ -6,6 +6,12 @@ out (fleetserve/cli/up.py). A model starts when a gateway holds a request for it
 last stopped, and stops after ``idle_timeout_s`` without a sign of use: a request in its
 engines, a token generated, a request held. One supervisor decides, once per poll, and a
 started model counts as running from the decision on: a burst of requests starts it once.
+
+Models that do not fit together take turns (``capacity``: the GPUs, or on vLLM's CPU build
+the cores, that on-demand models share; fleetserve/cli/placing.py): a model that would not
+fit beside the running ones stops the least recently used idle ones first, as Ollama
+evicts; while the running ones are busy it waits (its requests stay held), and nothing is
+stopped that would not make room.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ class Action(StrEnum):
     STOP = "stop"
     #: Not an action: a started model's first replica became ready (for the log).
     READY = "ready"
+    #: Not an action: a model is asked for but does not fit until a busy one is idle.
+    WAIT = "wait"
 
 
 @dataclass(frozen=True)
@@ -48,14 +56,27 @@ class _Model:
     last_active: float = 0.0
     #: Tokens its workers had generated at the last look (a change is use).
     tokens: int = -1
+    #: What it waits for (a WAIT said once per reason).
+    waiting: str = ""
 
 
 class OnDemand:
     """The on-demand models of one cluster and what to do with them next."""
 
-    def __init__(self, idle_timeouts_s: dict[str, float]) -> None:
-        """``idle_timeouts_s``: each on-demand model's served name -> its idle timeout."""
+    def __init__(
+        self,
+        idle_timeouts_s: dict[str, float],
+        units: dict[str, int] | None = None,
+        capacity: int | None = None,
+    ) -> None:
+        """``idle_timeouts_s``: each on-demand model's served name -> its idle timeout.
+
+        ``units``: what each model takes while it runs (GPUs or cores, every replica's),
+        out of ``capacity``; None: they all fit together.
+        """
         self._models = {name: _Model(timeout) for name, timeout in idle_timeouts_s.items()}
+        self._units = units or {}
+        self._capacity = capacity
 
     def __contains__(self, model: str) -> bool:
         return model in self._models
@@ -80,13 +101,9 @@ class OnDemand:
             tokens[name] = tokens.get(name, 0) + worker.load.generated_tokens
         decisions = []
         for name, model in self._models.items():
-            asked_at = demand.get(name)
             if not model.running:
-                if asked_at is not None and asked_at > model.stopped_at:
-                    model.running = True
-                    model.starting_since = model.last_active = now
-                    decisions.append(Decision(Action.START, name, "a request is waiting"))
                 continue
+            asked_at = demand.get(name)
             if model.starting_since is not None:
                 if ready.get(name):
                     cold_start_s = now - model.starting_since
@@ -102,8 +119,50 @@ class OnDemand:
             model.tokens = used
             idle_s = now - model.last_active
             if idle_s >= model.idle_timeout_s:
-                model.running = False
-                model.stopped_at = now
-                model.tokens = -1
-                decisions.append(Decision(Action.STOP, name, f"idle for {idle_s:.0f}s"))
+                decisions.append(self._stop(name, now, f"idle for {idle_s:.0f}s"))
+        asked = [n for n, m in self._models.items() if not m.running and n in demand]
+        for name in sorted(asked, key=lambda n: demand[n]):  # the longest waiting first
+            model = self._models[name]
+            if demand[name] <= model.stopped_at:
+                continue  # asked before it stopped: spent
+            evict = self._make_room(name, busy)
+            if evict is None:
+                waiting = [n for n, m in self._models.items() if m.running and self._units.get(n)]
+                reason = f"waiting for room: {', '.join(waiting)} in use"
+                if reason != model.waiting:
+                    model.waiting = reason
+                    decisions.append(Decision(Action.WAIT, name, reason))
+                continue
+            for other in evict:
+                decisions.append(self._stop(other, now, f"least recently used; room for {name}"))
+            model.running, model.waiting = True, ""
+            model.starting_since = model.last_active = now
+            decisions.append(Decision(Action.START, name, "a request is waiting"))
         return decisions
+
+    def _stop(self, name: str, now: float, reason: str) -> Decision:
+        model = self._models[name]
+        model.running = False
+        model.stopped_at = now
+        model.tokens = -1
+        return Decision(Action.STOP, name, reason)
+
+    def _make_room(self, name: str, busy: set[str]) -> list[str] | None:
+        """The idle models to stop, least recently used first, so that ``name`` fits ([]:
+        it fits already); None if it cannot fit until a busy or loading one is idle."""
+        if self._capacity is None:
+            return []
+        running = [n for n, m in self._models.items() if m.running]
+        free = self._capacity - sum(self._units.get(n, 0) for n in running)
+        idle = [
+            n
+            for n in running
+            if self._units.get(n) and n not in busy and self._models[n].starting_since is None
+        ]
+        evict: list[str] = []
+        for other in sorted(idle, key=lambda n: self._models[n].last_active):
+            if free >= self._units.get(name, 0):
+                break
+            evict.append(other)
+            free += self._units[other]
+        return evict if free >= self._units.get(name, 0) else None

@@ -154,9 +154,14 @@ def models_table(table: RouteTable, rates: dict[str, float]) -> Table:
         known = [rates[w.worker_id] for w in workers if w.worker_id in rates]
         ready = sum(w.state.value == "ready" for w in workers)
         declared = views.get(model)
-        state = model_state(bool(declared and declared.declared), _wanted(declared), ready)
-        if state == "starting" and declared is not None:
+        asleep = sum(w.state.value == "sleeping" for w in workers)
+        state = model_state(bool(declared and declared.declared), _wanted(declared), ready, asleep)
+        if state == "sleeping":  # (vLLM's sleep mode: a held request wakes them)
+            state += f" ({asleep})"
+        elif state == "starting" and declared is not None:
             state += f" ({ready} of {declared.replicas})"
+        if declared is not None and declared.note and state != "ready":  # why it waits
+            state += f": {declared.note}"
         view.add_row(
             model,
             state,

@@ -97,14 +97,12 @@ MODEL_FIELDS: dict[str, Refusals] = {
         "custom resources and deploy them apart",
     },
     "start_timeout_s": EVERYWHERE,
-    # k8s: a KEDA ScaledObject idling at zero replicas, woken by a held request's demand
-    "load": {  # given only as on_demand (_given)
-        Target.RAY: "Ray Serve starts replicas: give the model autoscaling with "
-        "min_replicas 0 (`fleetserve ray deploy`)",
-    },
-    "idle_timeout_s": {  # k8s: the ScaledObject's cooldownPeriod
-        Target.RAY: "Ray Serve's downscale_delay_s decides when idle replicas go",
-    },
+    "sleep_after_s": EVERYWHERE,  # the worker's agent puts its engine to sleep: on every target
+    # k8s: a KEDA ScaledObject idling at zero replicas, woken by a held request's demand, with
+    # idle_timeout_s its cooldownPeriod; Ray: autoscaling from 0 to its replicas on the
+    # gateways' demand, idle_timeout_s Serve's downscale_to_zero_delay_s (fleetserve/ray/deploy.py)
+    "load": EVERYWHERE,  # given only as on_demand (_given)
+    "idle_timeout_s": EVERYWHERE,
     "fallbacks": EVERYWHERE,
     "url": {
         Target.KUBERNETES: _K8S_ATTACHED,

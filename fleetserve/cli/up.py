@@ -26,6 +26,7 @@ from fleetserve.cli.cluster import ClusterConfig, Load, ModelSpec, load_cluster_
 from fleetserve.cli.harness import Cluster, Component, ComponentFailed, reachable
 from fleetserve.cli.nodeplan import Stage, share_nodes
 from fleetserve.cli.ondemand import Action, OnDemand
+from fleetserve.cli.placing import Room, place_cluster
 from fleetserve.cli.status import make_console, workers_table
 from fleetserve.cli.targets import Target, check
 from fleetserve.config import slug
@@ -33,8 +34,7 @@ from fleetserve.errors import ConfigError
 from fleetserve.protocol import DeclaredModel, RouteTable
 from gateway.settings import GatewaySettings, KeysFile, load_keys_file
 from workers.engines import Engine
-from workers.inventory import discover_machine, read_model_facts
-from workers.placement import Machine, ModelFacts, ReplicaNeed, ReplicaPlan, plan_placement
+from workers.inventory import discover_machine
 from workers.settings import Device, WorkerSettings, engine_args_from_flags
 from workers.vllm.demo_model import DEMO_MODEL_NAME
 
@@ -68,50 +68,8 @@ def worker_settings(
         start_timeout_s=spec.start_timeout_s,
         max_adapters=spec.adapter_slots,
         max_lora_rank=spec.max_lora_rank,
+        sleep_after_s=spec.sleep_after_s,
     )
-
-
-def _check_gpus(specs: list[ModelSpec], machine: Machine) -> None:
-    """A model that names its GPUs runs on a machine whose GPUs are all of them (placement
-    does not tell GPU models apart: CUDA_VISIBLE_DEVICES narrows a mixed machine down)."""
-    for spec in specs:
-        if spec.gpu is None or not Engine.named(spec.engine).uses_accelerator:
-            continue
-        wrong = [g for g in machine.gpus if not spec.gpu.matches(g.name, g.memory_bytes)]
-        if wrong or not machine.gpus:
-            wanted = " or ".join(spec.gpu.products) or "any GPU"
-            memory = (
-                f" with {spec.gpu.min_memory_gib:g} GiB or more" if spec.gpu.min_memory_gib else ""
-            )
-            raise ConfigError(
-                f"model {spec.name} asks for {wanted}{memory} (gpu); this machine has "
-                f"{machine.describe()}"
-            )
-
-
-def place_cluster(specs: list[ModelSpec], device: Device) -> list[tuple[ModelSpec, ReplicaPlan]]:
-    """Every replica to start, with where it runs; PlacementError if the machine is too small."""
-    machine = discover_machine()
-    _check_gpus(specs, machine)
-    needs = []
-    for spec in specs:
-        uses_accelerator = Engine.named(spec.engine).uses_accelerator
-        read = uses_accelerator and (machine.gpus or Path(spec.source).is_dir())
-        needs.append(
-            ReplicaNeed(
-                spec.name,
-                replicas=spec.replicas,
-                tensor_parallel_size=spec.tensor_parallel_size,
-                pipeline_parallel_size=spec.pipeline_parallel_size,
-                uses_accelerator=uses_accelerator,
-                facts=read_model_facts(spec.source) if read else ModelFacts(),
-            )
-        )
-    plans = plan_placement(needs, machine, device)
-    by_name = {spec.name: spec for spec in specs}
-    for plan in plans:
-        Engine.named(by_name[plan.model].engine).check_device(plan.device)
-    return [(by_name[plan.model], plan) for plan in plans]
 
 
 def _gateway_settings(g: GatewaySettings, log_dir: Path) -> GatewaySettings:
@@ -176,7 +134,7 @@ def run_local_cluster(
         for spec in cluster.models
         if counts.get(spec.name)
     ]
-    placed = place_cluster(specs, device) if specs else []
+    placed, room = place_cluster(specs, device) if specs else ([], None)
     for spec in cluster.models:  # once it all fits: hub models pulled (a 401 refused here)
         spec.source = Engine.named(spec.engine).resolve_source(spec.source)
     log_dir = log_dir or paths.logs_dir() / datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -210,6 +168,7 @@ def run_local_cluster(
         console,
         {spec.name: spec for spec in cluster.models if spec.load is Load.ON_DEMAND},
         owners,
+        room,
     )
     try:
         if joins is None:
@@ -227,7 +186,8 @@ def run_local_cluster(
             where = ",".join(map(str, plan.gpu_ids)) or plan.cpu_bind
             if spec.name in on_demand.specs:
                 on_demand.replicas[spec.name].append((settings, name, plan.environment()))
-                console.print(f"{name}: on demand{f' ({plan.device} {where})' if where else ''}")
+                shown = "taking turns" if room and room.units(spec.name) else where
+                console.print(f"{name}: on demand{f' ({plan.device} {shown})' if shown else ''}")
                 continue
             owners[local.add_replica(settings, name, plan.environment())] = spec
             if where:
@@ -274,8 +234,10 @@ class OnDemandReplicas:
         console: Console,
         specs: dict[str, ModelSpec],
         owners: dict[Component, ModelSpec],
+        room: Room | None = None,
     ) -> None:
-        """``owners``: each worker's model, where the workers started here are added."""
+        """``owners``: each worker's model, where the workers started here are added.
+        ``room``: what models that do not fit together share (None: they all fit)."""
         self.local = local
         self.console = console
         self.specs = specs
@@ -285,7 +247,13 @@ class OnDemandReplicas:
             name: [] for name in specs
         }
         self.running: dict[str, list[Component]] = {}
-        self.decider = OnDemand({name: spec.idle_timeout_s or 0 for name, spec in specs.items()})
+        self.room = room
+        self.held: dict[str, set[int]] = {}  # the Room's units each running model holds
+        self.decider = OnDemand(
+            {name: spec.idle_timeout_s or 0 for name, spec in specs.items()},
+            {name: room.units(name) for name in specs} if room else None,
+            room.capacity if room else None,
+        )
 
     def _declare(self, model: DeclaredModel) -> None:
         """What gateways tell held requests (starting, scaled to zero). Best effort: requests
@@ -308,17 +276,28 @@ class OnDemandReplicas:
             if decision.action is Action.START:
                 self.console.print(f"on demand: starting {name} ({decision.reason})")
                 self._declare(spec.declaration().model_copy(update={"replicas": spec.replicas}))
+                environments = [env for _, _, env in self.replicas[name]]
+                if self.room is not None:  # where it fits beside the running ones now
+                    taken = set().union(*self.held.values())
+                    plans, self.held[name] = self.room.plans(name, taken)
+                    environments = [plan.environment() for plan in plans]
                 self.running[name] = [
                     self.local.add_replica(settings.model_copy(), log_name, env)
-                    for settings, log_name, env in self.replicas[name]
+                    for (settings, log_name, _), env in zip(
+                        self.replicas[name], environments, strict=True
+                    )
                 ]
                 self.owners.update(dict.fromkeys(self.running[name], spec))
             elif decision.action is Action.READY:
                 self.console.print(f"on demand: {name} ready {decision.reason} (cold start)")
+            elif decision.action is Action.WAIT:
+                self.console.print(f"on demand: {name} {decision.reason}")
+                self._declare(spec.declaration().model_copy(update={"note": decision.reason}))
             else:
                 self.console.print(f"on demand: stopping {name} ({decision.reason})")
                 self._declare(spec.declaration())  # none wanted: scaled to zero
                 stopped = self.running.pop(name, [])
+                self.held.pop(name, None)
                 self.local.stop_workers(stopped)
                 for worker in stopped:
                     self.owners.pop(worker, None)

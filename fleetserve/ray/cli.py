@@ -10,18 +10,21 @@ from fleetserve.auth import client_token
 from fleetserve.cli.args import add_controller_url, validation_context
 from fleetserve.cli.cluster import load_cluster_file
 from fleetserve.cli.status import make_console
-from fleetserve.ray.deploy import deploy, down, status
 
 
 def cmd_ray(args: argparse.Namespace) -> int:
+    # Here, not at the top: deploy.py imports fleetserve.cli, whose __init__ imports this
+    # module (importing fleetserve.ray.deploy first failed on the partial module).
+    from fleetserve.ray.deploy import deploy, down, status
+
     console = make_console()
+    token = client_token(args.cluster_token_file)
     if args.ray_command == "deploy":
         cluster = load_cluster_file(args.file, context=validation_context())
-        return deploy(cluster, args.controller_url, args.address, console)
+        return deploy(cluster, args.controller_url, args.address, console, token, args.ca_file)
     if args.ray_command == "status":
-        token = client_token(args.cluster_token_file)
         return status(args.controller_url, args.address, console, token, args.ca_file)
-    return down(args.address, console)
+    return down(args.address, console, args.controller_url, token, args.ca_file)
 
 
 def register(sub: Any) -> None:

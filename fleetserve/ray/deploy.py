@@ -7,6 +7,11 @@ they need, replaces those whose worker died, scales them between the model's
 deploy of a changed model replaces its replicas a few at a time, each
 draining before it stops. Serve's HTTP proxy is not started: the fleetserve
 gateway is the way in and talks to the engines directly.
+
+Every model is declared with the controller (``PUT /models/NAME``, replicas: its
+minimum), so that gateways hold its requests while Ray starts replicas; a model
+with ``min_replicas: 0`` (or ``load: on_demand``) starts with none and scales
+from zero on the demand the gateways report (autoscaling.py).
 """
 
 from __future__ import annotations
@@ -16,14 +21,15 @@ import logging
 import socket
 import time
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from rich.console import Console
 from rich.table import Table
 
 from fleetserve import __version__, constants
-from fleetserve.auth import ClusterToken
-from fleetserve.cli.cluster import ClusterConfig, Load, ModelSpec
+from fleetserve.auth import ClusterToken, client_tls
+from fleetserve.cli.cluster import Autoscaling, ClusterConfig, Load, ModelSpec
 from fleetserve.cli.status import describe_failure, fetch_table
 from fleetserve.config import slug
 from fleetserve.errors import ConfigError
@@ -33,15 +39,23 @@ logger = logging.getLogger(__name__)
 
 APP_PREFIX = "fleetserve-"
 NAMESPACE = "fleetserve"
-_POLICY = "fleetserve.ray.autoscaling:serve_policy"
+_POLICY = "fleetserve.ray.autoscaling:ServePolicy"
 
 
 def app_name(spec: ModelSpec) -> str:
     return APP_PREFIX + slug(spec.name)
 
 
-def deployment_options(spec: ModelSpec, cluster_has_gpus: bool) -> dict[str, Any]:
-    """Serve deployment options for one model: resources, health checks, replicas."""
+def deployment_options(
+    spec: ModelSpec,
+    cluster_has_gpus: bool,
+    controller_url: str | None = None,
+    ca_file: str | None = None,
+) -> dict[str, Any]:
+    """Serve deployment options for one model: resources, health checks, replicas.
+
+    ``controller_url``: where a model that scales to zero reads its demand (autoscaling.py).
+    """
     from fleetserve.ray.replica import SHUTDOWN_GRACE_S, spans_nodes
 
     ranks = spec.tensor_parallel_size * spec.pipeline_parallel_size
@@ -66,13 +80,18 @@ def deployment_options(spec: ModelSpec, cluster_has_gpus: bool) -> dict[str, Any
         "health_check_timeout_s": constants.RAY_HEALTH_CHECK_TIMEOUT_S,
         "graceful_shutdown_timeout_s": SHUTDOWN_GRACE_S,
     }
+    on_demand = spec.load is Load.ON_DEMAND
     scaling = spec.autoscaling
-    if scaling is None:
+    if scaling is None and not on_demand:
         options["num_replicas"] = spec.replicas
     else:
+        # on demand: from zero to its replicas, back to zero after idle_timeout_s
+        scaling = scaling or Autoscaling(max_replicas=spec.replicas)
+        lowest = 0 if on_demand else scaling.min_replicas
+        policy = {"model": spec.name, "controller_url": controller_url, "min_replicas": lowest}
         options["autoscaling_config"] = {
-            "min_replicas": scaling.min_replicas,
-            "initial_replicas": scaling.min_replicas,
+            "min_replicas": lowest,
+            "initial_replicas": lowest,
             "max_replicas": scaling.max_replicas,
             "target_ongoing_requests": scaling.target_ongoing_requests,
             "upscale_delay_s": scaling.upscale_delay_s,
@@ -81,8 +100,13 @@ def deployment_options(spec: ModelSpec, cluster_has_gpus: bool) -> dict[str, Any
             # Deprecated in Serve for the env var set above, but still what it checks
             # look_back_period_s against.
             "metrics_interval_s": constants.RAY_METRICS_PUSH_INTERVAL_S,
-            "policy": {"policy_function": _POLICY},
+            "policy": {
+                "policy_function": _POLICY,
+                "policy_kwargs": {**policy, "ca_file": ca_file} if controller_url else {},
+            },
         }
+        if on_demand:
+            options["autoscaling_config"]["downscale_to_zero_delay_s"] = spec.idle_timeout_s
     return options
 
 
@@ -116,7 +140,12 @@ def _connect(address: str | None) -> None:
 
 
 def deploy(
-    cluster: ClusterConfig, controller_url: str, address: str | None, console: Console
+    cluster: ClusterConfig,
+    controller_url: str,
+    address: str | None,
+    console: Console,
+    token: ClusterToken | None = None,
+    ca_file: str | None = None,
 ) -> int:
     """Deploy (or update) every model of ``cluster``; remove models no longer in it."""
     attached = [spec.name for spec in cluster.models if spec.url]
@@ -125,12 +154,6 @@ def deploy(
             f"{', '.join(attached)}: attached servers (engine openai) are not Ray deployments; "
             "run `fleetserve worker --engine openai --url ...` for each, next to the cluster"
         )
-    on_demand = [spec.name for spec in cluster.models if spec.load is Load.ON_DEMAND]
-    if on_demand:  # (Ray Serve's min_replicas 0 with the gateways' demand: not built yet)
-        raise ConfigError(
-            f"{', '.join(on_demand)}: load on_demand runs under `fleetserve up` only; on Ray, "
-            "use autoscaling's min_replicas/max_replicas"
-        )
     import ray
     from ray import serve
     from ray.experimental import internal_kv
@@ -138,6 +161,13 @@ def deploy(
     from fleetserve.ray.replica import FleetReplica
 
     _connect(address)
+    controller = _Controller(controller_url, token, ca_file)
+    try:  # before any replica: gateways hold the models' requests from now on
+        for spec in cluster.models:
+            controller.declare(spec)
+    except httpx.HTTPError as exc:
+        console.print(f"[red]{describe_failure(controller_url, exc)}[/red]")
+        return 1
     serve.start(proxy_location="Disabled")  # the fleetserve gateway is the ingress
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     replica: Any = serve.deployment(FleetReplica)  # Serve's overloads confuse mypy here
@@ -152,7 +182,7 @@ def deploy(
         # deployments itself): only changed models are given, and roll.
         targets.append(
             serve.RunTarget(
-                replica.options(**deployment_options(spec, has_gpus)).bind(
+                replica.options(**deployment_options(spec, has_gpus, controller_url, ca_file)).bind(
                     spec.model_dump_json(), controller_url
                 ),
                 name=name,
@@ -160,6 +190,7 @@ def deploy(
             )
         )
         internal_kv._internal_kv_put(_digest_key(name), digest, namespace=NAMESPACE)
+        internal_kv._internal_kv_put(_model_key(name), spec.name, namespace=NAMESPACE)
     if targets:
         serve.run_many(targets, wait_for_applications_running=False)
     wanted = {app_name(spec) for spec in cluster.models}
@@ -167,7 +198,7 @@ def deploy(
         if name not in wanted:
             console.print(f"removing {name} (not in the cluster file any more)")
             serve.delete(name, _blocking=False)
-            internal_kv._internal_kv_del(_digest_key(name), namespace=NAMESPACE)
+            controller.forget(name)
     return _wait_running(wanted, max(spec.start_timeout_s for spec in cluster.models), console)
 
 
@@ -180,6 +211,50 @@ def _digest(spec: ModelSpec, controller_url: str, has_gpus: bool) -> str:
 def _digest_key(name: str) -> str:
     # Kept in Ray's own key-value store: it lives with the cluster, not on this machine.
     return f"deployed/{name}"
+
+
+def _model_key(name: str) -> str:
+    return f"model/{name}"  # the model an application serves (app names are slugs)
+
+
+class _Controller:
+    """The declarations of the models on Ray, with the controller (the cluster token's
+    control plane): made at deploy, removed with the model."""
+
+    def __init__(self, url: str, token: ClusterToken | None, ca_file: str | None) -> None:
+        self.url = url.rstrip("/")
+        self.headers = token.header() if token else None
+        self.verify = client_tls(ca_file)
+
+    def declare(self, spec: ModelSpec) -> None:
+        declared = spec.declaration().model_dump(mode="json")
+        self._call("PUT", spec.name, declared)
+
+    def forget(self, app: str) -> None:
+        """Undeclare the model of application ``app`` (best effort: a controller that is
+        down forgets it at its restart anyway) and drop what was kept of it."""
+        from ray.experimental import internal_kv
+
+        model = internal_kv._internal_kv_get(_model_key(app), namespace=NAMESPACE)
+        if isinstance(model, bytes):
+            try:
+                self._call("DELETE", model.decode())
+            except httpx.HTTPError as exc:
+                logger.warning("could not undeclare %s: %s", model.decode(), exc)
+        for key in (_digest_key(app), _model_key(app)):
+            internal_kv._internal_kv_del(key, namespace=NAMESPACE)
+
+    def _call(self, method: str, model: str, body: Any = None) -> None:
+        response = httpx.request(
+            method,
+            f"{self.url}/models/{quote(model, safe='/')}",
+            json=body,
+            headers=self.headers,
+            verify=self.verify,
+            timeout=10.0,
+        )
+        if method != "DELETE" or response.status_code != 404:
+            response.raise_for_status()
 
 
 def _deployed_digest(name: str) -> str | None:
@@ -255,16 +330,22 @@ def status(
     return 0
 
 
-def down(address: str | None, console: Console) -> int:
+def down(
+    address: str | None,
+    console: Console,
+    controller_url: str,
+    token: ClusterToken | None = None,
+    ca_file: str | None = None,
+) -> int:
     """Remove every fleetserve application; each replica drains before it stops."""
     from ray import serve
-    from ray.experimental import internal_kv
 
     _connect(address)
+    controller = _Controller(controller_url, token, ca_file)
     for name in _our_apps():
         console.print(f"removing {name} (replicas drain first)")
         serve.delete(name)
-        internal_kv._internal_kv_del(_digest_key(name), namespace=NAMESPACE)
+        controller.forget(name)
     if not serve.status().applications:
         serve.shutdown()
     console.print("done")

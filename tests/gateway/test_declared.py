@@ -18,8 +18,15 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from fleetserve.protocol import DeclaredModel
+from fleetserve.protocol import (
+    DeclaredModel,
+    Heartbeat,
+    HeartbeatReply,
+    WorkerLoad,
+    WorkerState,
+)
 from tests.gateway.inproc import WAIT_S, InProcessCluster, eventually, in_process_cluster
+from workers.fake.engine import FakeEngine
 
 pytestmark = pytest.mark.anyio
 
@@ -184,3 +191,36 @@ async def test_a_request_for_a_model_scaled_to_zero_is_demand_at_the_controller(
             return await demand_age_s() is not None
 
         await eventually(demanded, "the demand at the controller")
+
+
+async def test_requests_for_a_model_whose_workers_sleep_are_held_and_wake_them(
+    local: InProcessCluster,
+) -> None:
+    """vLLM's sleep mode (workers/sleep.py): a worker registered asleep is never routed to;
+    its model, declared or not, is listed as sleeping and its requests are held; the gateway
+    tells the controller, whose reply to the worker's next heartbeat says wake."""
+    async with (
+        local.gateway(hold_timeout_s=0.3) as gateway,
+        local.model("dozy", state=WorkerState.SLEEPING) as workers,
+    ):
+        client = gateway.client()
+        assert (await client.models.retrieve("dozy")).model_extra == {
+            "endpoints": sorted(FakeEngine.served_endpoints),
+            "fallbacks": [],
+            "state": "sleeping",
+            "replicas_ready": 0,
+            "replicas": 0,
+        }
+        (worker_id,) = workers.ids
+        beat = Heartbeat(worker_id=worker_id, load=WorkerLoad()).model_dump(mode="json")
+
+        async def told_to_wake() -> bool:
+            reply = await local.http.post("/workers/heartbeat", json=beat)
+            return bool(HeartbeatReply.model_validate(reply.json()).wake)
+
+        assert not await told_to_wake()
+        with pytest.raises(openai.InternalServerError) as refused:
+            await client.chat.completions.create(model="dozy", messages=HI)
+        assert "asleep: waking 1 replica(s)" in str(refused.value.message)
+        await eventually(told_to_wake, "the controller to wake the worker")
+        assert workers.engines[worker_id].requests == 0  # never routed to while asleep

@@ -243,6 +243,19 @@ async def test_an_on_demand_model_idles_at_zero_until_a_held_request(tmp_path: P
         assert (await client.get(url.path)).json()["ongoing"] == 1
 
 
+def test_a_model_autoscaled_from_zero_is_declared_with_no_replica_wanted() -> None:
+    """``min_replicas: 0``: KEDA may take its workers to zero, so a gateway holding a request
+    for it must tell the controller (it does for a model with no replica wanted), whose load
+    KEDA reads."""
+    model = {"name": "qwen-7b", "source": "Qwen/Qwen2.5-7B-Instruct"}
+    scaling = {"min_replicas": 0, "max_replicas": 3}
+    objs = _objects(_parse({"models": [{**model, "autoscaling": scaling}]}))
+    assert objs[("ScaledObject", "fleetserve-worker-qwen-7b")]["spec"]["minReplicaCount"] == 0
+    (models,) = objs[("ConfigMap", "fleetserve-models")]["data"].values()
+    (declared,) = parse_cluster(yaml.safe_load(models)).models
+    assert declared.declaration().replicas == 0
+
+
 def test_render_k8s_writes_a_directory_kustomize_renders(tmp_path: Path) -> None:
     """The command as a user runs it, then `kubectl kustomize` of its output."""
     out, example = tmp_path / "k8s", ROOT / "examples" / "gpu-node.yaml"

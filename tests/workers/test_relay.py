@@ -43,11 +43,14 @@ class Relayed:
 
 
 @contextlib.asynccontextmanager
-async def relayed(tmp_path: Path, **limits: float) -> AsyncIterator[Relayed]:
+async def relayed(
+    tmp_path: Path, sleep_mode: bool = False, **limits: float
+) -> AsyncIterator[Relayed]:
     """The fake engine on a socket (closing idle connections after 0.2 s), the relay before it."""
     engine = FakeServer(["echo"], tokens_per_s=0, ttft_s=0)
     socket = str(tmp_path / "engine.sock")
-    config = make_config(build_app(engine), uds=socket, lifespan="off", timeout_keep_alive=0.2)
+    app = build_app(engine, sleep_mode)
+    config = make_config(app, uds=socket, lifespan="off", timeout_keep_alive=0.2)
     server = EmbeddedServer(config)
     task = asyncio.create_task(server.serve())
     await eventually(lambda: server.started or task.done(), "the engine to start")
@@ -113,6 +116,42 @@ async def test_with_the_secret_everything_passes_through(tmp_path: Path) -> None
         await client.close()
 
 
+async def test_the_engines_dev_routes_are_refused_even_with_the_secret(tmp_path: Path) -> None:
+    """vLLM's sleep mode needs VLLM_SERVER_DEV_MODE=1, which opens its dev routes: the
+    relay refuses them to every client (the fake engine serves /sleep, /wake_up and
+    /is_sleeping as vLLM does; the agent reaches the engine's socket itself)."""
+    headers = {"authorization": f"Bearer {SECRET}"}
+    async with (
+        relayed(tmp_path, sleep_mode=True) as relay,
+        httpx.AsyncClient(base_url=relay.url, headers=headers) as http,
+    ):
+        for target in [
+            "/sleep?level=1",
+            "/wake_up",
+            "/is_sleeping",
+            "/collective_rpc",
+            "/server_info",
+            "/release_kv_cache_memory",
+            "/%73leep",  # as the engine's router decodes it
+            "/sleep/",
+            f"{relay.url}/sleep",  # absolute form
+        ]:
+            response = await http.post(target)
+            assert response.status_code == 403, target
+            assert response.json()["error"]["code"] == "engine_route_forbidden"
+        assert not relay.engine.asleep
+        reply = await http.post("/v1/completions", json={"model": "echo", "prompt": "hi"})
+        assert reply.status_code == 200  # the secret's holder still gets its answers
+        # the agent's own way in, the engine's socket, is open: asleep, generations fail
+        engine = httpx.AsyncHTTPTransport(uds=str(tmp_path / "engine.sock"))
+        async with httpx.AsyncClient(transport=engine, base_url="http://engine") as agent:
+            assert (await agent.post("/sleep?level=1")).json()["status"] == "sleeping"
+            assert (await agent.get("/is_sleeping")).json() == {"is_sleeping": True}
+            asleep = await http.post("/v1/completions", json={"model": "echo", "prompt": "hi"})
+            assert asleep.status_code == 503
+            assert (await agent.post("/wake_up")).json()["status"] == "awake"
+
+
 async def test_a_relay_has_the_limits_of_every_server(tmp_path: Path) -> None:
     async with relayed(tmp_path, header_timeout_s=0.5, max_header_bytes=65536) as relay:
         headers = {"authorization": f"Bearer {SECRET}", "x-big": "a" * 1_000_000}
@@ -134,9 +173,10 @@ async def test_the_lora_endpoints_are_refused_even_with_the_secret(tmp_path: Pat
             "/v1/unload_lora_adapter",
             "/adapters",
             "/adapters/x",
+            "/v1/load%5Flora_adapter",  # (the engine's router matches the decoded path)
         ):
             body = {"lora_name": "x", "lora_path": "/etc", "name": "x", "src": "/etc"}
             response = await http.post(relay.url + path, json=body)
             assert response.status_code == 403, path
-            assert response.json()["error"]["code"] == "forbidden"
+            assert response.json()["error"]["code"] == "engine_route_forbidden"
         assert (await http.get(relay.url + "/v1/models")).status_code == 200

@@ -7,6 +7,7 @@ import signal
 from collections.abc import Iterator
 
 import httpx
+import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -40,6 +41,17 @@ def _metric(url: str, name: str) -> float:
     )
 
 
+def _state(client: openai.OpenAI, model: str) -> object:
+    return {m.id: (m.model_extra or {}).get("state") for m in client.models.list()}.get(model)
+
+
+def _asleep(url: str) -> bool:
+    try:
+        return _metric(url, "fleetserve_worker_asleep") == 1
+    except httpx.HTTPError:  # (its status server is not up yet)
+        return False
+
+
 def _engine_pid(worker: Component) -> int:
     # agent -> reaper -> engine
     return descendants(worker.pid)[-1]
@@ -66,3 +78,30 @@ def test_health_follows_the_engine_and_the_drain(cluster: LocalCluster) -> None:
     worker.proc.send_signal(signal.SIGTERM)  # a rolling update: out of the Service at once
     wait_until(lambda: _status(url) != 200, 10, "/health to stop saying ready while draining")
     assert worker.proc.wait(timeout=60) == 0
+
+
+def test_an_idle_engine_sleeps_and_a_held_request_wakes_it(cluster: LocalCluster) -> None:
+    """sleep_after_s on the fake engine, which serves vLLM's sleep mode routes as vLLM does
+    (vLLM's CPU build refuses sleep mode; tests/workers/test_sleep_gpu.py runs vLLM's on a
+    GPU): idle, the worker leaves the routing table and its engine sleeps (the process
+    stays); a request is held by the gateway, which tells the controller, whose heartbeat
+    reply wakes the engine; the request is answered by the same engine."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    worker = cluster.add_worker("dozy", "fake", "--status-port", str(port), "--sleep-after-s", "1")
+    wait_until(lambda: _asleep(url), 60, "the engine asleep")
+    (worker_id,) = cluster.worker_ids("dozy", "sleeping")  # out of the routing table
+    engine = _engine_pid(worker)
+    with cluster.engine(worker_id) as direct:  # as a gateway would reach it: asleep
+        hi = {"model": "dozy", "prompt": "hi", "max_tokens": 2}
+        assert direct.post("/v1/completions", json=hi).status_code == 503
+        assert direct.post("/wake_up").status_code == 403  # the agent's route only
+    client = cluster.client().with_options(timeout=60)
+    wait_until(lambda: _state(client, "dozy") == "sleeping", 30, "the gateway's table")
+    reply = client.completions.create(model="dozy", prompt="hi", max_tokens=2)
+    assert reply.choices[0].text == " tok0 tok1"
+    # the same engine, woken (not restarted)
+    assert _engine_pid(worker) == engine
+    assert worker_id in {w.worker_id for w in cluster.table().workers}
+    assert _metric(url, "fleetserve_worker_wakes_total") == 1
+    assert _metric(url, "fleetserve_worker_engine_restarts_total") == 0

@@ -13,10 +13,12 @@ class FakeEngine(Engine, name="fake"):
 
     unix_socket = True
     token_ids = True
+    sleeps = True  # as vLLM's sleep mode (its routes and their effect), for tests on the CPU
     served_endpoints = (CHAT, COMPLETIONS, "/v1/audio/transcriptions", "/v1/audio/translations")
 
     def command(self, port: int) -> list[str]:
         s = self.settings
         cmd = [sys.executable, "-m", "workers.fake.server"]
         cmd += ["--uds", self.socket] if self.socket else ["--host", s.host, "--port", str(port)]
+        cmd += ["--sleep-mode"] if s.sleep_after_s is not None else []
         return [*cmd, "--served-name", *s.model_names, *s.engine_args]

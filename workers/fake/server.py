@@ -103,6 +103,8 @@ class FakeServer:
         #: Requests answered at all (faults included), for tests.
         self.requests = 0
         self.fault: Fault | None = None
+        #: vLLM's sleep mode (--sleep-mode): asleep, generations are refused.
+        self.asleep = False
 
     def _read(self, body: dict[str, Any], chat: bool) -> _Generation | Response:
         max_tokens = (
@@ -279,6 +281,8 @@ class FakeServer:
         """``handle``, unless the engine is told to refuse (``reject_status``)."""
         if self.reject_status:
             return _error(self.reject_status, "the fake engine refuses (--reject-status)")
+        if self.asleep:  # (vLLM fails a request sent to a sleeping engine too)
+            return _error(503, "the engine is asleep", "engine_asleep")
         return await self.handle(request)
 
     async def transcribe(self, request: Request) -> Response:
@@ -310,6 +314,22 @@ class FakeServer:
     async def health(self, _: Request) -> Response:
         return Response(status_code=200)
 
+    # vLLM's sleep mode routes (VLLM_SERVER_DEV_MODE=1 with --enable-sleep-mode; vLLM 0.32's
+    # entrypoints/serve/dev/sleep/api_router.py), for the CPU tests of what drives them: the
+    # CPU build of vLLM refuses sleep mode.
+
+    async def sleep(self, request: Request) -> Response:
+        self.asleep = True
+        level = int(request.query_params.get("level", "1"))
+        return _json({"status": "sleeping", "level": level})
+
+    async def wake_up(self, _: Request) -> Response:
+        self.asleep = False
+        return _json({"status": "awake", "tags": None})
+
+    async def is_sleeping(self, _: Request) -> Response:
+        return _json({"is_sleeping": self.asleep})
+
 
 def _usage(gen: _Generation, completion_tokens: int) -> dict[str, int]:
     prompt_tokens = len(gen.prompt)
@@ -320,9 +340,15 @@ def _usage(gen: _Generation, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def build_app(engine: FakeServer) -> Starlette:
+def build_app(engine: FakeServer, sleep_mode: bool = False) -> Starlette:
+    sleep_routes = [
+        Route("/sleep", engine.sleep, methods=["POST"]),
+        Route("/wake_up", engine.wake_up, methods=["POST"]),
+        Route("/is_sleeping", engine.is_sleeping),
+    ]
     return Starlette(
         routes=[
+            *(sleep_routes if sleep_mode else []),
             Route("/v1/chat/completions", engine.generate, methods=["POST"]),
             Route("/v1/completions", engine.generate, methods=["POST"]),
             Route("/detokenize", engine.detokenize, methods=["POST"]),
@@ -361,12 +387,18 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="Seconds to 'load the model' before listening (a cold start, for tests).",
     )
+    parser.add_argument(
+        "--sleep-mode",
+        action="store_true",
+        help="Serve vLLM's sleep mode routes (/sleep, /wake_up, /is_sleeping): asleep, "
+        "generations are refused (503).",
+    )
     args = parser.parse_args(argv)
     time.sleep(args.load_s)
     engine = FakeServer(
         args.served_name, args.tokens_per_s, args.ttft_s, args.vocabulary, args.reject_status
     )
-    serve(build_app(engine), host=args.host, port=args.port, uds=args.uds)
+    serve(build_app(engine, args.sleep_mode), host=args.host, port=args.port, uds=args.uds)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ class VllmEngine(Engine, name="vllm", default=True):
     loads_hub_models = True
     token_ids = True  # return_token_ids and token-id prompts: vLLM 0.10 and later
     publishes_kv_events = True
+    sleeps = True  # --enable-sleep-mode, with VLLM_SERVER_DEV_MODE=1 for its routes
 
     @classmethod
     def resolve_source(cls, source: str) -> str:
@@ -68,6 +69,8 @@ class VllmEngine(Engine, name="vllm", default=True):
             cmd += ["--pipeline-parallel-size", str(s.pipeline_parallel_size)]
         if len(s.nodes) > 1 or s.ray_address:  # ranks elsewhere are Ray actors
             cmd += ["--distributed-executor-backend", "ray"]
+        if s.sleep_after_s is not None:
+            cmd.append("--enable-sleep-mode")
         if self.kv_events_config is not None:  # set by the agent when kv_events_wanted()
             # prefix caching is the default; said, since the events need it
             cmd += ["--kv-events-config", self.kv_events_config, "--enable-prefix-caching"]
@@ -85,6 +88,15 @@ class VllmEngine(Engine, name="vllm", default=True):
                 # where start-up is what users wait on. `--no-enforce-eager` compiles anyway.
                 cmd.append("--enforce-eager")
         return cmd + s.engine_args
+
+    @classmethod
+    def check_sleep_mode(cls, device: Device | None) -> None:
+        if device is not Device.CUDA or vllm_is_cpu_build():
+            raise ConfigError(
+                "sleep_after_s: vLLM's sleep mode frees GPU memory and runs on GPUs only (its "
+                "CPU build refuses --enable-sleep-mode: 'Sleep mode is not supported on "
+                "current platform'); use load: on_demand to stop idle CPU engines instead"
+            )
 
     @classmethod
     def check_installed(cls) -> None:
@@ -123,6 +135,11 @@ class VllmEngine(Engine, name="vllm", default=True):
         environment.setdefault("VLLM_ENABLE_RESPONSES_API_STORE", "1")
         if self.settings.max_adapters:  # /v1/load_lora_adapter: the relay lets only the agent
             environment["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        if self.settings.sleep_after_s is not None:
+            # /sleep and /wake_up are dev routes: this opens /collective_rpc and /server_info
+            # too, which only the relay in front stops (it refuses them to everyone; the agent
+            # reaches the engine's socket itself).
+            environment["VLLM_SERVER_DEV_MODE"] = "1"
         return environment
 
     async def endpoints(self, http: httpx.AsyncClient, engine_url: str) -> list[str]:

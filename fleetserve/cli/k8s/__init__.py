@@ -8,7 +8,7 @@ Service, HorizontalPodAutoscaler, PodDisruptionBudget, the keys Secret where the
 keys); NetworkPolicies. Plain dicts (``render``), written as YAML (``dump``;
 fleetserve/cli/render.py is the command).
 
-A field Kubernetes cannot honour is refused (fleetserve/targets.py) before anything is
+A field Kubernetes cannot honour is refused (fleetserve/cli/targets.py) before anything is
 built. What stays outside: the namespace, image names (kustomize ``images:``), the cluster
 token's Secret (and the keys' where the file has none: the operator makes them), a shared
 volume for weights, and the Prometheus operator's objects (k8s/monitoring): a kustomize

@@ -41,13 +41,14 @@ from gateway.settings import KeysFile, load_keys_file
 
 def declared_models(cluster: ClusterConfig) -> str:
     """The controller's models file: each model's names, policy, fallbacks and load (on
-    demand: declared with no replica wanted until a gateway asks for it)."""
+    demand, or autoscaled from zero: declared with no replica wanted, so that a gateway
+    holding a request for it tells the controller, whose load KEDA reads)."""
     models = []
     for spec in cluster.models:
         entry = spec.model_dump(
             mode="json", include={"name", "aliases", "routing_policy", "fallbacks"}
         )
-        if spec.load is Load.ON_DEMAND:
+        if spec.wanted_at_least() == 0:
             entry["load"] = Load.ON_DEMAND.value
         models.append({key: value for key, value in entry.items() if value not in (None, [])})
     return yaml.safe_dump({"models": models}, sort_keys=False)

@@ -71,6 +71,7 @@ EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "node_rank": 1,
         "ray_port": 7000,
         "start_timeout_s": 7200.0,
+        "sleep_after_s": 60.0,
         "controller_url": "http://c:8001",
         "host": "0.0.0.0",
         "port": 8100,

@@ -6,7 +6,7 @@ import pytest
 
 from fleetserve.cli.cluster import ModelSpec
 from fleetserve.cli.nodeplan import Stage, share_nodes
-from fleetserve.cli.up import _check_gpus
+from fleetserve.cli.placing import _check_gpus
 from fleetserve.errors import ConfigError
 from workers.placement import Gpu, Machine
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fleetserve.ray.autoscaling import ONGOING_REQUESTS, desired_replicas, serve_policy
+from fleetserve.ray.autoscaling import ONGOING_REQUESTS, ServePolicy, desired_replicas
 
 
 @pytest.mark.parametrize(
@@ -26,12 +26,30 @@ def test_replicas_follow_the_ongoing_requests(
     assert desired_replicas(ongoing, 16.0, current) == expected
 
 
+@pytest.mark.parametrize(
+    ("ongoing", "current", "held", "expected"),
+    [
+        ([], 0, False, 0),  # scaled to zero, nobody asks: stays at zero
+        ([], 0, True, 1),  # a gateway holds a request: one replica
+        ([], 1, True, 1),  # it loads (no report yet): still one, not two
+        ([0.0], 1, False, 0),  # idle, nothing held: back to zero (after Serve's delay)
+        ([0.0], 1, True, 1),  # answered, but another request is held already
+        ([40.0], 1, True, 3),  # the load decides above one
+    ],
+)
+def test_a_model_with_min_replicas_0_follows_the_held_requests(
+    ongoing: list[float], current: int, held: bool, expected: int
+) -> None:
+    assert desired_replicas(ongoing, 16.0, current, held, min_replicas=0) == expected
+
+
 def test_the_serve_policy_reads_the_replicas_reports() -> None:
     ctx = SimpleNamespace(
         aggregated_metrics={ONGOING_REQUESTS: {"replica-a": 9.0, "replica-b": 7.5}},
         config=SimpleNamespace(target_ongoing_requests=4.0),
         current_num_replicas=2,
     )
-    assert serve_policy(ctx) == (5, {})
+    policy = ServePolicy("m", "http://127.0.0.1:1")  # min_replicas 1: never asks for demand
+    assert policy(ctx) == (5, {})
     ctx.aggregated_metrics = None  # custom metrics not collected yet
-    assert serve_policy(ctx) == (2, {})
+    assert policy(ctx) == (2, {})

@@ -9,9 +9,11 @@ from fleetserve.errors import ConfigError
 from fleetserve.ray.deploy import deployment_options
 
 
-def options(model: dict[str, object], gpus: bool = True) -> dict[str, object]:
+def options(
+    model: dict[str, object], gpus: bool = True, controller_url: str | None = None
+) -> dict[str, object]:
     (spec,) = parse_cluster({"models": [{"name": "m", **model}]}).models
-    return deployment_options(spec, gpus)
+    return deployment_options(spec, gpus, controller_url)
 
 
 def resources(model: dict[str, object], gpus: bool = True) -> tuple[object, object]:
@@ -35,7 +37,36 @@ def test_fixed_replicas_or_autoscaling_bounds() -> None:
     config = scaled["autoscaling_config"]
     assert isinstance(config, dict)
     assert (config["min_replicas"], config["max_replicas"]) == (1, 4)
-    assert config["policy"] == {"policy_function": "fleetserve.ray.autoscaling:serve_policy"}
+    assert config["policy"] == {
+        "policy_function": "fleetserve.ray.autoscaling:ServePolicy",
+        "policy_kwargs": {},
+    }
+
+
+def test_scaled_to_zero_models_read_the_gateways_demand_from_the_controller() -> None:
+    """min_replicas 0 starts none; the policy is told where the demand is (no secret: Serve
+    logs its kwargs). load: on_demand is the same, from 0 to its replicas, going back to 0
+    after idle_timeout_s."""
+    url = "http://controller:8001"
+    for model, bounds, to_zero in [
+        ({"autoscaling": {"min_replicas": 0, "max_replicas": 3}}, (0, 0, 3), None),
+        ({"load": "on_demand", "replicas": 2, "idle_timeout_s": 60}, (0, 0, 2), 60),
+    ]:
+        config = options(model, controller_url=url)["autoscaling_config"]
+        assert isinstance(config, dict)
+        got = (config["min_replicas"], config["initial_replicas"], config["max_replicas"])
+        assert got == bounds
+        assert config.get("downscale_to_zero_delay_s") == to_zero
+        assert config["policy"]["policy_kwargs"] == {
+            "model": "m",
+            "controller_url": url,
+            "min_replicas": 0,
+            "ca_file": None,
+        }
+    (spec,) = parse_cluster(
+        {"models": [{"name": "m", "autoscaling": {"min_replicas": 0, "max_replicas": 3}}]}
+    ).models
+    assert spec.declaration().replicas == 0  # gateways hold its requests and ask for one
 
 
 @pytest.mark.parametrize(

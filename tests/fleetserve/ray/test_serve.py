@@ -1,6 +1,7 @@
 """`fleetserve ray`: replicas as Ray Serve deployments on a real local Ray head (2 CPUs).
 
-Two fake-engine models (one fixed, one autoscaled) and one vLLM-CPU model.
+Three fake-engine models (one fixed, one autoscaled, one scaled to zero while idle) and
+one vLLM-CPU model.
 
 The test starts its own Ray head and stops it by PID (its process group);
 controller and gateway are the usual processes, talking to the engines
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from fleetserve import procs
 from tests import helpers
@@ -98,6 +100,13 @@ models:
       upscale_delay_s: 1
       downscale_delay_s: 4
       look_back_period_s: 4
+  - name: sleepy
+    engine: fake
+    autoscaling:
+      min_replicas: 0
+      max_replicas: 1
+      downscale_delay_s: 2
+      look_back_period_s: 4
 """
 
 
@@ -167,6 +176,28 @@ def test_a_model_scales_up_under_load_and_back_down(cluster: LocalCluster, deplo
     with Load(cluster.gateway_url, "elastic", concurrency=8):
         wait_until(lambda: len(cluster.worker_ids("elastic")) == 2, 90, "a second replica")
     wait_until(lambda: len(cluster.worker_ids("elastic")) == 1, 90, "back to one replica")
+
+
+def _workers_of(cluster: LocalCluster, model: str) -> list[str]:
+    return [w.worker_id for w in cluster.table().workers if w.model_names[0] == model]
+
+
+def test_a_model_with_min_replicas_0_starts_on_a_held_request_and_goes_back_to_zero(
+    cluster: LocalCluster, deployed: str
+) -> None:
+    """No replica while idle; a request the gateway holds is the demand (gateway ->
+    controller -> fleetserve's policy in Ray Serve's autoscaler): one replica starts and the
+    request is answered; idle again, the model is back to zero replicas."""
+    assert not _workers_of(cluster, "sleepy")
+    client = cluster.client().with_options(timeout=120, max_retries=0)
+    states = {m.id: (m.model_extra or {}).get("state") for m in client.models.list()}
+    assert states["sleepy"] == "scaled_to_zero"
+    hi: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+    reply = client.chat.completions.create(model="sleepy", messages=hi, max_tokens=4)
+    assert reply.choices[0].message.content
+    assert len(_workers_of(cluster, "sleepy")) == 1
+    wait_until(lambda: not _workers_of(cluster, "sleepy"), 90, "the idle model back to zero")
+    assert client.chat.completions.create(model="sleepy", messages=hi, max_tokens=4).choices
 
 
 def test_a_changed_model_rolls_its_replicas_without_failing_requests(
