@@ -49,7 +49,8 @@ class AdapterSpec(BaseModel):
     source: str = Field(
         min_length=1,
         description="The adapter's directory (peft's save_pretrained: adapter_config.json and "
-        "its weights) on the disk of the base model's workers.",
+        "its weights) on the disk of the base model's workers, or a hub id (org/name): pulled "
+        "into the model cache first (`fleetserve up`, `fleetserve model pull -f`).",
     )
     aliases: list[str] = Field(
         default_factory=list,

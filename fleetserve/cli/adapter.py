@@ -1,7 +1,8 @@
 """`fleetserve adapter add|list|remove`: LoRA adapters at run time, over the controller's
 authenticated API (the cluster token, as `fleetserve status`).
 
-``add`` declares the adapter (``PUT /models/NAME`` with its base and directory), checked here
+``add`` declares the adapter (``PUT /models/NAME`` with its base and directory, a hub id
+pulled here first), checked here
 first (files present and loadable, rank within the base's replicas' max_lora_rank) and by the
 controller (base known and serving LoRA, no name taken): nothing restarts, and the first
 request for it registers it on a replica. ``remove`` takes the declaration back: gateways stop
@@ -54,8 +55,18 @@ def _call(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> ht
     return response
 
 
+def local_source(source: str) -> str:
+    """An adapter's directory on this machine: a hub id (org/name) pulled into the model
+    cache first (as `fleetserve model pull` does: HF_TOKEN, HF_ENDPOINT), a path as given."""
+    from workers.hub import is_hub_id, pull
+
+    if is_hub_id(source):
+        return str(pull(source).path)
+    return str(Path(source).resolve())
+
+
 def cmd_add(args: argparse.Namespace) -> int:
-    source = str(Path(args.source).resolve())
+    source = local_source(args.source)
     token = client_token(args.cluster_token_file)
     try:
         table = fetch_table(args.controller_url, token, args.ca_file)

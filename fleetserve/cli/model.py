@@ -45,6 +45,7 @@ def cmd_model_pull(args: argparse.Namespace) -> int:
             for spec in specs
             if Engine.named(spec.engine).loads_hub_models and is_hub_id(spec.source)
         ]
+        sources += [a.source for spec in specs for a in spec.adapters if is_hub_id(a.source)]
         if not sources:
             print(f"{args.file}: no model to pull (local paths, the demo model, GGUF files)")
     elif args.model:

@@ -21,6 +21,7 @@ from controller.settings import ControllerSettings
 from fleetserve import constants, env, paths
 from fleetserve.adapters import inspect_adapter
 from fleetserve.auth import ensure_token_file
+from fleetserve.cli.adapter import local_source
 from fleetserve.cli.args import validation_context
 from fleetserve.cli.cluster import ClusterConfig, Load, ModelSpec, load_cluster_file, parse_cluster
 from fleetserve.cli.harness import Cluster, Component, ComponentFailed, reachable
@@ -124,6 +125,7 @@ def run_local_cluster(
     for spec in cluster.models:
         Engine.named(spec.engine).check_installed()
         for adapter in spec.adapters:  # a bad one is refused here, not by a worker
+            adapter.source = local_source(adapter.source)
             inspect_adapter(adapter.source, spec.max_lora_rank)
         if not spec.source and not spec.url:
             with console.status("preparing the model (the demo model: made on first run)"):

@@ -26,6 +26,13 @@ CHUNK = 10 * 2**20  # huggingface_hub writes what it downloads in chunks of this
 GATED_TOKEN = "hf_fleetserve_test_token"
 
 
+#: A LoRA adapter's files as peft saves them (the weights' bytes are not read here).
+LORA = [
+    HubFile("adapter_config.json", b'{"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"]}'),
+    HubFile("adapter_model.safetensors", b"weights", lfs=True),
+]
+
+
 @pytest.fixture(scope="module")
 def hub() -> Iterator[RunningHub]:
     files = [
@@ -38,6 +45,7 @@ def hub() -> Iterator[RunningHub]:
             {
                 "acme/tiny": HubModel("acme/tiny", files),
                 "acme/gated": HubModel("acme/gated", gated, token=GATED_TOKEN),
+                "acme/lora": HubModel("acme/lora", LORA),
             },
             stall_at={"acme/tiny/model.safetensors": STALL_AT},
         )
@@ -190,3 +198,40 @@ def test_a_worker_refuses_a_gated_model_before_starting_its_engine(
     assert done.returncode == 2, done.stderr[-2000:]
     assert "acme/gated is gated" in done.stderr and "set HF_TOKEN" in done.stderr
     assert "starting vllm engine" not in done.stderr
+
+
+def test_an_adapter_on_the_hub_is_pulled_and_served_from_the_cache(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    """A cluster file's adapter given by hub id: `model pull -f` fetches it with its base's
+    entry, and what `fleetserve up` (and `adapter add`) serve it from is the cached copy,
+    checked loadable."""
+    env = _env(hub, tmp_path / "hf")
+    base = tmp_path / "weights"  # (a local base: only the adapter is the hub's)
+    base.mkdir()
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(
+        "models:\n"
+        f"  - {{name: b, engine: vllm, source: {base},"
+        " adapters: [{name: a, source: acme/lora}]}\n"
+    )
+    hub.hub.requests.clear()
+    assert _pull(env, "-f", str(cluster)).returncode == 0
+    assert any("acme/lora/" in r.path for r in hub.hub.requests)
+    local = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from fleetserve.adapters import inspect_adapter\n"
+            "from fleetserve.cli.adapter import local_source\n"
+            "path = local_source('acme/lora')\n"
+            "print(path, inspect_adapter(path, 16).rank)",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert local.returncode == 0, local.stderr
+    path, rank = local.stdout.split()
+    assert Path(path).is_relative_to(_repo(tmp_path / "hf", "acme/lora")) and rank == "8"
