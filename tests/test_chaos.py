@@ -59,8 +59,9 @@ def test_kill_restart_drain_under_load(cluster: LocalCluster) -> None:
         record=True,
     ) as load:
         load.wait_requests(40)
-        killed_at = time.perf_counter()
+        kill_started = time.perf_counter()
         victim.kill_tree()
+        kill_done = time.perf_counter()  # (the kill landed in between: walking the tree takes time)
         load.wait_requests(40)
         cluster.controller.kill_tree()
         cluster.controller = cluster.start_controller()
@@ -75,9 +76,11 @@ def test_kill_restart_drain_under_load(cluster: LocalCluster) -> None:
     cut = _sample(
         metrics, f'fleetserve_gateway_upstream_mid_stream_failures_total{{worker="{victim_id}"}}'
     )
-    on_victim = [a for a in load.answers if a.worker == victim_id and a.started < killed_at]
-    surely_cut = [a for a in on_victim if a.started < killed_at - 0.05 < killed_at + 0.05 < a.ended]
-    maybe_cut = [a for a in on_victim if a.ended > killed_at]
+    on_victim = [a for a in load.answers if a.worker == victim_id and a.started < kill_done]
+    surely_cut = [
+        a for a in on_victim if a.started < kill_started - 0.05 < kill_done + 0.05 < a.ended
+    ]
+    maybe_cut = [a for a in on_victim if a.ended > kill_started]
     print(
         f"streams cut: {cut:.0f}, resumed: {resumed:.0f}, in flight at the kill: "
         f"{len(surely_cut)} to {len(maybe_cut)}"
