@@ -11,9 +11,8 @@ for every target (tests/fleetserve/test_targets.py fails on a field that is not)
 field honoured everywhere maps to ``EVERYWHERE``, others to the targets that refuse
 it and why. A field counts as given when its value differs from its default.
 
-Checked by `fleetserve up --target local|skypilot|skyserve` (deploy/ passes its target)
-and by `fleetserve render k8s` (the k8s column). The ray column is the decision
-`ray deploy` is to enforce; it does not check a file against it yet.
+Checked by `fleetserve up --target local|skypilot|skyserve` (deploy/ passes its target),
+`fleetserve render k8s` (the k8s column) and `fleetserve ray deploy` (the ray column).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from fleetserve.auth import client_token
 from fleetserve.cli.args import add_controller_url, validation_context
 from fleetserve.cli.cluster import load_cluster_file
 from fleetserve.cli.status import make_console
+from fleetserve.cli.targets import Target, check
 
 
 def cmd_ray(args: argparse.Namespace) -> int:
@@ -21,6 +22,7 @@ def cmd_ray(args: argparse.Namespace) -> int:
     token = client_token(args.cluster_token_file)
     if args.ray_command == "deploy":
         cluster = load_cluster_file(args.file, context=validation_context())
+        check(cluster, Target.RAY, str(args.file))  # before anything reaches Ray
         return deploy(cluster, args.controller_url, args.address, console, token, args.ca_file)
     if args.ray_command == "status":
         return status(args.controller_url, args.address, console, token, args.ca_file)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from fleetserve.cli import main
 from fleetserve.cli.cluster import parse_cluster
 from fleetserve.errors import ConfigError
 from fleetserve.ray.deploy import deployment_options
@@ -100,3 +103,20 @@ def test_no_ray_cluster_at_the_address_fails_fast_and_says_so(fleet_env: dict[st
     assert done.returncode == 1
     assert f"no Ray cluster at {address}" in done.stderr
     assert "ray start --head" in done.stderr
+
+
+def test_a_field_ray_cannot_honour_is_refused_by_name_before_reaching_ray(tmp_path: Path) -> None:
+    """The Ray column of fleetserve/cli/targets.py, as `ray deploy` checks it: nothing is
+    silently ignored (no Ray cluster is needed to be refused)."""
+    path = tmp_path / "cluster.yaml"
+    path.write_text(
+        "models:\n"
+        "  - {name: big, source: org/big, gpu: {products: [NVIDIA-H100-80GB-HBM3]}}\n"
+        "  - {name: ok, engine: fake}\n"
+    )
+    with pytest.raises(SystemExit) as exited:
+        main(["ray", "deploy", "-f", str(path), "--address", "127.0.0.1:1"])
+    message = str(exited.value.code)
+    assert f"{path} asks for what ray cannot do" in message
+    assert "models[0].gpu: Ray places replicas by GPU count only" in message
+    assert "models[1]" not in message
