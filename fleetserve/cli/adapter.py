@@ -157,7 +157,8 @@ def register(sub: Any) -> None:
         "--source",
         required=True,
         metavar="PATH",
-        help="The adapter's directory (peft's save_pretrained), on the base's workers' disk.",
+        help="The adapter's directory (peft's save_pretrained), on the base's workers' disk, "
+        "or a hub id (org/name): pulled into the model cache here first.",
     )
     add.add_argument("--alias", action="append", help="Another name for it (repeatable).")
     add.set_defaults(func=cmd_add)
