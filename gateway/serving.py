@@ -268,10 +268,7 @@ class Serving:
             try:
                 async with asyncio.timeout(self.settings.request_timeout_s):
                     if served is not None and served.workers and not route.fallbacks:
-                        # an adapter's engines know it by its own name only: not an alias
-                        response = await self._send(
-                            served, (route.base and route.model) or model, call
-                        )
+                        response = await self._send(served, route.engine_name(model), call)
                     else:
                         response = await self._with_fallbacks(route, served, key, call)
             finally:
@@ -302,8 +299,7 @@ class Serving:
                 served = await self._hold(route, call)
             if served is None:  # a model with no worker left, kept for its fallbacks
                 raise self._no_worker(route.model)
-            name = route.model if route.base else call.request.model  # (see respond)
-            response = await self._send(served, name, call)
+            response = await self._send(served, route.engine_name(call.request.model), call)
             if response.status_code not in _FALL_BACK_STATUSES or not route.fallbacks:
                 return response
             failure = response

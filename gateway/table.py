@@ -126,6 +126,11 @@ class ModelRoute:
     #: wakes them (its route counts as declared while they sleep).
     sleeping: int = 0
 
+    def engine_name(self, requested: str) -> str:
+        """The name to ask its engines for: as requested (an engine serves its model's
+        aliases too), but a LoRA adapter by its own name only, as vLLM knows it."""
+        return self.model if self.base is not None else requested
+
 
 class RoutingTable:
     """One version of the controller's table, as the hot path reads it."""

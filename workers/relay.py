@@ -10,10 +10,7 @@ before a byte of it reaches the engine, answers 401 in the error envelope otherw
 forwards the requests that carry it. ``GET /health`` alone passes without it, as on every
 fleetserve server: it says only that the engine is up, and probes and other routers
 (sglang-router checks a worker's /health without its key before it routes to it) need it.
-vLLM's runtime LoRA endpoints (``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``, and
-the SageMaker ``/adapters`` routes vLLM 0.32 also serves) register any path on the engine's
-disk: the relay refuses them (403) even with the secret; the agent calls them on the socket
-(workers/adapters.py). The secret is the worker's own (new for each agent),
+The secret is the worker's own (new for each agent),
 registered with the controller under the cluster token and handed only to gateways, on the
 controller's authenticated /routes; the engine gets it too (VLLM_API_KEY, LLAMA_API_KEY),
 through its environment.
@@ -27,13 +24,15 @@ cap, idle connections cut, a connection cap that evicts idle ones first. Bodies 
 deadline here: only holders of the secret (gateways, which have their own) get past the head.
 What the extra hop costs: README, Performance.
 
-vLLM's dev routes (``VLLM_SERVER_DEV_MODE=1``, which its sleep mode needs: /sleep,
-/wake_up, /is_sleeping, /release_kv_cache_memory, and with them /collective_rpc, which
-calls any method on the engine's workers, and /server_info) are refused to everyone, the
-secret's holders included (403): the agent, which alone may put the engine to sleep and
-wake it (workers/sleep.py), talks to the engine's socket itself. The cache resets of the
-same set pass with the secret: they cost only cache hits, and bench/routing.py empties the
-engines' prefix caches through the relay.
+Routes only the agent may call are refused to everyone, the secret's holders included
+(403; AGENT_ONLY_PATHS): vLLM's runtime LoRA endpoints and the SageMaker ``/adapters``
+routes vLLM 0.32 also serves (they register any path on the engine's disk;
+workers/adapters.py), and the dev routes ``VLLM_SERVER_DEV_MODE=1`` opens for sleep mode
+(/sleep, /wake_up, /is_sleeping, /release_kv_cache_memory, and with them /collective_rpc,
+which calls any method on the engine's workers, and /server_info; workers/sleep.py). The
+agent talks to the engine's socket itself. The cache resets of the dev set pass with the
+secret: they cost only cache hits, and bench/routing.py empties the engines' prefix caches
+through the relay.
 """
 
 from __future__ import annotations
