@@ -139,7 +139,7 @@ class RetryBudget:
         #: Per second of the window (a ring): requests started, retries made.
         self._requests = [0] * slots
         self._retries = [0] * slots
-        self._second = int(clock())
+        self._second = 0  # (the clock may be an event loop's, which is not running yet)
         self.refused = 0
 
     def _slot(self, now: float) -> int:

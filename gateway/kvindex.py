@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -112,8 +113,10 @@ class KvIndex:
 class KvEvents(Collector):
     """The gateway's follower of every worker's KV events, and the models' tokenizers."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.index = KvIndex()
+        #: What the index's times count in (the gateway's: gateway/clock.py).
+        self.clock = clock
         self.session: aiohttp.ClientSession | None = None  # the lifespan opens it
         self._streams: dict[str, tuple[WorkerView, asyncio.Task[None]]] = {}
         #: model -> its tokenizer; None: being fetched or unavailable

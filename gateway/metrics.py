@@ -94,7 +94,10 @@ class _Histograms:
 class RequestRecord:
     """What the gateway learns about one proxied request on its way through."""
 
+    #: Its arrival, by time.perf_counter (its latencies count from here) and by the gateway's
+    #: clock (gateway/clock.py: its hold counts from here).
     started: float
+    arrived: float
     model: str = "unknown"
     key: str = NO_KEY
     stream: bool = False

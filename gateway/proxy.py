@@ -24,6 +24,7 @@ from starlette.responses import Response
 
 from fleetserve import constants
 from fleetserve.errors import OpenAIError
+from gateway import clock
 from gateway.breaker import CircuitBreakers, RetryBudget, backoff_s
 from gateway.metrics import GatewayMetrics, RequestRecord
 from gateway.relay import WORKER_HEADER, Resumable, Resumption, UpstreamStream
@@ -65,8 +66,12 @@ class Proxy:
         self._max_resumes = settings.max_resumes
         #: worker_id -> requests in flight from this gateway (what least-load routing counts)
         self.in_flight: dict[str, int] = defaultdict(int)
-        self.breakers = CircuitBreakers(settings.circuit_failures, settings.circuit_open_s)
-        self.budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_min_per_s)
+        self.breakers = CircuitBreakers(
+            settings.circuit_failures, settings.circuit_open_s, clock.now
+        )
+        self.budget = RetryBudget(
+            settings.retry_budget_ratio, settings.retry_budget_min_per_s, clock.now
+        )
         metrics.circuits = self.breakers
 
     def _acquire(self, worker_id: str) -> None:
@@ -123,7 +128,7 @@ class Proxy:
         ``record`` gets the time spent waiting on engines and the usage meter's findings;
         ``headers``: the request's header lines (gateway/upstream.py).
         """
-        now = time.monotonic()
+        now = clock.now()
         self.budget.request(now)
         breakers = self.breakers
         candidates = [t for t in route.workers if breakers.available(t.worker_id, now)]
@@ -224,7 +229,7 @@ class Proxy:
 
     def status(self, routes: RoutingTable) -> dict[str, Any]:
         """This gateway's view of the workers (``GET /status``, ``fleetserve status``)."""
-        now = time.monotonic()
+        now = clock.now()
         workers: dict[str, dict[str, Any]] = {}
         for route in routes.by_name.values():
             for target in route.workers:
@@ -320,7 +325,7 @@ class Proxy:
         route = resumable.route
         if self._routes is not None:
             route = self._routes().by_name.get(resumable.plan.model) or route
-        now = time.monotonic()
+        now = clock.now()
         pool = [
             t
             for t in route.workers

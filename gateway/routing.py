@@ -308,7 +308,7 @@ class KvEventsPolicy(CacheAwarePolicy, name="kv_events"):
         if kv is None or sizes == {None}:
             return misses
         size = max(s for s in sizes if s is not None)  # one model: one block size
-        now = time.monotonic()
+        now = kv.clock()
         # The first block first: a prompt nobody holds the start of is a miss everywhere,
         # and the rest of it need not be encoded (a long unique prompt: most of the cost).
         head = ctx.prompt_head(constants.KV_PROBE_CHARS)
@@ -326,7 +326,7 @@ class KvEventsPolicy(CacheAwarePolicy, name="kv_events"):
 
     def sent(self, worker: C, keys: list[int], ctx: RoutingContext) -> None:
         if ctx.kv is not None and keys:
-            ctx.kv.index.note_sent(worker.worker_id, keys, time.monotonic())
+            ctx.kv.index.note_sent(worker.worker_id, keys, ctx.kv.clock())
 
     def held_blocks(self, worker: C, ctx: RoutingContext) -> int:
         return ctx.kv.index.blocks(worker.worker_id) if ctx.kv is not None else 0

@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 from fleetserve import constants, env
 from fleetserve.auth import client_tls, client_token
 from fleetserve.errors import OpenAIError, error_response
+from gateway import clock
 from gateway.admin import build_admin_app
 from gateway.auth import KeyStore
 from gateway.kvindex import KvEvents
@@ -51,7 +52,7 @@ class Gateway:
         self.settings = settings
         self.metrics = GatewayMetrics()
         self.keys = KeyStore(
-            settings.keys, Path(settings.keys_file) if settings.keys_file else None
+            settings.keys, Path(settings.keys_file) if settings.keys_file else None, clock.now
         )
         if not self.keys.enabled:
             logger.warning(
@@ -69,7 +70,9 @@ class Gateway:
         )
         self.upstreams = UpstreamPool()
         self.proxy = Proxy(self.upstreams, self.metrics, settings, lambda: self.watcher.routes)
-        self.kv = KvEvents()  # the engines' KV caches, from their events (kv_events policy)
+        self.kv = KvEvents(
+            clock.now
+        )  # the engines' KV caches, from their events (kv_events policy)
         self.metrics.registry.register(self.kv)
         self.watcher.listeners.append(self.kv.update)
         self.serving = Serving(settings, self.keys, self.watcher, self.proxy, self.metrics, self.kv)
@@ -80,10 +83,10 @@ class Gateway:
             path = scope["path"]
             endpoint = ENDPOINTS.get(path) if scope["method"] == "POST" else None
             if endpoint is not None:
-                record = RequestRecord(time.perf_counter())
+                record = RequestRecord(time.perf_counter(), clock.now())
                 response = await self.serving.respond(scope, receive, endpoint, record)
             elif path.startswith(RESPONSES_PREFIX):
-                record = RequestRecord(time.perf_counter())
+                record = RequestRecord(time.perf_counter(), clock.now())
                 response = await self.serving.respond_stored(scope, receive, record)
             elif path == MESSAGES_PREFIX or path.startswith(MESSAGES_PREFIX + "/"):
                 # Anthropic's API, a path or method not routed: its own 404

@@ -38,7 +38,6 @@ gateway/table.py ``response_tag``); every gateway finds the worker from the id.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -54,6 +53,7 @@ from starlette.types import Message, Receive, Scope
 from fleetserve import constants
 from fleetserve.errors import OpenAIError, error_response
 from fleetserve.protocol import RESPONSES
+from gateway import clock
 from gateway.auth import KeyStore
 from gateway.kvindex import KvEvents
 from gateway.metrics import NO_KEY, GatewayMetrics, RequestRecord
@@ -162,7 +162,7 @@ class Call:
     headers: bytes
     ctx: RoutingContext
     record: RequestRecord
-    #: While held (Serving._hold): the route waited for and since when (time.perf_counter).
+    #: While held (Serving._hold): the route waited for and since when (gateway/clock.py).
     hold: tuple[ModelRoute, float] | None = None
 
 
@@ -335,21 +335,23 @@ class Serving:
         return failure
 
     def _hold_deadline(self, record: RequestRecord) -> float:
-        """When holding a request ends (time.perf_counter): hold_timeout_s after its arrival
-        (``record.started``), or at its request timeout, which runs from then too, if
+        """When holding a request ends (gateway/clock.py): hold_timeout_s after its arrival
+        (``record.arrived``), or at its request timeout, which runs from then too, if
         earlier (respond() also ends a hold at the request timeout: see Call.hold)."""
-        deadline = record.started + self.settings.hold_timeout_s
+        deadline = record.arrived + self.settings.hold_timeout_s
         timeout_s = self.settings.request_timeout_s
-        return deadline if timeout_s is None else min(deadline, record.started + timeout_s)
+        return deadline if timeout_s is None else min(deadline, record.arrived + timeout_s)
 
     async def _table_changed(self, deadline: float) -> bool:
         """Wait for the next routing table until ``deadline``; False if none came."""
-        remaining = deadline - time.perf_counter()
+        remaining = deadline - clock.now()
         if remaining <= 0:
             return False
-        with contextlib.suppress(TimeoutError):
+        try:
             async with asyncio.timeout(remaining):
                 await self.watcher.changed.wait()
+        except TimeoutError:  # (the clock may stop a hair short of the deadline: it is past)
+            return False
         return True
 
     async def _first_table(self, model: str, record: RequestRecord) -> ModelRoute:
@@ -370,7 +372,7 @@ class Serving:
         none is by _hold_deadline; 404 if the model is gone or its workers
         do not serve the endpoint; as an undeclared model if it stops being declared."""
         name, path, model = call.request.model, call.endpoint.path, route.model
-        started = time.perf_counter()
+        started = clock.now()
         deadline = self._hold_deadline(call.record)  # (it may have waited for a first table)
         held = self.metrics.held
         held[model] = held.get(model, 0) + 1
@@ -406,11 +408,11 @@ class Serving:
             if not cancelled:
                 call.hold = None
             held[model] -= 1
-            self.metrics.holds.observe((model, outcome), time.perf_counter() - started)
+            self.metrics.holds.observe((model, outcome), clock.now() - started)
 
     @staticmethod
     def _not_ready(route: ModelRoute, held_since: float) -> OpenAIError:
-        waited_s = time.perf_counter() - held_since
+        waited_s = clock.now() - held_since
         ready = len(route.workers)
         if route.base is not None:
             why = f"a LoRA adapter of `{route.base}`, not registered on a replica yet"

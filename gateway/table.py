@@ -18,7 +18,6 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit
@@ -29,6 +28,7 @@ from fleetserve import constants
 from fleetserve.auth import ClusterToken
 from fleetserve.protocol import RouteTable, WorkerLoad, WorkerState, WorkerView
 from fleetserve.secrets import read_secret
+from gateway import clock
 from gateway.routing import RoutingPolicy
 from gateway.upstream import JSON_HEADERS
 
@@ -344,7 +344,7 @@ class RouteTableWatcher:
         """Tell the controller (in the background, at most every DEMAND_INTERVAL_S) that this
         gateway holds a request for declared ``model``, which has no replica wanted: what
         starts replicas on demand reads it there."""
-        now = time.monotonic()
+        now = clock.now()
         last = self._demanded.get(model)
         if self.session is None or (last is not None and now - last < constants.DEMAND_INTERVAL_S):
             return
@@ -398,12 +398,12 @@ class RouteTableWatcher:
                 if controller_down_since is not None:
                     logger.info(
                         "controller reachable again after %.1fs",
-                        time.monotonic() - controller_down_since,
+                        clock.now() - controller_down_since,
                     )
                     controller_down_since = None
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 if controller_down_since is None:
-                    controller_down_since = time.monotonic()
+                    controller_down_since = clock.now()
                     logger.warning(
                         "controller unreachable (%s); serving the last routing table",
                         exc or type(exc).__name__,

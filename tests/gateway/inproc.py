@@ -11,12 +11,12 @@ started: the cluster is up after the controller's warm-up, and a gateway or a
 model's workers are added in milliseconds.
 
 The event loop runs only while an async test or fixture does: between them (sync
-tests of the same session) every server here is frozen, and its clocks jump on
-resume. So the controller runs without its lifespan, the loop that expires silent
-workers (which would otherwise expire them all after a pause), and there are no
-heartbeats to send; expiry is the registry's, tested with a hand-made clock in
-tests/controller/test_registry.py. The gateway rides out a pause as it rides out a
-slow controller: its long poll times out and it keeps routing by its last table.
+tests of the same session) every server here is frozen. The loop's clock (the gateway's:
+gateway/clock.py) stands still meanwhile and skips idle waits (tests/gateway/conftest.py),
+but the controller's registry counts in real time: so the controller runs without its
+lifespan, the loop that expires silent workers (which would otherwise expire them all
+after a pause), and there are no heartbeats to send; expiry is the registry's, tested with
+a hand-made clock in tests/controller/test_registry.py.
 
 What needs a real process (signals, restarts, ``--processes``, the CLI) stays in
 tests/test_cluster_fake.py.
@@ -63,7 +63,8 @@ GATEWAY_URL = "http://gateway"
 async def eventually(
     condition: Callable[[], bool | Awaitable[bool]], what: str, timeout_s: float = WAIT_S
 ) -> None:
-    """Wait until ``condition()`` holds; AssertionError naming ``what`` after ``timeout_s``."""
+    """Wait until ``condition()`` holds; AssertionError naming ``what`` after ``timeout_s``
+    (real seconds: a guard against a hang, however the loop's clock moves)."""
     deadline = time.monotonic() + timeout_s
     while True:
         held = condition()

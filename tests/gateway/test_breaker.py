@@ -3,6 +3,7 @@ hand-made clock, then what a gateway does with them, in-process."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import openai
@@ -108,7 +109,8 @@ async def test_a_worker_answering_500s_is_taken_out_probed_and_put_back(
 ) -> None:
     async with (
         cluster.model("flaky", 2, routing_policy="round_robin") as flaky,
-        # (open for 1.5 s: the 12 requests below, ~0.3 s, finish inside it on a busy machine)
+        # open for 1.5 s of the loop's clock: the 12 requests below take none of it (the test
+        # loop's clock moves only while the loop waits: tests/gateway/conftest.py)
         cluster.gateway(circuit_failures=3, circuit_open_s=1.5) as gateway,
     ):
         sick_id, healthy_id = flaky.ids
@@ -128,9 +130,11 @@ async def test_a_worker_answering_500s_is_taken_out_probed_and_put_back(
             await client.chat.completions.create(model="flaky", messages=HI, max_tokens=1)
             return sick.requests == 3 + times
 
+        await asyncio.sleep(1.5)  # the circuit's open time passes: the next request may probe
         await eventually(lambda: probed(1), "a probe of the sick worker")  # still failing
         assert await _circuit(gateway, sick_id) == "open"
         sick.fault = None  # it recovers
+        await asyncio.sleep(3.0)  # a failed probe opens the circuit twice as long
         await eventually(lambda: probed(2), "a second probe")
         assert await _circuit(gateway, sick_id) == "closed"
         served = sick.finished

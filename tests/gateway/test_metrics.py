@@ -27,6 +27,7 @@ def _stream(started: float, answered: float, engine_s: float, completion: int) -
     )
     return RequestRecord(
         started,
+        started,
         model="m",
         key="team",
         stream=True,
@@ -42,7 +43,7 @@ def test_histograms_are_cumulative_and_split_gateway_from_engine_time() -> None:
     # 10 s stream: first chunk after 0.3 s of which the engine took 0.299 s; 11 tokens
     metrics.record(_stream(100.0, 100.3, 0.299, 11), ended=110.3)
     metrics.record(_stream(200.0, 200.04, 0.0385, 1), ended=200.06)
-    metrics.record(RequestRecord(300.0, model="unknown", status=404), ended=300.001)
+    metrics.record(RequestRecord(300.0, 300.0, model="unknown", status=404), ended=300.001)
     s = _samples(metrics)
     ttft = "fleetserve_gateway_time_to_first_token_seconds"
     assert s[(f"{ttft}_count", frozenset({("model", "m")}))] == 2

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 from collections import Counter
 
 import aiohttp
+import looptime
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
@@ -146,7 +146,9 @@ async def test_the_watcher_stops_when_cancelled_as_its_overdue_deadline_fires() 
         watcher = RouteTableWatcher(f"http://127.0.0.1:{port}", session, deadline_s=0.2)
         task = asyncio.create_task(watcher.run())
         await asyncio.wait_for(opened.wait(), WAIT_S)
-        time.sleep(0.5)  # the loop paused past the deadline
+        # the loop paused past the deadline: the test loop's clock jumps (conftest.py)
+        assert isinstance(loop, looptime.LoopTimeEventLoop)
+        loop.setup_looptime(start=loop.time() + 0.5)
         # the deadline's callback is due now and runs first; the cancellation right after it
         loop.call_soon(lambda: loop.call_soon(task.cancel))
         with pytest.raises(asyncio.CancelledError):
