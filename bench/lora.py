@@ -35,9 +35,9 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from controller.protocol import DeclaredModel
 from fleetserve.cli.harness import Cluster
 from fleetserve.cli.loadgen import Outcome, closed_loop, for_duration, post_sender
-from fleetserve.protocol import DeclaredModel
 from workers.settings import WorkerSettings
 from workers.vllm.demo_model import ensure_demo_model, make_demo_adapter
 

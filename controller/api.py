@@ -25,17 +25,15 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from controller.metrics import RegistryCollector
+from controller.protocol import DeclaredModel, ModelLoad, ModelState
 from controller.registry import Registry
 from controller.settings import ControllerSettings
 from fleetserve import constants
 from fleetserve.auth import server_token, unauthorized
 from fleetserve.errors import OpenAIError, install_error_handlers
 from fleetserve.protocol import (
-    DeclaredModel,
     Heartbeat,
     HeartbeatReply,
-    ModelLoad,
-    ModelState,
     Registration,
     RegistrationReply,
     RouteTable,

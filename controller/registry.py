@@ -15,15 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from controller.adapters import place
+from controller.protocol import DeclaredModel, ModelLoad, ModelState
 from fleetserve import constants
 from fleetserve.adapters import LORA_ENGINE
 from fleetserve.protocol import (
     AdapterLoad,
-    DeclaredModel,
     Heartbeat,
     HeartbeatReply,
-    ModelLoad,
-    ModelState,
     ModelView,
     Registration,
     RouteTable,

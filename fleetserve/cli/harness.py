@@ -22,6 +22,7 @@ from typing import Any, Self
 
 import httpx
 
+from controller.protocol import DeclaredModel, ModelState
 from controller.settings import ControllerSettings
 from fleetserve import constants, procs
 from fleetserve.auth import client_tls, client_token
@@ -29,7 +30,7 @@ from fleetserve.cli.args import settings_argv
 from fleetserve.cli.status import fetch_table
 from fleetserve.env import CPU_THREADS_BIND
 from fleetserve.errors import FleetserveError
-from fleetserve.protocol import DeclaredModel, ModelState, RouteTable
+from fleetserve.protocol import RouteTable
 from gateway.settings import GatewaySettings
 from workers.agent import free_port
 from workers.settings import WorkerSettings

@@ -21,7 +21,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from fleetserve.protocol import ModelState, WorkerState, WorkerView
+from controller.protocol import ModelState
+from fleetserve.protocol import WorkerState, WorkerView
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import httpx
 import yaml
 from rich.console import Console
 
+from controller.protocol import DeclaredModel
 from controller.settings import ControllerSettings
 from fleetserve import constants, env, paths
-from fleetserve.adapters import inspect_adapter
 from fleetserve.auth import ensure_token_file
 from fleetserve.cli.adapter import local_source
 from fleetserve.cli.args import validation_context
@@ -30,13 +30,13 @@ from fleetserve.cli.ondemand import Action, OnDemand
 from fleetserve.cli.placing import Room, place_cluster
 from fleetserve.cli.status import make_console, workers_table
 from fleetserve.cli.targets import Target, check
-from fleetserve.config import slug
 from fleetserve.errors import ConfigError
-from fleetserve.protocol import DeclaredModel, RouteTable
+from fleetserve.protocol import RouteTable
 from gateway.settings import GatewaySettings, KeysFile, load_keys_file
+from workers.adapters import inspect_adapter
 from workers.engines import Engine
 from workers.inventory import discover_machine
-from workers.settings import Device, WorkerSettings, engine_args_from_flags
+from workers.settings import Device, WorkerSettings, engine_args_from_flags, slug
 from workers.vllm.demo_model import DEMO_MODEL_NAME
 
 

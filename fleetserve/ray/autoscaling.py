@@ -26,9 +26,9 @@ from typing import Any
 
 import httpx
 
+from controller.protocol import ModelState
 from fleetserve import constants
 from fleetserve.auth import client_tls, client_token
-from fleetserve.protocol import ModelState
 
 logger = logging.getLogger(__name__)
 

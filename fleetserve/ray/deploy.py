@@ -31,9 +31,9 @@ from fleetserve import __version__, constants
 from fleetserve.auth import ClusterToken, client_tls
 from fleetserve.cli.cluster import Autoscaling, ClusterConfig, Load, ModelSpec
 from fleetserve.cli.status import describe_failure, fetch_table
-from fleetserve.config import slug
 from fleetserve.errors import ConfigError
 from workers.engines import Engine
+from workers.settings import slug
 
 logger = logging.getLogger(__name__)
 

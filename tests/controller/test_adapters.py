@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from controller.adapters import place
+from controller.protocol import DeclaredModel
 from controller.registry import Registry
-from fleetserve.protocol import DeclaredModel, Heartbeat, Registration, WorkerLoad
+from fleetserve.protocol import Heartbeat, Registration, WorkerLoad
 
 
 class Clock:

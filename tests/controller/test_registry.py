@@ -7,8 +7,9 @@ import logging
 
 import pytest
 
+from controller.protocol import DeclaredModel
 from controller.registry import Registry
-from fleetserve.protocol import DeclaredModel, Registration, WorkerLoad, WorkerState
+from fleetserve.protocol import Registration, WorkerLoad, WorkerState
 
 
 class Clock:

@@ -20,7 +20,8 @@ import openai
 import pytest
 import yaml
 
-from fleetserve.protocol import DeclaredModel, Registration
+from controller.protocol import DeclaredModel
+from fleetserve.protocol import Registration
 from gateway.auth import hash_key
 from tests.conftest import module_log_dir
 from tests.deploy.prometheus import Prometheus

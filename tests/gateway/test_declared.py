@@ -18,13 +18,8 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from fleetserve.protocol import (
-    DeclaredModel,
-    Heartbeat,
-    HeartbeatReply,
-    WorkerLoad,
-    WorkerState,
-)
+from controller.protocol import DeclaredModel
+from fleetserve.protocol import Heartbeat, HeartbeatReply, WorkerLoad, WorkerState
 from tests.gateway.inproc import WAIT_S, InProcessCluster, eventually, in_process_cluster
 from workers.fake.engine import FakeEngine
 

@@ -50,7 +50,7 @@ def test_workers_scale_as_the_cluster_file_says(overlay: str) -> None:
         assert (trigger["type"], trigger["metricType"]) == ("metrics-api", "AverageValue")
         metadata = trigger["metadata"]
         assert float(metadata["targetValue"]) == scaling.target_ongoing_requests
-        assert metadata["valueLocation"] == "ongoing"  # fleetserve.protocol.ModelLoad
+        assert metadata["valueLocation"] == "ongoing"  # controller.protocol.ModelLoad
         url = httpx.URL(metadata["url"])
         assert (url.host, url.port) == (controller["metadata"]["name"], controller_port)
         assert url.path == f"/models/{spec.name}/load"

@@ -222,7 +222,7 @@ def test_an_adapter_on_the_hub_is_pulled_and_served_from_the_cache(
         [
             sys.executable,
             "-c",
-            "from fleetserve.adapters import inspect_adapter\n"
+            "from workers.adapters import inspect_adapter\n"
             "from fleetserve.cli.adapter import local_source\n"
             "path = local_source('acme/lora')\n"
             "print(path, inspect_adapter(path, 16).rank)",

@@ -281,7 +281,7 @@ def scaled_object(spec: ModelSpec, controller_url: str) -> Obj | None:
             "metadata": {
                 "url": f"{controller_url}/models/{spec.name}/load",
                 "format": "json",
-                "valueLocation": "ongoing",  # fleetserve.protocol.ModelLoad
+                "valueLocation": "ongoing",  # controller.protocol.ModelLoad
                 "targetValue": f"{target:g}",
                 "authMode": "bearer",
             },

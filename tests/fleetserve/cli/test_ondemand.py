@@ -3,8 +3,9 @@ process, no clock."""
 
 from __future__ import annotations
 
+from controller.protocol import ModelState
 from fleetserve.cli.ondemand import Action, Decision, OnDemand
-from fleetserve.protocol import ModelState, WorkerLoad, WorkerState, WorkerView
+from fleetserve.protocol import WorkerLoad, WorkerState, WorkerView
 
 
 def _state(demand_age_s: float | None = None, name: str = "m") -> ModelState:

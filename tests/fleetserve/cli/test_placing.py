@@ -8,19 +8,12 @@ import io
 import pytest
 from rich.console import Console
 
+from controller.protocol import DeclaredModel, ModelState
 from fleetserve.cli.cluster import ModelSpec
 from fleetserve.cli.placing import plan_turns
 from fleetserve.cli.status import models_table
 from fleetserve.cli.up import OnDemandReplicas
-from fleetserve.protocol import (
-    DeclaredModel,
-    ModelState,
-    ModelView,
-    RouteTable,
-    WorkerLoad,
-    WorkerState,
-    WorkerView,
-)
+from fleetserve.protocol import ModelView, RouteTable, WorkerLoad, WorkerState, WorkerView
 from workers.placement import Gpu, Machine, PlacementError, ReplicaNeed
 from workers.settings import Device, WorkerSettings
 

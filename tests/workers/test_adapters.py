@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from fleetserve.adapters import inspect_adapter
 from fleetserve.cli.cluster import parse_cluster
 from fleetserve.errors import ConfigError
+from workers.adapters import inspect_adapter
 
 
 def _adapter(path: Path, **config: Any) -> Path:
