@@ -70,9 +70,8 @@ class Gateway:
         )
         self.upstreams = UpstreamPool()
         self.proxy = Proxy(self.upstreams, self.metrics, settings, lambda: self.watcher.routes)
-        self.kv = KvEvents(
-            clock.now
-        )  # the engines' KV caches, from their events (kv_events policy)
+        # the engines' KV caches, from their events (kv_events policy)
+        self.kv = KvEvents(clock.now)
         self.metrics.registry.register(self.kv)
         self.watcher.listeners.append(self.kv.update)
         self.serving = Serving(settings, self.keys, self.watcher, self.proxy, self.metrics, self.kv)
