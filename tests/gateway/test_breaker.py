@@ -109,8 +109,8 @@ async def test_a_worker_answering_500s_is_taken_out_probed_and_put_back(
 ) -> None:
     async with (
         cluster.model("flaky", 2, routing_policy="round_robin") as flaky,
-        # open for 1.5 s of the loop's clock: the 12 requests below take none of it (the test
-        # loop's clock moves only while the loop waits: tests/gateway/conftest.py)
+        # open for 1.5 s of the loop's clock: the 12 requests below take next to none of it
+        # (the test loop's clock moves only when the loop has nothing to do: conftest.py)
         cluster.gateway(circuit_failures=3, circuit_open_s=1.5) as gateway,
     ):
         sick_id, healthy_id = flaky.ids
