@@ -242,7 +242,10 @@ async def test_a_stream_on_a_fallback_resumes_on_the_fallbacks_other_worker(
             model="model-d", messages=HI, max_tokens=12, stream=True
         )
         text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
-        direct = openai.AsyncOpenAI(base_url=f"{e.urls[second]}/v1", api_key="x", max_retries=0)
-        whole = await direct.chat.completions.create(model="model-e", messages=HI, max_tokens=12)
+        url = f"{e.urls[second]}/v1"
+        async with openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0) as direct:
+            whole = await direct.chat.completions.create(
+                model="model-e", messages=HI, max_tokens=12
+            )
     assert e.engines[first].requests == 1 and e.engines[second].requests == 2
     assert text == whole.choices[0].message.content

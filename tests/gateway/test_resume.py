@@ -25,9 +25,14 @@ RESUMES = "fleetserve_gateway_resumes_total"
 PROMPT = "Write about a fleet of engines."
 
 
-def _direct(workers: Workers, worker_id: str) -> openai.AsyncOpenAI:
-    """A client of one worker's engine itself (the uninterrupted answer)."""
-    return openai.AsyncOpenAI(base_url=f"{workers.urls[worker_id]}/v1", api_key="x", max_retries=0)
+async def _direct(workers: Workers, worker_id: str, kind: str, model: str, **request: Any) -> Any:
+    """The uninterrupted answer: the request asked of one worker's engine itself. The client is
+    closed here: one left to the garbage collector closes its connections from whichever event
+    loop then runs, and the package's loop may be closed by then (pytest-xdist runs other
+    packages between this package's modules)."""
+    url = f"{workers.urls[worker_id]}/v1"
+    async with openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0) as client:
+        return await _create(client, kind, model, **request)
 
 
 async def _create(client: openai.AsyncOpenAI, kind: str, model: str, **request: Any) -> Any:
@@ -82,7 +87,7 @@ async def test_a_stream_whose_worker_fails_is_finished_by_another_exactly(
         chunks = await _stream(
             gateway.client(), kind, name, stream_options={"include_usage": True}, **request
         )
-        expected = await _create(_direct(workers, second), kind, name, **request)
+        expected = await _direct(workers, second, kind, name, **request)
 
         assert expected.choices[0].finish_reason == "stop"  # see _UNTIL_STOP
         assert "".join(map(_text, chunks)) == _answer_text(expected)
@@ -118,8 +123,8 @@ async def test_the_prompts_token_ids_show_only_when_the_client_asks(
         client = gateway.client()
         plain = await _stream(client, "chat", "ids", max_tokens=12)
         asked = await _stream(client, "chat", "ids", max_tokens=12, extra_body=_IDS)
-        expected = await _create(
-            _direct(workers, workers.ids[1]), "chat", "ids", max_tokens=12, extra_body=_IDS
+        expected = await _direct(
+            workers, workers.ids[1], "chat", "ids", max_tokens=12, extra_body=_IDS
         )
         assert all(getattr(c, "prompt_token_ids", None) is None for c in plain)
         assert asked[0].prompt_token_ids == expected.prompt_token_ids
