@@ -412,6 +412,20 @@ class RunningUp:
         return self.out.read_text(errors="replace")
 
 
+def up_refuses(cluster_file: Path) -> subprocess.CompletedProcess[str]:
+    """`fleetserve up -f CLUSTER_FILE`, which must refuse the file before it starts anything:
+    a failing exit code and no gateway in its output. What it printed, for what it said."""
+    result = subprocess.run(
+        [sys.executable, "-m", "fleetserve.cli", "up", "-f", str(cluster_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0, result.stderr
+    assert "gateway" not in result.stdout  # nothing was started
+    return result
+
+
 @contextlib.contextmanager
 def running_up(
     args: list[str],

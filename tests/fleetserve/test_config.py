@@ -11,6 +11,7 @@ import pytest
 from fleetserve.cli.args import validation_context
 from fleetserve.cli.cluster import load_cluster_file, parse_cluster
 from fleetserve.errors import ConfigError
+from tests.helpers import up_refuses
 
 GOOD = """
 controller: {port: 9001, heartbeat_interval_s: 1, expiry_after_s: 4}
@@ -151,15 +152,7 @@ def test_unknown_top_level_key_and_bad_yaml(tmp_path: Path) -> None:
 
 def test_up_refuses_an_invalid_file_before_starting_anything(tmp_path: Path) -> None:
     path = _write(tmp_path, "models: [{name: a, engine: fake, replicas: 0}]\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "fleetserve.cli", "up", "-f", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode != 0
-    assert "models[0].replicas" in result.stderr
-    assert "gateway" not in result.stdout  # nothing was started
+    assert "models[0].replicas" in up_refuses(path).stderr
 
 
 def test_worker_flags_come_from_the_settings_model() -> None:

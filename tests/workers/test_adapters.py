@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +10,7 @@ import pytest
 
 from fleetserve.cli.cluster import parse_cluster
 from fleetserve.errors import ConfigError
+from tests.helpers import up_refuses
 from workers.adapters import inspect_adapter
 
 
@@ -67,12 +66,5 @@ def test_up_refuses_a_bad_adapter_before_starting_anything(tmp_path: Path) -> No
     path.write_text(
         f"models: [{{name: m, source: /nowhere, adapters: [{{name: a, source: {big}}}]}}]\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "fleetserve.cli", "up", "-f", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode != 0
+    result = up_refuses(path)
     assert "rank 64 is over the model's max_lora_rank 16" in result.stderr
-    assert "gateway" not in result.stdout  # nothing was started

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +9,7 @@ import pytest
 from fleetserve.cli.cluster import ClusterConfig, parse_cluster
 from fleetserve.cli.targets import TABLES, Target, check, refusals
 from fleetserve.errors import ConfigError
+from tests.helpers import up_refuses
 
 
 @pytest.mark.parametrize("part", list(TABLES), ids=lambda part: part.__name__)
@@ -65,13 +64,7 @@ def test_up_refuses_a_field_it_cannot_honour_before_starting_anything(tmp_path: 
     path.write_text(
         "models: [{name: a, engine: fake, autoscaling: {min_replicas: 1, max_replicas: 3}}]\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "fleetserve.cli", "up", "-f", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = up_refuses(path)
     assert result.returncode == 1, result.stderr
     assert "asks for what local cannot do" in result.stderr
     assert "models[0].autoscaling: `fleetserve up` runs on one machine" in result.stderr
-    assert "gateway" not in result.stdout  # nothing was started
